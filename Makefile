@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   creates .venv, installs the project, runs the whole pipeline on the tiny preset
+#   make test   the same set-up, then the whole test suite
+# On a GPU machine override the torch pin, e.g. `make demo TORCH_SPEC="torch==2.5.1"`.
+
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+# Reinstalls only when pyproject.toml changed (the stamp carries its hash).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m launch.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs data/prepared

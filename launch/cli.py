@@ -1,0 +1,155 @@
+"""The `slm` command line. Each subcommand loads the typed config and hands off to one package."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from launch.config import ConfigError, load_config, to_yaml
+
+
+def _user_errors() -> tuple:
+    """Every package's user-facing error type (printed without a traceback)."""
+    from data_pipeline.errors import DataError
+    from train.errors import TrainError
+
+    return (ConfigError, DataError, TrainError)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML preset, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.n_layers=3")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    from launch.summary import model_summary
+
+    cfg = load_config(args.config, args.overrides)
+    print(model_summary(cfg, world_size=args.world_size))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    prepare(cfg.data, cfg.tokenizer)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from train.trainer import run_training
+
+    return run_training(load_config(args.config, args.overrides))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from train.report import report
+
+    report(args.run_dir)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from train.export import export
+
+    export(args.src, args.out_dir, dtype=args.dtype)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from train.generate import generate_cli
+
+    return generate_cli(
+        args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+    )
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from launch.slurm import slurm_command
+
+    return slurm_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slm", description="slm-forge: pretrain small language models with DeepSpeed ZeRO.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    p = config.add_parser("show", help="print the resolved config as YAML")
+    _config_args(p)
+    p.set_defaults(func=cmd_config_show)
+
+    model = sub.add_parser("model", help="inspect the model").add_subparsers(dest="action", required=True)
+    p = model.add_parser("summary", help="parameters, FLOPs per token and per-rank memory for ZeRO 0-3")
+    _config_args(p)
+    p.add_argument("--world-size", type=int, default=8, help="data-parallel ranks for the ZeRO memory estimate (default 8)")
+    p.set_defaults(func=cmd_model_summary)
+
+    p = sub.add_parser("prepare", help="train the tokenizer and write token shards with a manifest")
+    _config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="plot a run's metrics into RUN_DIR/report.png and print a summary")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a checkpoint to a Hugging Face LlamaForCausalLM folder")
+    p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint, run dir or export")
+    p.add_argument("model", help="checkpoint, run dir or Hugging Face export folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("slurm", help="write (and optionally submit) a Slurm batch script for a run")
+    p.add_argument("config")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
+    p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
+    p.add_argument("--submit", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_slurm)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except _user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The run config: one typed schema composed from each component's dataclass, loaded from YAML plus
+`key=value` overrides, validated with errors that name the key and where it came from."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
+from model.config import ModelConfig
+from train.config import LogConfig, RunConfig, TrainConfig
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run writes and its seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Transformer shapes."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Byte-level BPE tokenizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Raw sources and prepared shards."""
+    ift: InstructConfig = field(default_factory=InstructConfig)
+    """Instruction data for train.stage=ift."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization, evaluation and checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console and wandb logging."""
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
+
+
+class ConfigError(Exception):
+    """A config problem, with a one-paragraph message for the user (no traceback)."""
+
+
+CHOICES = {
+    "train.stage": ("pretrain", "cpt", "ift"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "train.precision": ("bf16", "fp16", "fp32"),
+    "train.schedule": ("cosine", "wsd", "linear", "constant"),
+    "train.decay_shape": ("linear", "cosine", "sqrt"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.backend": ("auto", "gloo", "nccl"),
+    "log.wandb.mode": ("disabled", "offline", "online"),
+    "data.encoding_errors": ("strict", "replace"),
+    "ift.overlong": ("truncate", "drop"),
+}
+POSITIVE = (
+    "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_every",
+    "train.eval_batches", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
+    "tokenizer.vocab_size", "data.shard_tokens",
+)
+
+
+def valid_keys(node: Any = None, prefix: str = "") -> List[str]:
+    """Every dotted key of the schema (list elements described by their element type)."""
+    cls = Config if node is None else node
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(valid_keys(type(default), name + "."))
+        elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            keys.extend(valid_keys(type(default[0]), name + "[]."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _key_of(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    return str(key)
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        key = _key_of(err)
+        raise ConfigError(f"{origin}: unknown config key '{key}'.{_suggest(key)}") from None
+    except ValidationError as err:
+        key = _key_of(err)
+        value = getattr(err, "value", None)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{origin}: bad value {value!r} for config key '{key}': {msg}.") from None
+    except OmegaConfBaseException as err:
+        key = _key_of(err)
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{origin}: config key '{key}' could not be set: {msg}.") from None
+
+
+def _read_yaml(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist or is not a file; expected a YAML preset such as configs/tiny.yaml.")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Config file '{path}' could not be read: {err}.") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}.")
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"Command-line override '{item}' is not of the form key=value (for example model.n_layers=3).")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Command-line overrides could not be parsed: {str(err).splitlines()[0]}.") from None
+
+
+def _check_values(cfg: Config, origin: str) -> None:
+    def get(key: str) -> Any:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, allowed in CHOICES.items():
+        if get(key) not in allowed:
+            raise ConfigError(f"{origin}: config key '{key}' is {get(key)!r}; expected one of {', '.join(map(str, allowed))}.")
+    for key in POSITIVE:
+        if get(key) <= 0:
+            raise ConfigError(f"{origin}: config key '{key}' is {get(key)}; expected a positive integer.")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"{origin}: config key 'data.val_fraction' is {cfg.data.val_fraction}; expected a number in [0, 1).")
+    if not cfg.data.sources:
+        raise ConfigError(f"{origin}: config key 'data.sources' is empty; expected at least one source.")
+    for i, source in enumerate(cfg.data.sources):
+        if source.weight <= 0:
+            raise ConfigError(f"{origin}: config key 'data.sources[{i}].weight' is {source.weight}; expected a positive number.")
+        if source.doc_boundary not in ("file", "blank_line", "line"):
+            raise ConfigError(
+                f"{origin}: config key 'data.sources[{i}].doc_boundary' is {source.doc_boundary!r}; expected file, blank_line or line."
+            )
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
+    """Schema defaults, then the YAML file, then `key=value` overrides; validated, as typed dataclasses."""
+    overrides = list(overrides)
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(path), f"Config file '{path}'")
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "Command-line override")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = _key_of(err)
+        raise ConfigError(f"Config file '{path}': config key '{key}' is missing or invalid: {str(err).splitlines()[0]}.") from None
+    origin = f"Config '{path}'" + (" with overrides " + " ".join(overrides) if overrides else "")
+    _check_values(cfg, origin)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy saved in a checkpoint)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))

@@ -1,0 +1,110 @@
+"""Typed configs of a training run: where it writes, how it optimizes, what it logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+    """Folder for everything the run writes: config, metrics.jsonl, checkpoints, logs."""
+    seed: int = 1337
+    """Seed for model init, data order and every RNG."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"
+    """pretrain, cpt (continued pretraining from train.init_from) or ift (instruction fine-tuning)."""
+    init_from: Optional[str] = None
+    """Checkpoint, run dir or export whose weights start a cpt/ift run (fresh optimizer, step 0)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: str = "bf16"
+    """bf16, fp16 (dynamic loss scaling) or fp32."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: Optional[int] = None
+    """If set, must equal micro_batch_size * grad_accum_steps * data-parallel world size."""
+    max_steps: int = 200
+    """Optimizer steps to run (the schedule's length)."""
+    max_tokens: Optional[int] = None
+    """Token budget; if set, max_steps becomes ceil(max_tokens / tokens_per_step)."""
+    max_time: Optional[float] = None
+    """Wall-clock seconds; when spent, the run evaluates, checkpoints and stops cleanly."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    schedule: str = "cosine"
+    """cosine (warmup then cosine), wsd (warmup-stable-decay), linear, or constant."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to lr."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent in the final decay."""
+    decay_shape: str = "linear"
+    """wsd: shape of the final decay: linear, cosine or sqrt."""
+    weight_decay: float = 0.1
+    """Decoupled AdamW weight decay (matrices only; never norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_every: int = 50
+    """Evaluate every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Fixed validation micro-batches per evaluation."""
+    log_every: int = 10
+    """Print and record a metrics row every this many steps."""
+    ckpt_every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
+    export_every: int = 0
+    """Export a Hugging Face folder every this many steps; 0 disables."""
+    on_nonfinite: str = "stop"
+    """Non-finite loss or gradient norm: stop (naming the step) or skip the step and count it."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    backend: str = "auto"
+    """Distributed backend: auto (nccl on cuda, gloo on cpu), nccl or gloo."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s per device for MFU; null means the built-in table for known GPUs (none on CPU)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """disabled, offline or online."""
+    project: str = "slm-forge"
+    """wandb project name."""
+    name: Optional[str] = None
+    """Run name; defaults to the run.dir folder name."""
+    tags: List[str] = field(default_factory=list)
+    """Tags attached to the wandb run."""
+
+
+@dataclass
+class LogConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+    console: bool = True
+    """Print metric rows on rank 0."""
+
+
+# The root is assembled in launch/config.py; these are its deepspeed passthrough's type.
+DeepSpeedExtra = Dict[str, Any]
