@@ -29,25 +29,26 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_model_summary(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from launch.summary import model_summary
 
-    cfg = load_config(args.config, args.overrides)
     print(model_summary(cfg, world_size=args.world_size))
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from data_pipeline.prepare import prepare
 
-    cfg = load_config(args.config, args.overrides)
     prepare(cfg.data, cfg.tokenizer)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from train.trainer import run_training
 
-    return run_training(load_config(args.config, args.overrides))
+    return run_training(cfg)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -82,9 +82,25 @@ def _suggest(key: str) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
+def _prefixes(cls: Any = Config, prefix: str = "") -> Dict[type, str]:
+    """Map each config dataclass to the dotted prefix it lives under (list elements as `name[]`)."""
+    found: Dict[type, str] = {cls: prefix}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            found.update(_prefixes(type(default), f"{prefix}{f.name}."))
+        elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+            found.update(_prefixes(type(default[0]), f"{prefix}{f.name}[]."))
+    return found
+
+
 def _key_of(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
-    return str(key)
+    """The full dotted key of an omegaconf error (omegaconf drops the prefix inside list elements)."""
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "?")
+    prefix = _prefixes().get(getattr(err, "object_type", None), "")
+    if prefix and not key.startswith(prefix.rstrip(".")):
+        key = prefix + key
+    return key
 
 
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
@@ -97,7 +113,7 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         key = _key_of(err)
         value = getattr(err, "value", None)
         msg = str(err).splitlines()[0]
-        raise ConfigError(f"{origin}: bad value {value!r} for config key '{key}': {msg}.") from None
+        raise ConfigError(f"{origin}: bad value {value!r} for config key '{key}': {msg.rstrip('.')}.") from None
     except OmegaConfBaseException as err:
         key = _key_of(err)
         msg = str(err).splitlines()[0]
