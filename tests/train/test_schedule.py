@@ -1,0 +1,111 @@
+"""LR schedules: exact values at the key steps, shapes of the segments, continuity, floors, bad settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from train.config import TrainConfig
+from train.errors import TrainError
+from train.schedule import lr_at
+
+# Peak 1.0 and floor 0.1 make every expected value easy to read off.
+BASE = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_fraction=0.2)
+ALL = [replace(BASE, schedule=s) for s in ("cosine", "linear", "constant")] + [
+    replace(BASE, schedule="wsd", decay_shape=shape) for shape in ("linear", "cosine", "sqrt")
+]
+
+
+def curve(cfg: TrainConfig, extra: int = 20) -> list:
+    return [lr_at(step, cfg) for step in range(cfg.max_steps + extra)]
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=lambda c: f"{c.schedule}-{c.decay_shape}")
+def test_warmup_is_linear_from_near_zero_and_reaches_peak(cfg):
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # lr * 1 / 10: never exactly 0
+    assert lr_at(4, cfg) == pytest.approx(0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0)  # the last warmup step is the peak
+    warm = [lr_at(s, cfg) for s in range(10)]
+    assert all(b - a == pytest.approx(0.1) for a, b in zip(warm, warm[1:]))
+
+
+def test_cosine_exact_values():
+    cfg = replace(BASE, schedule="cosine")
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # decay starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert lr_at(35, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(10_000, cfg) == pytest.approx(0.1)
+
+
+def test_linear_exact_values():
+    cfg = replace(BASE, schedule="linear")
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(85, cfg) == pytest.approx(0.325)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    diffs = [lr_at(s + 1, cfg) - lr_at(s, cfg) for s in range(10, 110)]
+    assert all(d == pytest.approx(-0.009) for d in diffs)  # a straight line
+
+
+def test_constant_stays_at_peak_beyond_max_steps():
+    cfg = replace(BASE, schedule="constant")
+    assert [lr_at(s, cfg) for s in (10, 60, 109, 110, 500)] == [1.0] * 5
+
+
+@pytest.mark.parametrize("shape, at_quarter", [("linear", 0.75), ("cosine", 0.5 * (1 + math.cos(math.pi / 4))),
+                                               ("sqrt", 0.5)])
+def test_wsd_stable_then_decay(shape, at_quarter):
+    cfg = replace(BASE, schedule="wsd", decay_shape=shape, max_steps=100)  # decay over steps 80..100
+    assert [lr_at(s, cfg) for s in (10, 50, 79, 80)] == [1.0] * 4
+    assert lr_at(85, cfg) == pytest.approx(0.1 + 0.9 * at_quarter)  # progress 5/20 = 1/4
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(150, cfg) == pytest.approx(0.1)
+    # The three shapes share endpoints but differ inside: sqrt drops fastest, cosine slowest at first.
+    if shape == "sqrt":
+        assert lr_at(81, cfg) < lr_at(81, replace(cfg, decay_shape="linear")) < lr_at(81, replace(cfg, decay_shape="cosine"))
+
+
+@pytest.mark.parametrize("cfg", ALL, ids=lambda c: f"{c.schedule}-{c.decay_shape}")
+def test_monotonic_continuous_and_floored(cfg):
+    lrs = curve(cfg)
+    warmup, rest = lrs[:10], lrs[10:]
+    assert all(b > a for a, b in zip(warmup, warmup[1:]))  # strictly rising warmup
+    assert all(b <= a + 1e-12 for a, b in zip(rest, rest[1:]))  # never rises after warmup
+    assert min(rest) >= cfg.min_lr - 1e-12  # never below the floor after warmup
+    assert max(lrs) == pytest.approx(cfg.lr) and max(lrs) <= cfg.lr + 1e-12
+    # No jump larger than the warmup increment (continuity at the warmup, stable/decay and end boundaries),
+    # except 1-sqrt's first decay step, steep by design: 0.9 * sqrt(1/22) over its 22 decay steps.
+    largest = 0.9 * math.sqrt(1 / 22) if cfg.decay_shape == "sqrt" and cfg.schedule == "wsd" else 0.1
+    assert max(abs(b - a) for a, b in zip(lrs, lrs[1:])) == pytest.approx(largest)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "linear", "constant"])
+def test_zero_warmup_starts_at_peak(schedule):
+    cfg = replace(BASE, schedule=schedule, warmup_steps=0)
+    assert lr_at(0, cfg) == pytest.approx(1.0)
+    if schedule in ("cosine", "linear"):
+        assert lr_at(55, cfg) == pytest.approx(0.55)  # halfway of 110 steps
+    assert lr_at(110, cfg) == pytest.approx(1.0 if schedule == "constant" else 0.1)
+
+
+def test_warmup_longer_than_run_and_cpt_rewarm():
+    # A warmup longer than max_steps rises until max_steps then sits at min_lr; nothing divides by zero.
+    cfg = replace(BASE, schedule="cosine", warmup_steps=200, max_steps=100)
+    assert lr_at(99, cfg) == pytest.approx(0.5) and lr_at(250, cfg) == pytest.approx(0.1)
+    # A CPT run re-warms with its own warmup and length: its step 0 is a warmup step again.
+    cpt = replace(BASE, schedule="wsd", lr=0.3, min_lr=0.03, warmup_steps=5, max_steps=50)
+    assert lr_at(0, cpt) == pytest.approx(0.06) and lr_at(4, cpt) == pytest.approx(0.3)
+    assert lr_at(50, cpt) == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("change, key", [
+    (dict(schedule="step"), "train.schedule"), (dict(decay_shape="exp"), "train.decay_shape"),
+    (dict(decay_fraction=1.5), "train.decay_fraction"), (dict(min_lr=2.0), "train.min_lr"),
+    (dict(warmup_steps=-1), "train.warmup_steps"),
+])
+def test_bad_settings_name_the_key(change, key):
+    with pytest.raises(TrainError, match=key):
+        lr_at(0, replace(BASE, **change))

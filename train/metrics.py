@@ -1,0 +1,177 @@
+"""Where the trainer's metric rows go: console, `run.dir/metrics.jsonl` and wandb, on rank 0 only.
+
+metrics.jsonl holds one JSON object per line, appended and flushed row by row, so a crash loses no
+logged row and a resumed run appends to the same file (`slm report` keeps the last row of each
+step). The trainer passes plain dicts; the names this module and `slm report` understand are:
+
+- train rows: step, loss, lr, tokens (seen so far), grad_norm, tokens_per_second, mfu (a
+  fraction), step_ms, skipped_steps;
+- eval rows: step, val_loss, val_ppl, val_bpb.
+
+The logger adds `time` (unix seconds) and `kind` ("eval" when a key starts with "val_", else
+"train") unless the row has them. Tensors and numpy scalars become Python numbers; non-finite
+floats are written as null (strict JSON), the console shows them as nan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Optional, TextIO
+
+from data_pipeline.atomic import atomic_write_text
+from train.errors import TrainError
+
+if TYPE_CHECKING:
+    from launch.config import Config
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready Python value: tensors/numpy scalars unwrapped, non-finite floats as None."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt_count(value: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "nan"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if key == "lr":
+        return f"{value:.2e}"
+    if key == "mfu":
+        return f"{100 * value:.1f}%"
+    if key in ("tokens", "tokens_per_second"):
+        return _fmt_count(value)
+    if key == "step_ms":
+        return f"{value:.0f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 1e3 else f"{value:.4g}"
+
+
+# Console labels, in print order; other keys of the row follow as key=value.
+_CONSOLE_KEYS = (
+    ("loss", "loss"), ("val_loss", "val_loss"), ("val_ppl", "val_ppl"), ("val_bpb", "val_bpb"),
+    ("lr", "lr"), ("grad_norm", "gnorm"), ("tokens_per_second", "tok/s"), ("tokens", "tokens"),
+    ("mfu", "mfu"), ("step_ms", "step_ms"),
+)
+_NOT_PRINTED = {"step", "time", "kind"}
+
+
+def format_row(row: Dict[str, Any]) -> str:
+    """One compact console line with only the keys the row has, e.g. `step 100 | loss 2.3456 | lr 3.00e-04`."""
+    parts = [f"{row.get('kind', 'train')} step {row['step']}" if "step" in row else str(row.get("kind", "train"))]
+    known = {key for key, _ in _CONSOLE_KEYS} | _NOT_PRINTED
+    parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if key in row]
+    parts += [f"{key} {_fmt(key, value)}" for key, value in row.items() if key not in known]
+    return " | ".join(parts)
+
+
+def _open_for_append(path: Path) -> TextIO:
+    """Open metrics.jsonl for appending; drop a torn last line (a crash mid-write) so the file stays valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+class MetricsLogger:
+    """Writes each metric row to metrics.jsonl, the console and wandb; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: Config, rank: int, stream: Optional[TextIO] = None):
+        self.run_dir = Path(run_dir)
+        self.active = rank == 0
+        self.console = bool(cfg.log.console)
+        self.stream = stream
+        self._file: Optional[TextIO] = None
+        self._wandb_run: Any = None
+        if not self.active:
+            return
+        self._file = _open_for_append(self.run_dir / METRICS_FILE)
+        if cfg.log.wandb.mode != "disabled":
+            try:
+                self._wandb_run = self._start_wandb(cfg)
+            except BaseException:
+                self.close()
+                raise
+
+    def _start_wandb(self, cfg: Config) -> Any:
+        """Start (or, on resume, continue under the id saved in run_dir/wandb_id.txt) the wandb run."""
+        import wandb
+
+        from launch.config import to_dict
+
+        wcfg = cfg.log.wandb
+        id_file = self.run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(8)  # wandb ids: letters, digits, '-', '_'
+            atomic_write_text(id_file, run_id + "\n")
+        name = wcfg.name or self.run_dir.resolve().name
+        try:
+            return wandb.init(
+                project=wcfg.project, name=name, tags=list(wcfg.tags), mode=wcfg.mode, dir=str(self.run_dir),
+                config=to_dict(cfg), id=run_id, resume="allow",
+            )
+        except Exception as err:  # wandb raises many types (UsageError, CommError, ...); all mean "not started"
+            message = " ".join(str(err).split())
+            raise TrainError(
+                f"wandb could not start (log.wandb.mode={wcfg.mode}, project={wcfg.project!r}, id {run_id} from "
+                f"{id_file}): {message}. Run `wandb login`, or set log.wandb.mode=offline or disabled."
+            ) from None
+
+    def log(self, row: Dict[str, Any]) -> None:
+        """Record one row (train or eval); adds `time` and `kind` when absent."""
+        if not self.active:
+            return
+        row = {key: _plain(value) for key, value in row.items()}
+        row.setdefault("time", time.time())
+        row.setdefault("kind", "eval" if any(key.startswith("val_") for key in row) else "train")
+        if self._file is None:
+            raise RuntimeError(f"MetricsLogger for {self.run_dir} was closed; log() after close() is a bug.")
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self.console:
+            print(format_row(row), file=self.stream or sys.stdout, flush=True)
+        if self._wandb_run is not None:
+            values = {key: value for key, value in row.items()
+                      if key not in _NOT_PRINTED and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            step = row.get("step")
+            self._wandb_run.log(values, step=int(step) if step is not None else None)
+
+    def close(self) -> None:
+        """Close metrics.jsonl and finish the wandb run (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

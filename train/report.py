@@ -1,0 +1,189 @@
+"""`slm report RUN_DIR`: plot a run's metrics.jsonl into RUN_DIR/report.png and print a summary.
+
+A resumed run appends to the same metrics.jsonl, so a step can appear twice (logged before the
+interruption, then again after resuming from an earlier checkpoint): the last occurrence of each
+step wins, per kind of row (train or eval).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from train.errors import TrainError
+from train.metrics import METRICS_FILE
+
+REPORT_FILE = "report.png"
+
+
+@dataclass
+class RunMetrics:
+    """A run's train and eval rows, one per step (last occurrence wins), sorted by step."""
+
+    train: List[Dict[str, Any]] = field(default_factory=list)
+    eval: List[Dict[str, Any]] = field(default_factory=list)
+    first_of_segment: Set[int] = field(default_factory=set)
+    """Train steps logged first after a (re)start; their throughput includes start-up, so means skip them."""
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
+    """Parse RUN_DIR/metrics.jsonl; TrainError naming the file (and line) if missing, empty or garbled."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise TrainError(f"No metrics file at '{path}': expected a run dir written by `slm train` (it holds metrics.jsonl).")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TrainError(f"Metrics file '{path}' could not be read: {err}.") from None
+    train: Dict[int, Dict[str, Any]] = {}
+    evals: Dict[int, Dict[str, Any]] = {}
+    first_of_segment: Set[int] = set()
+    last_train_step: Optional[int] = None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainError(f"Metrics file '{path}' line {number} is not valid JSON ({err.msg}): {line[:80]!r}.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            raise TrainError(f"Metrics file '{path}' line {number} is not a metrics row: expected a JSON object with an integer 'step', got {line[:80]!r}.")
+        step = row["step"]
+        is_eval = row.get("kind") == "eval" or (row.get("kind") is None and "val_loss" in row)
+        if is_eval:
+            evals[step] = row
+            continue
+        if last_train_step is None or step <= last_train_step:
+            first_of_segment.add(step)
+        else:
+            first_of_segment.discard(step)
+        last_train_step = step
+        train[step] = row
+    if not train and not evals:
+        raise TrainError(f"Metrics file '{path}' holds no metrics rows: the run has not logged a step yet.")
+    return RunMetrics(train=[train[s] for s in sorted(train)], eval=[evals[s] for s in sorted(evals)],
+                      first_of_segment=first_of_segment)
+
+
+def _series(rows: List[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = _number(row.get(key))
+        if value is not None:
+            steps.append(row["step"])
+            values.append(value)
+    return steps, values
+
+
+def _best(rows: List[Dict[str, Any]], key: str) -> Tuple[Optional[float], Optional[int]]:
+    steps, values = _series(rows, key)
+    if not values:
+        return None, None
+    index = min(range(len(values)), key=values.__getitem__)
+    return values[index], steps[index]
+
+
+def summarize(metrics: RunMetrics) -> Dict[str, Any]:
+    """The numbers `slm report` prints: steps, tokens seen, best val loss/bpb (and steps), mean tokens/s, final loss."""
+    all_steps = [row["step"] for row in metrics.train + metrics.eval]
+    tokens_steps, tokens = _series(metrics.train, "tokens")
+    best_loss, best_loss_step = _best(metrics.eval, "val_loss")
+    best_bpb, best_bpb_step = _best(metrics.eval, "val_bpb")
+    steady = [row for row in metrics.train if row["step"] not in metrics.first_of_segment]
+    _, throughput = _series(steady or metrics.train, "tokens_per_second")
+    _, losses = _series(metrics.train, "loss")
+    return {
+        "steps": max(all_steps),
+        "tokens_seen": int(tokens[-1]) if tokens else None,
+        "best_val_loss": best_loss,
+        "best_val_loss_step": best_loss_step,
+        "best_val_bpb": best_bpb,
+        "best_val_bpb_step": best_bpb_step,
+        "mean_tokens_per_second": sum(throughput) / len(throughput) if throughput else None,
+        "final_train_loss": losses[-1] if losses else None,
+    }
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    def show(value: Optional[float], spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    def at(step: Optional[int]) -> str:
+        return "" if step is None else f" (step {step})"
+
+    rows = [
+        ("steps", str(summary["steps"])),
+        ("tokens seen", show(summary["tokens_seen"], ",d")),
+        ("best val loss", show(summary["best_val_loss"], ".4f") + at(summary["best_val_loss_step"])),
+        ("best val bits/byte", show(summary["best_val_bpb"], ".4f") + at(summary["best_val_bpb_step"])),
+        ("mean tokens/s", show(summary["mean_tokens_per_second"], ",.0f")),
+        ("final train loss", show(summary["final_train_loss"], ".4f")),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def plot(metrics: RunMetrics, out_path: str | os.PathLike, title: str = "") -> Path:
+    """Draw loss, lr, tokens/s and val bits/byte against step into a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    panels = (
+        (axes[0, 0], "loss", ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss"))),
+        (axes[0, 1], "learning rate", ((metrics.train, "lr", "lr"),)),
+        (axes[1, 0], "tokens/s", ((metrics.train, "tokens_per_second", "tokens/s"),)),
+        (axes[1, 1], "val bits per byte", ((metrics.eval, "val_bpb", "val bpb"),)),
+    )
+    for ax, name, curves in panels:
+        drawn = False
+        for rows, key, label in curves:
+            steps, values = _series(rows, key)
+            if values:
+                ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
+                drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif len(curves) > 1:
+            ax.legend()
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp.png", dir=out_path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out_path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+def report(run_dir: str | os.PathLike) -> Dict[str, Any]:
+    """Write RUN_DIR/report.png and print the summary table; returns the summary numbers."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    summary = summarize(metrics)
+    png = plot(metrics, run_dir / REPORT_FILE, title=run_dir.resolve().name)
+    print(f"run {run_dir}\n{format_summary(summary)}\nplot  {png}")
+    return summary
