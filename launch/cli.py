@@ -136,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
     p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
     p.add_argument("--submit", action="store_true")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
     p.set_defaults(func=cmd_slurm)
+    from launch.slurm import allow_intermixed_args
+
+    allow_intermixed_args(p)
     return parser
 
 
