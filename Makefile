@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+# The venv's tools first: DeepSpeed's JIT build of its CPU op must always see the same ninja.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHAKESPEARE, TINY
+from tests.helpers import SHAKESPEARE, TINY, venv_path
 
 for _key, _value in dict(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
                          TOKENIZERS_PARALLELISM="false").items():
     os.environ.setdefault(_key, _value)
+os.environ["PATH"] = venv_path()
 
 
 @pytest.fixture(scope="session")

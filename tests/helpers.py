@@ -23,16 +23,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def venv_path() -> str:
+    """PATH with the venv's bin first. DeepSpeed JIT-builds its CPU comm op with whichever ninja is on PATH,
+    and two ninja versions hash the shared build cache differently: mixing them rebuilds it every start."""
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join([str(BIN)] + [p for p in parts if p != str(BIN)])
+
+
 def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a subprocess under test: offline, the venv's tools first on PATH."""
     env = dict(os.environ)
     env.update(
         HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PATH=venv_path(),
     )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     env.update(extra or {})
     return env
+
+
+test_env.__test__ = False  # not a test, whatever modules import it
 
 
 def slm_cmd(args: Sequence[str], nproc: int = 1) -> List[str]:

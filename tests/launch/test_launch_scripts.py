@@ -1,0 +1,78 @@
+"""launch/torchrun.sh and launch/deepspeed.sh in their multi-node form, as far as one machine allows: two
+"nodes" (two launcher invocations on localhost, one process each) meet and train the tiny model to the end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from tests.helpers import BIN, REPO, TINY, free_port, test_env
+
+pytestmark = pytest.mark.slow
+
+MAX_STEPS = 12
+SMALL = [
+    "model.n_layers=2", "model.d_model=64", "model.max_seq_len=32", "train.micro_batch_size=4",
+    f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.ckpt_every=6", "train.eval_every=1000",
+    "train.eval_batches=2",
+]
+
+
+def run_nodes(script: str, node_envs: List[Dict[str, str]], run_dir: Path, data_dir: Path) -> str:
+    """Start `script` once per node env at the same time, wait for all, fail with every log if one fails."""
+    args = [str(REPO / "launch" / script), TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SMALL]
+    procs = []
+    for i, extra in enumerate(node_envs):
+        env = test_env({"PATH": f"{BIN}:{test_env()['PATH']}", **extra})
+        log = open(run_dir.parent / f"{run_dir.name}-node{i}.log", "w+")
+        procs.append((subprocess.Popen(args, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    try:
+        for proc, _ in procs:
+            codes.append(proc.wait(timeout=300))
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+    outputs = []
+    for _, log in procs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    joined = "\n".join(f"--- node {i} (exit {c}) ---\n{out[-5000:]}" for i, (c, out) in enumerate(zip(codes, outputs)))
+    assert codes == [0] * len(node_envs), joined
+    return joined
+
+
+def check_finished(run_dir: Path) -> None:
+    from train.checkpoint import find_checkpoint, read_meta
+
+    assert (run_dir / "DONE").is_file()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("kind") == "train"] == list(range(1, MAX_STEPS + 1))
+    step_dir = find_checkpoint(run_dir)
+    assert step_dir is not None and step_dir.name == f"step_{MAX_STEPS:08d}"
+    assert read_meta(step_dir)["world_size"] == 2
+
+
+def test_torchrun_two_nodes_with_c10d_rendezvous(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "torchrun_run"
+    node = {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "RDZV_ID": f"test-{tmp_path.name}"}
+    out = run_nodes("torchrun.sh", [node, dict(node)], run_dir, tiny_data_dir)
+    assert "world size 2 on 2 node(s)" in out
+    check_finished(run_dir)
+
+
+def test_deepspeed_two_nodes_without_ssh(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "deepspeed_run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two "nodes"
+    node = {"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    out = run_nodes("deepspeed.sh", [{**node, "NODE_RANK": "0"}, {**node, "NODE_RANK": "1"}], run_dir, tiny_data_dir)
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in out
+    check_finished(run_dir)
