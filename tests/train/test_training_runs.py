@@ -1,0 +1,280 @@
+"""Real `slm train` runs (plain process and torchrun, gloo on CPU) on the tiny preset shrunk further.
+
+Runs are shared through module-scoped fixtures: the 2-process run of each ZeRO stage is also the
+reference curve and the checkpoint source for the resume tests, and the 1-process run is the
+reference for the interrupted (SIGTERM, kill -9) runs, whose losses must match it bitwise.
+Fault-injection hooks: SLM_SLEEP_IN_SAVE (train.checkpoint) and SLM_INJECT_NAN_AT_STEP (train.trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from tests.helpers import REPO, TINY, run, slm_cmd
+from tests.helpers import test_env as make_env
+from train.checkpoint import find_checkpoint, read_meta
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+SHRINK = [
+    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=2",
+    "train.log_every=1", "train.eval_batches=2", f"train.max_steps={STEPS}", "train.eval_every=6",
+    "train.ckpt_every=6", "data.num_workers=0",
+]
+ONE_PROC = ["train.grad_accum_steps=2"]  # the same global batch (8) as 2 processes x micro-batch 4
+
+
+def train_args(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
+    return ["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK, *extra]
+
+
+def rows(run_dir: Path, kind: str = "train") -> List[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(run_dir: Path) -> Dict[int, float]:
+    return {r["step"]: r["loss"] for r in rows(run_dir)}
+
+
+def start(cmd: List[str], env=None) -> subprocess.Popen:
+    """A training process whose stdout+stderr we read line by line."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or make_env(),
+                            cwd=str(REPO))
+
+
+def read_until(proc: subprocess.Popen, marker: str, seen: List[str], timeout: float = 240) -> None:
+    """Read output lines until one contains `marker` (a hung process is killed after `timeout` seconds)."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line:
+                return
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen[-60:])}")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """1 process, ZeRO-2, fp32, micro-batch 4 x accumulation 2."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC)))
+    return run_dir
+
+
+# The ZeRO-1 run also covers bf16, activation checkpointing and gradient accumulation on 2 processes.
+STAGE_EXTRAS = {1: ["train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2"]}
+
+
+class TwoProcRuns:
+    """The 2-process run of each ZeRO stage (micro-batch 4 per rank), made on first use.
+
+    The ZeRO-0 run starts on an unprepared data.dir: rank 0 prepares it while rank 1 waits.
+    """
+
+    def __init__(self, tmp_path_factory, tiny_data_dir: Path):
+        self.factory, self.tiny_data_dir = tmp_path_factory, tiny_data_dir
+        self.made: Dict[int, Path] = {}
+        self.outputs: Dict[int, str] = {}
+        self.fresh_data_dir = tmp_path_factory.mktemp("fresh_data") / "data"
+
+    def data_dir(self, stage: int) -> Path:
+        return self.fresh_data_dir if stage == 0 else self.tiny_data_dir
+
+    def __call__(self, stage: int) -> Path:
+        if stage not in self.made:
+            run_dir = self.factory.mktemp(f"zero{stage}") / "run"
+            extras = [f"train.zero_stage={stage}", "data.num_proc=1", *STAGE_EXTRAS.get(stage, [])]
+            out = run(slm_cmd(train_args(run_dir, self.data_dir(stage), *extras), nproc=2))
+            self.made[stage], self.outputs[stage] = run_dir, out.stdout
+        return self.made[stage]
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(tmp_path_factory, tiny_data_dir) -> TwoProcRuns:
+    return TwoProcRuns(tmp_path_factory, tiny_data_dir)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_on_two_processes_learns(two_proc_run, stage):
+    run_dir = two_proc_run(stage)
+    curve = losses(run_dir)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.3, curve
+    evals = rows(run_dir, "eval")
+    assert [r["step"] for r in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    meta = read_meta(find_checkpoint(run_dir))
+    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (STEPS, 2, stage)
+    assert (run_dir / "DONE").is_file()
+    if stage == 0:
+        assert "manifest.json not found: preparing the data now" in two_proc_run.outputs[0]
+        assert (two_proc_run.data_dir(0) / "manifest.json").is_file()
+
+
+def test_zero2_two_processes_follow_the_one_process_curve(two_proc_run, single_run):
+    two, one = losses(two_proc_run(2)), losses(single_run)
+    assert sorted(two) == sorted(one)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), (step, one, two)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
+    full = two_proc_run(stage)
+    step6 = full / "checkpoints" / "step_00000006"
+    resumed = tmp_path / "resumed"
+    out = run(slm_cmd(train_args(resumed, two_proc_run.data_dir(stage), f"train.zero_stage={stage}",
+                                 f"train.resume={step6}"), nproc=2))
+    assert "resumed from" in out.stdout and "at step 6" in out.stdout
+    again, reference = losses(resumed), losses(full)
+    assert sorted(again) == list(range(7, STEPS + 1))
+    assert all(again[s] == reference[s] for s in again), (again, reference)  # bitwise: floats from the same bits
+
+
+def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(slm_cmd(train_args(run_dir, tiny_data_dir, "train.max_time=0")))  # spent after the first step
+    assert "train.max_time (0.0 s) spent: stopped cleanly after step 1" in out.stdout
+    assert [r["step"] for r in rows(run_dir)] == [1] and [r["step"] for r in rows(run_dir, "eval")] == [1]
+    assert read_meta(find_checkpoint(run_dir))["step"] == 1
+    assert not (run_dir / "DONE").exists()  # max_steps not reached: a requeued job continues
+
+
+def test_metrics_config_and_checkpoint_layout(single_run):
+    train_rows = rows(single_run)
+    for row in train_rows:
+        for key in ("step", "loss", "lr", "tokens", "grad_norm", "tokens_per_second", "step_ms", "skipped_steps", "time"):
+            assert key in row, (key, row)
+        assert row["tokens"] == row["step"] * 8 * 32 and row["grad_norm"] > 0 and row["skipped_steps"] == 0
+    assert train_rows[0]["lr"] == pytest.approx(3e-3 / 2) and train_rows[1]["lr"] == pytest.approx(3e-3)
+    assert train_rows[-1]["lr"] < train_rows[2]["lr"]
+    for row in rows(single_run, "eval"):
+        assert {"step", "val_loss", "val_ppl", "val_bpb", "tokens"} <= set(row)
+        assert 0 < row["val_bpb"] < row["val_loss"] * 2 and row["val_ppl"] > 1
+    assert "max_steps: 12" in (single_run / "config.yaml").read_text()
+    assert (single_run / "DONE").is_file()
+    ckpt_dir = single_run / "checkpoints"
+    steps = sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith("step_"))
+    assert steps == ["step_00000006", "step_00000012"]
+    assert (ckpt_dir / "latest").read_text().strip() == "step_00000012"
+    newest = find_checkpoint(single_run)
+    assert newest == ckpt_dir / "step_00000012"
+    for name in ("COMPLETE", "meta.json", "tokenizer.json", "rng_rank00000.pt", "mp_rank_00_model_states.pt"):
+        assert (newest / name).is_file(), name
+    meta = read_meta(newest)
+    assert meta["tokens_seen"] == STEPS * 8 * 32 and meta["config"]["model"]["d_model"] == 64
+    assert len(meta["tokenizer_sha256"]) == 64 and len(meta["manifest_sha256"]) == 64
+
+
+def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC))
+    proc, seen = start(cmd), []
+    read_until(proc, "train step 2 ", seen)
+    proc.send_signal(signal.SIGTERM)
+    output = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 3, output
+    assert "received SIGTERM" in output
+    stopped = find_checkpoint(run_dir)
+    assert stopped is not None, output
+    stopped_at = read_meta(stopped)["step"]
+    assert 2 <= stopped_at < STEPS and f"stopped by signal after step {stopped_at}" in output
+    assert not (run_dir / "DONE").exists()
+    resumed = run(cmd)
+    assert f"at step {stopped_at} " in resumed.stdout
+    assert losses(run_dir) == losses(single_run)  # every step, bitwise
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, STEPS + 1))  # no step logged twice
+    assert (run_dir / "DONE").is_file()
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2"))
+    proc, seen = start(cmd, env=make_env({"SLM_SLEEP_IN_SAVE": "4:120"})), []
+    read_until(proc, "sleeping 120 s inside the save of step_00000004", seen)
+    proc.kill()  # SIGKILL
+    proc.wait(timeout=60)
+    ckpt_dir = run_dir / "checkpoints"
+    assert (ckpt_dir / "tmp.step_00000004" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed had written it
+    assert not (ckpt_dir / "step_00000004").exists()
+    assert (ckpt_dir / "latest").read_text().strip() == "step_00000002"
+    assert find_checkpoint(run_dir) == ckpt_dir / "step_00000002"
+    resumed = run(cmd)
+    assert "at step 2" in resumed.stdout
+    assert losses(run_dir) == losses(single_run)
+    assert not (ckpt_dir / "tmp.step_00000004").exists()
+    assert (ckpt_dir / "latest").read_text().strip() == "step_00000012"
+
+
+def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2")),
+              env=make_env({"SLM_INJECT_NAN_AT_STEP": "3"}), check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Non-finite loss or gradient at step 3" in out.stderr and "before the optimizer step" in out.stderr
+    assert "Traceback" not in out.stderr
+    ckpt_dir = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) == ["step_00000002"]
+    assert [r["step"] for r in rows(run_dir)] == [1, 2]
+
+
+def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_counts(two_proc_run, tiny_data_dir,
+                                                                                   tmp_path):
+    """2 ranks (ZeRO-2) -> 1 rank with the same global batch; a NaN at step 9 is skipped (on_nonfinite=skip)."""
+    source = two_proc_run(2)
+    run_dir = tmp_path / "run"
+    out = run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.on_nonfinite=skip", "train.export_every=12",
+                                 f"train.resume={source / 'checkpoints' / 'step_00000006'}")),
+              env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}))
+    assert "universal checkpoint" in out.stdout and "at step 6" in out.stdout
+    two, one = losses(source), losses(run_dir)
+    for step in (7, 8):  # same weights, optimizer state and data, one rank instead of two
+        assert one[step] == pytest.approx(two[step], rel=1e-5)
+    assert one[9] is None and all(one[s] is not None and one[s] < 9 for s in (10, 11, 12))
+    assert [r["skipped_steps"] for r in rows(run_dir)] == [0, 0, 1, 1, 1, 1]
+    assert rows(run_dir, "eval")[-1]["val_loss"] < 8.0
+    assert read_meta(find_checkpoint(run_dir))["world_size"] == 1
+    export = run_dir / "exports" / "step_00000012"  # train.export_every
+    assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
+
+
+def test_mismatched_checkpoint_is_refused_naming_the_difference(single_run, tiny_data_dir, tmp_path):
+    out = run(slm_cmd(train_args(tmp_path / "run", tiny_data_dir, *ONE_PROC, "model.d_model=96",
+                                 f"train.resume={single_run}")), check=False)
+    assert out.returncode == 2
+    assert "Refusing to resume" in out.stderr and "model.d_model is 64 in the checkpoint but 96" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_preflight_refuses_a_run_that_cannot_fit_before_building_the_model(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(slm_cmd(["train", str(Path(TINY).parent / "1b.yaml"), f"run.dir={run_dir}", f"data.dir={tiny_data_dir}",
+                       "train.micro_batch_size=256"]), check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Preflight" in out.stderr and "would not fit" in out.stderr
+    assert not (run_dir / "config.yaml").exists()  # stopped before the engine (and the model) existed
+
+
+def test_cpt_refuses_an_init_source_trained_with_another_tokenizer(single_run, tiny_data_dir, tmp_path):
+    other = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, other)
+    tokenizer = other / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))  # same tokens, other bytes
+    out = run(slm_cmd(["train", TINY, f"run.dir={tmp_path / 'run'}", f"data.dir={other}", *SHRINK, "train.stage=cpt",
+                       f"train.init_from={single_run}"]), check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "was trained with another tokenizer" in out.stderr and "Traceback" not in out.stderr

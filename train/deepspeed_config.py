@@ -1,0 +1,92 @@
+"""The DeepSpeed JSON, generated from the typed config so that one YAML describes the whole run.
+
+A `deepspeed:` block in the YAML is deep-merged over the generated keys for everything the typed
+config does not cover (bucket sizes, offload, communication settings...). Keys that the typed config
+owns are refused there, because the training loop reads the typed values (batch arithmetic, LR,
+precision) and a second source of truth would silently disagree with it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Mapping
+
+from train.config import TrainConfig
+from train.errors import TrainError
+
+# passthrough key -> the typed key that owns it
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size (micro_batch_size x grad_accum_steps x world size)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "train.lr / beta1 / beta2 / weight_decay (the trainer builds AdamW itself)",
+    "scheduler": "train.schedule (the trainer sets the LR every step from train.schedule.lr_at)",
+}
+
+
+def _deep_merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _check_passthrough(extra: Mapping[str, Any]) -> None:
+    for owned, typed in OWNED_KEYS.items():
+        node: Any = extra
+        for part in owned.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            raise TrainError(
+                f"The deepspeed: block of the config sets '{owned}', which the typed config owns; "
+                f"set {typed} instead and remove '{owned}' from the deepspeed: block."
+            )
+
+
+def build_deepspeed_config(train: TrainConfig, world_size: int, extra: Mapping[str, Any] | None = None) -> Dict[str, Any]:
+    """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough)."""
+    generated: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": float(train.grad_clip),
+        "zero_optimization": {"stage": train.zero_stage},
+        # We pass our own torch AdamW (param groups without decay on norms/embeddings).
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": train.precision == "bf16"},
+        # loss_scale 0 = dynamic loss scaling.
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our MetricsLogger reports progress; silence DeepSpeed's own periodic prints.
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if extra:
+        _check_passthrough(extra)
+        generated = _deep_merge(generated, extra)
+    return generated
+
+
+def validate_deepspeed_config(ds_config: Dict[str, Any], passthrough: Mapping[str, Any] | None) -> None:
+    """Run DeepSpeed's own validation now (needs torch.distributed) and turn its complaint into a TrainError."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    try:
+        DeepSpeedConfig(copy.deepcopy(ds_config))
+    except (DeepSpeedConfigError, ValueError, AssertionError, KeyError, TypeError) as err:
+        detail = " ".join(str(err).split())
+        if "errors.pydantic.dev" in detail:
+            detail = detail.split(" For further information")[0]
+        source = f" (including the config's deepspeed: block {dict(passthrough)})" if passthrough else ""
+        raise TrainError(
+            f"DeepSpeed rejected the generated DeepSpeed config{source}: {type(err).__name__}: {detail}. "
+            "Fix the named key in the deepspeed: block (see https://www.deepspeed.ai/docs/config-json/)."
+        ) from None

@@ -1,0 +1,179 @@
+"""Process-group setup for every way `slm train` is started: a plain process, torchrun, or the
+deepspeed launcher; gloo on CPU and nccl on GPU, chosen automatically and overridable.
+
+A plain process has no launcher to tell it its rank, and DeepSpeed would then try MPI discovery and
+fail, so a single process sets RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR and a free
+MASTER_PORT itself before initialising.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Callable, List, TypeVar
+
+import torch
+
+from train.config import TrainConfig
+from train.errors import TrainError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def n_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def choose_device(cfg: TrainConfig) -> str:
+    """'cuda' or 'cpu': train.device, or cuda when a GPU is visible."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device is 'cuda' but no CUDA GPU is visible to this process; use train.device=cpu or auto.")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def choose_backend(cfg: TrainConfig, device: str) -> str:
+    """train.backend, or nccl for cuda and gloo for cpu."""
+    if cfg.backend == "nccl" and device != "cuda":
+        raise TrainError("train.backend is 'nccl' but the device is cpu; nccl needs GPUs (use train.backend=gloo or auto).")
+    if cfg.backend == "auto":
+        return "nccl" if device == "cuda" else "gloo"
+    return cfg.backend
+
+
+def ensure_launcher_env() -> None:
+    """Give a launcher-less process the env a launcher would have set (rank 0 of 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ["RANK"] = "0"
+    os.environ["WORLD_SIZE"] = "1"
+    os.environ["LOCAL_RANK"] = "0"
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def separate_extension_cache_per_ninja() -> None:
+    """Give DeepSpeed's JIT-built C++ ops a cache folder per ninja version (unless TORCH_EXTENSIONS_DIR is set).
+
+    DeepSpeed builds a small op at start-up in ~/.cache/torch_extensions, shared by every process of
+    the user. The build records of ninja 1.11 (e.g. /usr/bin) and of pip's ninja 1.12+ (in a venv)
+    are incompatible, so processes that find different ninjas on PATH rebuild the op (tens of
+    seconds) every time they alternate. One folder per ninja version keeps each build valid.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        return
+    try:
+        version = subprocess.run([ninja, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return
+    if version:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in version)
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"ninja-{safe}")
+
+
+def setup_distributed(cfg: TrainConfig) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed and return this process's place in the job."""
+    device_type = choose_device(cfg)
+    backend = choose_backend(cfg, device_type)
+    if device_type == "cpu":
+        # DeepSpeed picks its accelerator once, at first use: make it agree with our device choice.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ensure_launcher_env()
+    separate_extension_cache_per_ninja()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
+    deepspeed_logger.setLevel(logging.WARNING)  # our own lines say what matters; DeepSpeed's warnings still show
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    world_size = torch.distributed.get_world_size()
+    # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE, Slurm SLURM_NTASKS_PER_NODE.
+    local_world_size = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+                             if os.environ.get(k, "").isdigit()), None)
+    if local_world_size is None:
+        local_world_size = min(world_size, max(1, torch.cuda.device_count())) if device_type == "cuda" else world_size
+    return DistInfo(
+        rank=torch.distributed.get_rank(), world_size=world_size, local_rank=local_rank,
+        local_world_size=local_world_size, device=device, backend=backend,
+    )
+
+
+def teardown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box: List[Any] = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_main_then_share(dist_info: DistInfo, fn: Callable[[], T], what: str) -> T:
+    """Run `fn` on rank 0 only while the others wait; its result (or its error) reaches every rank.
+
+    A failure on rank 0 must stop every rank with the same message, not leave the others waiting in a
+    collective until the timeout.
+    """
+    result: Any = None
+    error = None
+    if dist_info.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised on every rank below
+            error = (type(err).__name__, str(err))
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        name, message = error
+        if name in ("TrainError", "DataError", "ConfigError"):
+            raise TrainError(message)
+        raise TrainError(f"{what} failed on rank 0: {name}: {message}")
+    return result

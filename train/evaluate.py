@@ -1,0 +1,72 @@
+"""Validation loss, perplexity and bits per byte over a fixed set of validation batches.
+
+The batches are drawn once at start-up from the validation split with a fixed seed and kept in
+memory, so every evaluation (and every resumed run) scores exactly the same tokens. Each rank scores
+its own batches; summed losses and token counts are all-reduced so the result is the mean over all
+ranks' targets.
+
+Bits per byte makes runs with different tokenizers comparable:
+    bpb = (mean loss in nats per token) / ln 2 / (text bytes per token)
+where bytes per token comes from the manifest's counts for the validation split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+BatchDict = Dict[str, torch.Tensor]
+
+
+def take_batches(loader: Iterable[BatchDict], n_batches: int) -> List[BatchDict]:
+    """The first `n_batches` batches of `loader`, copied out so they never change."""
+    return [{k: v.clone() for k, v in batch.items()} for batch in itertools.islice(iter(loader), n_batches)]
+
+
+def model_inputs(batch: BatchDict, device: torch.device) -> Dict[str, Any]:
+    """Keyword arguments of Transformer.forward for one batch (position/doc ids only when packed)."""
+    kwargs: Dict[str, Any] = {
+        "tokens": batch["input_ids"].to(device, non_blocking=True),
+        "targets": batch["labels"].to(device, non_blocking=True),
+    }
+    for key in ("position_ids", "doc_ids"):
+        if key in batch:
+            kwargs[key] = batch[key].to(device, non_blocking=True)
+    return kwargs
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: Optional[float]) -> Optional[float]:
+    if not bytes_per_token or not math.isfinite(loss_nats_per_token):
+        return None
+    return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: List[BatchDict], device: torch.device,
+             bytes_per_token: Optional[float]) -> Dict[str, Optional[float]]:
+    """{"val_loss", "val_ppl", "val_bpb"} averaged over every rank's fixed batches (collective call)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
+    for batch in batches:
+        inputs = model_inputs(batch, device)
+        _, loss = model(**inputs)
+        n_targets = (inputs["targets"] != -100).sum()
+        # A batch without targets (possible with instruction data) has a NaN mean loss: it adds nothing.
+        totals[0] += torch.where(n_targets > 0, loss.double() * n_targets, torch.zeros((), dtype=torch.float64, device=device))
+        totals[1] += n_targets
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)
+    if was_training:
+        model.train()
+    loss_sum, count = totals.tolist()
+    val_loss = loss_sum / count if count else float("nan")
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
+        "val_bpb": bits_per_byte(val_loss, bytes_per_token),
+    }

@@ -1,0 +1,128 @@
+"""Checks and a summary before the first step, while nothing large has been allocated yet.
+
+The batch arithmetic (global batch, tokens per step, token budget -> max_steps) is settled here, and
+the per-rank memory estimate of `model.stats.training_memory_per_rank` is compared with what one
+rank can have: the GPU's memory, or on CPU the host's available RAM shared by the node's ranks. A
+run that cannot fit stops with the numbers and the knobs that help, instead of an out-of-memory
+crash minutes later (or a swapping machine).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from train.config import TrainConfig
+from train.distributed import DistInfo
+from train.errors import TrainError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of a run."""
+
+    micro_batch_size: int
+    grad_accum_steps: int
+    world_size: int
+    seq_len: int
+    max_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def plan_batches(train: TrainConfig, world_size: int, seq_len: int) -> BatchPlan:
+    """Check train.global_batch_size and turn train.max_tokens into max_steps."""
+    global_batch = train.micro_batch_size * train.grad_accum_steps * world_size
+    if train.global_batch_size is not None and train.global_batch_size != global_batch:
+        raise TrainError(
+            f"train.global_batch_size is {train.global_batch_size}, but micro_batch_size {train.micro_batch_size} x "
+            f"grad_accum_steps {train.grad_accum_steps} x data-parallel world size {world_size} = {global_batch}. "
+            "Change train.grad_accum_steps or train.micro_batch_size (or the number of processes) so that they "
+            "multiply to the global batch, or remove train.global_batch_size."
+        )
+    max_steps = train.max_steps
+    if train.max_tokens is not None:
+        if train.max_tokens <= 0:
+            raise TrainError(f"train.max_tokens is {train.max_tokens}; expected a positive token budget or null.")
+        max_steps = math.ceil(train.max_tokens / (global_batch * seq_len))
+    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, world_size, seq_len, max_steps)
+
+
+def meminfo_available_bytes(path: str = "/proc/meminfo") -> Optional[int]:
+    """MemAvailable of the host in bytes (None where /proc/meminfo does not exist)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_budget_per_rank(dist_info: DistInfo) -> tuple[Optional[int], str]:
+    """Bytes one rank may use and where that number comes from."""
+    if dist_info.device.type == "cuda":
+        props = torch.cuda.get_device_properties(dist_info.device)
+        return props.total_memory, f"{props.name} memory"
+    available = meminfo_available_bytes()
+    if available is None:
+        return None, "unknown host memory"
+    share = max(1, dist_info.local_world_size)
+    return available // share, f"host MemAvailable / {share} rank(s) on this node"
+
+
+def check_memory(estimate_bytes: float, budget_bytes: Optional[int], source: str, train: TrainConfig, world_size: int) -> None:
+    if budget_bytes is None or estimate_bytes <= budget_bytes:
+        return
+    hints = []
+    if train.zero_stage < 3:
+        hints.append(f"a higher train.zero_stage (now {train.zero_stage})")
+    if not train.activation_checkpointing:
+        hints.append("train.activation_checkpointing=true")
+    if train.micro_batch_size > 1:
+        hints.append(f"a smaller train.micro_batch_size (now {train.micro_batch_size}) with more train.grad_accum_steps")
+    hints.append(f"more ranks (now {world_size})")
+    raise TrainError(
+        f"Preflight: the estimated training memory per rank is {estimate_bytes / GIB:.1f} GiB but only "
+        f"{budget_bytes / GIB:.1f} GiB is available ({source}); the run would not fit. Try " + ", ".join(hints) + "."
+    )
+
+
+def summary_lines(plan: BatchPlan, dist_info: DistInfo, train: TrainConfig, memory: dict, budget_bytes: Optional[int],
+                  source: str) -> List[str]:
+    budget = f"{budget_bytes / GIB:.1f} GiB ({source})" if budget_bytes is not None else source
+    return [
+        f"world size {dist_info.world_size} on {dist_info.n_nodes} node(s), {dist_info.device.type}/{dist_info.backend}, "
+        f"ZeRO stage {train.zero_stage}, precision {train.precision}",
+        f"global batch {plan.global_batch_size} = micro {plan.micro_batch_size} x accum {plan.grad_accum_steps} x "
+        f"world {plan.world_size}; {plan.tokens_per_step:,} tokens per step; {plan.max_steps} steps = "
+        f"{plan.tokens_per_step * plan.max_steps:,} tokens",
+        f"memory per rank (estimate): model states {memory['model_states'] / GIB:.2f} GiB + activations "
+        f"{memory['activations'] / GIB:.2f} GiB = {memory['total'] / GIB:.2f} GiB of {budget}",
+    ]
+
+
+def preflight(model_cfg, train: TrainConfig, plan: BatchPlan, dist_info: DistInfo) -> List[str]:
+    """Summary lines for the log; raises TrainError when the estimated memory does not fit."""
+    from model.stats import training_memory_per_rank
+
+    memory = training_memory_per_rank(
+        model_cfg, train.zero_stage, dist_info.world_size, train.micro_batch_size, plan.seq_len,
+        activation_checkpointing=train.activation_checkpointing,
+    )
+    budget, source = memory_budget_per_rank(dist_info)
+    lines = summary_lines(plan, dist_info, train, memory, budget, source)
+    check_memory(memory["total"], budget, source, train, dist_info.world_size)
+    return lines

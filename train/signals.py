@@ -1,0 +1,49 @@
+"""Graceful preemption: SIGTERM or SIGUSR1 finish the current step, save a checkpoint, and exit with
+EXIT_PREEMPTED.
+
+Slurm sends SIGUSR1 (with `--signal=USR1@SECONDS`) shortly before the time limit and SIGTERM on
+preemption or `scancel`; the requeue loop of `slm slurm` treats exit code 3 as "checkpointed,
+start me again" and stops once `run.dir/DONE` exists. The handler only sets a flag: the training
+loop reduces it across ranks once per step so that every rank stops after the same step (a rank
+that stopped alone would leave the others waiting in a collective).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+from typing import Dict, Optional
+
+EXIT_PREEMPTED = 3
+"""Exit code of a run that saved a checkpoint after SIGTERM/SIGUSR1 and should be started again."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Remembers whether a stop signal arrived; `install()` swaps in the handlers, `restore()` puts back the old ones."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous: Dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            print(f"[slm] received {self.signal_name}: finishing this step, then checkpointing and exiting "
+                  f"with code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
