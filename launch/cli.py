@@ -150,7 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         code = args.func(args)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank fails alike: say it once
+            print(f"error: {err}", file=sys.stderr)
         return 2
     return int(code or 0)
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, List, TypeVar
 
@@ -124,6 +125,8 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.WARNING)  # our own lines say what matters; DeepSpeed's warnings still show
+    # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     world_size = torch.distributed.get_world_size()
