@@ -81,8 +81,8 @@ def format_row(row: Dict[str, Any]) -> str:
     """One compact console line with only the keys the row has, e.g. `step 100 | loss 2.3456 | lr 3.00e-04`."""
     parts = [f"{row.get('kind', 'train')} step {row['step']}" if "step" in row else str(row.get("kind", "train"))]
     known = {key for key, _ in _CONSOLE_KEYS} | _NOT_PRINTED
-    parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if row.get(key) is not None]
-    parts += [f"{key} {_fmt(key, value)}" for key, value in row.items() if key not in known and value is not None]
+    parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if key in row]
+    parts += [f"{key} {_fmt(key, value)}" for key, value in row.items() if key not in known]
     return " | ".join(parts)
 
 

@@ -470,12 +470,15 @@ class TrainingLoop:
         from train.mfu import mfu
 
         tokens_per_second = self.plan.tokens_per_step * window.steps / max(window.seconds, 1e-9)
-        self.logger.log({
+        row = {
             "step": number, "loss": window.mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": progress.tokens_seen,
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops, self.dist_info.world_size),
             "step_ms": 1000 * window.seconds / window.steps, "skipped_steps": progress.skipped_steps,
-        })
+        }
+        if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
+            del row["mfu"]
+        self.logger.log(row)
 
     def evaluate(self, progress: Progress) -> None:
         result = evaluate(self.engine, self.val_batches, self.device, self.bytes_per_token)
