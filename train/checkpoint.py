@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_write_json, atomic_write_text
+from data_pipeline.atomic import atomic_write_json, atomic_write_text, replace_dir
 from train.distributed import DistInfo, barrier
 from train.errors import TrainError
 
@@ -245,14 +245,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[st
         shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.json")
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
         _fsync_dir(tmp_dir)
-        if final_dir.exists():  # saved again at the same step (e.g. a resumed run's final save)
-            old = ckpt_dir / f".{tag}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final_dir, old)
-            os.replace(tmp_dir, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, final_dir)
+        replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
         _fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
         prune_checkpoints(ckpt_dir, keep)
