@@ -48,7 +48,7 @@ def bits_per_byte(loss_nats_per_token: float, bytes_per_token: Optional[float]) 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: List[BatchDict], device: torch.device,
              bytes_per_token: Optional[float]) -> Dict[str, Optional[float]]:
-    """{"val_loss", "val_ppl", "val_bpb"} averaged over every rank's fixed batches (collective call)."""
+    """{"val_loss", "val_ppl", "val_bpb" (when bytes_per_token is known)} averaged over every rank's fixed batches (collective call)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
@@ -65,8 +65,8 @@ def evaluate(model: torch.nn.Module, batches: List[BatchDict], device: torch.dev
         model.train()
     loss_sum, count = totals.tolist()
     val_loss = loss_sum / count if count else float("nan")
-    return {
-        "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
-        "val_bpb": bits_per_byte(val_loss, bytes_per_token),
-    }
+    result = {"val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")}
+    val_bpb = bits_per_byte(val_loss, bytes_per_token)
+    if val_bpb is not None:  # instruction data has no byte counts: no bits per byte, rather than a blank
+        result["val_bpb"] = val_bpb
+    return result
