@@ -1,9 +1,15 @@
-"""Typed configs of a training run: where it writes, how it optimizes, what it logs."""
+"""Typed configs of a training run (where it writes, how it optimizes, what it logs) and the root `Config`
+that composes every component's section; `launch.config` loads it from YAML and validates it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
+from model.config import ModelConfig
 
 
 @dataclass
@@ -106,5 +112,38 @@ class LogConfig:
     """Print metric rows on rank 0."""
 
 
-# The root is assembled in launch/config.py; these are its deepspeed passthrough's type.
-DeepSpeedExtra = Dict[str, Any]
+@dataclass
+class Config:
+    """The whole run: one section per component (launch.config loads and validates it)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run writes and its seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Transformer shapes."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Byte-level BPE tokenizer."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Raw sources and prepared shards."""
+    ift: InstructConfig = field(default_factory=InstructConfig)
+    """Instruction data for train.stage=ift."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization, evaluation and checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console and wandb logging."""
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+    """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what `slm config show` prints and run.dir/config.yaml holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain dicts and lists (saved in checkpoints, given to wandb)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy saved in a checkpoint)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))

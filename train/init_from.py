@@ -101,7 +101,7 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
     """Our-named state dict (complete, as Transformer.load_state_dict wants) and the ModelConfig of a source."""
     if source.kind == "export":
         return load_hf_folder(source.path)
-    from launch.config import from_dict
+    from train.config import from_dict
 
     try:
         cfg = from_dict(source.meta["config"]).model

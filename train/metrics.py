@@ -28,7 +28,7 @@ from data_pipeline.atomic import atomic_write_text
 from train.errors import TrainError
 
 if TYPE_CHECKING:
-    from launch.config import Config
+    from train.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -121,7 +121,7 @@ class MetricsLogger:
         """Start (or, on resume, continue under the id saved in run_dir/wandb_id.txt) the wandb run."""
         import wandb
 
-        from launch.config import to_dict
+        from train.config import to_dict
 
         wcfg = cfg.log.wandb
         id_file = self.run_dir / WANDB_ID_FILE

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.atomic import atomic_write_text
-from launch.config import Config, to_dict, to_yaml
 from train.checkpoint import (
     check_resumable,
     ensure_universal,
@@ -42,6 +41,7 @@ from train.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from train.config import Config, to_dict, to_yaml
 from train.distributed import DistInfo, barrier, on_main_then_share, setup_distributed, teardown_distributed
 from train.errors import TrainError
 from train.evaluate import evaluate, model_inputs, take_batches
