@@ -278,3 +278,13 @@ def test_cpt_refuses_an_init_source_trained_with_another_tokenizer(single_run, t
                        f"train.init_from={single_run}"]), check=False)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "was trained with another tokenizer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_torch_compile_follows_the_eager_curve(single_run, tmp_path, tiny_data_dir):
+    """train.compile=true (torch.compile through DeepSpeed's engine.compile) trains the same model."""
+    run_dir = tmp_path / "compiled"
+    run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.compile=true")), timeout=600)
+    eager, compiled = losses(single_run), losses(run_dir)
+    assert sorted(compiled) == sorted(eager)
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-3), f"step {step}"
