@@ -9,7 +9,7 @@
 
     .venv/bin/python bench/data_pipeline.py [--copies 16] [--repeats 3] [--out results.md]
 
-Timings take the best of --repeats interleaved runs, since the machine may be shared; CPU-seconds (this
+Timings take the median of --repeats interleaved runs, since the machine may be shared; CPU-seconds (this
 process, its threads and its worker processes) are reported too, as they depend less on other load.
 """
 
@@ -20,6 +20,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -122,8 +123,8 @@ def bench_prepare(work: Path, copies: int, repeats: int) -> Dict[str, float]:
         for name, fn in runs.items():
             times[name].append(timed(fn))
     tokens = load_manifest(data_dir).tokens("train") + load_manifest(data_dir).tokens("val")
-    rates: Dict[str, float] = {name: tokens / min(wall for wall, _ in runs_) for name, runs_ in times.items()}
-    per_cpu = {f"{name}_cpu": tokens / min(cpu for _, cpu in runs_) for name, runs_ in times.items()}
+    rates = {name: tokens / statistics.median(wall for wall, _ in runs_) for name, runs_ in times.items()}
+    per_cpu = {f"{name}_cpu": tokens / statistics.median(cpu for _, cpu in runs_) for name, runs_ in times.items()}
     return {"text_mb": corpus.stat().st_size / 1e6, "tokens": tokens, "num_proc": num_proc, **rates, **per_cpu}
 
 
