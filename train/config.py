@@ -67,7 +67,7 @@ class TrainConfig:
     eval_every: int = 50
     """Evaluate every this many steps (and at the end)."""
     eval_batches: int = 8
-    """Fixed validation micro-batches per evaluation."""
+    """Fixed validation micro-batches per evaluation, over all ranks (the same samples for any world size)."""
     log_every: int = 10
     """Print and record a metrics row every this many steps."""
     ckpt_every: int = 100

@@ -124,6 +124,9 @@ def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Path:
 def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistInfo) -> tuple:
     """(train loader, fixed list of this rank's validation batches)."""
     seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
+    # train.eval_batches counts micro-batches over all ranks: the loaders' global cursor then hands every
+    # world size the same validation samples (exactly, when the world size divides eval_batches).
+    val_batches_per_rank = math.ceil(cfg.train.eval_batches / dist_info.world_size)
     if cfg.train.stage == "ift":
         from data_pipeline.instruct import build_instruct_loader
 
@@ -131,7 +134,7 @@ def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistIn
             return build_instruct_loader(cfg.ift, tokenizer, split, seq_len, micro, dist_info.rank,
                                          dist_info.world_size, cfg.run.seed)
 
-        return instruct("train"), take_batches(instruct("val"), cfg.train.eval_batches)
+        return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
     from data_pipeline.loader import build_loader
     from data_pipeline.sources import source_weights
 
@@ -141,7 +144,7 @@ def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistIn
         num_workers=cfg.data.num_workers, weights=weights, verify_checksums=cfg.data.verify_checksums,
     )
     val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed)
-    return train_loader, take_batches(val_loader, cfg.train.eval_batches)
+    return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 
 # ---------------------------------------------------------------- model

@@ -130,6 +130,12 @@ def test_zero2_two_processes_follow_the_one_process_curve(two_proc_run, single_r
     assert sorted(two) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), (step, one, two)
+    # train.eval_batches counts over all ranks, so both evaluate the same validation samples.
+    val_two = {r["step"]: r["val_loss"] for r in rows(two_proc_run(2), "eval")}
+    val_one = {r["step"]: r["val_loss"] for r in rows(single_run, "eval")}
+    assert sorted(val_two) == sorted(val_one) and val_one
+    for step in val_one:
+        assert val_two[step] == pytest.approx(val_one[step], rel=1e-5, abs=1e-5), (step, val_one, val_two)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
