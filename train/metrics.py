@@ -86,6 +86,22 @@ def format_row(row: Dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def rewind_metrics(run_dir: str | os.PathLike, step: int) -> None:
+    """Drop metrics rows logged after `step` by an earlier attempt, so a resumed run's rows follow on exactly."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 def _open_for_append(path: Path) -> TextIO:
     """Open metrics.jsonl for appending; drop a torn last line (a crash mid-write) so the file stays valid."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ as logged) by NaN, to exercise train.on_nonfinite. See train.checkpoint for SLM_
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -45,6 +44,7 @@ from train.config import Config, to_dict, to_yaml
 from train.distributed import DistInfo, barrier, on_main_then_share, setup_distributed, teardown_distributed
 from train.errors import TrainError
 from train.evaluate import evaluate, model_inputs, take_batches
+from train.metrics import METRICS_FILE, rewind_metrics
 from train.preflight import BatchPlan, plan_batches, preflight
 from train.signals import EXIT_PREEMPTED, StopRequest
 
@@ -70,7 +70,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     if value.lower() in RESUME_AUTO:
         return find_checkpoint(run_dir)
     if value.lower() in RESUME_OFF:
-        leftovers = [p.name for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl") if p.exists()]
+        leftovers = [p.name for p in (run_dir / "checkpoints", run_dir / METRICS_FILE) if p.exists()]
         if leftovers:
             raise TrainError(
                 f"train.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
@@ -84,22 +84,6 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
             "folder or a step_XXXXXXXX folder containing COMPLETE (or train.resume=auto / false)."
         )
     return found
-
-
-def rewind_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics rows logged after `step` by an earlier attempt, so a resumed run's rows follow on exactly."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------- data

@@ -29,10 +29,11 @@ from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_co
 from train.distributed import DistInfo
 from train.errors import TrainError
 from train.evaluate import bits_per_byte
+from train.metrics import rewind_metrics
 from train.optim import build_optimizer, param_groups, split_decay
 from train.preflight import check_memory, plan_batches, preflight
 from train.signals import EXIT_PREEMPTED, StopRequest
-from train.trainer import NonfiniteWatch, resolve_resume, rewind_metrics
+from train.trainer import NonfiniteWatch, resolve_resume
 
 SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16)
 
