@@ -55,11 +55,17 @@ RESERVED = (IM_START, IM_END, EOT, PAD)
 """Special tokens only the template writes; data containing them is refused (no role injection)."""
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{- '" + IM_START + "' + message['role'] + '\\n' + (message['content'] | trim) + '" + IM_END + "\\n' -}}"
+    "{{- '" + IM_START + "' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- (message['content'] | trim) + '" + IM_END + "' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- (message['content'] | trim) + '" + IM_END + "' -}}{%- endif -%}"
+    "{{- '\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
 )
-"""The ChatML template as Jinja, for tokenizer_config.json; `render_chat` is its Python twin (tested equal)."""
+"""The ChatML template as Jinja, for tokenizer_config.json; `render_chat` is its Python twin (tested equal).
+{% generation %} marks exactly our loss spans (assistant content + its <|im_end|>), so transformers'
+return_assistant_tokens_mask, and TRL's assistant_only_loss, mask what train.stage=ift trains on."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Message = Dict[str, str]
@@ -248,6 +254,8 @@ class InstructStats:
             f"dropped as longer than seq_len + 1 (ift.overlong) or left without answer tokens; {kept} kept, "
             f"{self.loss_tokens} of {self.tokens} target tokens carry loss, "
             f"{self.padding / max(1, self.rows * seq_len):.0%} padding."
+            + (f" WARNING: {self.truncated + self.dropped} of {self.examples} examples lost answer tokens or were "
+               "dropped; raise model.max_seq_len." if self.truncated + self.dropped > self.examples / 4 else "")
         )
 
 

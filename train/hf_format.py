@@ -144,7 +144,13 @@ def model_config_from_hf(config: Dict[str, Any], source: str) -> ModelConfig:
 
 
 def tokenizer_config(ids: Dict[str, int], max_len: int, chat: bool) -> Dict[str, Any]:
-    """tokenizer_config.json: a PreTrainedTokenizerFast over tokenizer.json, with our ChatML template."""
+    """tokenizer_config.json: a PreTrainedTokenizerFast over tokenizer.json, with our ChatML template.
+
+    No token_type_ids (a Llama takes none; transformers 4.x generate refuses them), left padding (batched
+    generation appends to the real last token). Base and chat exports both carry the ChatML template (so SFT on
+    messages trains our IFT format); a base export's eos stays <|endoftext|>, the token it was trained to end a
+    document with, while generation_config.json stops at either (see docs/downstream.md).
+    """
     added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True} for token, i in sorted(ids.items(), key=lambda kv: kv[1])}
     return {
@@ -159,6 +165,8 @@ def tokenizer_config(ids: Dict[str, int], max_len: int, chat: bool) -> Dict[str,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "padding_side": "left",
         "chat_template": CHAT_TEMPLATE,
     }
 
