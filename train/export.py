@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from data_pipeline.atomic import atomic_dir
-from data_pipeline.instruct import encode_chat_prompt, format_chat
+from data_pipeline.instruct import IGNORE_INDEX, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, file_sha256, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError
@@ -194,6 +194,11 @@ def compare_with_transformers(folder: Path, state_dict: Dict[str, torch.Tensor],
         if got != expected:
             raise TrainError(f"Export check failed: apply_chat_template gives {got[:24]}..., our chat formatting "
                              f"{expected[:24]}... (add_generation_prompt={prompt}).")
+    rendered = theirs.apply_chat_template(CHAT_SAMPLE, return_dict=True, return_assistant_tokens_mask=True)
+    expected_mask = [int(label != IGNORE_INDEX) for label in format_chat(CHAT_SAMPLE, ours)[1]]
+    if list(rendered["assistant_masks"]) != expected_mask:
+        raise TrainError("Export check failed: the chat template's {% generation %} span is not the span our IFT "
+                         "stage puts loss on, so TRL's assistant_only_loss would train other tokens.")
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).float().eval()
     our_model = build_model(state_dict, cfg, torch.float32)

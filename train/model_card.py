@@ -95,6 +95,8 @@ def _number(value: Any) -> str:
 def data_section(facts: CardFacts) -> List[str]:
     if facts.stage == "ift":
         paths = facts.config.get("ift", {}).get("paths") or []
+        if not paths:
+            return ["Not recorded."]
         return ["Instruction data (ChatML, loss on assistant tokens only): " + ", ".join(f"`{p}`" for p in paths) + "."]
     manifest = read_manifest(facts.config)
     if manifest is None:
@@ -158,6 +160,7 @@ def model_card(cfg: ModelConfig, state_dict: Dict[str, torch.Tensor], dtype: str
             f"`{EOT}` or `{IM_END}`, so a model fine-tuned from it stops at the end of an answer."])
     use.append(f"At {total / 1e6:.1f}M parameters it is meant for research, teaching and as a starting point for "
                "continued pretraining or fine-tuning, not for factual or safety-critical use.")
+    use.insert(1, "")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- slm-forge", "- llama", "---", "",
         f"# {kind.capitalize()} Llama model ({total / 1e6:.1f}M parameters) made with slm-forge", "",

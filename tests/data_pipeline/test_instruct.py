@@ -174,6 +174,9 @@ def test_overlong_examples_truncated_or_dropped_and_counted():
     assert set(rows[:, 0].flatten().tolist()) - {3} <= set(range(100, 105))
     with pytest.raises(DataError, match="No instruction example fits"):
         build_rows(examples[1:], seq_len=8, packing=True, overlong="drop", pad_id=3, seed=0)
+    assert "WARNING: 2 of 3 examples lost answer tokens or were dropped" in stats.summary("train", 8, True)
+    _, stats = build_rows(examples + [_example(2, 3, 100)] * 7, seq_len=8, packing=True, overlong="drop", pad_id=3, seed=0)
+    assert "WARNING" not in stats.summary("train", 8, True)  # 2 of 10: not more than a quarter
 
 
 def test_loader_batches_resume_exactly_across_world_sizes(tokenizer, capsys):

@@ -210,3 +210,146 @@ def test_trl_dpo_trains(exports, tmp_path):
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+MC_TASK = """task: slm_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+ROLLING_TASK = """task: slm_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+MC_DOCS = [
+    {"question": "ROMEO: But soft! what light through yonder", "choices": ["window breaks?", "cheese melts.", "dog"], "answer": 0},
+    {"question": "First Citizen:\nBefore we proceed any further, hear me", "choices": ["speak.", "run fast", "eat"], "answer": 0},
+    {"question": "KING RICHARD III:\nNow is the winter of our", "choices": ["lunch", "discontent", "the car"], "answer": 1},
+]
+
+
+def held_out_text(tokenizer, windows=3):
+    """A held-out tinyshakespeare passage of exactly `windows` * SEQ_LEN tokens (so fixed rows cover it exactly)."""
+    text = open(SHAKESPEARE, encoding="utf-8").read()[-6000:]
+    n = windows * SEQ_LEN
+    for start in [i + 1 for i, ch in enumerate(text) if ch == "\n"][:50]:  # cut after n tokens of a line start
+        passage = text[start:]
+        cut = passage[:tokenizer.encode(passage).offsets[n - 1][1]]
+        if len(tokenizer.encode(cut).ids) == n:
+            return cut
+    raise AssertionError("no cut of the passage has the wanted token count")
+
+
+def our_loglik(model, ids, context_len):
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    logprobs = torch.log_softmax(logits.double(), -1)[0]
+    return sum(logprobs[i - 1, ids[i]].item() for i in range(context_len, len(ids)))
+
+
+def test_lm_eval_multiple_choice_and_rolling_bits_per_byte_equal_ours(trained, exports, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, cfg, tokenizer_path = trained
+    ours = load_tokenizer(tokenizer_path)
+    text = held_out_text(ours)
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (tmp_path / "rolling.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=tmp_path / "mc.jsonl"))
+    (tmp_path / "rolling.yaml").write_text(ROLLING_TASK.format(data=tmp_path / "rolling.jsonl"))
+    lm = HFLM(pretrained=str(exports["base"]), batch_size=1, max_length=SEQ_LEN, device="cpu")
+    results = simple_evaluate(model=lm, tasks=["slm_mc", "slm_rolling"], log_samples=True,
+                              task_manager=TaskManager(include_path=str(tmp_path)))
+    # Multiple choice: lm-eval's per-choice log-likelihoods are our model's.
+    for sample in results["samples"]["slm_mc"]:
+        doc = sample["doc"]
+        context = ours.encode(doc["question"]).ids
+        for choice, (loglik, _) in zip(doc["choices"], sample["filtered_resps"]):
+            whole = ours.encode(doc["question"] + " " + choice).ids
+            assert loglik == pytest.approx(our_loglik(model, whole, len(context)), abs=1e-4)
+    # Rolling log-likelihood: bits per byte over the passage == our val_bpb on the same tokens, in fixed rows.
+    tokens = torch.tensor([ours.token_to_id(EOT)] + ours.encode(text).ids)
+    rows = torch.stack([tokens[i * SEQ_LEN:(i + 1) * SEQ_LEN + 1] for i in range(3)])
+    bytes_per_token = len(text.encode("utf-8")) / (len(tokens) - 1)
+    val = evaluate(model, [{"input_ids": rows[:, :-1], "labels": rows[:, 1:]}], torch.device("cpu"), bytes_per_token)
+    assert val["val_bpb"] == pytest.approx(bits_per_byte(val["val_loss"], bytes_per_token))
+    assert results["results"]["slm_rolling"]["bits_per_byte,none"] == pytest.approx(val["val_bpb"], abs=1e-3)
+    assert abs(results["results"]["slm_rolling"]["bits_per_byte,none"] - val["val_bpb"]) < 1e-4
+
+
+def deinterleave_rope_rows(weight, n_heads):
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from train.gguf_export import gguf_name
+
+    model, cfg, tokenizer_path = trained
+    out = export_from_model(model.state_dict(), cfg, tokenizer_path, tmp_path / "export", dtype="fp32", gguf=True)
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+
+    def field(name):
+        f = reader.fields[name]
+        return [bytes(f.parts[i]).decode() if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i][0] for i in f.data]
+
+    assert field("general.architecture") == ["llama"] and field("tokenizer.ggml.pre") == ["gpt-2"]
+    ours = load_tokenizer(tokenizer_path)
+    vocab = {i: t for t, i in ours.get_vocab(with_added_tokens=True).items()}
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == cfg.vocab_size and all(tokens[i] == t for i, t in vocab.items())
+    merges = json.loads(tokenizer_path.read_text())["model"]["merges"]
+    assert field("tokenizer.ggml.merges") == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert field("tokenizer.ggml.eos_token_id") == [ours.token_to_id(EOT)]
+    # Our model rebuilt from the GGUF's tensors (q/k rows back in rotate_half order): the same logits.
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    state_dict = {}
+    for name, reference in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        tensor = tensors[gguf_name(name)].reshape(reference.shape)
+        if name.endswith("q_proj.weight"):
+            tensor = deinterleave_rope_rows(tensor, cfg.n_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = deinterleave_rope_rows(tensor, cfg.n_kv_heads)
+        state_dict[name] = tensor
+    rebuilt = Transformer(cfg)
+    rebuilt.load_state_dict(state_dict, strict=False)
+    rebuilt.lm_head.weight = rebuilt.embed_tokens.weight
+    ids = ours.encode("ROMEO: But soft! what light through yonder window breaks?").ids
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(torch.tensor([ids]))[0], model(torch.tensor([ids]))[0], rtol=0, atol=0)
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return  # llama-cpp-python is not installed: the file was checked by reading it back
+    llm = Llama(model_path=str(out / "model.gguf"), n_ctx=SEQ_LEN, logits_all=True, verbose=False)
+    text = "ROMEO: But soft! what light through yonder window breaks?"
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+    llm.eval(ids)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]))[0][0]
+    got = torch.tensor(llm.scores[: len(ids)])
+    assert (got - expected).abs().max().item() < 1e-3 * expected.std().item() * 100
