@@ -6,6 +6,8 @@ tokenizer is "not recognized". Ours is GPT-2's byte-level BPE (the same split re
 declared as `tokenizer.ggml.pre = "gpt-2"` here. Tensors get llama.cpp's names; q/k rows are permuted from the
 rotate_half RoPE layout to llama.cpp's interleaved one (as the converter does). fp32 exports write F32 tensors,
 bf16 exports BF16; norms are always F32. The file is read back with gguf.GGUFReader and checked tensor by tensor.
+Checked once by hand against llama.cpp's converter (llama-cpp-python 0.3.36's copy) with its pre-tokenizer
+forced to "gpt-2": byte-identical tensors and tokenizer fields; it adds only descriptive general.* keys.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def write_gguf(export_dir: Path, path: Path, state_dict: Dict[str, torch.Tensor]
     writer.add_feed_forward_length(cfg.ffn_hidden_size)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)

@@ -345,11 +345,15 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_pat
         from llama_cpp import Llama
     except ImportError:
         return  # llama-cpp-python is not installed: the file was checked by reading it back
+    # llama.cpp itself (llama-cpp-python, built from source: optional, used when installed).
     llm = Llama(model_path=str(out / "model.gguf"), n_ctx=SEQ_LEN, logits_all=True, verbose=False)
-    text = "ROMEO: But soft! what light through yonder window breaks?"
+    text = "ROMEO: But soft! café 🚀\n\n<|im_start|>user\nhi<|im_end|>\n<|endoftext|>KING:"
+    ids = ours.encode(text).ids
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
     llm.eval(ids)
     with torch.no_grad():
         expected = model(torch.tensor([ids]))[0][0]
     got = torch.tensor(llm.scores[: len(ids)])
-    assert (got - expected).abs().max().item() < 1e-3 * expected.std().item() * 100
+    llm.close()
+    # ggml's fp32 kernels round differently: measured 2e-3 x the logits' std on this model; allowed 1e-2.
+    assert (got - expected).abs().max().item() < 1e-2 * expected.std().item()
