@@ -357,3 +357,18 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_pat
     llm.close()
     # ggml's fp32 kernels round differently: measured 2e-3 x the logits' std on this model; allowed 1e-2.
     assert (got - expected).abs().max().item() < 1e-2 * expected.std().item()
+
+
+def test_slm_export_gguf_command_writes_a_bf16_chat_gguf(exports, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from launch.cli import main as slm_main
+
+    assert slm_main(["export", str(exports["chat"]), str(tmp_path / "re"), "--dtype", "bf16", "--gguf"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "re" / "model.gguf"))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.BF16
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    eos = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert int(eos.parts[eos.data[0]][0]) == load_tokenizer(tmp_path / "re" / "tokenizer.json").token_to_id(IM_END)
+    assert "endgeneration" not in bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert "Instruction-tuned chat" in (tmp_path / "re" / "README.md").read_text()
