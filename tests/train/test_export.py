@@ -90,6 +90,11 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     generation = json.loads((tied / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [ids[EOT], ids[IM_END]]
     assert (tied / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
+    card = (tied / "README.md").read_text()  # the model card, from the checkpoint's meta.json
+    assert "optimizer steps: 2" in card and "tokens trained: 256" in card and "Base (pretrained)" in card
+    assert "Instruction-tuned chat" in (untied / "README.md").read_text()
+    tokenizer_cfg = json.loads((tied / "tokenizer_config.json").read_text())
+    assert tokenizer_cfg["model_input_names"] == ["input_ids", "attention_mask"] and tokenizer_cfg["padding_side"] == "left"
     # zero_to_fp32 recovers the fp32 master weights of a bf16 ZeRO-2 run; the export holds exactly those.
     masters = consolidate_checkpoint(step_dir(checkpoints, "zero2_bf16_untied_gqa"))
     exported, _, sha = load_init_weights(bf16_run)
