@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_json
+from common.atomic import atomic_write_json
+from common.files import file_sha256
 from data_pipeline.errors import DataError
 from data_pipeline.shards import ShardRecord
-from data_pipeline.tokenizer import file_sha256, token_dtype
+from data_pipeline.tokenizer import token_dtype
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -33,8 +33,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from common import faults
+from common.atomic import atomic_write_json
+from common.files import file_sha256, fsync_dir
 from data_pipeline import encode
-from data_pipeline.atomic import atomic_write_json
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import (
@@ -47,7 +49,7 @@ from data_pipeline.manifest import (
     verify_dataset,
     write_manifest,
 )
-from data_pipeline.shards import ShardRecord, ShardWriter, fsync_dir
+from data_pipeline.shards import ShardRecord, ShardWriter
 from data_pipeline.sources import (
     describe_source,
     iter_documents,
@@ -59,7 +61,6 @@ from data_pipeline.splits import tail_split, validation_mask
 from data_pipeline.tokenizer import (
     copy_tokenizer,
     eot_id,
-    file_sha256,
     load_tokenizer,
     model_vocab_size,
     save_tokenizer,
@@ -73,9 +74,9 @@ WORK_DIR = ".prepare"
 STATE = "state.json"
 JOURNAL = "shards.jsonl"
 LOCK = ".prepare.lock"
-CHUNK_BYTES = int(os.environ.get("SLM_PREPARE_CHUNK_BYTES", 1 << 18))
-"""Text per tokenization task. The environment overrides exist for tests and tuning."""
-COMMIT_SECONDS = float(os.environ.get("SLM_PREPARE_COMMIT_SECONDS", 2.0))
+CHUNK_BYTES = 1 << 18
+"""Text per tokenization task (common.faults.prepare_chunk_bytes overrides it for tests and tuning)."""
+COMMIT_SECONDS = 2.0
 """Commit (fsync + state) after a chunk at most this often: a crash redoes at most this much work."""
 TRAIN_BATCH = 256
 
@@ -346,11 +347,12 @@ class _PrepareRun:
         texts: List[str] = []
         chars = 0
         end = p.position
+        chunk_bytes = faults.prepare_chunk_bytes(CHUNK_BYTES)
         for doc in docs:
             texts.append(doc.text)
             chars += len(doc.text)
             end = (doc.file_index, doc.row + 1)
-            if chars >= CHUNK_BYTES:
+            if chars >= chunk_bytes:
                 yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
                 index += len(texts)
                 texts, chars = [], 0
@@ -366,7 +368,7 @@ class _PrepareRun:
         p.val_documents += encoded.val_documents
         p.replaced_chars += encoded.replaced_chars
         p.position = chunk.end
-        if time.time() - self.last_commit >= COMMIT_SECONDS:
+        if time.time() - self.last_commit >= faults.prepare_commit_seconds(COMMIT_SECONDS):
             self._commit()
         self.tokens_this_run += len(encoded.train) + len(encoded.val)
 

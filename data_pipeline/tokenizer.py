@@ -3,7 +3,6 @@ sha256 is the tokenizer's identity from then on (shards, checkpoints and exports
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.files import file_sha256  # noqa: F401  (re-exported: its old home)
 from data_pipeline.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -113,14 +113,6 @@ def model_vocab_size(tokenizer: Tokenizer) -> int:
 def token_dtype(vocab_size: int) -> str:
     """Shard dtype: uint16 while the vocabulary fits in 65,535 ids' worth, uint32 beyond."""
     return "uint16" if vocab_size <= 65535 else "uint32"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _byte_level_decoder() -> dict:

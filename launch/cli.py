@@ -59,14 +59,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import export
+    from train.handoff.export import export
 
     export(args.src, args.out_dir, dtype=args.dtype)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from train.generate import generate_cli
+    from train.handoff.generate import generate_cli
 
     return generate_cli(
         args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,

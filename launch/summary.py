@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from common.files import GIB
 from launch.config import Config, ConfigError
 from model.stats import flops_per_token, param_counts, training_memory_per_rank
-
-GIB = 1024**3
 
 
 def _millions(count: int) -> str:

@@ -28,7 +28,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_write_json, atomic_write_text, replace_dir
+from common import faults
+from common.atomic import atomic_write_json, atomic_write_text, replace_dir
+from common.files import fsync_dir
 from train.distributed import DistInfo, barrier
 from train.errors import TrainError
 
@@ -40,9 +42,6 @@ TMP_PREFIX = "tmp."
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 # Model keys that do not change the weights' shapes or meaning, so a resume may change them.
 MODEL_KEYS_FREE_TO_CHANGE = ("init_std",)
-SLEEP_IN_SAVE_ENV = "SLM_SLEEP_IN_SAVE"
-"""Fault-injection hook for tests: `[STEP:]SECONDS` sleeps between DeepSpeed's save and the
-COMPLETE marker/rename (only at STEP when given), so a test can `kill -9` a save deterministically."""
 
 
 def step_tag(step: int) -> str:
@@ -185,29 +184,13 @@ def rng_file(step_dir: Path, rank: int) -> Path:
 # ---------------------------------------------------------------- save / load
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sleep_in_save_hook(step: int) -> None:
-    spec = os.environ.get(SLEEP_IN_SAVE_ENV)
-    if not spec:
+    seconds = faults.sleep_in_save(step)
+    if seconds is None:
         return
-    at_step, _, seconds = spec.rpartition(":")
-    if at_step and int(at_step) != step:
-        return
-    print(f"[slm] fault injection ({SLEEP_IN_SAVE_ENV}): sleeping {seconds} s inside the save of {step_tag(step)}",
+    print(f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds} s inside the save of {step_tag(step)}",
           file=sys.stderr, flush=True)
-    time.sleep(float(seconds))
+    time.sleep(seconds)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
@@ -244,9 +227,9 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[st
         atomic_write_json(tmp_dir / META, meta)
         shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.json")
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
         prune_checkpoints(ckpt_dir, keep)
     barrier()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from train.checkpoint import (
     check_resumable,
     ensure_universal,
@@ -145,7 +145,7 @@ def load_initial_weights(cfg: Config, tokenizer_sha256: str) -> Optional[Dict[st
     if not cfg.train.init_from:
         raise TrainError(f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
                          "checkpoint or export whose weights this stage continues from.")
-    from train.init_from import load_init_weights
+    from train.handoff.init_from import load_init_weights
 
     state_dict, init_cfg, init_sha = load_init_weights(cfg.train.init_from)
     if init_sha is not None and init_sha != tokenizer_sha256:
@@ -220,8 +220,9 @@ def run_training(cfg: Config) -> int:
 
 
 def _train(cfg: Config, dist_info: DistInfo) -> int:
+    from common.files import file_sha256
     from data_pipeline.manifest import load_manifest, manifest_sha256
-    from data_pipeline.tokenizer import file_sha256, load_tokenizer, model_vocab_size
+    from data_pipeline.tokenizer import load_tokenizer, model_vocab_size
     from train.schedule import check_schedule
 
     started = time.time()
@@ -492,7 +493,7 @@ class TrainingLoop:
 
     def export(self, step_dir: Path) -> None:
         """train.export_every: a Hugging Face folder of this checkpoint under run.dir/exports/ (rank 0)."""
-        from train.export import export
+        from train.handoff.export import export
 
         out_dir = self.run_dir / "exports" / step_dir.name
         on_main_then_share(self.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False), "Export")

@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.chat import encode_chat_prompt, format_chat, render_chat
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
-from data_pipeline.instruct import (
-    IGNORE_INDEX,
-    build_instruct_loader,
-    build_rows,
-    encode_chat_prompt,
-    format_chat,
-    read_conversations,
-    render_chat,
-    split_conversations,
-)
+from data_pipeline.instruct import build_instruct_loader, build_rows, read_conversations, split_conversations
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
+from model.transformer import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT
 
 TWO_TURNS = [
