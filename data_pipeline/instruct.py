@@ -194,8 +194,6 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
 def build_rows(examples: Sequence[Tuple[List[int], List[int]]], seq_len: int, packing: bool, overlong: str,
                pad_id: int, seed: int) -> Tuple[torch.Tensor, InstructStats]:
     """Examples (ids, labels) -> rows (N, 4, seq_len): input_ids, labels (shifted), position_ids, doc_ids."""
-    if overlong not in ("truncate", "drop"):
-        raise DataError(f"ift.overlong is {overlong!r}; expected truncate or drop.")
     stats = InstructStats(examples=len(examples))
     pieces: List[Tuple[List[int], List[int]]] = []  # (inputs, targets), shifted inside the example
     for ids, labels in examples:
@@ -304,6 +302,10 @@ class InstructLoader:
 def build_instruct_loader(ift_cfg: InstructConfig, tokenizer: Tokenizer | str | Path, split: str, seq_len: int,
                           micro_batch_size: int, rank: int, world_size: int, seed: int) -> InstructLoader:
     """The IFT counterpart of `data_pipeline.loader.build_loader`: same batches, plus position_ids/doc_ids when packing."""
+    try:
+        ift_cfg.validate()
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if not isinstance(tokenizer, Tokenizer):
         from data_pipeline.tokenizer import load_tokenizer
 

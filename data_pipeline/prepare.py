@@ -67,6 +67,7 @@ from data_pipeline.tokenizer import (
     token_byte_lengths,
     token_dtype,
     tokenizer_vocab_size,
+    tokenizers_single_threaded,
     train_tokenizer,
 )
 
@@ -486,7 +487,7 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
     """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable."""
     data_dir = Path(data_cfg.dir)
     source_names(data_cfg.sources)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit Rust threads
+    tokenizers_single_threaded()  # forked workers must not inherit Rust threads
     num_proc = resolve_num_proc(data_cfg.num_proc)
     with _locked(data_dir):
         fingerprint = _fingerprint(data_cfg, tokenizer_cfg)

@@ -36,11 +36,23 @@ def check_vocab_size(vocab_size: int, target: Path) -> None:
         )
 
 
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
+
+
+def tokenizers_single_threaded(force: bool = False) -> None:
+    """The one place that sets TOKENIZERS_PARALLELISM: off (unless the user set it, or `force`), because a process
+    that forks workers (prepare's pool, DataLoader workers) must not carry the Rust thread pool into them."""
+    if force:
+        os.environ[PARALLELISM_ENV] = "false"
+    else:
+        os.environ.setdefault(PARALLELISM_ENV, "false")
+
+
 @contextmanager
 def _rust_parallelism(threads: int) -> Iterator[None]:
     """Let the Rust trainer use `threads` cores, then switch it off again before any worker is forked."""
-    saved = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    saved = {key: os.environ.get(key) for key in (PARALLELISM_ENV, "RAYON_NUM_THREADS")}
+    os.environ[PARALLELISM_ENV] = "true" if threads > 1 else "false"
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     try:
         yield

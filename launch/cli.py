@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from data_pipeline.tokenizer import tokenizers_single_threaded
+
+    tokenizers_single_threaded()
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

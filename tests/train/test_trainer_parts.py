@@ -15,25 +15,18 @@ import torch
 from launch.config import load_config, to_dict
 from model import ModelConfig, Transformer
 from tests.helpers import TINY
-from train.checkpoint import (
-    COMPLETE,
-    check_resumable,
-    differences,
-    find_checkpoint,
-    load_mode,
-    prune_checkpoints,
-    read_meta,
-)
+from train.checkpoint import COMPLETE, find_checkpoint, prune_checkpoints, read_meta
 from train.config import TrainConfig
 from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
 from train.distributed import DistInfo
 from train.errors import TrainError
 from train.evaluate import bits_per_byte
+from train.loop import NonfiniteWatch
 from train.metrics import rewind_metrics
 from train.optim import build_optimizer, param_groups, split_decay
 from train.preflight import check_memory, plan_batches, preflight
+from train.resume import check_resumable, differences, load_mode, resolve_resume
 from train.signals import EXIT_PREEMPTED, StopRequest
-from train.trainer import NonfiniteWatch, resolve_resume
 
 SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16)
 

@@ -28,7 +28,6 @@ from train.errors import TrainError
 from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
-    check_state_dict,
     generation_config,
     hf_config,
     special_ids,
@@ -37,6 +36,7 @@ from train.handoff.hf_format import (
     tokenizer_config,
 )
 from train.handoff.init_from import build_model, load_weights, locate_weights
+from train.handoff.shapes import check_state_dict
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 """Above this many bytes the weights are split into shards with an index (as transformers does)."""

@@ -25,7 +25,8 @@ import torch
 
 from model.config import ModelConfig
 from train.errors import TrainError
-from train.handoff.hf_format import check_state_dict, load_hf_folder
+from train.handoff.hf_format import load_hf_folder
+from train.handoff.shapes import check_state_dict
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes DeepSpeed or torch.compile may put before our parameter names."""
