@@ -208,7 +208,7 @@ def _sleep_in_save_hook(step: int) -> None:
     seconds = faults.sleep_in_save(step)
     if seconds is None:
         return
-    print(f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds} s inside the save of {step_tag(step)}",
+    print(f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}",
           file=sys.stderr, flush=True)
     time.sleep(seconds)
 
