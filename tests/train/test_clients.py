@@ -11,13 +11,15 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.instruct import IGNORE_INDEX, encode_chat_prompt, format_chat, read_conversations
+from data_pipeline.chat import encode_chat_prompt, format_chat
+from data_pipeline.instruct import read_conversations
 from data_pipeline.loader import build_loader
 from data_pipeline.tokenizer import EOT, IM_END, load_tokenizer, model_vocab_size
 from model import ModelConfig, Transformer
+from model.transformer import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, SHAKESPEARE
 from train.evaluate import bits_per_byte, evaluate
-from train.export import export_from_model
+from train.handoff.export import export_from_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -305,7 +307,7 @@ def deinterleave_rope_rows(weight, n_heads):
 
 def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from train.gguf_export import gguf_name
+    from train.handoff.gguf_export import gguf_name
 
     model, cfg, tokenizer_path = trained
     out = export_from_model(model.state_dict(), cfg, tokenizer_path, tmp_path / "export", dtype="fp32", gguf=True)

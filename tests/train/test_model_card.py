@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from model import ModelConfig, Transformer
-from train.model_card import CardFacts, model_card, parameter_counts
+from train.handoff.model_card import CardFacts, model_card, parameter_counts
 
 
 def tiny_model():

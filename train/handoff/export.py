@@ -2,8 +2,8 @@
 
 OUT_DIR holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json
 above `max_shard_bytes`), generation_config.json, tokenizer.json (byte-identical copy), tokenizer_config.json
-(with the ChatML chat template), special_tokens_map.json, README.md (the model card, train/model_card.py) and,
-with `gguf=True`, model.gguf for llama.cpp (train/gguf_export.py). No pickle anywhere. It is assembled in a temporary
+(with the ChatML chat template), special_tokens_map.json, README.md (the model card, train/handoff/model_card.py) and,
+with `gguf=True`, model.gguf for llama.cpp (train/handoff/gguf_export.py). No pickle anywhere. It is assembled in a temporary
 sibling folder, verified, and only then renamed into place, so OUT_DIR is either complete and checked or absent.
 
 Verification (when transformers is installed): AutoModelForCausalLM and AutoTokenizer load the folder; a few
@@ -20,15 +20,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.atomic import atomic_dir
-from data_pipeline.instruct import IGNORE_INDEX, encode_chat_prompt, format_chat
-from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, file_sha256, load_tokenizer
+from common.atomic import atomic_dir
+from common.files import GIB, file_sha256
+from data_pipeline.chat import encode_chat_prompt, format_chat
+from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
+from model.transformer import IGNORE_INDEX
 from train.errors import TrainError
-from train.hf_format import (
+from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
-    check_state_dict,
     generation_config,
     hf_config,
     special_ids,
@@ -36,10 +37,11 @@ from train.hf_format import (
     to_hf_state_dict,
     tokenizer_config,
 )
-from train.init_from import build_model, load_weights, locate_weights
-from train.model_card import CardFacts, facts_from_meta, model_card
+from train.handoff.init_from import build_model, load_weights, locate_weights
+from train.handoff.model_card import CardFacts, facts_from_meta, model_card
+from train.handoff.shapes import check_state_dict
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 2 * GIB
 """Above this many bytes the weights are split into shards with an index (as transformers does)."""
 LOGITS_TOLERANCE = 1e-4
 """Largest allowed |ours - transformers| logit difference, relative to the logits' standard deviation."""
@@ -98,7 +100,7 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
     (step, source, ...) goes into the safetensors metadata; `card` feeds the model card; `gguf` adds model.gguf.
     """
     if gguf:
-        from train.gguf_export import require_gguf
+        from train.handoff.gguf_export import require_gguf
 
         require_gguf()  # before any work: a clear error if the optional package is missing
     if dtype not in TORCH_DTYPES:
@@ -124,7 +126,7 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
         if verify:
             verify_export(tmp, state_dict, model_cfg, tokenizer_path)
         if gguf:
-            from train.gguf_export import write_gguf
+            from train.handoff.gguf_export import write_gguf
 
             write_gguf(tmp, tmp / "model.gguf", state_dict, model_cfg, verify=verify)
     return out_dir
