@@ -6,12 +6,13 @@ and concatenated across document and shard boundaries). Window w of a stream hol
 target exactly once per epoch, and inputs/labels are the window without its last/first token.
 
 Order. Global sample i of the run maps to a window by a pure function of (seed, epoch, i):
-  - unweighted: all windows of the split form one pool; epoch e = i // n_windows, and the pool is read in
-    the order of a permutation seeded by (seed, e), so each epoch reshuffles;
+  - unweighted: all windows of the split form one pool; epoch e = i // n_windows, and position
+    i % n_windows is mapped to a window by the keyed bijection of order.py seeded by (seed, e), so each
+    epoch reshuffles while no process ever holds a permutation (O(1) memory in the corpus size);
   - weighted: sample i goes to a source by a deterministic low-discrepancy rule (source s takes sample i
     when floor((r+1)·q_s) > floor(r·q_s) at its level, r being i's index among samples the earlier
     sources did not take), which realises the weights within one sample at any point; within a source,
-    its n-th draw is read through that source's own seeded permutation for epoch n // n_windows(source),
+    its n-th draw is read through that source's own keyed bijection for epoch n // n_windows(source),
     so small sources are repeated and large ones subsampled.
 
 Ranks and workers. Step k of the run consumes global samples [k·W·B, (k+1)·W·B); rank r takes the r-th
@@ -42,9 +43,13 @@ from data_pipeline.manifest import (
     shard_path,
     verify_dataset,
 )
+from data_pipeline.order import round_keys, shuffle
 
-STATE_VERSION = 1
-PERMUTATION_CACHE = 4
+STATE_VERSION = 2
+"""2: the order is the Feistel bijection of order.py (1 was a numpy permutation per epoch)."""
+REPORT_CHUNK = 1 << 20
+LOCATE_STEPS = 64
+"""Batches whose windows are located in one vectorised call."""
 OPEN_SHARDS = 64
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ class TokenWindows(IterableDataset):
         self.probabilities = self._mixture(manifest, weights)
         self.levels = self._levels() if self.probabilities is not None else []
         self._maps: Dict[tuple, np.ndarray] = {}
-        self._permutations: Dict[tuple, np.ndarray] = {}
+        self._keys: Dict[tuple, np.ndarray] = {}
 
     def _mixture(self, manifest: Manifest, weights: Optional[Dict[str, float]]) -> Optional[np.ndarray]:
         """Normalised weights in manifest source order (None: the natural proportions of one pool)."""
@@ -130,15 +135,14 @@ class TokenWindows(IterableDataset):
             remaining -= p
         return levels
 
-    def permutation(self, key: int, epoch: int, size: int) -> np.ndarray:
-        cache_key = (key, epoch)
-        perm = self._permutations.get(cache_key)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, key, epoch]).permutation(size)
-            if len(self._permutations) >= PERMUTATION_CACHE:
-                self._permutations.pop(next(iter(self._permutations)))
-            self._permutations[cache_key] = perm
-        return perm
+    def order(self, key: int, epoch: int, size: int, positions: np.ndarray) -> np.ndarray:
+        """The windows at `positions` of stream `key`'s order in `epoch` (key 0: the pool, 1 + s: source s)."""
+        keys = self._keys.get((key, epoch))
+        if keys is None:
+            if len(self._keys) >= 64:
+                self._keys.pop(next(iter(self._keys)))
+            keys = self._keys[(key, epoch)] = round_keys(self.seed, key, epoch)
+        return shuffle(positions, size, keys)
 
     def draws(self, samples: np.ndarray) -> tuple:
         """(source, n-th draw from that source) of each global sample index, for the weighted mix."""
@@ -173,7 +177,7 @@ class TokenWindows(IterableDataset):
             pooled = np.empty(len(samples), dtype=np.int64)
             for epoch in np.unique(epochs):
                 here = epochs == epoch
-                pooled[here] = self.permutation(0, int(epoch), self.windows)[positions[here]]
+                pooled[here] = self.order(0, int(epoch), self.windows, positions[here])
             source = np.searchsorted(self.pool_starts, pooled, side="right") - 1
             return source, pooled - self.pool_starts[source]
         source, draw = self.draws(samples)
@@ -185,7 +189,7 @@ class TokenWindows(IterableDataset):
             picked = np.empty(len(positions), dtype=np.int64)
             for epoch in np.unique(epochs):
                 at = epochs == epoch
-                picked[at] = self.permutation(1 + int(s), int(epoch), size)[positions[at]]
+                picked[at] = self.order(1 + int(s), int(epoch), size, positions[at])
             window[here] = picked
         return source, window
 
@@ -217,24 +221,36 @@ class TokenWindows(IterableDataset):
     def batch(self, first_sample: int) -> np.ndarray:
         """The windows (B, T+1) of global samples first_sample .. first_sample+B-1."""
         samples = np.arange(first_sample, first_sample + self.micro_batch_size, dtype=np.int64)
-        sources, windows = self.locate(samples)
-        rows = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
+        return self.read_rows(*self.locate(samples))
+
+    def read_rows(self, sources: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        rows = np.empty((len(sources), self.seq_len + 1), dtype=np.int64)
         for row, s, w in zip(rows, sources, windows):
             self.read_window(int(s), int(w), row)
         return rows
 
+    def planned(self, worker: int, workers: int) -> Iterator[tuple]:
+        """(sources, windows) of this rank's batches for this worker, located LOCATE_STEPS steps at a time:
+        one vectorised call per block instead of one per batch."""
+        per_step, batch = self.world_size * self.micro_batch_size, self.micro_batch_size
+        step = worker
+        while True:
+            steps = np.arange(step, step + LOCATE_STEPS * workers, workers, dtype=np.int64)
+            firsts = self.start + steps * per_step + self.rank * batch
+            sources, windows = self.locate((firsts[:, None] + np.arange(batch, dtype=np.int64)).ravel())
+            for i in range(LOCATE_STEPS):
+                yield sources[i * batch:(i + 1) * batch], windows[i * batch:(i + 1) * batch]
+            step += LOCATE_STEPS * workers
+
     def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        per_step = self.world_size * self.micro_batch_size
-        step = worker
-        while True:
-            yield self.batch(self.start + step * per_step + self.rank * self.micro_batch_size)
-            step += workers
+        for sources, windows in self.planned(worker, workers):
+            yield self.read_rows(sources, windows)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"], state["_permutations"] = {}, {}
+        state["_maps"] = {}
         return state
 
 
@@ -304,6 +320,14 @@ class TokenLoader:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue at the state's global sample; refuses a state that would not continue the same stream."""
         d = self.dataset
+        if state.get("version") != STATE_VERSION:
+            raise DataError(
+                f"Cannot resume the {d.split} loader of {self.manifest.path}: the saved loader state has version "
+                f"{state.get('version')!r} but this slm-forge writes version {STATE_VERSION}. Version 2 changed the "
+                f"sample order (a Feistel bijection in O(1) memory replaced the per-epoch permutation), so the old "
+                f"cursor would point at other samples. Resume with the slm-forge that wrote the checkpoint, or start "
+                f"the data from sample 0 with this one (e.g. train.init_from the checkpoint's weights)."
+            )
         expected = {"version": STATE_VERSION, "split": d.split, "seq_len": d.seq_len, "seed": d.seed,
                     "manifest_sha256": self.manifest_sha}
         for key, value in expected.items():
@@ -332,8 +356,8 @@ class TokenLoader:
         else:
             epochs, rest = divmod(seen, d.windows)
             counts = np.array([s.windows for s in d.streams], dtype=np.int64) * epochs
-            if rest:
-                pooled = d.permutation(0, epochs, d.windows)[:rest]
+            for first in range(0, rest, REPORT_CHUNK):  # in chunks: memory stays bounded for any corpus
+                pooled = d.order(0, epochs, d.windows, np.arange(first, min(first + REPORT_CHUNK, rest)))
                 counts += np.bincount(np.searchsorted(d.pool_starts, pooled, side="right") - 1, minlength=len(d.streams))
             targets = np.array([s.windows for s in d.streams]) / d.windows
         return {
