@@ -40,7 +40,7 @@ from data_pipeline.manifest import (
     Manifest,
     load_manifest,
     manifest_sha256,
-    shard_path,
+    shard_name,
     verify_dataset,
 )
 from data_pipeline.order import round_keys, shuffle
@@ -75,11 +75,12 @@ class TokenWindows(IterableDataset):
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self.start = 0
         self.streams: List[Stream] = []
+        root = manifest.data_dir.resolve()
         for name in manifest.source_names():
             shards = manifest.shards_of(split, name)
             starts = np.cumsum([0] + [s.tokens for s in shards], dtype=np.int64)
             windows = max(int(starts[-1]) - 1, 0) // seq_len
-            self.streams.append(Stream(name, [shard_path(manifest, s) for s in shards], starts, windows))
+            self.streams.append(Stream(name, [root / shard_name(manifest, s) for s in shards], starts, windows))
         self.pool_starts = np.cumsum([0] + [s.windows for s in self.streams], dtype=np.int64)
         self.windows = int(self.pool_starts[-1])
         if self.windows == 0:
