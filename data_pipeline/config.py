@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -37,7 +37,13 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     dir: str = "runs/data/tiny"
-    """Folder of the prepared data: tokenizer.json, manifest.json and the *.bin shards."""
+    """Folder of the prepared data (tokenizer.json, manifest.json, *.bin shards): a path or an fsspec URL (s3://...)."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a URL data.dir (e.g. client_kwargs.endpoint_url); credentials best come from the environment."""
+    cache_dir: Optional[str] = None
+    """Local cache of a URL data.dir's shards (and the staging folder of a prepare to a URL); null: node-local temp."""
+    cache_limit: Optional[int] = None
+    """Bytes the shard cache may hold (LRU); smaller than what the next batches need means ranged reads. null: no bound."""
     sources: List[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     """Raw corpora to prepare and mix."""
     val_fraction: float = 0.05

@@ -44,6 +44,8 @@ from data_pipeline.manifest import (
     verify_dataset,
 )
 from data_pipeline.order import round_keys, shuffle
+from data_pipeline.shard_cache import ShardCache
+from data_pipeline.storage import DataStore
 
 STATE_VERSION = 2
 """2: the order is the Feistel bijection of order.py (1 was a numpy permutation per epoch)."""
@@ -59,6 +61,7 @@ class Stream:
     """One source's token stream in a split."""
     name: str
     paths: List[Path]
+    """Local shard files (or, for a remote dataset, their names relative to it)."""
     starts: np.ndarray
     """Token offset of each shard in the stream (plus the total at the end)."""
     windows: int
@@ -68,19 +71,21 @@ class TokenWindows(IterableDataset):
     """Yields whole micro-batches for one rank, starting at global sample `start`."""
 
     def __init__(self, manifest: Manifest, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 seed: int, weights: Optional[Dict[str, float]] = None):
+                 seed: int, weights: Optional[Dict[str, float]] = None, cache: Optional[ShardCache] = None):
         super().__init__()
+        self.cache = cache
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed % (2**63)
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self.start = 0
         self.streams: List[Stream] = []
-        root = manifest.data_dir.resolve()
+        root = manifest.data_dir.resolve() if cache is None else None
         for name in manifest.source_names():
             shards = manifest.shards_of(split, name)
             starts = np.cumsum([0] + [s.tokens for s in shards], dtype=np.int64)
             windows = max(int(starts[-1]) - 1, 0) // seq_len
-            self.streams.append(Stream(name, [root / shard_name(manifest, s) for s in shards], starts, windows))
+            paths = [Path(shard_name(manifest, s)) if cache else root / shard_name(manifest, s) for s in shards]
+            self.streams.append(Stream(name, paths, starts, windows))
         self.pool_starts = np.cumsum([0] + [s.windows for s in self.streams], dtype=np.int64)
         self.windows = int(self.pool_starts[-1])
         if self.windows == 0:
@@ -213,7 +218,11 @@ class TokenWindows(IterableDataset):
         k = int(np.searchsorted(stream.starts, offset, side="right")) - 1
         while filled < need:
             local = offset - int(stream.starts[k])
-            piece = self._shard(s, k)[local:local + need - filled]
+            if self.cache is None:
+                piece = self._shard(s, k)[local:local + need - filled]
+            else:
+                stop = min(local + need - filled, int(stream.starts[k + 1] - stream.starts[k]))
+                piece = self.cache.tokens(stream.paths[k].as_posix(), local, stop)
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             offset += len(piece)
@@ -239,9 +248,21 @@ class TokenWindows(IterableDataset):
             steps = np.arange(step, step + LOCATE_STEPS * workers, workers, dtype=np.int64)
             firsts = self.start + steps * per_step + self.rank * batch
             sources, windows = self.locate((firsts[:, None] + np.arange(batch, dtype=np.int64)).ravel())
+            if self.cache is not None:
+                self.cache.plan(self.shards_read(sources, windows))
             for i in range(LOCATE_STEPS):
                 yield sources[i * batch:(i + 1) * batch], windows[i * batch:(i + 1) * batch]
             step += LOCATE_STEPS * workers
+
+    def shards_read(self, sources: np.ndarray, windows: np.ndarray) -> List[str]:
+        """Names of the shards these windows read, in first-use order (what the cache should fetch next)."""
+        names = []
+        for s, w in zip(sources.tolist(), windows.tolist()):
+            stream = self.streams[s]
+            first = int(np.searchsorted(stream.starts, w * self.seq_len, side="right")) - 1
+            last = int(np.searchsorted(stream.starts, w * self.seq_len + self.seq_len, side="right")) - 1
+            names += [stream.paths[k].as_posix() for k in range(first, last + 1)]
+        return names
 
     def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()
@@ -368,11 +389,13 @@ class TokenLoader:
         }
 
 
-def build_loader(data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch_size: int, rank: int,
+def build_loader(data_dir: str | os.PathLike | DataStore, split: str, seq_len: int, micro_batch_size: int, rank: int,
                  world_size: int, seed: int, num_workers: int = 0, weights: Optional[Dict[str, float]] = None,
-                 verify_checksums: bool = False) -> TokenLoader:
+                 verify_checksums: bool = False, cache_dir: Optional[str] = None,
+                 cache_limit: Optional[int] = None) -> TokenLoader:
     """Check the prepared dataset (tokenizer identity, dtype, shard sizes, sha256 on request), then build
-    the loader for one rank. Every problem is a DataError naming the file."""
+    the loader for one rank. Every problem is a DataError naming the file. A remote data_dir (a URL or a
+    remote DataStore) is read through a ShardCache in cache_dir bounded by cache_limit bytes."""
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; expected one of {', '.join(SPLITS)}.")
     if seq_len < 1 or micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
@@ -380,7 +403,14 @@ def build_loader(data_dir: str | os.PathLike, split: str, seq_len: int, micro_ba
             f"Bad loader arguments seq_len={seq_len}, micro_batch_size={micro_batch_size}, rank={rank}, "
             f"world_size={world_size}, num_workers={num_workers}; expected positive sizes and 0 <= rank < world_size."
         )
-    manifest = load_manifest(data_dir)
+    store = data_dir if isinstance(data_dir, DataStore) else DataStore(data_dir)
+    manifest = load_manifest(store)
     verify_dataset(manifest, splits=(split,), checksums=verify_checksums)
-    dataset = TokenWindows(manifest, split, seq_len, micro_batch_size, rank, world_size, seed, weights)
-    return TokenLoader(dataset, num_workers, manifest, manifest_sha256(data_dir))
+    cache = None
+    if store.remote:
+        itemsize = np.dtype(manifest.dtype).itemsize
+        cache = ShardCache(store, cache_dir, cache_limit, {shard_name(manifest, s): (s.tokens * itemsize, s.sha256)
+                                                            for s in manifest.shards if s.split == split},
+                           np.dtype(manifest.dtype).newbyteorder("<"))
+    dataset = TokenWindows(manifest, split, seq_len, micro_batch_size, rank, world_size, seed, weights, cache)
+    return TokenLoader(dataset, num_workers, manifest, manifest_sha256(store))

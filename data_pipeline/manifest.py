@@ -145,7 +145,7 @@ def _check_dtype(manifest: Manifest, shards: Sequence[ShardRecord]) -> None:
     for shard in shards:
         if shard.dtype != manifest.dtype:
             raise DataError(
-                f"Shard {manifest.data_dir / shard.file} is recorded as {shard.dtype} but manifest {manifest.path} "
+                f"Shard {manifest.dataset.url(shard.file)} is recorded as {shard.dtype} but manifest {manifest.path} "
                 f"declares {manifest.dtype}; a dataset holds one dtype."
             )
 
