@@ -14,6 +14,7 @@ when it exists and matches the config, prepare says the data is already complete
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import gc
 import json
@@ -47,6 +48,7 @@ from data_pipeline.manifest import (
     verify_dataset,
     write_manifest,
 )
+from data_pipeline.shard_cache import local_file
 from data_pipeline.shards import ShardRecord, ShardWriter, fsync_dir
 from data_pipeline.sources import (
     describe_source,
@@ -56,6 +58,7 @@ from data_pipeline.sources import (
     source_names,
 )
 from data_pipeline.splits import tail_split, validation_mask
+from data_pipeline.storage import is_remote
 from data_pipeline.tokenizer import (
     copy_tokenizer,
     eot_id,
@@ -254,6 +257,8 @@ class _PrepareRun:
         self.journal: Any = None
         self.tokens_this_run = 0
         self.last_commit = 0.0
+        self.publisher: Any = None
+        """Uploads each sealed shard before it is journaled, and the manifest (instead of writing it here)."""
 
     # --- state -------------------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
@@ -274,9 +279,13 @@ class _PrepareRun:
         fsync_dir(self.data_dir)
         atomic_write_json(self.work_dir / STATE, self._state())
         self.last_commit = time.time()
+        if self.publisher is not None:
+            self.publisher.committed()  # uploaded shards now journaled for good: their local copies may go
 
     def _journal(self, records: List[ShardRecord]) -> None:
         for record in records:
+            if self.publisher is not None:
+                self.publisher.shard(self.data_dir / record.file)
             self.journal.write((json.dumps(record.to_dict()) + "\n").encode("utf-8"))
             self.records.append(record)
 
@@ -452,11 +461,15 @@ class _PrepareRun:
             val_fraction=self.cfg.val_fraction, shard_tokens=self.cfg.shard_tokens, sources=self.sources_done,
             shards=self.records, prepared_from=self.fingerprint,
         )
-        write_manifest(manifest)
+        if self.publisher is None:
+            write_manifest(manifest)
+        else:
+            self.publisher.manifest(manifest)
         shutil.rmtree(self.work_dir, ignore_errors=True)
         elapsed = time.time() - started
         print(summary_table(manifest))
-        print(f"prepare: wrote {self.data_dir} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
+        where = self.publisher.store if self.publisher is not None else self.data_dir
+        print(f"prepare: wrote {where} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
               f"with {self.num_proc} tokenizer process{'es' if self.num_proc > 1 else ''}); "
               f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}",
               flush=True)
@@ -480,34 +493,58 @@ def summary_table(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
-    """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable."""
+def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path | str:
+    """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable.
+
+    A URL data.dir is prepared in a local staging folder and uploaded as it goes (remote_prepare.py)."""
+    if tokenizer_cfg.path and is_remote(tokenizer_cfg.path):
+        local = local_file(tokenizer_cfg.path, data_cfg.storage_options, data_cfg.cache_dir)
+        tokenizer_cfg = dataclasses.replace(tokenizer_cfg, path=str(local))
+    if is_remote(data_cfg.dir):
+        from data_pipeline.remote_prepare import prepare_remote
+
+        return prepare_remote(data_cfg, tokenizer_cfg)
     data_dir = Path(data_cfg.dir)
     source_names(data_cfg.sources)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit Rust threads
-    num_proc = resolve_num_proc(data_cfg.num_proc)
     with _locked(data_dir):
         fingerprint = _fingerprint(data_cfg, tokenizer_cfg)
         if (data_dir / MANIFEST).exists():
             manifest = load_manifest(data_dir)
             _check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
             verify_dataset(manifest)
-            print(f"prepare: {data_dir} is already complete ({len(manifest.shards)} shards, "
-                  f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.", flush=True)
-            print(summary_table(manifest))
+            report_complete(data_dir, manifest)
             return data_dir
-        state_path = data_dir / WORK_DIR / STATE
-        if state_path.exists():
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-            _check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
-            tokenizer_path = data_dir / TOKENIZER
-            if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != state["tokenizer_sha256"]:
-                raise DataError(
-                    f"{tokenizer_path} is missing or is not the tokenizer (sha256 {state['tokenizer_sha256']}) that the "
-                    f"interrupted prepare recorded in {state_path}; delete {data_dir} and prepare again."
-                )
-            tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
-        else:
-            tokenizer, sha = _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
-        _PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc).run()
+        prepare_into(data_cfg, tokenizer_cfg, data_dir, fingerprint)
     return data_dir
+
+
+def report_complete(where: Any, manifest: Manifest) -> None:
+    print(f"prepare: {where} is already complete ({len(manifest.shards)} shards, "
+          f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.", flush=True)
+    print(summary_table(manifest))
+
+
+def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, fingerprint: Dict[str, Any],
+                 publisher: Any = None) -> Manifest:
+    """Start or resume the prepare in the local folder data_dir (the caller holds its lock). A publisher
+    (remote_prepare.Publisher) uploads the tokenizer and each shard as it is sealed, and the manifest last."""
+    num_proc = resolve_num_proc(data_cfg.num_proc)
+    state_path = data_dir / WORK_DIR / STATE
+    if state_path.exists():
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        _check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
+        tokenizer_path = data_dir / TOKENIZER
+        if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != state["tokenizer_sha256"]:
+            raise DataError(
+                f"{tokenizer_path} is missing or is not the tokenizer (sha256 {state['tokenizer_sha256']}) that the "
+                f"interrupted prepare recorded in {state_path}; delete {data_dir} and prepare again."
+            )
+        tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
+    else:
+        tokenizer, sha = _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
+    if publisher is not None:
+        publisher.tokenizer(data_dir / TOKENIZER)
+    run = _PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc)
+    run.publisher = publisher
+    return run.run()

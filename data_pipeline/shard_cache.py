@@ -64,6 +64,14 @@ def local_copy(store: DataStore, name: str, cache_dir: Optional[str]) -> Path:
     return target
 
 
+def local_file(location: str, storage_options: Optional[Dict[str, Any]], cache_dir: Optional[str]) -> Path:
+    """A file named by a path or URL (tokenizer.path) as a local path: downloaded into the cache when remote."""
+    if "://" not in location or location.startswith("file://"):
+        return Path(location[len("file://"):] if location.startswith("file://") else location)
+    folder, name = location.rstrip("/").rsplit("/", 1)
+    return local_copy(DataStore(folder, storage_options), name, cache_dir)
+
+
 class ShardCache:
     """Token reads of a remote dataset's shards through a bounded local cache (one per process)."""
 

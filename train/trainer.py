@@ -89,10 +89,12 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
 # ---------------------------------------------------------------- data
 
 
-def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Path:
-    """data.dir with a manifest: prepared here by rank 0 (others wait) when it is missing."""
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "manifest.json").is_file():
+def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
+    """data.dir (a DataStore: local folder or URL) with a manifest: prepared here by rank 0 (others wait) when missing."""
+    from data_pipeline.storage import DataStore
+
+    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
+    if not data_dir.exists("manifest.json"):
         def prepare_data() -> None:
             from data_pipeline.prepare import prepare
 
@@ -126,8 +128,10 @@ def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistIn
     train_loader = build_loader(
         data_dir, "train", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
         num_workers=cfg.data.num_workers, weights=weights, verify_checksums=cfg.data.verify_checksums,
+        cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
     )
-    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed)
+    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
+                              cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit)
     return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 
@@ -235,8 +239,10 @@ def _train(cfg: Config, dist_info: DistInfo) -> int:
     check_schedule(cfg.train)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
 
+    from data_pipeline.shard_cache import local_copy
+
     data_dir = ensure_prepared(cfg, dist_info)
-    tokenizer_path = data_dir / "tokenizer.json"
+    tokenizer_path = local_copy(data_dir, "tokenizer.json", cfg.data.cache_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer_sha = file_sha256(tokenizer_path)
     manifest_sha = manifest_sha256(data_dir)
