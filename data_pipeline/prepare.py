@@ -459,7 +459,8 @@ class _PrepareRun:
             path=self.data_dir / MANIFEST, format_version=FORMAT_VERSION, dtype=self.dtype,
             tokenizer_sha256=self.tokenizer_sha, vocab_size=tokenizer_vocab_size(self.tokenizer), eot_id=self.eot_id,
             val_fraction=self.cfg.val_fraction, shard_tokens=self.cfg.shard_tokens, sources=self.sources_done,
-            shards=self.records, prepared_from=self.fingerprint,
+            shards=sorted(self.records, key=lambda r: (self.names.index(r.source), SPLITS.index(r.split), r.index)),
+            prepared_from=self.fingerprint,
         )
         if self.publisher is None:
             write_manifest(manifest)
@@ -493,13 +494,26 @@ def summary_table(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path | str:
+def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional[str] = None, merge: bool = False,
+            tokenizer_only: bool = False) -> Path | str:
     """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable.
+    On many nodes: tokenizer_only once, then part="K/N" for K in 1..N, then merge (prepare_parts.py).
 
     A URL data.dir is prepared in a local staging folder and uploaded as it goes (remote_prepare.py)."""
     if tokenizer_cfg.path and is_remote(tokenizer_cfg.path):
         local = local_file(tokenizer_cfg.path, data_cfg.storage_options, data_cfg.cache_dir)
         tokenizer_cfg = dataclasses.replace(tokenizer_cfg, path=str(local))
+    if part or merge or tokenizer_only:
+        from data_pipeline import prepare_parts
+
+        if is_remote(data_cfg.dir):
+            raise DataError(f"--part/--merge/--tokenizer-only need a local or shared data.dir, not {data_cfg.dir}; "
+                            f"prepare to a shared folder, then copy it to the object store, or prepare in one process.")
+        if tokenizer_only:
+            return prepare_parts.prepare_tokenizer_only(data_cfg, tokenizer_cfg)
+        if merge:
+            return prepare_parts.merge_parts(data_cfg, tokenizer_cfg)
+        return prepare_parts.prepare_part(data_cfg, tokenizer_cfg, *prepare_parts.parse_part(part))
     if is_remote(data_cfg.dir):
         from data_pipeline.remote_prepare import prepare_remote
 

@@ -40,7 +40,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from data_pipeline.prepare import prepare
 
-    prepare(cfg.data, cfg.tokenizer)
+    prepare(cfg.data, cfg.tokenizer, part=args.part, merge=args.merge, tokenizer_only=args.tokenizer_only)
     return 0
 
 
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="train the tokenizer and write token shards with a manifest")
     _config_args(p)
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--part", metavar="K/N", default=None, help="tokenize only slice K of N of the sources (many nodes)")
+    modes.add_argument("--merge", action="store_true", help="cut the finished parts into shards and write the manifest")
+    modes.add_argument("--tokenizer-only", action="store_true", help="train (or copy) only the tokenizer, before the parts")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)")
