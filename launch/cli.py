@@ -75,6 +75,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
+    if args.prepare is not None:
+        from launch.slurm_prepare import slurm_prepare_command
+
+        return slurm_prepare_command(args)
     from launch.slurm import slurm_command
 
     return slurm_command(args)
@@ -140,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
     p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
     p.add_argument("--submit", action="store_true")
+    p.add_argument("--prepare", type=int, default=None, metavar="N",
+                   help="instead of training: prepare data.dir as N parts (tokenizer job, array of N, merge job)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
     p.set_defaults(func=cmd_slurm)
     from launch.slurm import allow_intermixed_args
