@@ -1,15 +1,15 @@
 """Prepare on many nodes: `slm prepare --tokenizer-only`, then `--part K/N` on N processes, then `--merge`.
 
-A part tokenizes the K-th of N disjoint slices of every source: a contiguous range of its files, cut so
-that each part gets about 1/N of the bytes. It writes each source's documents as one EOT-terminated token
+A part tokenizes the K-th of N disjoint slices of every source: 1/N of its bytes, the files laid end to
+end; a one-document-per-line text file is cut inside, on line boundaries, other files go whole to one part. It writes each source's documents as one EOT-terminated token
 stream (`.parts/K-of-N/SOURCE.tokens`, with counts in `SOURCE.json`), not yet split into train and val,
 and marks itself done last. The merge walks the parts in order, gives each document its index in the
 whole source (which decides train or val, exactly as a single prepare does) and appends the documents to
 the same ShardWriter a single prepare uses. Tokenization does not depend on how documents are chunked,
 so the shards, their sha256 and the manifest equal those of a single-process prepare of the same config.
 
-Limits: a slice is whole files (a source that is one huge file is tokenized by one part), the parts and
-the merge need a shared local/POSIX data.dir, and a source with a single document (its tail is the
+Limits: a jsonl/parquet file or a text file with file/blank_line documents is not cut (it goes whole to
+one part), the parts and the merge need a shared local/POSIX data.dir, and a source with a single document (its tail is the
 validation split) must be prepared without --part.
 """
 
@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from data_pipeline.prepare import (
     summary_table,
 )
 from data_pipeline.shards import ShardWriter
-from data_pipeline.sources import iter_documents, resolve_files, source_names
+from data_pipeline.sources import file_format, iter_documents, resolve_files, source_names
 from data_pipeline.splits import validation_mask
 from data_pipeline.tokenizer import (
     eot_id,
@@ -64,17 +64,71 @@ def parse_part(text: str) -> Tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def part_files(source: SourceConfig, part: int, parts: int) -> Tuple[int, int]:
-    """The range [first, end) of the source's file indices that part K of N tokenizes (balanced by bytes)."""
+def splittable(source: SourceConfig, path: Path) -> bool:
+    """A file a part may cut by byte range: plain text with one document per line."""
+    return source.doc_boundary == "line" and file_format(path) == "text"
+
+
+def part_slices(source: SourceConfig, part: int, parts: int) -> List[Tuple[int, int, int]]:
+    """(file index, first byte, end byte) of what part K of N tokenizes: 1/N of the source's bytes.
+
+    The files are laid end to end and cut into N equal byte ranges. A one-document-per-line text file is
+    cut inside (a line belongs to the range holding its first byte); any other file goes whole to the
+    part whose range holds its first byte."""
     files = resolve_files(source)
     if not files:
         raise DataError(f"Source {source.path} is not a local file, folder or glob; --part slices local files only. "
                         f"Prepare it without --part.")
-    sizes = np.array([f.stat().st_size for f in files], dtype=np.float64)
-    starts = np.concatenate([[0.0], np.cumsum(sizes)[:-1]]) / max(sizes.sum(), 1.0)
-    owner = np.minimum((starts * parts).astype(np.int64), parts - 1) + 1
-    chosen = np.flatnonzero(owner == part)
-    return (int(chosen[0]), int(chosen[-1]) + 1) if len(chosen) else (0, 0)
+    sizes = [f.stat().st_size for f in files]
+    total = max(sum(sizes), 1)
+    low, high = (part - 1) * total // parts, part * total // parts
+    slices, offset = [], 0
+    for index, (path, size) in enumerate(zip(files, sizes)):
+        if splittable(source, path):
+            start, end = max(low - offset, 0), min(high - offset, size)
+            if start < end or (size == 0 and low <= offset < high):
+                slices.append((index, start, end))
+        elif low <= offset < high or (part == parts and offset >= high):
+            slices.append((index, 0, size))
+        offset += size
+    return slices
+
+
+def _line_documents(path: Path, start: int, end: int, encoding_errors: str) -> Iterator[str]:
+    """The non-blank lines of a text file whose first byte lies in [start, end), as `datasets`' text
+    builder reads them (universal newlines, split on \n)."""
+    errors = "strict" if encoding_errors == "strict" else encoding_errors
+    with open(path, "rb") as f:
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                f.readline()  # the line in progress belongs to the previous range
+        while f.tell() < end:
+            raw = f.readline()
+            if not raw:
+                return
+            try:
+                text = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} is not valid UTF-8 ({err.reason}); expected UTF-8 text, or set "
+                                f"data.encoding_errors=replace to replace bad bytes.") from None
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            pieces = text.split("\n")
+            for line in pieces[:-1] if text.endswith("\n") else pieces:
+                if line.strip():
+                    yield line
+
+
+def slice_documents(source: SourceConfig, slices: List[Tuple[int, int, int]], encoding_errors: str) -> Iterator[str]:
+    files = resolve_files(source)
+    for index, start, end in slices:
+        if splittable(source, files[index]):
+            yield from _line_documents(files[index], start, end, encoding_errors)
+        else:
+            for doc in iter_documents(source, encoding_errors, start=(index, 0)):
+                if doc.file_index != index:
+                    break
+                yield doc.text
 
 
 def _tokenizer_for_parts(data_dir: Path) -> Tuple[Any, str]:
@@ -107,17 +161,14 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
     encode.init_worker(tokenizer.to_str(), dtype)
     started, tokens = time.time(), 0
     for source, name in zip(data_cfg.sources, names):
-        first, end = part_files(source, part, parts)
+        slices = part_slices(source, part, parts)
         documents, replaced = 0, 0
         with open(folder / f"{name}.tokens", "wb") as out:
             texts: List[str] = []
             chars = 0
-            docs = iter_documents(source, data_cfg.encoding_errors, start=(first, 0)) if end > first else iter(())
-            for doc in docs:
-                if doc.file_index >= end:
-                    break
-                texts.append(doc.text)
-                chars += len(doc.text)
+            for text in slice_documents(source, slices, data_cfg.encoding_errors):
+                texts.append(text)
+                chars += len(text)
                 if chars >= CHUNK_BYTES:
                     tokens += _write(out, texts)
                     documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
@@ -126,7 +177,7 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
             documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
             out.flush()
             os.fsync(out.fileno())
-        atomic_write_json(folder / f"{name}.json", {"documents": documents, "replaced_chars": replaced, "files": [first, end]})
+        atomic_write_json(folder / f"{name}.json", {"documents": documents, "replaced_chars": replaced, "slices": slices})
     atomic_write_json(folder / DONE, {"tokenizer_sha256": sha, "prepared_from": _fingerprint(data_cfg, tokenizer_cfg),
                                       "tokens": tokens, "seconds": time.time() - started})
     print(f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}", flush=True)

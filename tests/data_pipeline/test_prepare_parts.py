@@ -28,7 +28,12 @@ def sources(tmp_path_factory):
     for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
         (folder / f"{i}.txt").write_text("\n".join(lines[a:b]) + "\n", encoding="utf-8")
     (root / "tail.txt").write_text(CORPUS[300_000:400_000], encoding="utf-8")
-    return [SourceConfig(path=str(folder), doc_boundary="line"), SourceConfig(path=str(root / "tail.txt"), doc_boundary="blank_line")]
+    # One big file of one document per line, cut inside by byte range: CRLF, lone CR, blank lines, non-ASCII.
+    endings = ["\n", "\r\n", "\n\n", "\r", " \u2028 é\n"]
+    big = "".join(line + endings[i % len(endings)] for i, line in enumerate(lines[:3000]))
+    (root / "big.txt").write_bytes(big.encode("utf-8"))
+    return [SourceConfig(path=str(folder), doc_boundary="line"), SourceConfig(path=str(root / "tail.txt"), doc_boundary="blank_line"),
+            SourceConfig(path=str(root / "big.txt"), doc_boundary="line")]
 
 
 def config(data_dir: Path, sources) -> DataConfig:
@@ -54,7 +59,7 @@ def test_parts_and_merge_equal_a_single_prepare(tmp_path, sources):
     prepare(parted, tokenizer, part="2/3")
     prepare(parted, tokenizer, merge=True)
     (single_files, single_manifest), (parted_files, parted_manifest) = contents(tmp_path / "single"), contents(tmp_path / "parted")
-    assert len(single_manifest["shards"]) > 10 and {s["source"] for s in single_manifest["shards"]} == {"plays", "tail"}
+    assert len(single_manifest["shards"]) > 10 and {s["source"] for s in single_manifest["shards"]} == {"plays", "tail", "big"}
     assert parted_manifest == single_manifest  # shard sha256, counts, sources, fingerprint: all equal
     assert parted_files == single_files  # every shard byte for byte, and the tokenizer
     assert not (tmp_path / "parted" / ".parts").exists()
@@ -71,6 +76,17 @@ def test_parts_through_the_cli(tmp_path, sources):
         assert f"part {k}/2 wrote" in run(slm_cmd([*base, "--part", f"{k}/2"])).stdout
     assert "merged 2 parts" in run(slm_cmd([*base, "--merge"])).stdout
     assert "already complete" in run(slm_cmd(base)).stdout
+
+
+def test_a_big_line_file_is_cut_on_line_boundaries(sources):
+    from data_pipeline.prepare_parts import part_slices, slice_documents
+    from data_pipeline.sources import iter_documents
+
+    big = sources[2]
+    whole = [d.text for d in iter_documents(big)]  # what a single prepare reads (through `datasets`)
+    cut = [part_slices(big, k, 3) for k in (1, 2, 3)]
+    assert all(len(s) == 1 and s[0][0] == 0 for s in cut) and cut[0][0][2] == cut[1][0][1] > 0  # 3 ranges of one file
+    assert [t for s in cut for t in slice_documents(big, s, "strict")] == whole
 
 
 def test_bad_part_is_refused(tmp_path, sources):
