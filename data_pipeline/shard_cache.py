@@ -141,10 +141,9 @@ class ShardCache:
         if mapped is not None:
             return mapped
         pending = self._pending.pop(name, None)
-        path = pending.result() if pending is not None else self._fetch(name, {name})
+        mapped = pending.result() if pending is not None else self._fetch(name, {name})
         if len(self._maps) >= 64:
             self._maps.pop(next(iter(self._maps)))
-        mapped = np.memmap(path, dtype=self.dtype, mode="r") if self.shards[name][0] else np.zeros(0, self.dtype)
         self._maps[name] = mapped
         self._verified.add(name)
         return mapped
@@ -154,15 +153,17 @@ class ShardCache:
         return path.is_file() and path.stat().st_size == self.shards[name][0]
 
     # --- the cache folder ----------------------------------------------------------------------------
-    def _fetch(self, name: str, keep: Set[str]) -> Path:
-        """The verified local copy of a shard, downloaded if absent; LRU files evicted to stay under the limit."""
+    def _fetch(self, name: str, keep: Set[str]) -> np.ndarray:
+        """The verified local copy of a shard, downloaded if absent (LRU files evicted to stay under the
+        limit), memory-mapped under the lock: another process may evict the file right after, and the map
+        stays valid."""
         path = self.folder / name
         size, sha = self.shards[name]
         with open(self.folder / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download at a time per node: the bound holds across processes
             if self._cached(name):
                 os.utime(path)
-                return path
+                return self._map(path, size)
             self._evict(size, keep)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -174,7 +175,10 @@ class ShardCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        return path
+            return self._map(path, size)
+
+    def _map(self, path: Path, size: int) -> np.ndarray:
+        return np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
 
     def _evict(self, incoming: int, keep: Set[str]) -> None:
         if self.limit is None:
