@@ -280,7 +280,7 @@ class _PrepareRun:
         atomic_write_json(self.work_dir / STATE, self._state())
         self.last_commit = time.time()
         if self.publisher is not None:
-            self.publisher.committed()  # uploaded shards now journaled for good: their local copies may go
+            self.publisher.committed(self.work_dir)  # journaled for good: local copies of uploaded shards may go
 
     def _journal(self, records: List[ShardRecord]) -> None:
         for record in records:

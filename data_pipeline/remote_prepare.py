@@ -4,7 +4,9 @@ first and the manifest last, so a half-uploaded dataset is never taken for a com
 
 The staging folder (under data.cache_dir, node-local temp by default) holds the usual `.prepare` state,
 so an interrupted prepare resumes from its last commit there; the shards already uploaded are on the
-remote and are not sent again. `.prepare-origin.json` on the remote records the config the shards come
+remote and are not sent again. At most every REMOTE_COMMIT_SECONDS the commit is also mirrored to the
+remote's `.prepare/` (partial shards, journal, then state.json last), so a prepare whose staging folder is
+gone (another machine) resumes from that snapshot instead of from the start. `.prepare-origin.json` on the remote records the config the shards come
 from: a prepare with another config into the same URL is refused instead of overwriting them. An uploaded
 shard's local copy is removed once the journal naming it is committed, so staging holds at most the
 shards of one commit. Nothing on the remote is ever deleted.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
@@ -24,6 +27,9 @@ from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, load_manifest, verify_dataset
 from data_pipeline.prepare import (
+    JOURNAL,
+    STATE,
+    WORK_DIR,
     _check_same_origin,
     _fingerprint,
     _locked,
@@ -31,10 +37,13 @@ from data_pipeline.prepare import (
     report_complete,
 )
 from data_pipeline.shard_cache import dataset_cache_dir
+from data_pipeline.shards import shard_file_name
 from data_pipeline.sources import source_names
 from data_pipeline.storage import DataStore
 
 ORIGIN = ".prepare-origin.json"
+REMOTE_COMMIT_SECONDS = float(os.environ.get("SLM_PREPARE_REMOTE_COMMIT_SECONDS", 60.0))
+"""Mirror a commit to the remote at most this often (the tests set 0)."""
 
 
 class Publisher:
@@ -43,6 +52,7 @@ class Publisher:
     def __init__(self, store: DataStore, staging: Path):
         self.store, self.staging = store, staging
         self.uploaded: List[Path] = []
+        self.last_snapshot = 0.0
 
     def tokenizer(self, path: Path) -> None:
         self.store.upload(path, TOKENIZER)
@@ -51,11 +61,19 @@ class Publisher:
         self.store.upload(path, path.relative_to(self.staging).as_posix())
         self.uploaded.append(path)
 
-    def committed(self) -> None:
+    def committed(self, work_dir: Path) -> None:
         for path in self.uploaded:
             if path.exists():
                 path.unlink()
         self.uploaded = []
+        if time.time() - self.last_snapshot >= REMOTE_COMMIT_SECONDS:
+            self._snapshot(work_dir)
+
+    def _snapshot(self, work_dir: Path) -> None:
+        """Mirror the local commit: partial shards and journal first, state.json last (the commit marker)."""
+        for path in sorted(work_dir.glob("*.partial")) + [work_dir / JOURNAL, work_dir / STATE]:
+            self.store.upload(path, f"{WORK_DIR}/{path.name}")
+        self.last_snapshot = time.time()
 
     def manifest(self, manifest: Manifest) -> None:
         local = self.staging / ".manifest-upload.json"
@@ -79,6 +97,23 @@ def _claim_origin(store: DataStore, staging: Path, fingerprint: Dict[str, Any]) 
     store.upload(local, ORIGIN)
 
 
+def _restore_snapshot(store: DataStore, staging: Path, names: List[str]) -> None:
+    """Rebuild the staging folder from the remote's last mirrored commit (when this node has none)."""
+    work = staging / WORK_DIR
+    if (work / STATE).exists() or not store.exists(f"{WORK_DIR}/{STATE}"):
+        return
+    state = json.loads(store.read_bytes(f"{WORK_DIR}/{STATE}").decode("utf-8"))
+    work.mkdir(parents=True, exist_ok=True)
+    wanted = [JOURNAL] + [shard_file_name(names[state["source_index"]], split, part["index"]) + ".partial"
+                          for split, part in state["source"]["partial"].items()
+                          if part["tokens"] and state["source_index"] < len(names)]
+    for name in wanted:
+        store.download(f"{WORK_DIR}/{name}", work / name)
+    store.download(TOKENIZER, staging / TOKENIZER)
+    atomic_write_json(work / STATE, state)  # last: the local commit marker
+    print(f"prepare: restored the interrupted prepare's last commit from {store.url(WORK_DIR)}", flush=True)
+
+
 def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
     store = DataStore(data_cfg.dir, data_cfg.storage_options)
     source_names(data_cfg.sources)
@@ -97,6 +132,7 @@ def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
             report_complete(store, load_manifest(store))
             return store.location
         _claim_origin(store, staging, fingerprint)
+        _restore_snapshot(store, staging, source_names(data_cfg.sources))
         print(f"prepare: writing {store} through the local staging folder {staging}", flush=True)
         prepare_into(replace(data_cfg, dir=str(staging)), tokenizer_cfg, staging, fingerprint, Publisher(store, staging))
     shutil.rmtree(staging, ignore_errors=True)

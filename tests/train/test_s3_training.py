@@ -1,6 +1,6 @@
 """The whole path through a real S3 server (SeaweedFS on loopback), configured only by the standard AWS_*
-variables: `slm prepare` into s3:// (tokenizer.path an s3:// URL too), an interrupted prepare resumed
-against the remote folder, `slm train` from s3:// killed with SIGKILL mid-run and resumed with a cache
+variables: `slm prepare` into s3:// (tokenizer.path an s3:// URL too), a prepare killed with SIGKILL and
+resumed on "another node" (no staging folder) from the snapshot on the remote folder, `slm train` from s3:// killed with SIGKILL mid-run and resumed with a cache
 smaller than one shard; the loss curve equals, bitwise, the same run on local shards."""
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
     url, cache = f"s3://{prefix}/data", tmp_path_factory.mktemp("prep_cache")
     args = ["prepare", TINY, f"data.dir={url}", "data.num_proc=1", SOURCES, f"data.cache_dir={cache}",
             f"tokenizer.path=s3://{prefix}/tok/tokenizer.json"]
-    env = make_env({**s3_server.env, "SLM_PREPARE_CHUNK_BYTES": "4096", "SLM_PREPARE_COMMIT_SECONDS": "0"})
+    env = make_env({**s3_server.env, "SLM_PREPARE_CHUNK_BYTES": "4096", "SLM_PREPARE_COMMIT_SECONDS": "0",
+                    "SLM_PREPARE_REMOTE_COMMIT_SECONDS": "0"})
     proc = start(slm_cmd(args), env=env)
     # Kill the first prepare once a shard is on the server: the rerun resumes from its last commit.
     while not fs.exists(f"{prefix}/data/tinyshakespeare-train-00001.bin") and proc.poll() is None:
@@ -46,12 +47,15 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not fs.exists(f"{prefix}/data/manifest.json")
-    resumed = run(slm_cmd(args), env=env)
+    # Resume on "another machine": a fresh cache_dir, so the staging folder is gone; the remote snapshot remains.
+    other = str(tmp_path_factory.mktemp("other_node_cache"))
+    resumed = run(slm_cmd([a if not a.startswith("data.cache_dir=") else f"data.cache_dir={other}" for a in args]), env=env)
     return url, fs, prefix, resumed.stdout
 
 
 def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_dir, s3_env):
     url, fs, prefix, output = s3_dataset
+    assert "restored the interrupted prepare's last commit from s3://" in output
     assert "resuming an interrupted prepare" in output
     remote, local = load_manifest(url), load_manifest(tiny_data_dir)
     assert [(s.file, s.tokens, s.sha256) for s in remote.shards] == [(s.file, s.tokens, s.sha256) for s in local.shards]
