@@ -212,21 +212,26 @@ class TokenWindows(IterableDataset):
         self._maps[key] = mapped
         return mapped
 
-    def read_window(self, s: int, window: int, out: np.ndarray) -> None:
+    def pieces(self, s: int, window: int) -> Iterator[tuple]:
+        """(shard k, first token, end token) of each shard's part of a window, in order."""
         stream = self.streams[s]
-        offset, filled, need = window * self.seq_len, 0, self.seq_len + 1
+        offset, end = window * self.seq_len, window * self.seq_len + self.seq_len + 1
         k = int(np.searchsorted(stream.starts, offset, side="right")) - 1
-        while filled < need:
-            local = offset - int(stream.starts[k])
+        while offset < end:
+            shard_start = int(stream.starts[k])
+            stop = min(end, int(stream.starts[k + 1])) - shard_start
+            yield k, offset - shard_start, stop
+            offset, k = shard_start + stop, k + 1
+
+    def read_window(self, s: int, window: int, out: np.ndarray) -> None:
+        filled, paths = 0, self.streams[s].paths
+        for k, start, stop in self.pieces(s, window):
             if self.cache is None:
-                piece = self._shard(s, k)[local:local + need - filled]
+                piece = self._shard(s, k)[start:stop]
             else:
-                stop = min(local + need - filled, int(stream.starts[k + 1] - stream.starts[k]))
-                piece = self.cache.tokens(stream.paths[k].as_posix(), local, stop)
+                piece = self.cache.tokens(paths[k].as_posix(), start, stop)
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
-            offset += len(piece)
-            k += 1
 
     def batch(self, first_sample: int) -> np.ndarray:
         """The windows (B, T+1) of global samples first_sample .. first_sample+B-1."""
@@ -254,15 +259,11 @@ class TokenWindows(IterableDataset):
                 yield sources[i * batch:(i + 1) * batch], windows[i * batch:(i + 1) * batch]
             step += LOCATE_STEPS * workers
 
-    def shards_read(self, sources: np.ndarray, windows: np.ndarray) -> List[str]:
-        """Names of the shards these windows read, in first-use order (what the cache should fetch next)."""
-        names = []
-        for s, w in zip(sources.tolist(), windows.tolist()):
-            stream = self.streams[s]
-            first = int(np.searchsorted(stream.starts, w * self.seq_len, side="right")) - 1
-            last = int(np.searchsorted(stream.starts, w * self.seq_len + self.seq_len, side="right")) - 1
-            names += [stream.paths[k].as_posix() for k in range(first, last + 1)]
-        return names
+    def shards_read(self, sources: np.ndarray, windows: np.ndarray) -> List[tuple]:
+        """(shard name, first token, end token) of every piece these windows read, in order of use: what
+        the cache fetches next (whole shards, or these ranges when the shards do not fit)."""
+        return [(self.streams[s].paths[k].as_posix(), start, stop)
+                for s, w in zip(sources.tolist(), windows.tolist()) for k, start, stop in self.pieces(s, w)]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()

@@ -29,6 +29,8 @@ import numpy as np
 from data_pipeline.errors import DataError
 from data_pipeline.storage import DataStore
 
+FETCH_THREADS = 8
+"""Concurrent downloads or ranged reads per process (object stores answer each request with latency)."""
 HASH_PIECE = 8 << 20
 """Bytes per ranged request while hashing a shard that is not cached."""
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class ShardCache:
         self._ranged: Set[str] = set()
         self._maps: Dict[str, np.ndarray] = {}
         self._pending: Dict[str, Future] = {}
+        self._pieces: Dict[tuple, Future] = {}
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
         self.warned = False
@@ -95,7 +98,8 @@ class ShardCache:
     def __getstate__(self) -> Dict[str, Any]:
         """DataLoader workers get a fresh cache object (threads and maps do not cross processes)."""
         state = dict(self.__dict__)
-        state.update(_verified=set(), _ranged=set(), _maps={}, _pending={}, _pool=None, _lock=None, warned=self.warned)
+        state.update(_verified=set(), _ranged=set(), _maps={}, _pending={}, _pieces={}, _pool=None, _lock=None,
+                     warned=self.warned)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -103,9 +107,11 @@ class ShardCache:
         self._lock = threading.Lock()
 
     # --- planning ------------------------------------------------------------------------------------
-    def plan(self, names: Iterable[str]) -> None:
-        """The shards the next block of batches reads, in first-use order: fetch them whole if they fit."""
-        names = list(dict.fromkeys(names))
+    def plan(self, pieces: Iterable[tuple]) -> None:
+        """The (shard, first token, end token) pieces the next block of batches reads, in order of use:
+        fetch their shards whole if they fit, else start ranged reads of exactly these pieces."""
+        pieces = list(pieces)
+        names = list(dict.fromkeys(name for name, _, _ in pieces))
         need = sum(self.shards[n][0] for n in names)
         if self.limit is not None and need > self.limit:
             missing = [n for n in names if not self._cached(n)]
@@ -118,23 +124,34 @@ class ShardCache:
                       flush=True)
                 self.warned = True
             self._ranged.update(missing)
+            pool = self._executor()
+            for piece in pieces:
+                if piece[0] in self._ranged and piece not in self._pieces:
+                    self._pieces[piece] = pool.submit(self._read_piece, *piece)
             return
         for name in names:
             self._ranged.discard(name)
             if name not in self._maps and name not in self._pending and not self._cached(name):
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-fetch")
-                self._pending[name] = self._pool.submit(self._fetch, name, set(names))
+                self._pending[name] = self._executor().submit(self._fetch, name, set(names))
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="shard-fetch")
+        return self._pool
 
     # --- reads ---------------------------------------------------------------------------------------
     def tokens(self, name: str, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of a shard."""
         if name in self._ranged:
             self._verify_streamed(name)
-            size = self.dtype.itemsize
-            data = self.store.read_range(name, start * size, stop * size)
+            pending = self._pieces.pop((name, start, stop), None)
+            data = pending.result() if pending is not None else self._read_piece(name, start, stop)
             return np.frombuffer(data, dtype=self.dtype)
         return self._mapped(name)[start:stop]
+
+    def _read_piece(self, name: str, start: int, stop: int) -> bytes:
+        size = self.dtype.itemsize
+        return self.store.read_range(name, start * size, stop * size)
 
     def _mapped(self, name: str) -> np.ndarray:
         mapped = self._maps.get(name)
