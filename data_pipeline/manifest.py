@@ -163,11 +163,6 @@ def shard_name(manifest: Manifest, shard: ShardRecord) -> str:
     return name
 
 
-def shard_path(manifest: Manifest, shard: ShardRecord) -> Path:
-    """The local shard's absolute path (see shard_name)."""
-    return manifest.data_dir.resolve() / shard_name(manifest, shard)
-
-
 def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums: bool = False) -> None:
     """Check before any batch is read: tokenizer identity, dtype, and every shard's place, size (and sha256).
 
