@@ -1,109 +1,34 @@
 """`slm prepare`: raw sources -> tokenizer.json + token shards + manifest.json in `data.dir`.
 
-The main process streams documents, cuts them into chunks of ~CHUNK_BYTES of text in a fixed order, and
-hands them to `data.num_proc` tokenizer processes; results come back in order and are appended to the
-shards of their (source, split). Because the chunking never depends on the number of workers, the output
-is byte-identical for any `num_proc`.
-
-Resuming: at a chunk boundary (at most every COMMIT_SECONDS) the shard tails are fsynced and
-`.prepare/state.json` is replaced atomically with the position of the next document and the committed
-length of every partial shard; finished shards are journaled in `.prepare/shards.jsonl`. An interrupted prepare restarts from the last commit,
-cutting anything written after it, so no document is lost or duplicated. The manifest is written last;
-when it exists and matches the config, prepare says the data is already complete and does nothing.
+The entry point: it takes the folder's lock, says a complete folder is complete (when it matches the
+config), resumes or starts the prepare (prepare_run.py does the work), and sends the other modes where they
+live: a URL data.dir to remote_prepare.py, --tokenizer-only / --part K/N / --merge to prepare_parts.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
-import gc
 import json
 import os
-import shutil
 import sys
-import time
-from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from itertools import chain
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
-import numpy as np
-from tokenizers import Tokenizer
-from tqdm import tqdm
-
-from data_pipeline import encode
-from data_pipeline.atomic import atomic_write_json
-from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
+from common.files import file_sha256
+from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SPLITS,
-    TOKENIZER,
-    Manifest,
-    load_manifest,
-    verify_dataset,
-    write_manifest,
-)
+from data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, load_manifest, summary_table, verify_dataset
+from data_pipeline.prepare_origin import check_same_origin, prepare_fingerprint
+from data_pipeline.prepare_run import STATE, WORK_DIR, PrepareRun
+from data_pipeline.prepare_tokenizer import obtain_tokenizer
 from data_pipeline.shard_cache import local_file
-from data_pipeline.shards import ShardRecord, ShardWriter, fsync_dir
-from data_pipeline.sources import (
-    describe_source,
-    iter_documents,
-    resolve_files,
-    source_fingerprint,
-    source_names,
-)
-from data_pipeline.splits import tail_split, validation_mask
+from data_pipeline.sources import source_names
 from data_pipeline.storage import is_remote
-from data_pipeline.tokenizer import (
-    copy_tokenizer,
-    eot_id,
-    file_sha256,
-    load_tokenizer,
-    model_vocab_size,
-    save_tokenizer,
-    token_byte_lengths,
-    token_dtype,
-    tokenizer_vocab_size,
-    train_tokenizer,
-)
+from data_pipeline.tokenizer import load_tokenizer, tokenizers_single_threaded
 
-WORK_DIR = ".prepare"
-STATE = "state.json"
-JOURNAL = "shards.jsonl"
 LOCK = ".prepare.lock"
-CHUNK_BYTES = int(os.environ.get("SLM_PREPARE_CHUNK_BYTES", 1 << 18))
-"""Text per tokenization task. The environment overrides exist for tests and tuning."""
-COMMIT_SECONDS = float(os.environ.get("SLM_PREPARE_COMMIT_SECONDS", 2.0))
-"""Commit (fsync + state) after a chunk at most this often: a crash redoes at most this much work."""
-TRAIN_BATCH = 256
-
-
-@dataclass
-class Chunk:
-    texts: List[str]
-    is_val: List[bool]
-    end: Tuple[int, int]
-    """Position (file index, row) of the document after the chunk's last one: where a resume starts."""
-    documents: int
-    """Source documents consumed (a single document split into head and tail counts once)."""
-    chars: int
-
-
-@dataclass
-class SourceProgress:
-    """Counters of the source being prepared; saved with every commit."""
-    documents: int = 0
-    train_documents: int = 0
-    val_documents: int = 0
-    replaced_chars: int = 0
-    val_rule: str = "interleave"
-    position: Tuple[int, int] = (0, 0)
-    partial: Dict[str, Dict[str, int]] = field(default_factory=lambda: {s: {"index": 0, "tokens": 0} for s in SPLITS})
 
 
 def resolve_num_proc(num_proc: int) -> int:
@@ -113,7 +38,7 @@ def resolve_num_proc(num_proc: int) -> int:
 
 
 @contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
+def prepare_lock(data_dir: Path) -> Iterator[None]:
     """One prepare per folder at a time (e.g. several ranks calling it): the others wait, then find it complete."""
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / LOCK, "w") as lock:
@@ -123,375 +48,6 @@ def _locked(data_dir: Path) -> Iterator[None]:
             print(f"prepare: another prepare of {data_dir} is running; waiting for it", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def _tokenizer_fingerprint(tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
-    if tokenizer_cfg.path:
-        return {"from": "file"}
-    return {"from": "trained", "vocab_size": tokenizer_cfg.vocab_size, "min_frequency": tokenizer_cfg.min_frequency,
-            "max_train_docs": tokenizer_cfg.max_train_docs}
-
-
-def _fingerprint(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
-    """Everything that determines the shards' bytes (not weights, num_proc or workers)."""
-    return {
-        "sources": [source_fingerprint(s) for s in data_cfg.sources], "val_fraction": data_cfg.val_fraction,
-        "shard_tokens": data_cfg.shard_tokens, "encoding_errors": data_cfg.encoding_errors,
-        "tokenizer": _tokenizer_fingerprint(tokenizer_cfg),
-    }
-
-
-def _first_difference(old: Any, new: Any, key: str = "") -> Optional[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(old) + [k for k in new if k not in old]:
-            diff = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
-            if diff:
-                return diff
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            diff = _first_difference(a, b, f"{key}[{i}]")
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{key}: was {old!r}, now {new!r}"
-
-
-def _check_same_origin(where: Path, data_dir: Path, recorded: Dict[str, Any], recorded_sha: str,
-                       fingerprint: Dict[str, Any], tokenizer_cfg: TokenizerConfig) -> None:
-    """DataError unless the data in data_dir (complete or half-prepared) came from this same config."""
-    if tokenizer_cfg.path:
-        sha = file_sha256(tokenizer_cfg.path) if Path(tokenizer_cfg.path).is_file() else None
-        if sha != recorded_sha:
-            load_tokenizer(tokenizer_cfg.path)
-            raise DataError(
-                f"{where} was made with another tokenizer (sha256 {recorded_sha}) than tokenizer.path="
-                f"{tokenizer_cfg.path} (sha256 {sha}); its shards cannot be reused. Use a new data.dir."
-            )
-        recorded = {**recorded, "tokenizer": fingerprint["tokenizer"]}
-    diff = _first_difference(recorded, fingerprint)
-    if diff:
-        raise DataError(
-            f"{where} was prepared from a different config ({diff}). Use a new data.dir, or delete "
-            f"{data_dir} to prepare it again."
-        )
-
-
-def _training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[str]]:
-    """Batches of train documents from every source in turn (validation documents are never seen)."""
-    streams = [(s, enumerate(iter_documents(s, data_cfg.encoding_errors))) for s in data_cfg.sources]
-    seen = [0] * len(streams)
-    taken, batch = 0, []
-    active = list(range(len(streams)))
-    while active and (limit is None or taken < limit):
-        for i in list(active):
-            source, stream = streams[i]
-            item = next(stream, None)
-            if item is None:
-                active.remove(i)
-                if seen[i] == 0:
-                    raise _empty_source(source)
-                continue
-            index, doc = item
-            seen[i] += 1
-            if validation_mask(index, 1, data_cfg.val_fraction)[0]:
-                continue
-            batch.append(doc.text)
-            taken += 1
-            if len(batch) == TRAIN_BATCH:
-                yield batch
-                batch = []
-            if limit is not None and taken >= limit:
-                break
-    if batch:
-        yield batch
-
-
-def _empty_source(source: SourceConfig) -> DataError:
-    return DataError(f"Source {describe_source(source)} holds no documents (it is empty or only whitespace); expected non-empty text.")
-
-
-def _obtain_tokenizer(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, num_proc: int) -> Tuple[Tokenizer, str]:
-    target = data_dir / TOKENIZER
-    if tokenizer_cfg.path:
-        copy_tokenizer(tokenizer_cfg.path, target)
-        print(f"prepare: tokenizer copied from {tokenizer_cfg.path}", flush=True)
-    else:
-        started = time.time()
-        print(f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
-              f"{', '.join(describe_source(s) for s in data_cfg.sources)}", flush=True)
-        tokenizer = train_tokenizer(_training_texts(data_cfg, tokenizer_cfg.max_train_docs), tokenizer_cfg.vocab_size,
-                                    tokenizer_cfg.min_frequency, threads=num_proc, target=target)
-        save_tokenizer(tokenizer, target)
-        size = tokenizer_vocab_size(tokenizer)
-        short = f" (the corpus supports only {size} < {tokenizer_cfg.vocab_size})" if size < tokenizer_cfg.vocab_size else ""
-        print(f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True)
-    return load_tokenizer(target), file_sha256(target)
-
-
-class _Ready:
-    """The result of a chunk encoded in this process (same interface as multiprocessing's AsyncResult)."""
-
-    def __init__(self, value: encode.EncodedChunk):
-        self.value = value
-
-    def get(self) -> encode.EncodedChunk:
-        return self.value
-
-
-class _PrepareRun:
-    def __init__(self, data_cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer, tokenizer_sha: str,
-                 fingerprint: Dict[str, Any], num_proc: int):
-        self.cfg, self.data_dir, self.tokenizer = data_cfg, data_dir, tokenizer
-        self.tokenizer_sha, self.fingerprint, self.num_proc = tokenizer_sha, fingerprint, num_proc
-        self.names = source_names(data_cfg.sources)
-        self.work_dir = data_dir / WORK_DIR
-        self.dtype = token_dtype(tokenizer_vocab_size(tokenizer))
-        self.eot_id = eot_id(tokenizer)
-        self.byte_lengths = token_byte_lengths(tokenizer)
-        self.records: List[ShardRecord] = []
-        self.sources_done: List[Dict[str, Any]] = []
-        self.source_index = 0
-        self.progress = SourceProgress()
-        self.writers: Dict[str, ShardWriter] = {}
-        self.journal: Any = None
-        self.tokens_this_run = 0
-        self.last_commit = 0.0
-        self.publisher: Any = None
-        """Uploads each sealed shard before it is journaled, and the manifest (instead of writing it here)."""
-
-    # --- state -------------------------------------------------------------------------------------
-    def _state(self) -> Dict[str, Any]:
-        p = self.progress
-        return {
-            "format_version": FORMAT_VERSION, "prepared_from": self.fingerprint, "tokenizer_sha256": self.tokenizer_sha,
-            "journal_bytes": self.journal.tell(), "sources_done": self.sources_done, "source_index": self.source_index,
-            "source": {"documents": p.documents, "train_documents": p.train_documents, "val_documents": p.val_documents,
-                       "replaced_chars": p.replaced_chars, "val_rule": p.val_rule, "position": list(p.position),
-                       "partial": {s: {"index": w.index, "tokens": w.partial_tokens} for s, w in self.writers.items()}},
-        }
-
-    def _commit(self) -> None:
-        for writer in self.writers.values():
-            writer.sync()
-        self.journal.flush()
-        os.fsync(self.journal.fileno())
-        fsync_dir(self.data_dir)
-        atomic_write_json(self.work_dir / STATE, self._state())
-        self.last_commit = time.time()
-        if self.publisher is not None:
-            self.publisher.committed(self.work_dir)  # journaled for good: local copies of uploaded shards may go
-
-    def _journal(self, records: List[ShardRecord]) -> None:
-        for record in records:
-            if self.publisher is not None:
-                self.publisher.shard(self.data_dir / record.file)
-            self.journal.write((json.dumps(record.to_dict()) + "\n").encode("utf-8"))
-            self.records.append(record)
-
-    def _new_writers(self, partial: Dict[str, Dict[str, int]]) -> None:
-        name = self.names[self.source_index]
-        journaled = {r.file for r in self.records}
-        self.writers = {}
-        for split in SPLITS:
-            writer = ShardWriter(self.data_dir, self.work_dir, name, split, self.dtype, self.cfg.shard_tokens,
-                                 self.eot_id, self.byte_lengths, index=partial[split]["index"])
-            writer.recover(partial[split]["tokens"], journaled)
-            self.writers[split] = writer
-
-    def _start(self) -> None:
-        """Begin afresh, or return to the last commit of an interrupted prepare."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        state_path, journal_path = self.work_dir / STATE, self.work_dir / JOURNAL
-        if not state_path.exists():
-            shutil.rmtree(self.work_dir)
-            self.work_dir.mkdir()
-            self.journal = open(journal_path, "ab")
-            self._new_writers(SourceProgress().partial)
-            self._commit()
-            return
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        if not journal_path.exists() or journal_path.stat().st_size < state["journal_bytes"]:
-            raise DataError(f"Cannot resume prepare: the shard journal {journal_path} is shorter than {state_path} "
-                            f"records; the folder was modified. Delete {self.data_dir} and prepare again.")
-        with open(journal_path, "r+b") as f:
-            f.truncate(state["journal_bytes"])
-        with open(journal_path, encoding="utf-8") as f:
-            self.records = [ShardRecord(**json.loads(line)) for line in f if line.strip()]
-        self.journal = open(journal_path, "ab")
-        self.sources_done = state["sources_done"]
-        self.source_index = state["source_index"]
-        s = state["source"]
-        self.progress = SourceProgress(s["documents"], s["train_documents"], s["val_documents"], s["replaced_chars"],
-                                       s["val_rule"], tuple(s["position"]), s["partial"])
-        if self.source_index < len(self.names):
-            self._new_writers(self.progress.partial)
-        done_tokens = sum(r.tokens for r in self.records) + sum(w.partial_tokens for w in self.writers.values())
-        print(f"prepare: resuming an interrupted prepare of {self.data_dir}: {len(self.sources_done)} of "
-              f"{len(self.names)} sources done, {self.progress.documents:,} documents of source "
-              f"'{self.names[min(self.source_index, len(self.names) - 1)]}' committed, {done_tokens:,} tokens kept",
-              flush=True)
-
-    # --- chunks ------------------------------------------------------------------------------------
-    def _chunks(self, source: SourceConfig) -> Iterator[Chunk]:
-        p = self.progress
-        docs = iter_documents(source, self.cfg.encoding_errors, start=p.position)
-        if p.documents == 0:
-            first, second = next(docs, None), None
-            if first is None:
-                raise _empty_source(source)
-            second = next(docs, None)
-            if second is None:  # a single document: its tail is the validation split
-                cut = tail_split(first.text, self.cfg.val_fraction)
-                end = (first.file_index, first.row + 1)
-                if cut:
-                    p.val_rule = "tail"
-                    yield Chunk([first.text[:cut], first.text[cut:]], [False, True], end, 1, len(first.text))
-                else:
-                    yield Chunk([first.text], [False], end, 1, len(first.text))
-                return
-            docs = chain([first, second], docs)
-        index = p.documents
-        texts: List[str] = []
-        chars = 0
-        end = p.position
-        for doc in docs:
-            texts.append(doc.text)
-            chars += len(doc.text)
-            end = (doc.file_index, doc.row + 1)
-            if chars >= CHUNK_BYTES:
-                yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
-                index += len(texts)
-                texts, chars = [], 0
-        if texts:
-            yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
-
-    def _apply(self, chunk: Chunk, encoded: encode.EncodedChunk) -> None:
-        self._journal(self.writers["train"].append(encoded.train))
-        self._journal(self.writers["val"].append(encoded.val))
-        p = self.progress
-        p.documents += chunk.documents
-        p.train_documents += encoded.train_documents
-        p.val_documents += encoded.val_documents
-        p.replaced_chars += encoded.replaced_chars
-        p.position = chunk.end
-        if time.time() - self.last_commit >= COMMIT_SECONDS:
-            self._commit()
-        self.tokens_this_run += len(encoded.train) + len(encoded.val)
-
-    def _finish_source(self) -> None:
-        for writer in self.writers.values():
-            record = writer.finish()
-            if record:
-                self._journal([record])
-        p, name = self.progress, self.names[self.source_index]
-        self.sources_done.append({
-            "name": name, "path": self.cfg.sources[self.source_index].path, "documents": p.documents,
-            "train_documents": p.train_documents, "val_documents": p.val_documents, "val_rule": p.val_rule,
-            "replaced_chars": p.replaced_chars,
-        })
-        if p.replaced_chars:
-            print(f"prepare: source '{name}': {p.replaced_chars:,} bytes that were not UTF-8 replaced by U+FFFD", flush=True)
-        self.source_index += 1
-        self.progress = SourceProgress()
-        if self.source_index < len(self.names):
-            self._new_writers(self.progress.partial)
-        else:
-            self.writers = {}
-        self._commit()
-
-    # --- main loop ---------------------------------------------------------------------------------
-    def run(self) -> Manifest:
-        started = time.time()
-        self._start()
-        tokenizer_json = self.tokenizer.to_str()
-        pool = None
-        if self.num_proc > 1:
-            gc.freeze()  # forked workers then never touch (and copy) the parent's objects when they collect
-            pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                self.num_proc, initializer=encode.init_worker, initargs=(tokenizer_json, self.dtype, True))
-            gc.unfreeze()
-        else:
-            encode.init_worker(tokenizer_json, self.dtype)
-        total = sum(f.stat().st_size for s in self.cfg.sources for f in resolve_files(s)) or None
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        documents = 0
-        try:
-            while self.source_index < len(self.names):
-                source = self.cfg.sources[self.source_index]
-                inflight: deque = deque()
-                chunks = self._chunks(source)
-                exhausted = False
-                while True:
-                    while not exhausted and len(inflight) < 2 * self.num_proc:
-                        chunk = next(chunks, None)
-                        if chunk is None:
-                            exhausted = True
-                        elif pool is None:
-                            inflight.append((chunk, _Ready(encode.encode_chunk(chunk.texts, chunk.is_val))))
-                        else:
-                            inflight.append((chunk, pool.apply_async(encode.encode_chunk, (chunk.texts, chunk.is_val))))
-                    if not inflight:
-                        break
-                    chunk, result = inflight.popleft()
-                    self._apply(chunk, result.get())
-                    documents += chunk.documents
-                    elapsed = max(time.time() - started, 1e-9)
-                    bar.update(chunk.chars)
-                    bar.set_postfix_str(f"{self.names[self.source_index]}: {documents:,} docs, "
-                                        f"{self.tokens_this_run:,} tokens, {self.tokens_this_run / elapsed:,.0f} tokens/s",
-                                        refresh=False)
-                self._finish_source()
-        except KeyboardInterrupt:
-            print(f"\nprepare: interrupted; run the same command again to resume from the last commit "
-                  f"({self.data_dir / WORK_DIR / STATE}).", file=sys.stderr, flush=True)
-            raise
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            for writer in self.writers.values():
-                writer.close()
-            self.journal.close()
-        manifest = Manifest(
-            path=self.data_dir / MANIFEST, format_version=FORMAT_VERSION, dtype=self.dtype,
-            tokenizer_sha256=self.tokenizer_sha, vocab_size=tokenizer_vocab_size(self.tokenizer), eot_id=self.eot_id,
-            val_fraction=self.cfg.val_fraction, shard_tokens=self.cfg.shard_tokens, sources=self.sources_done,
-            shards=sorted(self.records, key=lambda r: (self.names.index(r.source), SPLITS.index(r.split), r.index)),
-            prepared_from=self.fingerprint,
-        )
-        if self.publisher is None:
-            write_manifest(manifest)
-        else:
-            self.publisher.manifest(manifest)
-        shutil.rmtree(self.work_dir, ignore_errors=True)
-        elapsed = time.time() - started
-        print(summary_table(manifest))
-        where = self.publisher.store if self.publisher is not None else self.data_dir
-        print(f"prepare: wrote {where} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
-              f"with {self.num_proc} tokenizer process{'es' if self.num_proc > 1 else ''}); "
-              f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}",
-              flush=True)
-        return manifest
-
-
-def summary_table(manifest: Manifest) -> str:
-    """Per source and split: documents, tokens, shards, megabytes, text bytes per token."""
-    itemsize = np.dtype(manifest.dtype).itemsize
-
-    def row(name: str, split: str, shards: List[ShardRecord]) -> str:
-        docs, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
-        ratio = f"{sum(s.text_bytes for s in shards) / tokens:.3f}" if tokens else "-"
-        return f"{name:<24} {split:<5} {docs:>11,} {tokens:>14,} {len(shards):>7} {tokens * itemsize / 1e6:>9.2f} {ratio:>12}"
-
-    header = f"{'source':<24} {'split':<5} {'documents':>11} {'tokens':>14} {'shards':>7} {'MB':>9} {'bytes/token':>12}"
-    lines = [header, "-" * len(header)]
-    for name in manifest.source_names():
-        lines += [row(name, split, manifest.shards_of(split, name)) for split in SPLITS]
-    lines += ["-" * len(header), row("total", "", manifest.shards)]
-    return "\n".join(lines)
 
 
 def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional[str] = None, merge: bool = False,
@@ -520,12 +76,12 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional
         return prepare_remote(data_cfg, tokenizer_cfg)
     data_dir = Path(data_cfg.dir)
     source_names(data_cfg.sources)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit Rust threads
-    with _locked(data_dir):
-        fingerprint = _fingerprint(data_cfg, tokenizer_cfg)
+    tokenizers_single_threaded()  # forked workers must not inherit Rust threads
+    with prepare_lock(data_dir):
+        fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
         if (data_dir / MANIFEST).exists():
             manifest = load_manifest(data_dir)
-            _check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
+            check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
             verify_dataset(manifest)
             report_complete(data_dir, manifest)
             return data_dir
@@ -547,7 +103,7 @@ def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir:
     state_path = data_dir / WORK_DIR / STATE
     if state_path.exists():
         state = json.loads(state_path.read_text(encoding="utf-8"))
-        _check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
+        check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
         tokenizer_path = data_dir / TOKENIZER
         if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != state["tokenizer_sha256"]:
             raise DataError(
@@ -556,9 +112,9 @@ def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir:
             )
         tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
     else:
-        tokenizer, sha = _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
+        tokenizer, sha = obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
     if publisher is not None:
         publisher.tokenizer(data_dir / TOKENIZER)
-    run = _PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc)
+    run = PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc)
     run.publisher = publisher
     return run.run()

@@ -25,26 +25,30 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from common import faults
+from common.atomic import atomic_write_json
+from common.files import file_sha256
 from data_pipeline import encode
-from data_pipeline.atomic import atomic_write_json
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER, Manifest, write_manifest
-from data_pipeline.prepare import (
-    CHUNK_BYTES,
-    WORK_DIR,
-    _fingerprint,
-    _locked,
-    _obtain_tokenizer,
-    resolve_num_proc,
+from data_pipeline.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER,
+    Manifest,
     summary_table,
+    write_manifest,
 )
+from data_pipeline.prepare import prepare_lock, resolve_num_proc
+from data_pipeline.prepare_origin import prepare_fingerprint
+from data_pipeline.prepare_run import CHUNK_BYTES, WORK_DIR
+from data_pipeline.prepare_tokenizer import obtain_tokenizer
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources import file_format, iter_documents, resolve_files, source_names
 from data_pipeline.splits import validation_mask
 from data_pipeline.tokenizer import (
     eot_id,
-    file_sha256,
     load_tokenizer,
     token_byte_lengths,
     token_dtype,
@@ -141,11 +145,11 @@ def _tokenizer_for_parts(data_dir: Path) -> Tuple[Any, str]:
 def prepare_tokenizer_only(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
     """Train (or copy) tokenizer.json into data.dir, once, before the parts."""
     data_dir = Path(data_cfg.dir)
-    with _locked(data_dir):
+    with prepare_lock(data_dir):
         if (data_dir / TOKENIZER).is_file():
             print(f"prepare: {data_dir / TOKENIZER} exists; the parts will use it", flush=True)
         else:
-            _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, resolve_num_proc(data_cfg.num_proc))
+            obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, resolve_num_proc(data_cfg.num_proc))
     return data_dir / TOKENIZER
 
 
@@ -160,6 +164,7 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
     folder.mkdir(parents=True)
     encode.init_worker(tokenizer.to_str(), dtype)
     started, tokens = time.time(), 0
+    chunk_bytes = faults.prepare_chunk_bytes(CHUNK_BYTES)
     for source, name in zip(data_cfg.sources, names):
         slices = part_slices(source, part, parts)
         documents, replaced = 0, 0
@@ -169,7 +174,7 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
             for text in slice_documents(source, slices, data_cfg.encoding_errors):
                 texts.append(text)
                 chars += len(text)
-                if chars >= CHUNK_BYTES:
+                if chars >= chunk_bytes:
                     tokens += _write(out, texts)
                     documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
                     texts, chars = [], 0
@@ -178,7 +183,7 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
             out.flush()
             os.fsync(out.fileno())
         atomic_write_json(folder / f"{name}.json", {"documents": documents, "replaced_chars": replaced, "slices": slices})
-    atomic_write_json(folder / DONE, {"tokenizer_sha256": sha, "prepared_from": _fingerprint(data_cfg, tokenizer_cfg),
+    atomic_write_json(folder / DONE, {"tokenizer_sha256": sha, "prepared_from": prepare_fingerprint(data_cfg, tokenizer_cfg),
                                       "tokens": tokens, "seconds": time.time() - started})
     print(f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}", flush=True)
     return folder
@@ -210,12 +215,12 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
     """Cut the parts' streams into the shards and manifest a single prepare would write."""
     data_dir = Path(data_cfg.dir)
     names = source_names(data_cfg.sources)
-    with _locked(data_dir):
+    with prepare_lock(data_dir):
         if (data_dir / MANIFEST).exists():
             raise DataError(f"{data_dir / MANIFEST} exists already: the data is complete (nothing to merge).")
         parts, folders = _done_parts(data_dir)
         tokenizer, sha = _tokenizer_for_parts(data_dir)
-        fingerprint = _fingerprint(data_cfg, tokenizer_cfg)
+        fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
         for folder in folders:
             done = json.loads((folder / DONE).read_text())
             if done["tokenizer_sha256"] != sha or done["prepared_from"] != fingerprint:

@@ -15,35 +15,29 @@ shards of one commit. Nothing on the remote is ever deleted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List
 
-from data_pipeline.atomic import atomic_write_json
+from common import faults
+from common.atomic import atomic_write_json
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, load_manifest, verify_dataset
-from data_pipeline.prepare import (
-    JOURNAL,
-    STATE,
-    WORK_DIR,
-    _check_same_origin,
-    _fingerprint,
-    _locked,
-    prepare_into,
-    report_complete,
-)
+from data_pipeline.prepare import prepare_into, prepare_lock, report_complete
+from data_pipeline.prepare_origin import check_same_origin, prepare_fingerprint
+from data_pipeline.prepare_run import JOURNAL, STATE, WORK_DIR
 from data_pipeline.shard_cache import dataset_cache_dir
 from data_pipeline.shards import shard_file_name
 from data_pipeline.sources import source_names
 from data_pipeline.storage import DataStore
+from data_pipeline.tokenizer import tokenizers_single_threaded
 
 ORIGIN = ".prepare-origin.json"
-REMOTE_COMMIT_SECONDS = float(os.environ.get("SLM_PREPARE_REMOTE_COMMIT_SECONDS", 60.0))
-"""Mirror a commit to the remote at most this often (the tests set 0)."""
+REMOTE_COMMIT_SECONDS = 60.0
+"""Mirror a commit to the remote at most this often (common.faults.prepare_remote_commit_seconds overrides it)."""
 
 
 class Publisher:
@@ -66,7 +60,7 @@ class Publisher:
             if path.exists():
                 path.unlink()
         self.uploaded = []
-        if time.time() - self.last_snapshot >= REMOTE_COMMIT_SECONDS:
+        if time.time() - self.last_snapshot >= faults.prepare_remote_commit_seconds(REMOTE_COMMIT_SECONDS):
             self._snapshot(work_dir)
 
     def _snapshot(self, work_dir: Path) -> None:
@@ -117,17 +111,17 @@ def _restore_snapshot(store: DataStore, staging: Path, names: List[str]) -> None
 def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
     store = DataStore(data_cfg.dir, data_cfg.storage_options)
     source_names(data_cfg.sources)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    fingerprint = _fingerprint(data_cfg, tokenizer_cfg)
+    tokenizers_single_threaded()  # forked workers must not inherit Rust threads
+    fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
     if store.exists(MANIFEST):
         manifest = load_manifest(store)
-        _check_same_origin(manifest.path, store.location, manifest.prepared_from, manifest.tokenizer_sha256,
+        check_same_origin(manifest.path, store.location, manifest.prepared_from, manifest.tokenizer_sha256,
                            fingerprint, tokenizer_cfg)
         verify_dataset(manifest)
         report_complete(store, manifest)
         return store.location
     staging = dataset_cache_dir(store, data_cfg.cache_dir) / "prepare"
-    with _locked(staging):
+    with prepare_lock(staging):
         if store.exists(MANIFEST):  # another process finished it while this one waited for the lock
             report_complete(store, load_manifest(store))
             return store.location

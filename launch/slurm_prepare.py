@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from data_pipeline.storage import is_remote
 from launch.config import load_config
 from launch.slurm import SlurmError

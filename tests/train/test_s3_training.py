@@ -20,7 +20,6 @@ from tests.train.test_training_runs import (
     losses,
     read_until,
     rows,
-    single_run,  # noqa: F401 - the local reference run (a fixture)
     start,
     train_args,
 )
@@ -67,7 +66,7 @@ def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_
     assert "is already complete" in again.stdout
 
 
-def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(s3_dataset, single_run, s3_server,  # noqa: F811
+def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(s3_dataset, single_run, s3_server,
                                                                          tmp_path):
     url, fs, _, _ = s3_dataset
     run_dir = tmp_path / "run"
