@@ -9,6 +9,8 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
                                     STEP when given), so a test can `kill -9` a save deterministically
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
   SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
+  SLM_PREPARE_REMOTE_COMMIT_SECONDS=S  mirror a commit of a prepare into a URL to the remote at most every S
+                                    seconds (default 60)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
+PREPARE_REMOTE_COMMIT_SECONDS = "SLM_PREPARE_REMOTE_COMMIT_SECONDS"
 
 
 def inject_nan_at_step() -> Optional[int]:
@@ -47,3 +50,8 @@ def prepare_chunk_bytes(default: int = 1 << 18) -> int:
 def prepare_commit_seconds(default: float = 2.0) -> float:
     """Longest time between two commits of prepare's progress."""
     return float(os.environ.get(PREPARE_COMMIT_SECONDS, default))
+
+
+def prepare_remote_commit_seconds(default: float = 60.0) -> float:
+    """Longest time between two snapshots of a URL prepare's progress on the remote."""
+    return float(os.environ.get(PREPARE_REMOTE_COMMIT_SECONDS, default))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from common.checks import check_choice, check_positive
 
@@ -54,7 +54,13 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     dir: str = "runs/data/tiny"
-    """Folder of the prepared data: tokenizer.json, manifest.json and the *.bin shards."""
+    """Folder of the prepared data (tokenizer.json, manifest.json, *.bin shards): a path or an fsspec URL (s3://...)."""
+    storage_options: Dict[str, Any] = field(default_factory=dict)
+    """fsspec options for a URL data.dir (e.g. client_kwargs.endpoint_url); credentials best come from the environment."""
+    cache_dir: Optional[str] = None
+    """Local cache of a URL data.dir's shards (and the staging folder of a prepare to a URL); null: node-local temp."""
+    cache_limit: Optional[int] = None
+    """Bytes the shard cache may hold (LRU); smaller than what the next batches need means ranged reads. null: no bound."""
     sources: List[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     """Raw corpora to prepare and mix."""
     val_fraction: float = 0.05
@@ -76,6 +82,9 @@ class DataConfig:
         check_positive("data.shard_tokens", self.shard_tokens)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"config key 'data.val_fraction' is {self.val_fraction}; expected a number in [0, 1).")
+        if self.cache_limit is not None and self.cache_limit < 0:
+            raise ValueError(f"config key 'data.cache_limit' is {self.cache_limit}; expected a size in bytes >= 0, "
+                             "or null for no bound.")
         if not self.sources:
             raise ValueError("config key 'data.sources' is empty; expected at least one source.")
         for i, source in enumerate(self.sources):

@@ -7,8 +7,10 @@ token/document/text-byte counts and sha256. It is written last, so it also marks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -19,6 +21,7 @@ from common.atomic import atomic_write_json
 from common.files import file_sha256
 from data_pipeline.errors import DataError
 from data_pipeline.shards import ShardRecord
+from data_pipeline.storage import DataStore
 from data_pipeline.tokenizer import token_dtype
 
 FORMAT_VERSION = 1
@@ -30,8 +33,8 @@ DTYPES = ("uint16", "uint32")
 
 @dataclass
 class Manifest:
-    path: Path
-    """The manifest file (shard paths are relative to its folder)."""
+    path: Any
+    """The manifest file (shard paths are relative to its folder): a Path, or a URL string when remote."""
     format_version: int
     dtype: str
     tokenizer_sha256: str
@@ -45,10 +48,16 @@ class Manifest:
     shards: List[ShardRecord]
     prepared_from: Dict[str, Any] = field(default_factory=dict)
     """The config that determines the shards; a prepare with another one into this folder is refused."""
+    store: Optional[DataStore] = field(default=None, repr=False, compare=False)
+    """The dataset folder it was read from (None: the folder of a local `path`)."""
 
     @property
     def data_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def dataset(self) -> DataStore:
+        return self.store if self.store is not None else DataStore(self.data_dir)
 
     def source_names(self) -> List[str]:
         return [s["name"] for s in self.sources]
@@ -83,21 +92,30 @@ def write_manifest(manifest: Manifest) -> None:
     atomic_write_json(manifest.path, manifest.to_dict())
 
 
-def manifest_sha256(data_dir: str | os.PathLike) -> str:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"No {MANIFEST} in {data_dir}: run `slm prepare CONFIG` first.")
-    return file_sha256(path)
+def _store(data_dir: str | os.PathLike | DataStore) -> DataStore:
+    return data_dir if isinstance(data_dir, DataStore) else DataStore(data_dir)
 
 
-def load_manifest(data_dir: str | os.PathLike) -> Manifest:
-    """Read and sanity-check manifest.json (DataError naming the file when absent or malformed)."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        partial = " A prepare was interrupted there: run it again to resume." if (Path(data_dir) / ".prepare").exists() else ""
-        raise DataError(f"No {MANIFEST} in {data_dir}: expected a dataset written by `slm prepare CONFIG`.{partial}")
+def manifest_sha256(data_dir: str | os.PathLike | DataStore) -> str:
+    store = _store(data_dir)
+    if not store.exists(MANIFEST):
+        raise DataError(f"No {MANIFEST} in {store}: run `slm prepare CONFIG` first.")
+    if store.root is not None:
+        return file_sha256(store.root / MANIFEST)
+    return hashlib.sha256(store.read_bytes(MANIFEST)).hexdigest()
+
+
+def load_manifest(data_dir: str | os.PathLike | DataStore) -> Manifest:
+    """Read and sanity-check manifest.json (DataError naming the file when absent or malformed); data_dir may
+    be a local folder, an fsspec URL or a DataStore."""
+    store = _store(data_dir)
+    path: Any = store.root / MANIFEST if store.root is not None else store.url(MANIFEST)
+    if not store.exists(MANIFEST):
+        interrupted = store.root is not None and (store.root / ".prepare").exists()
+        partial = " A prepare was interrupted there: run it again to resume." if interrupted else ""
+        raise DataError(f"No {MANIFEST} in {store}: expected a dataset written by `slm prepare CONFIG`.{partial}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(store.read_bytes(MANIFEST).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"Manifest {path} could not be read ({err}); expected the JSON written by `slm prepare`.") from None
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
@@ -109,7 +127,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
             path=path, format_version=raw["format_version"], dtype=raw["dtype"], tokenizer_sha256=raw["tokenizer_sha256"],
             vocab_size=int(raw["vocab_size"]), eot_id=int(raw["eot_id"]), val_fraction=float(raw["val_fraction"]),
             shard_tokens=int(raw["shard_tokens"]), sources=list(raw["sources"]), shards=shards,
-            prepared_from=dict(raw.get("prepared_from") or {}),
+            prepared_from=dict(raw.get("prepared_from") or {}), store=store if store.remote else None,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"Manifest {path} is malformed ({type(err).__name__}: {err}); prepare the data again.") from None
@@ -128,29 +146,37 @@ def _check_dtype(manifest: Manifest, shards: Sequence[ShardRecord]) -> None:
     for shard in shards:
         if shard.dtype != manifest.dtype:
             raise DataError(
-                f"Shard {manifest.data_dir / shard.file} is recorded as {shard.dtype} but manifest {manifest.path} "
+                f"Shard {manifest.dataset.url(shard.file)} is recorded as {shard.dtype} but manifest {manifest.path} "
                 f"declares {manifest.dtype}; a dataset holds one dtype."
             )
 
 
-def shard_path(manifest: Manifest, shard: ShardRecord) -> Path:
-    """The shard's absolute path; DataError when the recorded path leaves the dataset folder."""
-    root = manifest.data_dir.resolve()
-    path = (root / shard.file).resolve()
-    if Path(shard.file).is_absolute() or not path.is_relative_to(root):
+def shard_name(manifest: Manifest, shard: ShardRecord) -> str:
+    """The shard's path relative to the dataset folder, normalised; DataError when it would leave the folder.
+
+    A lexical check (no filesystem call), so 100,000 shards cost no syscalls and it works the same on a URL."""
+    name = posixpath.normpath(shard.file.replace(os.sep, "/"))
+    if posixpath.isabs(name) or name == ".." or name.startswith("../") or "://" in name:
         raise DataError(
-            f"Manifest {manifest.path} lists shard file {shard.file!r}, which lies outside the dataset folder {root}; "
-            f"shard paths must be relative and stay inside it."
+            f"Manifest {manifest.path} lists shard file {shard.file!r}, which lies outside the dataset folder "
+            f"{manifest.dataset}; shard paths must be relative and stay inside it."
         )
-    return path
+    return name
 
 
 def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums: bool = False) -> None:
-    """Check before any batch is read: tokenizer identity, dtype, and every shard's place, size (and sha256)."""
-    tokenizer = manifest.data_dir / TOKENIZER
-    if not tokenizer.is_file():
+    """Check before any batch is read: tokenizer identity, dtype, and every shard's place, size (and sha256).
+
+    Sizes come from one listing of the dataset folder (one request on an object store, one scandir
+    locally), not one stat per shard. Checksums of a remote dataset are checked by the shard cache, once
+    per downloaded shard."""
+    store = manifest.dataset
+    tokenizer = store.url(TOKENIZER)
+    sizes = store.listing()
+    if TOKENIZER not in sizes:
         raise DataError(f"Tokenizer {tokenizer} is missing; manifest {manifest.path} was made with tokenizer sha256 {manifest.tokenizer_sha256}.")
-    actual = file_sha256(tokenizer)
+    data = store.read_bytes(TOKENIZER) if store.remote else None
+    actual = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(store.root / TOKENIZER)
     if actual != manifest.tokenizer_sha256:
         raise DataError(
             f"Tokenizer {tokenizer} has sha256 {actual} but manifest {manifest.path} was made with tokenizer sha256 "
@@ -160,17 +186,18 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
     _check_dtype(manifest, shards)
     itemsize = np.dtype(manifest.dtype).itemsize
     for shard in shards:
-        path = shard_path(manifest, shard)
-        if not path.is_file():
-            raise DataError(f"Shard {path} listed in manifest {manifest.path} is missing; prepare the data again.")
-        size, expected = path.stat().st_size, shard.tokens * itemsize
+        name = shard_name(manifest, shard)
+        size, expected = sizes.get(name), shard.tokens * itemsize
+        if size is None:
+            raise DataError(f"Shard {store.url(name)} listed in manifest {manifest.path} is missing; prepare the data again.")
         if size != expected:
             what = "truncated" if size < expected else "larger than recorded"
             raise DataError(
-                f"Shard {path} is {what}: {size} bytes, but manifest {manifest.path} records {shard.tokens} "
+                f"Shard {store.url(name)} is {what}: {size} bytes, but manifest {manifest.path} records {shard.tokens} "
                 f"{manifest.dtype} tokens = {expected} bytes."
             )
-        if checksums:
+        if checksums and not store.remote:
+            path = store.root / name
             digest = file_sha256(path)
             if digest != shard.sha256:
                 raise DataError(f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt.")

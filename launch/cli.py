@@ -40,7 +40,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from data_pipeline.prepare import prepare
 
-    prepare(cfg.data, cfg.tokenizer)
+    prepare(cfg.data, cfg.tokenizer, part=args.part, merge=args.merge, tokenizer_only=args.tokenizer_only)
     return 0
 
 
@@ -75,6 +75,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
+    if args.prepare is not None:
+        from launch.slurm_prepare import slurm_prepare_command
+
+        return slurm_prepare_command(args)
     from launch.slurm import slurm_command
 
     return slurm_command(args)
@@ -94,6 +98,8 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
     p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
     p.add_argument("--submit", action="store_true")
+    p.add_argument("--prepare", type=int, default=None, metavar="N",
+                   help="instead of training: prepare data.dir as N parts (tokenizer job, array of N, merge job)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
     p.set_defaults(func=cmd_slurm)
     from launch.slurm import allow_intermixed_args
@@ -118,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="train the tokenizer and write token shards with a manifest")
     _config_args(p)
+    modes = p.add_mutually_exclusive_group()
+    modes.add_argument("--part", metavar="K/N", default=None, help="tokenize only slice K of N of the sources (many nodes)")
+    modes.add_argument("--merge", action="store_true", help="cut the finished parts into shards and write the manifest")
+    modes.add_argument("--tokenizer-only", action="store_true", help="train (or copy) only the tokenizer, before the parts")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)")

@@ -25,3 +25,25 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     cfg = load_config(TINY, [f"data.dir={data_dir}", "data.num_proc=1", f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]"])
     prepare(cfg.data, cfg.tokenizer)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback for the session (skipped, with the reason, if it cannot start)."""
+    from tests.s3_localhost import start_s3
+
+    servers = start_s3(tmp_path_factory.mktemp("s3"))
+    try:
+        server = next(servers)
+    except RuntimeError as err:
+        pytest.skip(f"no S3 server: {err}")
+    yield server
+    servers.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's credentials and endpoint in the standard AWS_* variables, as a user sets them."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    return s3_server

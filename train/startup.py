@@ -44,8 +44,10 @@ def say(dist_info: DistInfo, message: str) -> None:
 class DataSetup:
     """The prepared data a run trains on, and its identity."""
 
-    dir: Path
-    """data.dir (with manifest.json and tokenizer.json)."""
+    dir: Any
+    """data.dir as a data_pipeline.storage.DataStore (local folder or URL) with manifest.json and tokenizer.json."""
+    tokenizer_path: Path
+    """A local path of data.dir's tokenizer.json (a fresh copy in data.cache_dir when data.dir is a URL)."""
     tokenizer: Any
     """The loaded tokenizers.Tokenizer."""
     tokenizer_sha256: str
@@ -54,10 +56,6 @@ class DataSetup:
     """sha256 of manifest.json."""
     bytes_per_token: Optional[float]
     """Validation text bytes per token (None for instruction data)."""
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.dir / "tokenizer.json"
 
 
 @dataclasses.dataclass
@@ -84,10 +82,12 @@ class RunSetup:
     """time.time() at the start of this invocation."""
 
 
-def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Path:
-    """data.dir with a manifest: prepared here by rank 0 (others wait) when it is missing."""
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "manifest.json").is_file():
+def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
+    """data.dir (a DataStore: local folder or URL) with a manifest: prepared here by rank 0 (others wait) when missing."""
+    from data_pipeline.storage import DataStore
+
+    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
+    if not data_dir.exists("manifest.json"):
         def prepare_data() -> None:
             from data_pipeline.prepare import prepare
 
@@ -104,16 +104,18 @@ def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
     from common.files import file_sha256
     from data_pipeline.manifest import load_manifest, manifest_sha256
+    from data_pipeline.shard_cache import local_copy
     from data_pipeline.tokenizer import load_tokenizer
 
     data_dir = ensure_prepared(cfg, dist_info)
-    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    tokenizer_path = local_copy(data_dir, "tokenizer.json", cfg.data.cache_dir)
+    tokenizer = load_tokenizer(tokenizer_path)
     bytes_per_token = load_manifest(data_dir).bytes_per_token("val") if cfg.train.stage != "ift" else None
-    return DataSetup(data_dir, tokenizer, file_sha256(data_dir / "tokenizer.json"), manifest_sha256(data_dir),
+    return DataSetup(data_dir, tokenizer_path, tokenizer, file_sha256(tokenizer_path), manifest_sha256(data_dir),
                      bytes_per_token)
 
 
-def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistInfo) -> tuple:
+def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> tuple:
     """(train loader, fixed list of this rank's validation batches)."""
     seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
     # train.eval_batches counts micro-batches over all ranks: the loaders' global cursor then hands every
@@ -134,8 +136,10 @@ def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistIn
     train_loader = build_loader(
         data_dir, "train", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
         num_workers=cfg.data.num_workers, weights=weights, verify_checksums=cfg.data.verify_checksums,
+        cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
     )
-    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed)
+    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
+                              cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit)
     return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 

@@ -86,6 +86,7 @@ def test_every_field_has_a_docstring():
         (["train.zero_stage=4"], "train.zero_stage", "0, 1, 2, 3"),
         (["train.precision=fp8"], "train.precision", "bf16"),
         (["data.val_fraction=1.5"], "data.val_fraction", "[0, 1)"),
+        (["data.cache_limit=-1"], "data.cache_limit", ">= 0"),
         (["data.sources=[{path: a.txt, weight: 0}]"], "data.sources[0].weight", "positive"),
     ],
 )

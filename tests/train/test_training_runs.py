@@ -1,8 +1,9 @@
 """Real `slm train` runs (plain process and torchrun, gloo on CPU) on the tiny preset shrunk further.
 
-Runs are shared through module-scoped fixtures: the 2-process run of each ZeRO stage is also the
-reference curve and the checkpoint source for the resume tests, and the 1-process run is the
-reference for the interrupted (SIGTERM, kill -9) runs, whose losses must match it bitwise.
+Runs are shared through fixtures: the 2-process run of each ZeRO stage is also the reference curve and
+the checkpoint source for the resume tests, and the 1-process run (single_run, session-scoped in
+tests/train/conftest.py) is the reference for the interrupted (SIGTERM, kill -9) runs, whose losses must
+match it bitwise.
 Fault-injection hooks (common.faults): SLM_SLEEP_IN_SAVE and SLM_INJECT_NAN_AT_STEP.
 """
 
@@ -65,14 +66,6 @@ def read_until(proc: subprocess.Popen, marker: str, seen: List[str], timeout: fl
     finally:
         watchdog.cancel()
     raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen[-60:])}")
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, tiny_data_dir) -> Path:
-    """1 process, ZeRO-2, fp32, micro-batch 4 x accumulation 2."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC)))
-    return run_dir
 
 
 # The ZeRO-1 run also covers bf16, activation checkpointing and gradient accumulation on 2 processes.

@@ -1,0 +1,88 @@
+"""Reading shards from a real S3 server (SeaweedFS on loopback): the same batches as from local shards,
+through a cache that prefetches whole shards, a cache smaller than one shard (ranged reads, and it says
+so), a shard changed on the server after prepare refused by name, and nothing deleted on the server."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import pytest
+import torch
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import build_loader
+from data_pipeline.manifest import load_manifest
+from tests.s3_localhost import BUCKET
+
+
+def upload(fs, local_dir, bucket_prefix: str) -> str:
+    """The prepared folder, copied file by file to s3://bucket_prefix (manifest last, as prepare does)."""
+    files = sorted(p for p in local_dir.iterdir() if p.is_file() and p.suffix in (".bin", ".json"))
+    for path in sorted(files, key=lambda p: p.name == "manifest.json"):
+        fs.put_file(str(path), f"{bucket_prefix}/{path.name}")
+    return f"s3://{bucket_prefix}"
+
+
+@pytest.fixture
+def s3_data(s3_env, tiny_data_dir):
+    fs = s3_env.filesystem()
+    url = upload(fs, tiny_data_dir, f"{BUCKET}/loader-{uuid.uuid4().hex[:8]}")
+    return url, fs
+
+
+def batches(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+
+
+def test_s3_batches_equal_local_ones_and_resume(s3_data, tiny_data_dir, tmp_path):
+    url, fs = s3_data
+    remote_before = sorted(fs.find(url))
+    local = build_loader(tiny_data_dir, "train", 64, 4, 1, 2, seed=9)
+    remote = build_loader(url, "train", 64, 4, 1, 2, seed=9, cache_dir=str(tmp_path / "cache"))
+    assert remote.manifest_sha == local.manifest_sha
+    want = batches(local, 30)
+    assert same(batches(remote, 20), want[:20])
+    state = remote.state_dict()
+    resumed = build_loader(url, "train", 64, 4, 1, 2, seed=9, cache_dir=str(tmp_path / "cache"), num_workers=2)
+    resumed.load_state_dict(state)
+    assert same(batches(resumed, 10), want[20:])
+    cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.bin"))
+    assert cached and set(cached) <= {s.file for s in load_manifest(tiny_data_dir).shards}
+    assert sorted(fs.find(url)) == remote_before  # nothing on the server was deleted or added
+
+
+def test_cache_smaller_than_a_shard_reads_ranges_and_says_so(s3_data, tiny_data_dir, tmp_path, caplog, capsys):
+    url, _ = s3_data
+    local = build_loader(tiny_data_dir, "train", 64, 4, 0, 1, seed=2)
+    with caplog.at_level(logging.WARNING):
+        remote = build_loader(url, "train", 64, 4, 0, 1, seed=2, cache_dir=str(tmp_path / "c"), cache_limit=1000)
+        assert same(batches(remote, 8), batches(local, 8))
+    assert "ranged requests" in caplog.text and "data.cache_limit=1000 bytes" in capsys.readouterr().out
+    assert not list((tmp_path / "c").rglob("*.bin"))  # nothing cached: the bound holds
+
+
+def test_cache_bound_of_two_shards_evicts_and_stays_exact(s3_data, tiny_data_dir, tmp_path):
+    url, _ = s3_data
+    shard_bytes = max(s.tokens for s in load_manifest(tiny_data_dir).shards) * 2
+    local = build_loader(tiny_data_dir, "val", 32, 2, 0, 1, seed=4)
+    remote = build_loader(url, "val", 32, 2, 0, 1, seed=4, cache_dir=str(tmp_path / "c"), cache_limit=2 * shard_bytes)
+    assert same(batches(remote, 40), batches(local, 40))
+    assert sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.bin")) <= 2 * shard_bytes
+
+
+@pytest.mark.parametrize("limit", [None, 1000])
+def test_shard_changed_on_the_server_is_refused_by_name(s3_data, tiny_data_dir, tmp_path, limit):
+    url, fs = s3_data
+    manifest = load_manifest(tiny_data_dir)
+    victim = manifest.shards_of("train")[0].file
+    data = bytearray(fs.cat_file(f"{url}/{victim}"))
+    data[0] ^= 0xFF
+    fs.pipe(f"{url}/{victim}", bytes(data))  # same size: only the checksum can tell
+    loader = build_loader(url, "train", 64, 64, 0, 1, seed=0, cache_dir=str(tmp_path / "c"), cache_limit=limit)
+    with pytest.raises(DataError, match=rf"Shard s3://.*/{victim} has sha256 .* but its manifest records"):
+        batches(loader, 20)
