@@ -61,7 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from train.export import export
 
-    export(args.src, args.out_dir, dtype=args.dtype)
+    export(args.src, args.out_dir, dtype=args.dtype, force=args.force)
     return 0
 
 
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--force", action="store_true", help="replace a previous export at OUT_DIR (never anything else)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint, run dir or export")

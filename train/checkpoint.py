@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -25,12 +24,14 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from data_pipeline.atomic import atomic_write_json, atomic_write_text, replace_dir
+from train.checkpoint_files import record_files
 from train.distributed import DistInfo, barrier
 from train.errors import TrainError
+from train.rng_state import rng_state, set_rng_state
+from train.safe_load import safe_load, scan_pickles
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -163,19 +164,7 @@ def check_resumable(step_dir: Path, meta: Dict[str, Any], config: Dict[str, Any]
 # ---------------------------------------------------------------- RNG state
 
 
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+# rng_state / set_rng_state live in train.rng_state (tensors and plain types only).
 
 
 def rng_file(step_dir: Path, rank: int) -> Path:
@@ -216,11 +205,13 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
     for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
-    for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-        removed.append(stale)
+    for stale in ckpt_dir.glob(f"{TMP_PREFIX}step_*"):  # only our own temporary names, never a user's file
+        if stale.is_dir() and STEP_RE.match(stale.name[len(TMP_PREFIX):]):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
     for stale in ckpt_dir.glob(".step_*.old"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and STEP_RE.match(stale.name[1:-len(".old")]):
+            shutil.rmtree(stale, ignore_errors=True)
     return removed
 
 
@@ -241,8 +232,9 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[st
     barrier()  # every rank's shards and RNG file are on disk
     _sleep_in_save_hook(step)
     if dist_info.is_main:
-        atomic_write_json(tmp_dir / META, meta)
         shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.json")
+        meta = {**meta, **record_files(tmp_dir)}  # size and hash of every file, before COMPLETE
+        atomic_write_json(tmp_dir / META, meta)
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
         _fsync_dir(tmp_dir)
         replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
@@ -254,6 +246,13 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[st
 
 
 UNIVERSAL = "universal"
+
+
+def missing_deepspeed_files(step_dir: Path) -> str:
+    """What DeepSpeed's bare AssertionError means: which of its files the folder lacks."""
+    if not any(step_dir.glob("mp_rank_*_model_states.pt")):
+        return f"mp_rank_00_model_states.pt is missing from {step_dir} (the checkpoint is incomplete)"
+    return f"one of DeepSpeed's files in {step_dir} is missing or unreadable (the checkpoint is incomplete)"
 
 
 def ensure_universal(step_dir: Path) -> Path:
@@ -270,6 +269,7 @@ def ensure_universal(step_dir: Path) -> Path:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
+    scan_pickles(step_dir)  # ds_to_universal unpickles with weights_only=False
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -295,16 +295,17 @@ def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optio
     `universal_dir` is a DeepSpeed universal checkpoint converted from `step_dir` (world-size change).
     """
     source = universal_dir or step_dir
+    scan_pickles(source)  # DeepSpeed unpickles with weights_only=False: refuse anything but plain types first
     try:
         load_path, client_state = engine.load_checkpoint(
             str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False,
         )
     except (RuntimeError, KeyError, ValueError, AssertionError, OSError) as err:
-        raise TrainError(f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:800]}") from None
+        detail = " ".join(str(err).split())[:800] or missing_deepspeed_files(source)
+        raise TrainError(f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: {detail}") from None
     if load_path is None or client_state is None:
         raise TrainError(f"DeepSpeed found no checkpoint to load in '{source}'.")
     rng_path = rng_file(step_dir, rank)
     if rng_path.is_file() and universal_dir is None:
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load(rng_path), str(rng_path))
     return client_state

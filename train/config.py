@@ -76,6 +76,8 @@ class TrainConfig:
     """How many complete checkpoints to keep."""
     resume: str = "auto"
     """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
+    verify_checkpoint_hashes: bool = True
+    """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
     export_every: int = 0
     """Export a Hugging Face folder every this many steps; 0 disables."""
     on_nonfinite: str = "stop"

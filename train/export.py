@@ -24,6 +24,7 @@ from data_pipeline.instruct import encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, file_sha256, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError
+from train.export_target import check_export_target, write_marker
 from train.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
@@ -115,15 +116,18 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
         write_json(tmp / "special_tokens_map.json", special_tokens_map(chat))
         if verify:
             verify_export(tmp, state_dict, model_cfg, tokenizer_path)
+        write_marker(tmp, metadata)
     return out_dir
 
 
 def export(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bf16",
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> Path:
-    """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export)."""
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, force: bool = False) -> Path:
+    """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export).
+
+    `force` lets the export replace a previous export at OUT_DIR; nothing else is ever replaced."""
+    check_export_target(out_dir, src, force)
     source = locate_weights(src)
-    if Path(out_dir).resolve() == source.path.resolve():
-        raise TrainError(f"Export destination {out_dir} is the source itself; choose another OUT_DIR.")
+    check_export_target(out_dir, source.path, force)
     state_dict, cfg = load_weights(source)
     stage, provenance = "pretrain", {"source": str(source.path)}
     if source.meta is not None:

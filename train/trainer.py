@@ -234,6 +234,10 @@ def _train(cfg: Config, dist_info: DistInfo) -> int:
     cfg.train = dataclasses.replace(cfg.train, max_steps=plan.max_steps)
     check_schedule(cfg.train)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
+    from train.resume_check import intact_resume
+
+    resume_from = on_main_then_share(dist_info, lambda: intact_resume(cfg.train, run_dir, resume_from),
+                                     "Checking the checkpoint's files")
 
     data_dir = ensure_prepared(cfg, dist_info)
     tokenizer_path = data_dir / "tokenizer.json"
@@ -495,7 +499,7 @@ class TrainingLoop:
         from train.export import export
 
         out_dir = self.run_dir / "exports" / step_dir.name
-        on_main_then_share(self.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False), "Export")
+        on_main_then_share(self.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False, force=True), "Export")
         say(self.dist_info, f"exported {out_dir}")
 
     def mark_done(self) -> None:
