@@ -154,6 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every rank fails alike: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints on the first one)
+        print("interrupted", file=sys.stderr)
+        return 130
     return int(code or 0)
 
 

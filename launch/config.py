@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from launch.value_checks import check_numbers, check_override_key, check_sections
 from train.config import Config, from_dict, to_dict, to_yaml  # noqa: F401  (the CLI's and tests' entry point)
 
 
@@ -112,6 +113,10 @@ def _read_yaml(path: str) -> Any:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}.")
+    try:
+        check_sections(data, Config)
+    except ValueError as err:
+        raise ConfigError(f"Config file '{path}': {err}") from None
     return data
 
 
@@ -119,6 +124,10 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"Command-line override '{item}' is not of the form key=value (for example model.n_layers=3).")
+        try:
+            check_override_key(item)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -151,6 +160,7 @@ def _check_values(cfg: Config, origin: str) -> None:
             )
     try:
         cfg.model.validate()
+        check_numbers(cfg)
     except ValueError as err:
         raise ConfigError(f"{origin}: {err}") from None
 
