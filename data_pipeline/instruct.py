@@ -44,6 +44,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.chat_checks import check_role_order, check_some_answer, has_empty_answer, loss_labels
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD
@@ -93,11 +94,7 @@ def format_chat(messages: Sequence[Message], tokenizer: Tokenizer) -> Tuple[List
     """
     text, loss_spans = render_chat(messages)
     encoding = tokenizer.encode(text, add_special_tokens=False)
-    labels = [IGNORE_INDEX] * len(encoding.ids)
-    for i, (start, end) in enumerate(encoding.offsets):
-        if any(start < span_end and end > span_start for span_start, span_end in loss_spans):
-            labels[i] = encoding.ids[i]
-    return list(encoding.ids), labels
+    return list(encoding.ids), loss_labels(encoding.ids, encoding.offsets, loss_spans)
 
 
 def encode_chat_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> List[int]:
@@ -151,6 +148,7 @@ def _record_to_conversations(record: Any, where: str) -> List[List[Message]]:
             conversation.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{j}]")})
         if not any(m["role"] == "assistant" for m in conversation):
             raise DataError(f"{where}: no assistant message, so no token would carry loss; expected at least one.")
+        check_role_order(conversation, where)
         return [conversation]
     if "instances" in record:
         instruction = _text(record, "instruction", where)
@@ -201,6 +199,7 @@ def read_conversations(path: str) -> List[List[Message]]:
             conversations.extend(record_to_conversations(record, where))
     if not conversations:
         raise DataError(f"Instruction data file '{file}' holds no examples.")
+    check_some_answer(conversations, str(file))
     return conversations
 
 
@@ -239,6 +238,8 @@ class InstructStats:
     tokens: int = 0
     loss_tokens: int = 0
     padding: int = 0
+    empty_answers: int = 0
+    """Examples with an empty assistant answer (they still learn to stop)."""
 
     def summary(self, split: str, seq_len: int, packing: bool) -> str:
         kept = self.examples - self.dropped
@@ -248,7 +249,7 @@ class InstructStats:
             f"dropped as longer than seq_len + 1 (ift.overlong) or left without answer tokens; {kept} kept, "
             f"{self.loss_tokens} of {self.tokens} target tokens carry loss, "
             f"{self.padding / max(1, self.rows * seq_len):.0%} padding."
-        )
+        ) + (f" {self.empty_answers} example(s) have an empty answer." if self.empty_answers else "")
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:
@@ -384,6 +385,7 @@ def build_instruct_loader(ift_cfg: InstructConfig, tokenizer: Tokenizer | str | 
     chosen = split_conversations(conversations, split, ift_cfg.val_fraction)
     examples = [format_chat(c, tokenizer) for c in chosen]
     rows, stats = build_rows(examples, seq_len, ift_cfg.packing, ift_cfg.overlong, pad_id, seed)
+    stats.empty_answers = sum(has_empty_answer(c) for c in chosen)
     if rank == 0:
         print(stats.summary(split, seq_len, ift_cfg.packing), flush=True)
     return InstructLoader(rows, stats, ift_cfg.packing, micro_batch_size, rank, world_size, seed)
