@@ -42,6 +42,7 @@ from data_pipeline.manifest import (
     shard_path,
     verify_dataset,
 )
+from data_pipeline.token_check import window_check
 
 STATE_VERSION = 1
 PERMUTATION_CACHE = 4
@@ -68,6 +69,7 @@ class TokenWindows(IterableDataset):
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed % (2**63)
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self.vocab_size = manifest.vocab_size
         self.start = 0
         self.streams: List[Stream] = []
         for name in manifest.source_names():
@@ -209,6 +211,7 @@ class TokenWindows(IterableDataset):
         while filled < need:
             local = offset - int(stream.starts[k])
             piece = self._shard(s, k)[local:local + need - filled]
+            window_check(piece, self.vocab_size, stream.paths[k], local)
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             offset += len(piece)

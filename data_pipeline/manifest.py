@@ -18,6 +18,7 @@ import numpy as np
 from data_pipeline.atomic import atomic_write_json
 from data_pipeline.errors import DataError
 from data_pipeline.shards import ShardRecord
+from data_pipeline.token_check import max_id_check
 from data_pipeline.tokenizer import file_sha256, token_dtype
 
 FORMAT_VERSION = 1
@@ -173,3 +174,4 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
             digest = file_sha256(path)
             if digest != shard.sha256:
                 raise DataError(f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt.")
+            max_id_check(path, manifest.dtype, manifest.vocab_size)

@@ -47,6 +47,7 @@ from data_pipeline.manifest import (
     verify_dataset,
     write_manifest,
 )
+from data_pipeline.prepare_target import claim_fresh_data_dir
 from data_pipeline.shards import ShardRecord, ShardWriter, fsync_dir
 from data_pipeline.sources import (
     describe_source,
@@ -508,6 +509,7 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
                 )
             tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
         else:
+            claim_fresh_data_dir(data_dir, WORK_DIR, LOCK)  # never write over files an earlier prepare did not write
             tokenizer, sha = _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
         _PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc).run()
     return data_dir
