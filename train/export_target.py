@@ -50,6 +50,11 @@ def write_marker(folder: Path, provenance: Dict[str, object]) -> None:
     (folder / EXPORT_MARKER).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def _in_run_exports(out: Path, run: Path) -> bool:
+    inside = out.relative_to(run).parts
+    return looks_like_run_dir(run) and len(inside) > 1 and inside[0] == RUN_DIR_EXPORTS
+
+
 def _enclosing_conflict(out: Path) -> Optional[str]:
     """A run dir or checkpoint that is OUT_DIR or holds it (OUT_DIR under RUN/exports/ is allowed)."""
     for folder in [out, *out.parents]:
@@ -58,8 +63,7 @@ def _enclosing_conflict(out: Path) -> Optional[str]:
         if looks_like_checkpoint(folder):
             return f"it is or lies inside the checkpoint {folder}"
         if looks_like_run_dir(folder):
-            inside = out.relative_to(folder).parts
-            if inside and inside[0] == RUN_DIR_EXPORTS and len(inside) > 1:
+            if _in_run_exports(out, folder):
                 return None
             return f"it is or lies inside the run dir {folder} (exports of a run belong in {folder / RUN_DIR_EXPORTS}/NAME)"
     return None
@@ -73,7 +77,7 @@ def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, forc
     if out_real == source_real or source_real.is_relative_to(out_real):
         raise TrainError(f"Refusing to export to {out_dir}: it is or holds the source {src}, which the export would "
                          f"replace. {advice}")
-    if out_real.is_relative_to(source_real):
+    if out_real.is_relative_to(source_real) and not _in_run_exports(out_real, source_real):
         raise TrainError(f"Refusing to export to {out_dir}: it lies inside the source {src}. {advice}")
     conflict = _enclosing_conflict(out_real)
     if conflict:
