@@ -71,7 +71,7 @@ def test_zero3_export_matches_the_live_engine_in_transformers(checkpoints, expor
 def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     tied, untied, bf16_run = exports["zero3_tied_gqa"], exports["zero3_untied_mha"], exports["zero2_bf16_untied_gqa"]
     expected_files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                      "tokenizer_config.json", "special_tokens_map.json"}
+                      "tokenizer_config.json", "special_tokens_map.json", "slm_export.json"}
     for folder in exports.values():
         assert {p.name for p in folder.iterdir()} == expected_files  # no pickle, no leftovers
     assert not list(tied.parent.glob(".*tmp"))  # the atomic temp folders are gone
