@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from train.checkpoint import COMPLETE, complete_checkpoints, prune_checkpoints, read_meta, step_tag
-from train.checkpoint_files import CheckpointDamaged, newest_intact, record_files, verify_checkpoint, verify_files
+from train.checkpoint_files import (
+    CheckpointDamaged,
+    newest_intact,
+    record_files,
+    verify_checkpoint,
+    verify_files,
+)
 from train.config import TrainConfig
 from train.resume_check import intact_resume
 
