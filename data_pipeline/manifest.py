@@ -17,6 +17,7 @@ import numpy as np
 
 from data_pipeline.atomic import atomic_write_json
 from data_pipeline.errors import DataError
+from data_pipeline.manifest_checks import check_manifest_fields
 from data_pipeline.shards import ShardRecord
 from data_pipeline.token_check import max_id_check
 from data_pipeline.tokenizer import file_sha256, token_dtype
@@ -103,6 +104,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         version = raw.get("format_version") if isinstance(raw, dict) else None
         raise DataError(f"Manifest {path} has format version {version!r}; this slm-forge reads version {FORMAT_VERSION}. Prepare the data again.")
+    check_manifest_fields(raw, path, SPLITS, DTYPES)
     try:
         shards = [ShardRecord(**s) for s in raw["shards"]]
         manifest = Manifest(

@@ -130,7 +130,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(str(err)) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"Command-line overrides could not be parsed: {str(err).splitlines()[0]}.") from None
 
 
