@@ -96,6 +96,9 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         key = _key_of(err)
         msg = str(err).splitlines()[0]
         raise ConfigError(f"{origin}: config key '{key}' could not be set: {msg}.") from None
+    except (TypeError, ValueError) as err:  # e.g. a key below a list (data.sources.path=...)
+        raise ConfigError(f"{origin}: {' '.join(str(err).split())}; a key of a list section needs an index, e.g. "
+                          "data.sources[0].path=..., and a section needs a mapping.") from None
 
 
 def _read_yaml(path: str) -> Any:
@@ -130,8 +133,10 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(str(err)) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except (OmegaConfBaseException, yaml.YAMLError) as err:
-        raise ConfigError(f"Command-line overrides could not be parsed: {str(err).splitlines()[0]}.") from None
+    except (OmegaConfBaseException, yaml.YAMLError, IndexError, KeyError, TypeError, ValueError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"Command-line overrides {' '.join(overrides)} could not be parsed: {first}; expected "
+                          "key=value items such as model.n_layers=3.") from None
 
 
 def _check_values(cfg: Config, origin: str) -> None:

@@ -4,6 +4,7 @@ and a manifest never makes the loader read outside the dataset folder."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -28,7 +29,7 @@ RECORD = st.one_of(
         st.fixed_dictionaries({"input": st.one_of(TEXT, st.none()), "output": st.one_of(TEXT, st.integers())}), max_size=3)}),
 )
 LINE = st.one_of(RECORD.map(json.dumps), st.text(max_size=20))
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("SLM_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ

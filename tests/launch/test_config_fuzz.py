@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,7 +45,7 @@ def check(path, overrides) -> None:
     assert isinstance(cfg, Config)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("SLM_FUZZ_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flat=st.dictionaries(KEY, VALUES, max_size=4))
 def test_random_yaml_is_a_config_or_a_clear_error(tmp_path, flat):
     path = tmp_path / "fuzz.yaml"
@@ -51,7 +53,7 @@ def test_random_yaml_is_a_config_or_a_clear_error(tmp_path, flat):
     check(path, [])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("SLM_FUZZ_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=st.lists(st.tuples(KEY, st.one_of(SCALARS.map(str), st.text(max_size=10))), max_size=3))
 def test_random_overrides_are_a_config_or_a_clear_error(tmp_path, items):
     path = tmp_path / "empty.yaml"
