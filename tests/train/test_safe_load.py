@@ -61,3 +61,17 @@ def test_a_plain_tensor_file_passes_the_scan(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}, "shapes": torch.Size([2]), "step": 3}, tmp_path / "ok.pt")
     scan_pickles(tmp_path)
     assert safe_load(tmp_path / "ok.pt")["step"] == 3
+
+
+def test_universal_conversion_scans_the_checkpoint_before_deepspeed_reads_it(tmp_path):
+    from train.checkpoint import ensure_universal
+
+    step_dir = tmp_path / "step_00000002"
+    step_dir.mkdir()
+    target = tmp_path / "pwned"
+    write_crafted(step_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt", target)
+    (step_dir / "universal").mkdir()
+    (step_dir / "universal" / "notes.txt").write_text("left alone when refused")
+    with pytest.raises(TrainError, match="Refusing to load .*zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        ensure_universal(step_dir)
+    assert not target.exists() and (step_dir / "universal" / "notes.txt").is_file()
