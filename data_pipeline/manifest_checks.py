@@ -23,7 +23,7 @@ def check_manifest_fields(raw: Dict[str, Any], path: Path, splits: tuple, dtypes
     def bad(what: str) -> DataError:
         return DataError(f"Manifest {path} is malformed: {what}; prepare the data again.")
 
-    if raw.get("dtype") not in dtypes:
+    if not isinstance(raw.get("dtype"), str):  # which names are allowed is checked with the shards (manifest.py)
         raise bad(f"dtype is {raw.get('dtype')!r}, expected one of {', '.join(dtypes)}")
     for key in ("vocab_size", "shard_tokens"):
         if not _is_int(raw.get(key)) or raw[key] <= 0:
