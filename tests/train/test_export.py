@@ -119,10 +119,14 @@ def test_sharded_bf16_export_round_trips(checkpoints, tmp_path):
     resaved, resaved_cfg, resaved_sha = load_init_weights(tmp_path / "resaved")
     assert resaved_sha is None and resaved_cfg.n_kv_heads == 4
     assert all(torch.equal(resaved[name].float(), weights[name].float()) for name in original)
-    # The command line, over an existing folder: replaced whole (a stale file does not survive).
+    # The command line, over a previous export: only with --force, and never over a file the export did not write.
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32"]) == 2
     (out / "stale.bin").write_bytes(b"x")
-    assert slm_main(["export", str(src), str(out), "--dtype", "fp32"]) == 0
-    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32", "--force"]) == 2
+    assert (out / "stale.bin").read_bytes() == b"x"
+    (out / "stale.bin").unlink()
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32", "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and not list(out.glob("model-*.safetensors"))
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 
