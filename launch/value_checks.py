@@ -42,10 +42,10 @@ def check_numbers(cfg: Any) -> None:
         raise ValueError(
             f"config key 'train.warmup_steps' ({train.warmup_steps}) is not below 'train.max_steps' ({train.max_steps}): "
             "the run would end before the learning rate reaches its peak. Lower train.warmup_steps.")
-    for key in ("max_time", "peak_flops"):
-        value = getattr(train, key)
-        if value is not None and not value > 0:
-            raise ValueError(f"config key 'train.{key}' is {value}; expected a positive number or null.")
+    if train.max_time is not None and train.max_time < 0:
+        raise ValueError(f"config key 'train.max_time' is {train.max_time}; expected seconds >= 0 or null.")
+    if train.peak_flops is not None and not train.peak_flops > 0:
+        raise ValueError(f"config key 'train.peak_flops' is {train.peak_flops}; expected a positive number or null.")
 
 
 def check_sections(data: Mapping[str, Any], schema: Any, prefix: str = "") -> None:

@@ -22,7 +22,7 @@ from train.generate import generate_cli
     (["train.warmup_steps=20", "train.max_steps=10"], r"'train.warmup_steps' \(20\) is not below"),
     (["train.min_lr=0.01"], r"'train.min_lr' \(0.01\) is above 'train.lr' \(0.003\)"),
     (["train.lr=0"], "'train.lr' is 0.0; expected a positive learning rate"),
-    (["train.max_time=nan"], "'train.max_time' is nan"),
+    (["train.max_time=nan"], "'train.max_time' is nan"), (["train.max_time=-1"], "'train.max_time' is -1.0"),
 ])
 def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
     with pytest.raises(ConfigError, match=message):
