@@ -10,8 +10,7 @@ import bisect
 from typing import Dict, List, Sequence, Tuple
 
 from data_pipeline.errors import DataError
-
-IGNORE_INDEX = -100
+from model.transformer import IGNORE_INDEX
 
 
 def loss_labels(ids: Sequence[int], offsets: Sequence[Tuple[int, int]], loss_spans: Sequence[Tuple[int, int]]) -> List[int]:

@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from common.files import file_sha256
 from train.errors import TrainError
 
 FILES_KEY = "files"
@@ -98,8 +99,6 @@ def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> b
 
 def verify_tokenizer(step_dir: Path, meta: Dict[str, Any]) -> None:
     """The checkpoint's tokenizer.json must be the one its meta.json names (sha256)."""
-    from data_pipeline.tokenizer import file_sha256
-
     path = step_dir / "tokenizer.json"
     expected = meta.get("tokenizer_sha256")
     if not path.is_file():

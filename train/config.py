@@ -8,8 +8,20 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from common.checks import check_choice, check_finite_fields, check_positive
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
+
+STAGES = ("pretrain", "cpt", "ift")
+ZERO_STAGES = (0, 1, 2, 3)
+"""The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+ON_NONFINITE = ("stop", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 @dataclass
@@ -93,6 +105,37 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Peak FLOP/s per device for MFU; null means the built-in table for known GPUs (none on CPU)."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
+                             ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
+                             ("device", DEVICES), ("backend", BACKENDS)):
+            check_choice(f"train.{key}", getattr(self, key), allowed)
+        for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
+                    "ckpt_every", "keep_checkpoints"):
+            check_positive(f"train.{key}", getattr(self, key))
+        check_finite_fields(self, "train")
+        self.validate_schedule()
+
+    def validate_schedule(self) -> None:
+        """The learning-rate schedule consistent (the trainer checks it again once max_tokens sets max_steps)."""
+        if not self.lr > 0:
+            raise ValueError(f"config key 'train.lr' is {self.lr}; expected a positive learning rate.")
+        if self.min_lr < 0:
+            raise ValueError(f"config key 'train.min_lr' is {self.min_lr}; expected 0 or a positive number.")
+        if self.min_lr > self.lr:
+            raise ValueError(f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"config key 'train.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer.")
+        if self.max_tokens is None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"config key 'train.warmup_steps' ({self.warmup_steps}) is not below 'train.max_steps' ({self.max_steps}): "
+                "the run would end before the learning rate reaches its peak. Lower train.warmup_steps.")
+        if self.max_time is not None and self.max_time < 0:
+            raise ValueError(f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null.")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null.")
+
 
 @dataclass
 class WandbConfig:
@@ -105,6 +148,10 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
     """Tags attached to the wandb run."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_choice("log.wandb.mode", self.mode, WANDB_MODES)
+
 
 @dataclass
 class LogConfig:
@@ -112,6 +159,10 @@ class LogConfig:
     """Weights & Biases logging."""
     console: bool = True
     """Print metric rows on rank 0."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        self.wandb.validate()
 
 
 @dataclass
@@ -134,6 +185,11 @@ class Config:
     """Console and wandb logging."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
+
+    def validate(self) -> None:
+        """Each section's own validate(); ValueError naming the first bad key."""
+        for section in (self.train, self.log, self.data, self.ift, self.tokenizer, self.model):
+            section.validate()
 
 
 def to_yaml(cfg: Config) -> str:

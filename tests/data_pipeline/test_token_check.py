@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
+from common.files import file_sha256
 from data_pipeline.errors import DataError
 from data_pipeline.loader import build_loader
-from data_pipeline.tokenizer import file_sha256
 
 BAD_OFFSET = 100
 

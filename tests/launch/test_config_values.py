@@ -8,7 +8,7 @@ from launch.cli import main
 from launch.config import ConfigError, load_config
 from tests.helpers import TINY
 from train.errors import TrainError
-from train.generate import generate_cli
+from train.handoff.generate import generate_cli
 
 
 @pytest.mark.parametrize("overrides, message", [

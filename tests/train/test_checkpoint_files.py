@@ -16,7 +16,7 @@ from train.checkpoint_files import (
     verify_files,
 )
 from train.config import TrainConfig
-from train.resume_check import intact_resume
+from train.resume import intact_resume
 
 TOKENIZER = b'{"fake": "tokenizer"}'
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from train.errors import TrainError
-from train.export_target import check_export_target, write_marker
+from train.handoff.export_target import check_export_target, write_marker
 
 
 @pytest.fixture

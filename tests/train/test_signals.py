@@ -1,12 +1,14 @@
-"""SIGINT (Ctrl-C) stops like SIGTERM; a second Ctrl-C aborts at once with exit code 130."""
+"""train.signals: SIGTERM/SIGUSR1/SIGINT become a stop request, not a death; a second Ctrl-C aborts at once (130)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
 from tests.helpers import REPO, test_env
-from train.signals import EXIT_ABORTED
+from train.signals import EXIT_ABORTED, EXIT_PREEMPTED, StopRequest
 
 SCRIPT = """
 import os, signal, sys
@@ -18,6 +20,21 @@ if sys.argv[1] == "twice":
     os.kill(os.getpid(), signal.SIGINT)
     print("still running", flush=True)
 """
+
+
+def test_stop_request_catches_sigterm_and_sigusr1():
+    assert EXIT_PREEMPTED == 3
+    previous = signal.getsignal(signal.SIGUSR1)
+    request = StopRequest().install()
+    try:
+        assert not request.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.requested and request.signal_name == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing, and does not kill us
+        assert request.signal_name == "SIGUSR1"
+    finally:
+        request.restore()
+    assert signal.getsignal(signal.SIGUSR1) == previous
 
 
 def run_script(mode: str) -> subprocess.CompletedProcess:
