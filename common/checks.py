@@ -3,6 +3,8 @@ the value and what was expected (launch.config adds where the value came from)."
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Sequence
 
 
@@ -14,3 +16,11 @@ def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
 def check_positive(key: str, value: Any) -> None:
     if value <= 0:
         raise ValueError(f"config key '{key}' is {value}; expected a positive integer.")
+
+
+def check_finite_fields(section: Any, prefix: str) -> None:
+    """Every float field of a config dataclass finite (nan and inf are never a setting), named `prefix.field`."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key '{prefix}.{f.name}' is {value}; expected a finite number.")

@@ -25,9 +25,9 @@ from typing import Dict, List, Sequence, Tuple
 
 from tokenizers import Tokenizer
 
+from data_pipeline.chat_checks import loss_labels
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD
-from model.transformer import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 RESERVED = (IM_START, IM_END, EOT, PAD)
@@ -77,11 +77,7 @@ def format_chat(messages: Sequence[Message], tokenizer: Tokenizer) -> Tuple[List
     """
     text, loss_spans = render_chat(messages)
     encoding = tokenizer.encode(text, add_special_tokens=False)
-    labels = [IGNORE_INDEX] * len(encoding.ids)
-    for i, (start, end) in enumerate(encoding.offsets):
-        if any(start < span_end and end > span_start for span_start, span_end in loss_spans):
-            labels[i] = encoding.ids[i]
-    return list(encoding.ids), labels
+    return list(encoding.ids), loss_labels(encoding.ids, encoding.offsets, loss_spans)
 
 
 def encode_chat_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> List[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from common.checks import check_choice, check_positive
+from common.checks import check_choice, check_finite_fields, check_positive
 
 DOC_BOUNDARIES = ("file", "blank_line", "line")
 ENCODING_ERRORS = ("strict", "replace")
@@ -29,6 +29,7 @@ class SourceConfig:
 
     def validate(self, key: str = "data.sources[0]") -> None:
         """Raise ValueError naming the key (`key` is this source's place in the config)."""
+        check_finite_fields(self, key)
         if self.weight <= 0:
             raise ValueError(f"config key '{key}.weight' is {self.weight}; expected a positive number.")
         if self.doc_boundary not in DOC_BOUNDARIES:
@@ -78,6 +79,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
+        check_finite_fields(self, "data")
         check_choice("data.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         check_positive("data.shard_tokens", self.shard_tokens)
         if not 0.0 <= self.val_fraction < 1.0:
@@ -103,5 +105,6 @@ class InstructConfig:
     """Fraction of examples held out for validation."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the key (the one check of ift.overlong)."""
+        """Raise ValueError naming the key."""
+        check_finite_fields(self, "ift")
         check_choice("ift.overlong", self.overlong, OVERLONG)

@@ -32,6 +32,7 @@ import torch
 from tokenizers import Tokenizer
 
 from data_pipeline.chat import RESERVED, ROLES, Message, format_chat
+from data_pipeline.chat_checks import check_role_order, check_some_answer, has_empty_answer
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import IM_END, IM_START, PAD
@@ -84,6 +85,7 @@ def _record_to_conversations(record: Any, where: str) -> List[List[Message]]:
             conversation.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{j}]")})
         if not any(m["role"] == "assistant" for m in conversation):
             raise DataError(f"{where}: no assistant message, so no token would carry loss; expected at least one.")
+        check_role_order(conversation, where)
         return [conversation]
     if "instances" in record:
         instruction = _text(record, "instruction", where)
@@ -134,6 +136,7 @@ def read_conversations(path: str) -> List[List[Message]]:
             conversations.extend(record_to_conversations(record, where))
     if not conversations:
         raise DataError(f"Instruction data file '{file}' holds no examples.")
+    check_some_answer(conversations, str(file))
     return conversations
 
 
@@ -172,6 +175,8 @@ class InstructStats:
     tokens: int = 0
     loss_tokens: int = 0
     padding: int = 0
+    empty_answers: int = 0
+    """Examples with an empty assistant answer (they still learn to stop)."""
 
     def summary(self, split: str, seq_len: int, packing: bool) -> str:
         kept = self.examples - self.dropped
@@ -183,7 +188,7 @@ class InstructStats:
             f"{self.padding / max(1, self.rows * seq_len):.0%} padding."
             + (f" WARNING: {self.truncated + self.dropped} of {self.examples} examples lost answer tokens or were "
                "dropped; raise model.max_seq_len." if self.truncated + self.dropped > self.examples / 4 else "")
-        )
+        ) + (f" {self.empty_answers} example(s) have an empty answer." if self.empty_answers else "")
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:
@@ -321,6 +326,7 @@ def build_instruct_loader(ift_cfg: InstructConfig, tokenizer: Tokenizer | str | 
     chosen = split_conversations(conversations, split, ift_cfg.val_fraction)
     examples = [format_chat(c, tokenizer) for c in chosen]
     rows, stats = build_rows(examples, seq_len, ift_cfg.packing, ift_cfg.overlong, pad_id, seed)
+    stats.empty_answers = sum(has_empty_answer(c) for c in chosen)
     if rank == 0:
         print(stats.summary(split, seq_len, ift_cfg.packing), flush=True)
     return InstructLoader(rows, stats, ift_cfg.packing, micro_batch_size, rank, world_size, seed)

@@ -20,8 +20,10 @@ import numpy as np
 from common.atomic import atomic_write_json
 from common.files import file_sha256
 from data_pipeline.errors import DataError
+from data_pipeline.manifest_checks import check_manifest_fields
 from data_pipeline.shards import ShardRecord
 from data_pipeline.storage import DataStore
+from data_pipeline.token_check import max_id_check
 from data_pipeline.tokenizer import token_dtype
 
 FORMAT_VERSION = 1
@@ -121,6 +123,7 @@ def load_manifest(data_dir: str | os.PathLike | DataStore) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         version = raw.get("format_version") if isinstance(raw, dict) else None
         raise DataError(f"Manifest {path} has format version {version!r}; this slm-forge reads version {FORMAT_VERSION}. Prepare the data again.")
+    check_manifest_fields(raw, path, SPLITS, DTYPES)
     try:
         shards = [ShardRecord(**s) for s in raw["shards"]]
         manifest = Manifest(
@@ -201,6 +204,7 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
             digest = file_sha256(path)
             if digest != shard.sha256:
                 raise DataError(f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt.")
+            max_id_check(path, manifest.dtype, manifest.vocab_size)
 
 
 def summary_table(manifest: Manifest) -> str:

@@ -22,6 +22,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, load_manifest, summary_table, verify_dataset
 from data_pipeline.prepare_origin import check_same_origin, prepare_fingerprint
 from data_pipeline.prepare_run import STATE, WORK_DIR, PrepareRun
+from data_pipeline.prepare_target import claim_fresh_data_dir
 from data_pipeline.prepare_tokenizer import obtain_tokenizer
 from data_pipeline.shard_cache import local_file
 from data_pipeline.sources import source_names
@@ -112,6 +113,7 @@ def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir:
             )
         tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
     else:
+        claim_fresh_data_dir(data_dir, WORK_DIR, LOCK)  # never write over files an earlier prepare did not write
         tokenizer, sha = obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
     if publisher is not None:
         publisher.tokenizer(data_dir / TOKENIZER)

@@ -21,6 +21,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest, shard_name
 from data_pipeline.order import round_keys, shuffle
 from data_pipeline.shard_cache import ShardCache
+from data_pipeline.token_check import window_check
 
 LOCATE_STEPS = 64
 """Batches whose windows are located in one vectorised call."""
@@ -49,6 +50,7 @@ class TokenWindows(IterableDataset):
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed % (2**63)
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self.vocab_size = manifest.vocab_size
         self.start = 0
         self.streams: List[Stream] = []
         root = manifest.data_dir.resolve() if cache is None else None
@@ -202,6 +204,7 @@ class TokenWindows(IterableDataset):
                 piece = self._shard(s, k)[start:stop]
             else:
                 piece = self.cache.tokens(paths[k].as_posix(), start, stop)
+            window_check(piece, self.vocab_size, paths[k], start)
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
 

@@ -61,7 +61,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from train.handoff.export import export
 
-    export(args.src, args.out_dir, dtype=args.dtype, gguf=args.gguf)
+    export(args.src, args.out_dir, dtype=args.dtype, gguf=args.gguf, force=args.force)
     return 0
 
 
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (needs the gguf package)")
+    p.add_argument("--force", action="store_true", help="replace a previous export at OUT_DIR (never anything else)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint, run dir or export")
@@ -170,6 +171,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every rank fails alike: say it once
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints on the first one)
+        print("interrupted", file=sys.stderr)
+        return 130
     return int(code or 0)
 
 

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from launch.config_shape import check_override_key, check_sections
 from train.config import Config, from_dict, to_dict, to_yaml  # noqa: F401  (the CLI's and tests' entry point)
 
 
@@ -75,6 +76,9 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         key = _key_of(err)
         msg = str(err).splitlines()[0]
         raise ConfigError(f"{origin}: config key '{key}' could not be set: {msg}.") from None
+    except (TypeError, ValueError) as err:  # e.g. a key below a list (data.sources.path=...)
+        raise ConfigError(f"{origin}: {' '.join(str(err).split())}; a key of a list section needs an index, e.g. "
+                          "data.sources[0].path=..., and a section needs a mapping.") from None
 
 
 def _read_yaml(path: str) -> Any:
@@ -92,6 +96,10 @@ def _read_yaml(path: str) -> Any:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}.")
+    try:
+        check_sections(data, Config)
+    except ValueError as err:
+        raise ConfigError(f"Config file '{path}': {err}") from None
     return data
 
 
@@ -99,10 +107,16 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"Command-line override '{item}' is not of the form key=value (for example model.n_layers=3).")
+        try:
+            check_override_key(item)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Command-line overrides could not be parsed: {str(err).splitlines()[0]}.") from None
+    except (OmegaConfBaseException, yaml.YAMLError, IndexError, KeyError, TypeError, ValueError) as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"Command-line overrides {' '.join(overrides)} could not be parsed: {first}; expected "
+                          "key=value items such as model.n_layers=3.") from None
 
 
 def _check_values(cfg: Config, origin: str) -> None:

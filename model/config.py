@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +56,8 @@ class ModelConfig:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden} must be a positive integer or null.")
         for key in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, key)
+            if not math.isfinite(value):
+                raise ValueError(f"config key 'model.{key}' is {value}; expected a finite number.")
             if value <= 0:
                 raise ValueError(f"model.{key}={value} must be positive.")
         if self.d_model % self.n_heads:

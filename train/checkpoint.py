@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -26,14 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from common import faults
 from common.atomic import atomic_write_json, atomic_write_text, replace_dir
 from common.files import fsync_dir
+from train.checkpoint_files import record_files
 from train.distributed import DistInfo, barrier
 from train.errors import TrainError
+from train.rng_state import rng_state, set_rng_state
+from train.safe_load import safe_load, scan_pickles
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -88,9 +89,14 @@ class CheckpointRecord:
     identity: RunIdentity
     """Config, tokenizer/manifest sha256, world size, ZeRO stage, precision."""
 
-    def to_meta(self) -> Dict[str, Any]:
-        """meta.json: one flat JSON object (tools read step, config, ... at the top level)."""
-        return {**asdict(self.progress), **asdict(self.identity), "loader": self.loader, "saved_at": time.time()}
+    def to_meta(self, files: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """meta.json: one flat JSON object (tools read step, config, ... at the top level).
+
+        `files` is the folder's file record (train.checkpoint_files.record_files: `files`, `files_hash`), taken
+        once every other file is written and before COMPLETE; loads verify the folder against it.
+        """
+        return {**asdict(self.progress), **asdict(self.identity), "loader": self.loader, "saved_at": time.time(),
+                **(files or {})}
 
     @classmethod
     def from_meta(cls, meta: Dict[str, Any], where: Path) -> CheckpointRecord:
@@ -179,22 +185,7 @@ def read_meta(step_dir: str | os.PathLike) -> Dict[str, Any]:
     return meta
 
 
-# ---------------------------------------------------------------- RNG state
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+# ---------------------------------------------------------------- RNG state (train.rng_state: tensors and plain types)
 
 
 def rng_file(step_dir: Path, rank: int) -> Path:
@@ -219,11 +210,13 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
     for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
-    for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-        removed.append(stale)
+    for stale in ckpt_dir.glob(f"{TMP_PREFIX}step_*"):  # only our own temporary names, never a user's file
+        if stale.is_dir() and STEP_RE.match(stale.name[len(TMP_PREFIX):]):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
     for stale in ckpt_dir.glob(".step_*.old"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and STEP_RE.match(stale.name[1:-len(".old")]):
+            shutil.rmtree(stale, ignore_errors=True)
     return removed
 
 
@@ -245,8 +238,8 @@ def save_checkpoint(engine: Any, run_dir: Path, record: CheckpointRecord, tokeni
     barrier()  # every rank's shards and RNG file are on disk
     _sleep_in_save_hook(step)
     if dist_info.is_main:
-        atomic_write_json(tmp_dir / META, record.to_meta())
         shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.json")
+        atomic_write_json(tmp_dir / META, record.to_meta(record_files(tmp_dir)))  # every file's size and hash
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
         fsync_dir(tmp_dir)
         replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
@@ -258,6 +251,13 @@ def save_checkpoint(engine: Any, run_dir: Path, record: CheckpointRecord, tokeni
 
 
 UNIVERSAL = "universal"
+
+
+def missing_deepspeed_files(step_dir: Path) -> str:
+    """What DeepSpeed's bare AssertionError means: which of its files the folder lacks."""
+    if not any(step_dir.glob("mp_rank_*_model_states.pt")):
+        return f"mp_rank_00_model_states.pt is missing from {step_dir} (the checkpoint is incomplete)"
+    return f"one of DeepSpeed's files in {step_dir} is missing or unreadable (the checkpoint is incomplete)"
 
 
 def ensure_universal(step_dir: Path) -> Path:
@@ -274,6 +274,7 @@ def ensure_universal(step_dir: Path) -> Path:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
+    scan_pickles(step_dir)  # ds_to_universal unpickles with weights_only=False
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -299,18 +300,19 @@ def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optio
     `universal_dir` is a DeepSpeed universal checkpoint converted from `step_dir` (world-size change).
     """
     source = universal_dir or step_dir
+    scan_pickles(source)  # DeepSpeed unpickles with weights_only=False: refuse anything but plain types first
     try:
         load_path, client_state = engine.load_checkpoint(
             str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False,
         )
     except (RuntimeError, KeyError, ValueError, AssertionError, OSError) as err:
-        raise TrainError(f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:800]}") from None
+        detail = " ".join(str(err).split())[:800] or missing_deepspeed_files(source)
+        raise TrainError(f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: {detail}") from None
     if load_path is None or client_state is None:
         raise TrainError(f"DeepSpeed found no checkpoint to load in '{source}'.")
     rng_path = rng_file(step_dir, rank)
     if rng_path.is_file() and universal_dir is None:
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        set_rng_state(safe_load(rng_path), str(rng_path))
     return client_state
 
 

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from common.checks import check_choice, check_positive
+from common.checks import check_choice, check_finite_fields, check_positive
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
 
@@ -88,6 +88,8 @@ class TrainConfig:
     """How many complete checkpoints to keep."""
     resume: str = "auto"
     """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
+    verify_checkpoint_hashes: bool = True
+    """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
     export_every: int = 0
     """Export a Hugging Face folder every this many steps; 0 disables."""
     on_nonfinite: str = "stop"
@@ -112,6 +114,27 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):
             check_positive(f"train.{key}", getattr(self, key))
+        check_finite_fields(self, "train")
+        self.validate_schedule()
+
+    def validate_schedule(self) -> None:
+        """The learning-rate schedule consistent (the trainer checks it again once max_tokens sets max_steps)."""
+        if not self.lr > 0:
+            raise ValueError(f"config key 'train.lr' is {self.lr}; expected a positive learning rate.")
+        if self.min_lr < 0:
+            raise ValueError(f"config key 'train.min_lr' is {self.min_lr}; expected 0 or a positive number.")
+        if self.min_lr > self.lr:
+            raise ValueError(f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"config key 'train.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer.")
+        if self.max_tokens is None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"config key 'train.warmup_steps' ({self.warmup_steps}) is not below 'train.max_steps' ({self.max_steps}): "
+                "the run would end before the learning rate reaches its peak. Lower train.warmup_steps.")
+        if self.max_time is not None and self.max_time < 0:
+            raise ValueError(f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null.")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null.")
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 A checkpoint continues a run only with the same model shape (`train.handoff.shapes`, max_seq_len included),
 tokenizer, data manifest and precision. A different world size or ZeRO stage within 1-3 goes through a DeepSpeed
-universal checkpoint; ZeRO 0 <-> 1-3 is refused (DeepSpeed cannot convert those optimizer states).
+universal checkpoint; ZeRO 0 <-> 1-3 is refused (DeepSpeed cannot convert those optimizer states). Before
+any of that, the chosen checkpoint's files must match its own record (`intact_resume`); with train.resume=auto a
+damaged newest checkpoint is skipped, saying so, for the previous complete one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from train.checkpoint import find_checkpoint
+from train.checkpoint import CHECKPOINTS, complete_checkpoints, find_checkpoint, read_meta, step_of
+from train.checkpoint_files import newest_intact, verify_checkpoint
+from train.config import TrainConfig
 from train.errors import TrainError
 from train.handoff.shapes import shape_differences
 from train.metrics import METRICS_FILE
@@ -39,6 +43,22 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
             "folder or a step_XXXXXXXX folder containing COMPLETE (or train.resume=auto / false)."
         )
     return found
+
+
+def _say(message: str) -> None:
+    print(f"[slm] {message}", flush=True)
+
+
+def intact_resume(train: TrainConfig, run_dir: Path, chosen: Optional[Path]) -> Optional[Path]:
+    """`chosen` (from train.resume) if its files match its meta.json; with resume=auto the newest intact one."""
+    if chosen is None:
+        return None
+    hashes = train.verify_checkpoint_hashes
+    if str(train.resume).strip().lower() in RESUME_AUTO:
+        candidates = [p for p in reversed(complete_checkpoints(run_dir / CHECKPOINTS)) if step_of(p) <= step_of(chosen)]
+        return newest_intact(candidates, read_meta, hashes, _say)
+    verify_checkpoint(chosen, read_meta(chosen), hashes)
+    return chosen
 
 
 def load_mode(meta: Dict[str, Any], world_size: int, zero_stage: int) -> str:

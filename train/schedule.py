@@ -45,6 +45,12 @@ def check_schedule(cfg: TrainConfig) -> None:
         raise TrainError(f"train.max_steps is {cfg.max_steps}; expected a positive integer.")
     if not 0.0 <= cfg.decay_fraction <= 1.0:
         raise TrainError(f"train.decay_fraction is {cfg.decay_fraction}; expected a number in [0, 1].")
+    for key in ("lr", "min_lr", "decay_fraction"):
+        if not math.isfinite(getattr(cfg, key)):
+            raise TrainError(f"train.{key} is {getattr(cfg, key)}; expected a finite number.")
+    if cfg.warmup_steps >= cfg.max_steps:
+        raise TrainError(f"train.warmup_steps ({cfg.warmup_steps}) is not below train.max_steps ({cfg.max_steps}): the run "
+                         "would end before the learning rate reaches its peak. Lower train.warmup_steps.")
     if cfg.lr <= 0 or cfg.min_lr < 0:
         raise TrainError(f"train.lr is {cfg.lr} and train.min_lr is {cfg.min_lr}; expected lr > 0 and min_lr >= 0.")
     if cfg.min_lr > cfg.lr:

@@ -1,15 +1,17 @@
-"""Graceful preemption: SIGTERM or SIGUSR1 finish the current step, save a checkpoint, and exit with
+"""Graceful preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) finish the current step, save a checkpoint, and exit with
 EXIT_PREEMPTED.
 
 Slurm sends SIGUSR1 (with `--signal=USR1@SECONDS`) shortly before the time limit and SIGTERM on
 preemption or `scancel`; the requeue loop of `slm slurm` treats exit code 3 as "checkpointed,
 start me again" and stops once `run.dir/DONE` exists. The handler only sets a flag: the training
 loop reduces it across ranks once per step so that every rank stops after the same step (a rank
-that stopped alone would leave the others waiting in a collective).
+that stopped alone would leave the others waiting in a collective). A second SIGINT (Ctrl-C pressed
+again while the step finishes) aborts at once with EXIT_ABORTED, saving nothing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -18,7 +20,10 @@ from typing import Dict, Optional
 EXIT_PREEMPTED = 3
 """Exit code of a run that saved a checkpoint after SIGTERM/SIGUSR1 and should be started again."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_ABORTED = 130
+"""Exit code after a second Ctrl-C (128 + SIGINT, as a shell reports an interrupted command)."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -33,6 +38,10 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            print(f"[slm] second Ctrl-C: aborting now without a checkpoint (exit code {EXIT_ABORTED}); the newest "
+                  "complete checkpoint is unchanged", file=sys.stderr, flush=True)
+            os._exit(EXIT_ABORTED)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             print(f"[slm] received {self.signal_name}: finishing this step, then checkpointing and exiting "

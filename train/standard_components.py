@@ -159,7 +159,7 @@ class Exporter(Component):
 
         step_dir = run.checkpoints.ensure_saved(run.progress)
         out_dir = run.run_dir / "exports" / step_dir.name
-        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False), "Export")
+        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False, force=True), "Export")
         run.say(f"exported {out_dir}")
 
 

@@ -31,7 +31,7 @@ from train.errors import TrainError
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
 from train.preflight import BatchPlan, plan_batches, preflight
-from train.resume import check_resumable, load_mode, resolve_resume
+from train.resume import check_resumable, intact_resume, load_mode, resolve_resume
 
 
 def say(dist_info: DistInfo, message: str) -> None:
@@ -242,6 +242,8 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
                          "from those weights, or remove train.init_from.")
     cfg, plan = settle_batches(cfg, dist_info)
     resume_from = resolve_resume(cfg.train.resume, Path(cfg.run.dir))
+    resume_from = on_main_then_share(dist_info, lambda: intact_resume(cfg.train, Path(cfg.run.dir), resume_from),
+                                     "Checking the checkpoint's files")
     data = load_data(cfg, dist_info)
     settle_vocab(cfg, dist_info, data)
     for line in on_main_then_share(dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"):

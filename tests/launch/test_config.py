@@ -26,7 +26,7 @@ def test_every_preset_loads_and_validates(preset: Path):
 
 def test_overrides_nested_and_lists():
     cfg = load_config(TINY, [
-        "model.n_layers=3", "train.lr=1e-4", "log.wandb.tags=[a,b]",
+        "model.n_layers=3", "train.lr=1e-4", "train.min_lr=1e-5", "log.wandb.tags=[a,b]",
         "data.sources=[{path: x.txt, weight: 3}, {path: y.jsonl, weight: 1, text_field: body}]",
     ])
     assert cfg.model.n_layers == 3

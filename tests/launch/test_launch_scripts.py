@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 MAX_STEPS = 12
 SMALL = [
     "model.n_layers=2", "model.d_model=64", "model.max_seq_len=32", "train.micro_batch_size=4",
-    f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.ckpt_every=6", "train.eval_every=1000",
+    f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.ckpt_every=6", "train.eval_every=1000",
     "train.eval_batches=2",
 ]
 

@@ -29,7 +29,7 @@ def sbatch_options(script: str) -> List[str]:
 def test_cpu_job_script(tmp_path):
     run_dir = tmp_path / "run"
     script = script_for(run_dir, "--nodes", "2", "--nproc-per-node", "2", "--time", "1:00:00",
-                        "--signal-seconds", "90", "--partition", "debug", "model.n_layers=2", "train.max_steps=7")
+                        "--signal-seconds", "90", "--partition", "debug", "model.n_layers=2", "train.max_steps=70")
     options = sbatch_options(script)
     assert options == [
         "--job-name=slm-run", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--partition=debug",
@@ -47,7 +47,7 @@ def test_cpu_job_script(tmp_path):
     assert '--ntasks-per-node=1' in launch and "trap \"\" USR1; exec \"$@\"" in launch
     assert '--nnodes "$SLURM_NNODES" --nproc_per_node 2' in launch
     assert '--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in launch
-    assert f"-m launch train {Path(TINY).resolve()} model.n_layers=2 train.max_steps=7 run.dir={run_dir}" in launch
+    assert f"-m launch train {Path(TINY).resolve()} model.n_layers=2 train.max_steps=70 run.dir={run_dir}" in launch
     assert launch.rstrip().endswith('>> "$LOG" 2>&1 &')
     assert 'LOG="$RUN_DIR/slurm/train-$SLURM_JOB_ID-attempt$ATTEMPT.log"' in script
     # USR1 and TERM are trapped and forwarded; a checkpointed stop requeues, DONE never does.
@@ -91,11 +91,11 @@ def test_overrides_are_shell_quoted(tmp_path):
 
 def test_cli_writes_job_sbatch_and_prints_it(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main(["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=5"])
+    code = main(["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=50"])
     assert code == 0
     written = (run_dir / "slurm" / "job.sbatch").read_text()
     assert capsys.readouterr().out == written
-    assert "--signal=B:USR1@30" in written and "train.max_steps=5" in written
+    assert "--signal=B:USR1@30" in written and "train.max_steps=50" in written
     assert not list((run_dir / "slurm").glob(".*tmp")), "the script is written atomically (no temp left)"
 
 

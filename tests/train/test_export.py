@@ -71,7 +71,7 @@ def test_zero3_export_matches_the_live_engine_in_transformers(checkpoints, expor
 def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     tied, untied, bf16_run = exports["zero3_tied_gqa"], exports["zero3_untied_mha"], exports["zero2_bf16_untied_gqa"]
     expected_files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                      "tokenizer_config.json", "special_tokens_map.json", "README.md"}
+                      "tokenizer_config.json", "special_tokens_map.json", "README.md", "slm_export.json"}
     for folder in exports.values():
         assert {p.name for p in folder.iterdir()} == expected_files  # no pickle, no leftovers
     assert not list(tied.parent.glob(".*tmp"))  # the atomic temp folders are gone
@@ -124,10 +124,14 @@ def test_sharded_bf16_export_round_trips(checkpoints, tmp_path):
     resaved, resaved_cfg, resaved_sha = load_init_weights(tmp_path / "resaved")
     assert resaved_sha is None and resaved_cfg.n_kv_heads == 4
     assert all(torch.equal(resaved[name].float(), weights[name].float()) for name in original)
-    # The command line, over an existing folder: replaced whole (a stale file does not survive).
+    # The command line, over a previous export: only with --force, and never over a file the export did not write.
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32"]) == 2
     (out / "stale.bin").write_bytes(b"x")
-    assert slm_main(["export", str(src), str(out), "--dtype", "fp32"]) == 0
-    assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32", "--force"]) == 2
+    assert (out / "stale.bin").read_bytes() == b"x"
+    (out / "stale.bin").unlink()
+    assert slm_main(["export", str(src), str(out), "--dtype", "fp32", "--force"]) == 0
+    assert (out / "model.safetensors").is_file() and not list(out.glob("model-*.safetensors"))
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
 
 

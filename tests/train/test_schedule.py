@@ -91,10 +91,11 @@ def test_zero_warmup_starts_at_peak(schedule):
     assert lr_at(110, cfg) == pytest.approx(1.0 if schedule == "constant" else 0.1)
 
 
-def test_warmup_longer_than_run_and_cpt_rewarm():
-    # A warmup longer than max_steps rises until max_steps then sits at min_lr; nothing divides by zero.
-    cfg = replace(BASE, schedule="cosine", warmup_steps=200, max_steps=100)
-    assert lr_at(99, cfg) == pytest.approx(0.5) and lr_at(250, cfg) == pytest.approx(0.1)
+def test_warmup_not_shorter_than_run_is_refused_and_cpt_rewarm():
+    # A warmup as long as the run would never reach the peak learning rate: refused, naming the key.
+    for warmup in (100, 200):
+        with pytest.raises(TrainError, match="train.warmup_steps"):
+            lr_at(0, replace(BASE, schedule="cosine", warmup_steps=warmup, max_steps=100))
     # A CPT run re-warms with its own warmup and length: its step 0 is a warmup step again.
     cpt = replace(BASE, schedule="wsd", lr=0.3, min_lr=0.03, warmup_steps=5, max_steps=50)
     assert lr_at(0, cpt) == pytest.approx(0.06) and lr_at(4, cpt) == pytest.approx(0.3)
@@ -104,7 +105,8 @@ def test_warmup_longer_than_run_and_cpt_rewarm():
 @pytest.mark.parametrize("change, key", [
     (dict(schedule="step"), "train.schedule"), (dict(decay_shape="exp"), "train.decay_shape"),
     (dict(decay_fraction=1.5), "train.decay_fraction"), (dict(min_lr=2.0), "train.min_lr"),
-    (dict(warmup_steps=-1), "train.warmup_steps"),
+    (dict(warmup_steps=-1), "train.warmup_steps"), (dict(lr=float("nan")), "train.lr"),
+    (dict(min_lr=float("inf")), "train.min_lr"),
 ])
 def test_bad_settings_name_the_key(change, key):
     with pytest.raises(TrainError, match=key):

@@ -27,6 +27,7 @@ from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
 from model.transformer import IGNORE_INDEX
 from train.errors import TrainError
+from train.handoff.export_target import check_export_target, write_marker
 from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
@@ -129,15 +130,19 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
             from train.handoff.gguf_export import write_gguf
 
             write_gguf(tmp, tmp / "model.gguf", state_dict, model_cfg, verify=verify)
+        write_marker(tmp, metadata)  # last: it lists every file the export holds
     return out_dir
 
 
 def export(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bf16",
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, gguf: bool = False) -> Path:
-    """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export)."""
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, gguf: bool = False,
+           force: bool = False) -> Path:
+    """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export).
+
+    `force` lets the export replace a previous export at OUT_DIR; nothing else is ever replaced."""
+    check_export_target(out_dir, src, force)
     source = locate_weights(src)
-    if Path(out_dir).resolve() == source.path.resolve():
-        raise TrainError(f"Export destination {out_dir} is the source itself; choose another OUT_DIR.")
+    check_export_target(out_dir, source.path, force)
     state_dict, cfg = load_weights(source)
     stage, provenance = "pretrain", {"source": str(source.path)}
     card = CardFacts(source=str(source.path))

@@ -6,6 +6,7 @@ template (exactly as in instruction tuning) and stops at <|im_end|>. Temperature
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional
 
@@ -31,7 +32,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: List[int], max_new_tokens: 
 def generate_cli(model: str | os.PathLike, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                  temperature: float = 0.8, top_k: Optional[int] = None, seed: int = 0) -> int:
     """Print the prompt and its continuation; returns the exit code."""
-    if temperature < 0:
+    if not math.isfinite(temperature) or temperature < 0:
         raise TrainError(f"--temperature is {temperature}; expected 0 (greedy) or a positive number.")
     if max_new_tokens < 1:
         raise TrainError(f"--max-new-tokens is {max_new_tokens}; expected a positive integer.")

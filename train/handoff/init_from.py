@@ -79,6 +79,9 @@ def consolidate_checkpoint(step_dir: Path) -> Dict[str, torch.Tensor]:
     """fp32 state dict of a DeepSpeed checkpoint folder (its parent is the checkpoint_dir, its name the tag)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from train.safe_load import safe_load, scan_pickles
+
+    scan_pickles(step_dir)  # zero_to_fp32 unpickles with weights_only=False: refuse anything but plain types first
     state_dict = None
     if any(step_dir.glob("*_optim_states.pt")):  # ZeRO 1-3 partitions (bf16_zero_* too): exact fp32 masters
         try:
@@ -94,7 +97,7 @@ def consolidate_checkpoint(step_dir: Path) -> Dict[str, torch.Tensor]:
                              "expected a DeepSpeed checkpoint written by `slm train`.")
         print(f"note: {step_dir} has no ZeRO partitions; using its module weights as saved (training precision).",
               file=sys.stderr)
-        state_dict = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        state_dict = safe_load(model_states)["module"]
     return {name: tensor.float().contiguous() for name, tensor in strip_wrapper_prefixes(dict(state_dict)).items()}
 
 
@@ -108,6 +111,9 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
         cfg = from_dict(source.meta["config"]).model
     except Exception as err:  # a meta.json from another version or hand-edited
         raise TrainError(f"{source.path / 'meta.json'} has no usable 'config' ({err}).") from None
+    from train.checkpoint_files import verify_checkpoint
+
+    verify_checkpoint(source.path, source.meta)  # every file's size and hash, and the tokenizer copy, first
     state_dict = consolidate_checkpoint(source.path)
     if cfg.tie_embeddings and "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict:
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]

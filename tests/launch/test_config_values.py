@@ -1,0 +1,63 @@
+"""Non-finite or contradictory numbers and malformed sections are config errors naming the key, at load time."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.cli import main
+from launch.config import ConfigError, load_config
+from tests.helpers import TINY
+from train.errors import TrainError
+from train.handoff.generate import generate_cli
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lr=nan"], "'train.lr' is nan; expected a finite number"),
+    (["train.lr=inf"], "'train.lr' is inf; expected a finite number"),
+    (["train.min_lr=-inf"], "'train.min_lr' is -inf"),
+    (["model.rope_theta=nan"], "'model.rope_theta' is nan"),
+    (["data.val_fraction=nan"], "'data.val_fraction' is nan"),
+    (["data.sources=[{path: a.txt, weight: .inf}]"], r"'data.sources\[0\].weight' is inf"),
+    (["train.warmup_steps=300"], r"'train.warmup_steps' \(300\) is not below 'train.max_steps' \(300\)"),
+    (["train.warmup_steps=20", "train.max_steps=10"], r"'train.warmup_steps' \(20\) is not below"),
+    (["train.min_lr=0.01"], r"'train.min_lr' \(0.01\) is above 'train.lr' \(0.003\)"),
+    (["train.lr=0"], "'train.lr' is 0.0; expected a positive learning rate"),
+    (["train.max_time=nan"], "'train.max_time' is nan"), (["train.max_time=-1"], "'train.max_time' is -1.0"),
+])
+def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+    assert main(["config", "show", TINY, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_token_budget_runs_are_not_refused_for_their_max_steps():
+    cfg = load_config(TINY, ["train.max_steps=1", "train.max_tokens=1000000"])  # max_steps comes from the budget
+    assert cfg.train.max_tokens == 1000000
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("model: 5\n", "config key 'model' is 5 \\(type int\\); expected a mapping of model settings"),
+    ("train: [1, 2]\n", "config key 'train' is \\[1, 2\\] \\(type list\\); expected a mapping"),
+    ("data:\n  sources: oops\n", "config key 'data.sources' is 'oops' \\(type str\\); expected a list of mappings"),
+    ("data:\n  sources: [3]\n", "config key 'data.sources\\[0\\]' is 3"),
+    ("log:\n  wandb: off\n", "config key 'log.wandb'"),
+])
+def test_a_section_that_is_not_a_mapping_is_named(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=f"Config file '{path}': {message}"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("item", ["model..x=1", ".model=1", "model.=3", " =1"])
+def test_override_key_with_an_empty_part_is_named(item):
+    with pytest.raises(ConfigError, match="has an empty part in its key"):
+        load_config(TINY, [item])
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_generate_refuses_a_non_finite_temperature_before_loading(tmp_path, temperature):
+    with pytest.raises(TrainError, match="--temperature"):
+        generate_cli(tmp_path / "nothing", "hi", temperature=temperature)

@@ -1,0 +1,101 @@
+"""The per-file record of a checkpoint: damage is named, resume=auto falls back, rotation deletes only our folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train.checkpoint import COMPLETE, complete_checkpoints, prune_checkpoints, read_meta, step_tag
+from train.checkpoint_files import (
+    CheckpointDamaged,
+    newest_intact,
+    record_files,
+    verify_checkpoint,
+    verify_files,
+)
+from train.config import TrainConfig
+from train.resume import intact_resume
+
+TOKENIZER = b'{"fake": "tokenizer"}'
+
+
+def make_checkpoint(ckpt_dir: Path, step: int) -> Path:
+    import hashlib
+
+    step_dir = ckpt_dir / step_tag(step)
+    step_dir.mkdir(parents=True)
+    (step_dir / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 200)
+    (step_dir / "rng_rank00000.pt").write_bytes(b"r" * 100)
+    (step_dir / "tokenizer.json").write_bytes(TOKENIZER)
+    meta = {"step": step, "tokens_seen": 0, "config": {}, "tokenizer_sha256": hashlib.sha256(TOKENIZER).hexdigest(),
+            "manifest_sha256": "m", "world_size": 1, "zero_stage": 0, **record_files(step_dir)}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    (step_dir / COMPLETE).write_text("x")
+    return step_dir
+
+
+def test_record_names_every_file_and_verification_names_the_damaged_one(tmp_path):
+    step_dir = make_checkpoint(tmp_path, 4)
+    meta = read_meta(step_dir)
+    assert set(meta["files"]) == {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "tokenizer.json"}
+    verify_checkpoint(step_dir, meta)
+    weights = step_dir / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[1000:1100] = b"\x00" * 100  # same size, other bytes
+    weights.write_bytes(bytes(data))
+    verify_files(step_dir, meta, hashes=False)  # sizes only: not seen
+    with pytest.raises(CheckpointDamaged, match="mp_rank_00_model_states.pt has xxh3_128|mp_rank_00_model_states.pt has sha256"):
+        verify_files(step_dir, meta)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointDamaged, match="mp_rank_00_model_states.pt has 51190 bytes"):
+        verify_files(step_dir, meta, hashes=False)
+    weights.unlink()
+    with pytest.raises(CheckpointDamaged, match="incomplete: mp_rank_00_model_states.pt is missing"):
+        verify_files(step_dir, meta, hashes=False)
+
+
+def test_unrecorded_pickle_and_swapped_tokenizer_are_refused(tmp_path):
+    step_dir = make_checkpoint(tmp_path, 4)
+    meta = read_meta(step_dir)
+    (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointDamaged, match="zero_pp_rank_1_mp_rank_00_optim_states.pt, which its meta.json does not list"):
+        verify_files(step_dir, meta)
+    (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    (step_dir / "tokenizer.json").write_bytes(TOKENIZER.replace(b"fake", b"swap"))  # same size
+    with pytest.raises(CheckpointDamaged, match="tokenizer.json"):
+        verify_checkpoint(step_dir, meta, hashes=False)
+
+
+def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, capsys):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    for step in (2, 4, 6):
+        make_checkpoint(ckpt_dir, step)
+    (ckpt_dir / "step_00000006" / "mp_rank_00_model_states.pt").unlink()
+    (ckpt_dir / "step_00000004" / "rng_rank00000.pt").write_bytes(b"R" * 100)
+    chosen = intact_resume(TrainConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
+    assert chosen == ckpt_dir / "step_00000002"
+    out = capsys.readouterr().out
+    assert "mp_rank_00_model_states.pt is missing" in out and "rng_rank00000.pt has" in out
+    assert "resuming from step_00000002 instead of the damaged step_00000006, step_00000004" in out
+    with pytest.raises(CheckpointDamaged, match="step_00000006 is incomplete"):  # an explicit path is not replaced
+        intact_resume(TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006")
+    (ckpt_dir / "step_00000002" / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointDamaged, match="Every complete checkpoint is damaged"):
+        newest_intact(reversed(complete_checkpoints(ckpt_dir)), read_meta, True, print)
+
+
+def test_rotation_removes_only_our_old_checkpoints_and_temporary_folders(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        make_checkpoint(ckpt_dir, step)
+    (ckpt_dir / "tmp.step_00000008").mkdir()
+    (ckpt_dir / "tmp.notes").mkdir()  # a user's folder that happens to start with tmp.
+    (ckpt_dir / "tmp.notes" / "keep.txt").write_text("mine")
+    (ckpt_dir / "tmp.step_backup.txt").write_text("mine too")
+    (ckpt_dir / "step_00000001").mkdir()  # incomplete: not ours to judge, left alone
+    removed = prune_checkpoints(ckpt_dir, keep=2)
+    assert sorted(p.name for p in removed) == ["step_00000002", "tmp.step_00000008"]
+    assert (ckpt_dir / "tmp.notes" / "keep.txt").read_text() == "mine"
+    assert (ckpt_dir / "tmp.step_backup.txt").is_file() and (ckpt_dir / "step_00000001").is_dir()

@@ -1,0 +1,87 @@
+"""`slm export` replaces only its own previous export (with --force); run dirs, checkpoints and SRC are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from train.errors import TrainError
+from train.handoff.export_target import check_export_target, write_marker
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("x")
+    (step / "meta.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    (run / "config.yaml").write_text("")
+    return run
+
+
+@pytest.mark.parametrize("out, match", [
+    ("run", "is or holds the source"),
+    ("run/checkpoints", "inside the source"),
+    ("run/checkpoints/step_00000004", "inside the source"),
+    ("run/checkpoints/step_00000004/hf", "inside the source"),
+    ("run/somewhere", "inside the source"),
+])
+def test_export_into_its_own_run_or_checkpoint_is_refused(tmp_path, run_dir, out, match):
+    with pytest.raises(TrainError, match=match):
+        check_export_target(tmp_path / out, run_dir)
+
+
+def test_export_into_the_folder_holding_a_checkpoint_source_is_refused(run_dir):
+    step = run_dir / "checkpoints" / "step_00000004"
+    for out in (run_dir, run_dir / "checkpoints", step):
+        with pytest.raises(TrainError, match="is or holds the source"):
+            check_export_target(out, step)
+
+
+def test_export_into_another_run_or_checkpoint_is_refused(tmp_path, run_dir):
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    with pytest.raises(TrainError, match="inside the run dir"):
+        check_export_target(other, run_dir)
+    for out in (run_dir, run_dir / "notes", run_dir / "exports"):
+        with pytest.raises(TrainError, match="inside the run dir"):
+            check_export_target(out, tmp_path / "an_export")
+    check_export_target(run_dir / "exports" / "mine", tmp_path / "an_export")
+    with pytest.raises(TrainError, match="inside the checkpoint"):
+        check_export_target(run_dir / "checkpoints" / "step_00000004" / "x", tmp_path / "elsewhere")
+
+
+def test_user_folder_is_never_replaced_even_with_force(tmp_path, run_dir):
+    user = tmp_path / "mine"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("precious")
+    for force in (False, True):
+        with pytest.raises(TrainError, match="not an slm export .*notes.txt"):
+            check_export_target(user, run_dir, force=force)
+    (user / "notes.txt").unlink()
+    with pytest.raises(TrainError, match="sub-folders"):  # an empty sub-folder is still someone's
+        check_export_target(user, run_dir, force=True)
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(TrainError, match="not a folder"):
+        check_export_target(target, run_dir, force=True)
+
+
+def test_previous_export_is_replaced_only_with_force_and_only_if_untouched(tmp_path, run_dir):
+    check_export_target(tmp_path / "new", run_dir)  # absent: fine
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty", run_dir)  # empty: fine
+    check_export_target(run_dir / "exports" / "step_00000004", run_dir)  # the trainer's own place
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    write_marker(export, {"step": 4})
+    with pytest.raises(TrainError, match="pass --force"):
+        check_export_target(export, run_dir)
+    check_export_target(export, run_dir, force=True)
+    (export / "README.md").write_text("my notes")
+    with pytest.raises(TrainError, match="README.md, which the export did not write"):
+        check_export_target(export, run_dir, force=True)

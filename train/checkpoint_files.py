@@ -1,0 +1,136 @@
+"""The per-file record of a checkpoint (size and hash of every file it holds) and its verification.
+
+A save adds `meta.json["files"]` (written before COMPLETE): for each file, relative to the step folder,
+its size and its xxh3-128 hash (sha256 where xxhash is not installed; the algorithm is recorded). A load
+checks sizes always and hashes unless `train.verify_checkpoint_hashes=false`, and refuses any `.pt`
+file the record does not list, so a damaged, truncated, swapped or smuggled-in file is named before
+DeepSpeed or torch reads it. The hash guards against corruption, not against someone who can also
+rewrite meta.json: that is the trust boundary of docs/guarantees.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from common.files import file_sha256
+from train.errors import TrainError
+
+FILES_KEY = "files"
+HASH_KEY = "files_hash"
+NOT_RECORDED = ("meta.json", "COMPLETE")
+"""meta.json holds the record; COMPLETE is written after it."""
+CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointDamaged(TrainError):
+    """A checkpoint whose files do not match its own record."""
+
+
+def hash_algorithm() -> str:
+    try:
+        import xxhash  # noqa: F401  (installed with datasets)
+    except ImportError:
+        return "sha256"
+    return "xxh3_128"
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        hasher: Any = xxhash.xxh3_128()
+    elif algorithm == "sha256":
+        hasher = hashlib.sha256()
+    else:
+        raise TrainError(f"Unknown checkpoint hash algorithm {algorithm!r}; expected xxh3_128 or sha256.")
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def checkpoint_files(step_dir: Path) -> List[Path]:
+    """Every file of a step folder that the record covers (the universal sub-checkpoint has its own)."""
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in NOT_RECORDED
+                  and p.relative_to(step_dir).parts[0] not in ("universal", "tmp.universal"))
+
+
+def record_files(step_dir: Path) -> Dict[str, Any]:
+    """{"files": {name: {"size", "hash"}}, "files_hash": algorithm} for meta.json."""
+    algorithm = hash_algorithm()
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
+             for p in checkpoint_files(step_dir)}
+    return {FILES_KEY: files, HASH_KEY: algorithm}
+
+
+def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> bool:
+    """CheckpointDamaged naming the first bad file; False when the checkpoint predates the record."""
+    record = meta.get(FILES_KEY)
+    if record is None:
+        return False
+    if not isinstance(record, dict):
+        raise CheckpointDamaged(f"Checkpoint {step_dir}: meta.json's '{FILES_KEY}' is not a mapping of file records.")
+    for name, entry in sorted(record.items()):
+        path = step_dir / name
+        if not path.is_file():
+            raise CheckpointDamaged(f"Checkpoint {step_dir} is incomplete: {name} is missing (meta.json records "
+                                    f"{entry.get('size')} bytes).")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointDamaged(f"Checkpoint {step_dir} is damaged: {name} has {size} bytes, meta.json records "
+                                    f"{entry.get('size')}.")
+    extra = sorted(p.relative_to(step_dir).as_posix() for p in checkpoint_files(step_dir)
+                   if p.suffix == ".pt" and p.relative_to(step_dir).as_posix() not in record)
+    if extra:
+        raise CheckpointDamaged(f"Checkpoint {step_dir} holds {', '.join(extra)}, which its meta.json does not list; "
+                                "refusing files the save did not write.")
+    if hashes:
+        algorithm = str(meta.get(HASH_KEY, "sha256"))
+        for name, entry in sorted(record.items()):
+            digest = file_digest(step_dir / name, algorithm)
+            if digest != entry.get("hash"):
+                raise CheckpointDamaged(
+                    f"Checkpoint {step_dir} is damaged: {name} has {algorithm} {digest[:16]}..., meta.json records "
+                    f"{str(entry.get('hash'))[:16]}... (set train.verify_checkpoint_hashes=false to check sizes only).")
+    return True
+
+
+def verify_tokenizer(step_dir: Path, meta: Dict[str, Any]) -> None:
+    """The checkpoint's tokenizer.json must be the one its meta.json names (sha256)."""
+    path = step_dir / "tokenizer.json"
+    expected = meta.get("tokenizer_sha256")
+    if not path.is_file():
+        raise CheckpointDamaged(f"Checkpoint {step_dir} has no tokenizer.json; expected the copy `slm train` saves.")
+    actual = file_sha256(path)
+    if expected and actual != expected:
+        raise CheckpointDamaged(f"Checkpoint {step_dir}: tokenizer.json has sha256 {actual[:16]}... but meta.json "
+                                f"records {str(expected)[:16]}...; the tokenizer was replaced, so token ids would "
+                                "mean other things. Restore the checkpoint's own tokenizer.json.")
+
+
+def verify_checkpoint(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> None:
+    """Everything a load checks before any pickle is opened: the file record and the tokenizer copy."""
+    verify_files(step_dir, meta, hashes)
+    verify_tokenizer(step_dir, meta)
+
+
+def newest_intact(candidates: Iterable[Path], read_meta: Callable[[Path], Dict[str, Any]], hashes: bool,
+                  say: Callable[[str], None]) -> Optional[Path]:
+    """The newest candidate (given newest first) whose files match its record; each skipped one is reported."""
+    skipped: List[str] = []
+    for step_dir in candidates:
+        try:
+            verify_checkpoint(step_dir, read_meta(step_dir), hashes)
+        except TrainError as err:
+            skipped.append(step_dir.name)
+            say(f"warning: {err} Falling back to the previous complete checkpoint.")
+            continue
+        if skipped:
+            say(f"resuming from {step_dir.name} instead of the damaged {', '.join(skipped)}")
+        return step_dir
+    if skipped:
+        raise CheckpointDamaged(f"Every complete checkpoint is damaged ({', '.join(skipped)}); nothing to resume from. "
+                                "Restore one, or start a fresh run.dir.")
+    return None
