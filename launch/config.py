@@ -151,6 +151,7 @@ def _check_values(cfg: Config, origin: str) -> None:
             )
     try:
         cfg.model.validate()
+        cfg.eval.downstream.validate()
     except ValueError as err:
         raise ConfigError(f"{origin}: {err}") from None
 

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
+from train.downstream.config import EvalConfig
 
 
 @dataclass
@@ -130,6 +131,8 @@ class Config:
     """Optimization, evaluation and checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console and wandb logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Downstream evaluation (eval.downstream)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 

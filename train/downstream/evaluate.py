@@ -1,0 +1,174 @@
+"""Downstream evaluation of a live module: build the requests once, score them at any step, on any world size.
+
+    requests = build_task_requests(["hellaswag", "piqa"], tokenizer, limit=500, seed=1234)   # once
+    metrics = score_tasks(model, requests, device=device)                                    # every eval step
+
+or both at once with `evaluate_tasks`. Each rank scores every world_size-th example of the fixed subset; the
+per-example scores are gathered and every rank computes the metrics from all of them in example order, so a
+score is the same for any number of processes. Ranks run equally many forward passes (ZeRO-3 gathers
+parameters inside each one). The module is put in eval mode and given back in the mode it was in.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as torch_dist
+from tokenizers import Tokenizer
+
+from data_pipeline.tokenizer import EOT
+from train.downstream.data import load_task_split
+from train.downstream.metrics import ExampleResult, task_metrics
+from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix
+from train.downstream.scoring import Pair, count_forwards, encode_pairs, score_groups
+from train.downstream.tasks import Task, get_task, prepare_doc
+from train.errors import TrainError
+
+Metrics = Dict[str, Dict[str, Optional[float]]]
+"""Task name -> metric name -> value (acc, acc_norm, their _stderr, examples; perplexity for LAMBADA)."""
+
+
+@dataclass
+class TaskRequests:
+    """One task's selected examples, their requests, and this rank's share tokenized."""
+
+    task: Task
+    """The task."""
+    split: str
+    """The split the examples come from."""
+    source: str
+    """Where its data was read."""
+    total: int
+    """Examples selected over all ranks."""
+    requests: List[ExampleRequests]
+    """This rank's examples."""
+    tokens: List[List[Pair]]
+    """Token ids of each of this rank's examples' pairs."""
+
+
+@dataclass
+class DownstreamResult:
+    """What one evaluation produced, identical on every rank."""
+
+    metrics: Metrics
+    """Task name -> metric name -> value."""
+    examples: List[ExampleResult]
+    """Every example's scores, in (task, index) order."""
+    seconds: float
+    """Wall time of the scoring (this rank)."""
+
+    @property
+    def examples_per_second(self) -> float:
+        return len(self.examples) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def select_examples(n_docs: int, limit: Optional[int], seed: Optional[int], task: str) -> List[int]:
+    """Row indices to evaluate: all, the first `limit` (seed None, like the harness's --limit), or a fixed
+    random subset of `limit` drawn with (seed, task), in row order."""
+    if limit is None or limit >= n_docs:
+        return list(range(n_docs))
+    if seed is None:
+        return list(range(limit))
+    return sorted(random.Random(f"{seed}:{task}").sample(range(n_docs), limit))
+
+
+def build_task_requests(task_names: Sequence[str], tokenizer: Tokenizer, limit: Optional[int] = None,
+                        seed: Optional[int] = None, shots: int = 0, data_dir: Optional[str] = None) -> List[TaskRequests]:
+    """Load each task's split, choose its examples and make this rank's requests (done once, before training)."""
+    rank, world_size = world()
+    prefix_id = tokenizer.token_to_id(EOT)
+    out = []
+    for name in task_names:
+        try:
+            task = get_task(name)
+        except ValueError as err:
+            raise TrainError(str(err)) from None
+        data = load_task_split(task, data_dir, quiet=rank != 0)
+        fewshot_docs = None
+        if shots:
+            if task.fewshot_split is None:
+                raise TrainError(f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0.")
+            shot_data = data if task.fewshot_split == data.split else load_task_split(task, data_dir, task.fewshot_split)
+            fewshot_docs = [prepare_doc(task, doc) for doc in shot_data.docs]
+        chosen = select_examples(len(data.docs), limit, seed, task.name)
+        mine = chosen[rank::world_size]
+        requests = []
+        for index in mine:
+            doc = prepare_doc(task, data.docs[index])
+            prefix = fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, task.fewshot_split == data.split)
+            requests.append(build_requests(task, doc, index, prefix))
+        flat = encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs], prefix_id)
+        tokens, start = [], 0
+        for r in requests:
+            tokens.append(flat[start:start + len(r.pairs)])
+            start += len(r.pairs)
+        out.append(TaskRequests(task, data.split, data.source, len(chosen), requests, tokens))
+    return out
+
+
+def gather_results(results: List[ExampleResult]) -> List[ExampleResult]:
+    """Every rank's results on every rank (in (task, index) order)."""
+    _, world_size = world()
+    if world_size > 1:
+        boxes: List[List[ExampleResult]] = [[] for _ in range(world_size)]
+        torch_dist.all_gather_object(boxes, results)
+        results = [r for box in boxes for r in box]
+    return sorted(results, key=lambda r: (r.task, r.index))
+
+
+def max_over_ranks(value: int, device: torch.device) -> int:
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def score_tasks(model: torch.nn.Module, task_requests: Sequence[TaskRequests], batch_size: int = 32,
+                device: Optional[torch.device] = None, max_len: Optional[int] = None) -> DownstreamResult:
+    """Scores of `model` now; every rank of the process group must call it (the result is the same on all).
+
+    `max_len` (the model's window) defaults to the module's cfg.max_seq_len.
+    """
+    device = device or next(model.parameters()).device
+    max_len = max_len or model.cfg.max_seq_len
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        results = []
+        for tr in task_requests:
+            min_forwards = max_over_ranks(count_forwards(tr.tokens, batch_size, max_len), device)
+            try:
+                scores = score_groups(model, tr.tokens, batch_size, max_len, device, min_forwards)
+            except ValueError as err:  # a continuation longer than the window, as the harness refuses too
+                raise TrainError(f"{tr.task.name}: {err}") from None
+            for req, example_scores in zip(tr.requests, scores):
+                results.append(ExampleResult(req.task, req.index, [s[0] for s in example_scores],
+                                             [s[1] for s in example_scores], req.choice_lengths, req.gold))
+        results = gather_results(results)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    metrics = {tr.task.name: task_metrics(tr.task.kind, [r for r in results if r.task == tr.task.name])
+               for tr in task_requests}
+    return DownstreamResult(metrics, results, seconds)
+
+
+def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: Sequence[str], limit: Optional[int] = None,
+                   seed: Optional[int] = None, device: Optional[torch.device] = None, shots: int = 0,
+                   batch_size: int = 32, data_dir: Optional[str] = None) -> Metrics:
+    """build_task_requests then score_tasks: the metrics of `model` on `tasks` (split over torch.distributed's ranks)."""
+    requests = build_task_requests(tasks, tokenizer, limit=limit, seed=seed, shots=shots, data_dir=data_dir)
+    return score_tasks(model, requests, batch_size=batch_size, device=device).metrics
