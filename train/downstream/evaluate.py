@@ -12,6 +12,7 @@ parameters inside each one). The module is put in eval mode and given back in th
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -21,7 +22,7 @@ import torch.distributed as torch_dist
 from tokenizers import Tokenizer
 
 from data_pipeline.tokenizer import EOT
-from train.downstream.data import load_task_split
+from train.downstream.data import TaskData, load_task_split
 from train.downstream.metrics import ExampleResult, task_metrics
 from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix
 from train.downstream.scoring import Pair, count_forwards, encode_pairs, score_groups
@@ -83,6 +84,22 @@ def select_examples(n_docs: int, limit: Optional[int], seed: Optional[int], task
     return sorted(random.Random(f"{seed}:{task}").sample(range(n_docs), limit))
 
 
+def fewshot_data(task: Task, eval_data: TaskData, data_dir: Optional[str], quiet: bool) -> TaskData:
+    """The task's few-shot split; without one locally, the evaluated split itself (each example never its own
+    demonstration), as the harness falls back to its validation docs."""
+    if task.fewshot_split == eval_data.split:
+        return eval_data
+    try:
+        return load_task_split(task, data_dir, task.fewshot_split, quiet=quiet)
+    except TrainError:
+        if data_dir is None:
+            raise
+        if not quiet:
+            print(f"note: {task.name}: no '{task.fewshot_split}' split under {data_dir}; drawing few-shot examples "
+                  f"from '{eval_data.split}' (never an example's own row)", file=sys.stderr)
+        return eval_data
+
+
 def build_task_requests(task_names: Sequence[str], tokenizer: Tokenizer, limit: Optional[int] = None,
                         seed: Optional[int] = None, shots: int = 0, data_dir: Optional[str] = None) -> List[TaskRequests]:
     """Load each task's split, choose its examples and make this rank's requests (done once, before training)."""
@@ -95,25 +112,27 @@ def build_task_requests(task_names: Sequence[str], tokenizer: Tokenizer, limit: 
         except ValueError as err:
             raise TrainError(str(err)) from None
         data = load_task_split(task, data_dir, quiet=rank != 0)
-        fewshot_docs = None
+        fewshot_docs, same_split = None, False
         if shots:
             if task.fewshot_split is None:
                 raise TrainError(f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0.")
-            shot_data = data if task.fewshot_split == data.split else load_task_split(task, data_dir, task.fewshot_split)
-            fewshot_docs = [prepare_doc(task, doc) for doc in shot_data.docs]
+            shot_data = fewshot_data(task, data, data_dir, quiet=rank != 0)
+            fewshot_docs, same_split = [prepare_doc(task, doc) for doc in shot_data.docs], shot_data is data
         chosen = select_examples(len(data.docs), limit, seed, task.name)
-        mine = chosen[rank::world_size]
-        requests = []
-        for index in mine:
-            doc = prepare_doc(task, data.docs[index])
-            prefix = fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, task.fewshot_split == data.split)
-            requests.append(build_requests(task, doc, index, prefix))
-        flat = encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs], prefix_id)
-        tokens, start = [], 0
-        for r in requests:
-            tokens.append(flat[start:start + len(r.pairs)])
-            start += len(r.pairs)
+        requests = [build_requests(task, prepare_doc(task, data.docs[index]), index,
+                                   fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, same_split))
+                    for index in chosen[rank::world_size]]
+        tokens = group_like(encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs], prefix_id), requests)
         out.append(TaskRequests(task, data.split, data.source, len(chosen), requests, tokens))
+    return out
+
+
+def group_like(flat: List[Pair], requests: Sequence[ExampleRequests]) -> List[List[Pair]]:
+    """Split a flat list of encoded pairs back into one list per example."""
+    out, start = [], 0
+    for r in requests:
+        out.append(flat[start:start + len(r.pairs)])
+        start += len(r.pairs)
     return out
 
 
