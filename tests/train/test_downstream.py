@@ -13,7 +13,7 @@ import torch
 from data_pipeline.tokenizer import load_tokenizer
 from tests.helpers import SHAKESPEARE, run, slm_cmd
 from train.downstream.data import load_task_split
-from train.downstream.evaluate import build_task_requests, select_examples
+from train.downstream.evaluate import build_task_requests, score_tasks, select_examples
 from train.downstream.requests import build_requests
 from train.downstream.scoring import score_groups
 from train.downstream.tasks import TASKS, get_task, prepare_doc
@@ -229,3 +229,8 @@ def test_bad_inputs_get_clear_errors(eval_data_dir, tmp_path, tiny_export, capsy
     assert slm_main(["config", "show", "configs/tiny.yaml", "eval.downstream.tasks=[piqa,nope]"]) == 2
     assert "Unknown downstream task 'nope'" in capsys.readouterr().err
     assert set(TASKS) >= set(BUNDLE_TASKS) | {"lambada_openai"}
+    weights, cfg, _ = load_init_weights(tiny_export)
+    requests = build_task_requests(["piqa"], load_tokenizer(tiny_export / "tokenizer.json"), limit=3,
+                                   data_dir=str(eval_data_dir))
+    with pytest.raises(TrainError, match="piqa: row 0 of its validation split has a .*-token choice, longer than the model's 8-token"):
+        score_tasks(build_model(weights, cfg), requests, max_len=8)

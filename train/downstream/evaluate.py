@@ -146,12 +146,24 @@ def gather_results(results: List[ExampleResult]) -> List[ExampleResult]:
     return sorted(results, key=lambda r: (r.task, r.index))
 
 
-def max_over_ranks(value: int, device: torch.device) -> int:
+def max_over_ranks(values: List[int], device: torch.device) -> List[int]:
+    """Element-wise maximum over all ranks."""
     if world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return int(t.item())
+    return [int(v) for v in t.tolist()]
+
+
+def fit_problem(tr: TaskRequests, max_len: int) -> Optional[str]:
+    """Why this rank's examples cannot be scored: a continuation longer than the window (the harness refuses too)."""
+    for req, pairs in zip(tr.requests, tr.tokens):
+        longest = max(len(continuation) for _, continuation in pairs)
+        if longest > max_len:
+            return (f"{tr.task.name}: row {req.index} of its {tr.split} split has a {longest}-token choice, longer "
+                    f"than the model's {max_len}-token window; evaluate a model with a longer max_seq_len or leave "
+                    "this task out.")
+    return None
 
 
 def score_tasks(model: torch.nn.Module, task_requests: Sequence[TaskRequests], batch_size: int = 32,
@@ -168,11 +180,13 @@ def score_tasks(model: torch.nn.Module, task_requests: Sequence[TaskRequests], b
     try:
         results = []
         for tr in task_requests:
-            min_forwards = max_over_ranks(count_forwards(tr.tokens, batch_size, max_len), device)
-            try:
-                scores = score_groups(model, tr.tokens, batch_size, max_len, device, min_forwards)
-            except ValueError as err:  # a continuation longer than the window, as the harness refuses too
-                raise TrainError(f"{tr.task.name}: {err}") from None
+            problem = fit_problem(tr, max_len)
+            min_forwards, any_problem = max_over_ranks(
+                [count_forwards(tr.tokens, batch_size, max_len), int(problem is not None)], device)
+            if any_problem:  # every rank stops, none is left waiting in a collective
+                raise TrainError(problem or f"{tr.task.name}: a choice is longer than the model's {max_len}-token "
+                                 "window (on another rank; see its message).")
+            scores = score_groups(model, tr.tokens, batch_size, max_len, device, min_forwards)
             for req, example_scores in zip(tr.requests, scores):
                 results.append(ExampleResult(req.task, req.index, [s[0] for s in example_scores],
                                              [s[1] for s in example_scores], req.choice_lengths, req.gold))
