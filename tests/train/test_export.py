@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.instruct import CHAT_TEMPLATE, encode_chat_prompt, format_chat
+from data_pipeline.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import (
     EOT,
     IM_END,
@@ -23,9 +23,9 @@ from data_pipeline.tokenizer import (
 from launch.cli import main as slm_main
 from tests.train.zero_checkpoints import build_checkpoints, step_dir
 from train.errors import TrainError
-from train.export import export, verify_export
-from train.hf_format import special_ids, tokenizer_config
-from train.init_from import consolidate_checkpoint, load_init_weights
+from train.handoff.export import export, verify_export
+from train.handoff.hf_format import special_ids, tokenizer_config
+from train.handoff.init_from import consolidate_checkpoint, load_init_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,7 +71,7 @@ def test_zero3_export_matches_the_live_engine_in_transformers(checkpoints, expor
 def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     tied, untied, bf16_run = exports["zero3_tied_gqa"], exports["zero3_untied_mha"], exports["zero2_bf16_untied_gqa"]
     expected_files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                      "tokenizer_config.json", "special_tokens_map.json"}
+                      "tokenizer_config.json", "special_tokens_map.json", "README.md"}
     for folder in exports.values():
         assert {p.name for p in folder.iterdir()} == expected_files  # no pickle, no leftovers
     assert not list(tied.parent.glob(".*tmp"))  # the atomic temp folders are gone
@@ -90,6 +90,11 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     generation = json.loads((tied / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [ids[EOT], ids[IM_END]]
     assert (tied / "tokenizer.json").read_bytes() == tokenizer_path.read_bytes()
+    card = (tied / "README.md").read_text()  # the model card, from the checkpoint's meta.json
+    assert "optimizer steps: 2" in card and "tokens trained: 256" in card and "Base (pretrained)" in card
+    assert "Instruction-tuned chat" in (untied / "README.md").read_text()
+    tokenizer_cfg = json.loads((tied / "tokenizer_config.json").read_text())
+    assert tokenizer_cfg["model_input_names"] == ["input_ids", "attention_mask"] and tokenizer_cfg["padding_side"] == "left"
     # zero_to_fp32 recovers the fp32 master weights of a bf16 ZeRO-2 run; the export holds exactly those.
     masters = consolidate_checkpoint(step_dir(checkpoints, "zero2_bf16_untied_gqa"))
     exported, _, sha = load_init_weights(bf16_run)

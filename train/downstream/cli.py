@@ -14,12 +14,12 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as torch_dist
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from data_pipeline.tokenizer import load_tokenizer
 from train.downstream.evaluate import DownstreamResult, TaskRequests, build_task_requests, score_tasks, world
 from train.downstream.fetch import fetch_eval_data
 from train.errors import TrainError
-from train.init_from import build_model, load_weights, locate_weights
+from train.handoff.init_from import build_model, load_weights, locate_weights
 
 
 def init_process_group(device: str) -> torch.device:

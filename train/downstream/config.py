@@ -42,3 +42,7 @@ class DownstreamConfig:
 class EvalConfig:
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """Multiple-choice and LAMBADA benchmarks scored like lm-evaluation-harness."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        self.downstream.validate()

@@ -2,7 +2,8 @@
 
 OUT_DIR holds config.json, model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json
 above `max_shard_bytes`), generation_config.json, tokenizer.json (byte-identical copy), tokenizer_config.json
-(with the ChatML chat template), special_tokens_map.json. No pickle anywhere. It is assembled in a temporary
+(with the ChatML chat template), special_tokens_map.json, README.md (the model card, train/handoff/model_card.py) and,
+with `gguf=True`, model.gguf for llama.cpp (train/handoff/gguf_export.py). No pickle anywhere. It is assembled in a temporary
 sibling folder, verified, and only then renamed into place, so OUT_DIR is either complete and checked or absent.
 
 Verification (when transformers is installed): AutoModelForCausalLM and AutoTokenizer load the folder; a few
@@ -19,15 +20,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.atomic import atomic_dir
-from data_pipeline.instruct import encode_chat_prompt, format_chat
-from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, file_sha256, load_tokenizer
+from common.atomic import atomic_dir
+from common.files import GIB, file_sha256
+from data_pipeline.chat import encode_chat_prompt, format_chat
+from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
+from model.transformer import IGNORE_INDEX
 from train.errors import TrainError
-from train.hf_format import (
+from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
-    check_state_dict,
     generation_config,
     hf_config,
     special_ids,
@@ -35,9 +37,11 @@ from train.hf_format import (
     to_hf_state_dict,
     tokenizer_config,
 )
-from train.init_from import build_model, load_weights, locate_weights
+from train.handoff.init_from import build_model, load_weights, locate_weights
+from train.handoff.model_card import CardFacts, facts_from_meta, model_card
+from train.handoff.shapes import check_state_dict
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 2 * GIB
 """Above this many bytes the weights are split into shards with an index (as transformers does)."""
 LOGITS_TOLERANCE = 1e-4
 """Largest allowed |ours - transformers| logit difference, relative to the logits' standard deviation."""
@@ -88,12 +92,17 @@ def write_json(path: Path, obj: Any) -> None:
 def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_path: str | os.PathLike,
                       out_dir: str | os.PathLike, dtype: str = "bf16", chat: bool = False,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True,
-                      provenance: Optional[Dict[str, Any]] = None) -> Path:
+                      provenance: Optional[Dict[str, Any]] = None, card: Optional[CardFacts] = None,
+                      gguf: bool = False) -> Path:
     """Write (atomically) and verify a LlamaForCausalLM folder from our-named weights; returns OUT_DIR.
 
     `chat` makes <|im_end|> the tokenizer's and config's eos (for instruction-tuned models); `provenance`
-    (step, source, ...) goes into the safetensors metadata.
+    (step, source, ...) goes into the safetensors metadata; `card` feeds the model card; `gguf` adds model.gguf.
     """
+    if gguf:
+        from train.handoff.gguf_export import require_gguf
+
+        require_gguf()  # before any work: a clear error if the optional package is missing
     if dtype not in TORCH_DTYPES:
         raise TrainError(f"Export dtype {dtype!r} is not supported; expected one of {', '.join(TORCH_DTYPES)}.")
     tokenizer_path = Path(tokenizer_path)
@@ -113,25 +122,34 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
         (tmp / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
         write_json(tmp / "tokenizer_config.json", tokenizer_config(ids, model_cfg.max_seq_len, chat))
         write_json(tmp / "special_tokens_map.json", special_tokens_map(chat))
+        (tmp / "README.md").write_text(model_card(model_cfg, state_dict, dtype, chat, card), encoding="utf-8")
         if verify:
             verify_export(tmp, state_dict, model_cfg, tokenizer_path)
+        if gguf:
+            from train.handoff.gguf_export import write_gguf
+
+            write_gguf(tmp, tmp / "model.gguf", state_dict, model_cfg, verify=verify)
     return out_dir
 
 
 def export(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bf16",
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> Path:
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, gguf: bool = False) -> Path:
     """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export)."""
     source = locate_weights(src)
     if Path(out_dir).resolve() == source.path.resolve():
         raise TrainError(f"Export destination {out_dir} is the source itself; choose another OUT_DIR.")
     state_dict, cfg = load_weights(source)
     stage, provenance = "pretrain", {"source": str(source.path)}
+    card = CardFacts(source=str(source.path))
     if source.meta is not None:
+        card = facts_from_meta(source.path, source.meta)
         stage = str(source.meta.get("config", {}).get("train", {}).get("stage", "pretrain"))
         provenance.update(step=source.meta.get("step"), tokens_seen=source.meta.get("tokens_seen"), stage=stage)
     chat = stage == "ift" or (source.kind == "export" and _export_is_chat(source.path))
+    card.stage = "ift" if chat else card.stage
     out = export_from_model(state_dict, cfg, source.tokenizer_path, out_dir, dtype=dtype, chat=chat,
-                            max_shard_bytes=max_shard_bytes, verify=verify, provenance=provenance)
+                            max_shard_bytes=max_shard_bytes, verify=verify, provenance=provenance, card=card,
+                            gguf=gguf)
     print(f"exported {source.path} -> {out} ({HF_DTYPE_NAMES[dtype]}, {'chat' if chat else 'base'} model)")
     return out
 
@@ -178,6 +196,11 @@ def compare_with_transformers(folder: Path, state_dict: Dict[str, torch.Tensor],
         if got != expected:
             raise TrainError(f"Export check failed: apply_chat_template gives {got[:24]}..., our chat formatting "
                              f"{expected[:24]}... (add_generation_prompt={prompt}).")
+    rendered = theirs.apply_chat_template(CHAT_SAMPLE, return_dict=True, return_assistant_tokens_mask=True)
+    expected_mask = [int(label != IGNORE_INDEX) for label in format_chat(CHAT_SAMPLE, ours)[1]]
+    if list(rendered["assistant_masks"]) != expected_mask:
+        raise TrainError("Export check failed: the chat template's {% generation %} span is not the span our IFT "
+                         "stage puts loss on, so TRL's assistant_only_loss would train other tokens.")
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).float().eval()
     our_model = build_model(state_dict, cfg, torch.float32)
