@@ -91,6 +91,8 @@ class TrainConfig:
     """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
     export_every: int = 0
     """Export a Hugging Face folder every this many steps; 0 disables."""
+    export_dtype: str = "bf16"
+    """Weights dtype of those exports: bf16 or fp32 (the trained values exactly)."""
     on_nonfinite: str = "stop"
     """Non-finite loss or gradient norm: stop (naming the step) or skip the step and count it."""
     activation_checkpointing: bool = False
@@ -108,7 +110,7 @@ class TrainConfig:
         """Raise ValueError naming the key."""
         for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
                              ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
-                             ("device", DEVICES), ("backend", BACKENDS)):
+                             ("device", DEVICES), ("backend", BACKENDS), ("export_dtype", ("bf16", "fp32"))):
             check_choice(f"train.{key}", getattr(self, key), allowed)
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):

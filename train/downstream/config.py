@@ -20,7 +20,7 @@ class DownstreamConfig:
     shots: int = 0
     """Solved examples before each question (0: zero-shot, as the harness's defaults)."""
     data_dir: Optional[str] = None
-    """Local task data laid out <dataset name>/<config or none>/<split>/ (null: the Hugging Face hub)."""
+    """Local task data laid out <dataset name>/<config or none>/<split>/ (~ expands; null: the Hugging Face hub)."""
     batch_size: int = 32
     """Sequences (context + choice) per forward pass."""
 
@@ -28,7 +28,10 @@ class DownstreamConfig:
         from train.downstream.tasks import get_task
 
         for name in self.tasks:
-            get_task(name)
+            try:
+                get_task(name)
+            except ValueError as err:
+                raise ValueError(f"eval.downstream.tasks: {err}") from None
         for key in ("every", "shots"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.downstream.{key}={getattr(self, key)} must be >= 0.")

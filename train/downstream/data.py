@@ -88,7 +88,7 @@ def load_task_split(task: Task, data_dir: Optional[str], split: Optional[str] = 
     split = split or task.eval_split
     if data_dir is None:
         return load_hub(task, split)
-    root = Path(data_dir)
+    root = Path(data_dir).expanduser()  # a config value may say ~/.cache/...
     if not root.is_dir():
         raise TrainError(f"Downstream data dir {root} does not exist; expected a folder laid out "
                          "<dataset name>/<config or none>/<split>/ (see `slm eval --fetch-data`).")
