@@ -123,6 +123,18 @@ def test_report_draws_the_downstream_panel(runs, capsys):
     assert printed["downstream arc_easy"] == f"acc {last['acc']:.4f}, acc_norm {last['acc_norm']:.4f} (step 6)"
 
 
+@pytest.mark.slow
+def test_a_choice_longer_than_the_window_stops_the_run_before_the_first_step(tiny_data_dir, eval_data, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={tiny_data_dir}", *SHRINK,
+                       "model.max_seq_len=4", "eval.downstream.tasks=[winogrande]",
+                       f"eval.downstream.data_dir={eval_data}"]), check=False)
+    assert out.returncode != 0
+    assert "eval.downstream.tasks: winogrande: row" in out.stderr and "model's 4-token window" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").glob("step_*"))
+
+
 @pytest.mark.parametrize(
     "overrides, key, extra",
     [

@@ -50,8 +50,14 @@ class DownstreamEval(Component):
 
         c = self.config
         tokenizer = load_tokenizer(Path(run.cfg.data.dir) / "tokenizer.json")  # the tokenizer the run trains with
-        self.requests = build_task_requests(c.tasks, tokenizer, limit=c.limit, seed=c.seed, shots=c.shots,
-                                            data_dir=c.data_dir)
+        error = None
+        try:
+            self.requests = build_task_requests(c.tasks, tokenizer, limit=c.limit, seed=c.seed, shots=c.shots,
+                                                data_dir=c.data_dir)
+        except TrainError as err:  # every rank stops, none waits for the failed one in a collective
+            error = str(err)
+        if max_over_ranks([int(error is not None)], run.dist_info.device)[0]:
+            raise TrainError(error or "eval.downstream: another rank could not load the task data (see its message).")
         self.check_fits(run)
         total = sum(tr.total for tr in self.requests)
         run.say(f"downstream: {', '.join(c.tasks)} ({total} examples) every {c.every} steps and at the end")
