@@ -2,7 +2,7 @@
 
     TrainMetrics   train.log_every    a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
     Evaluator      train.eval_every   validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
-    DownstreamEval eval.downstream    task accuracies (train.downstream.component) on the same cadence as Evaluator
+    DownstreamEval eval.downstream    a row per task (train.downstream.component) every N steps, at the end and on time-out
     Checkpointer   train.ckpt_every   a checkpoint every N steps and whenever the loop ends
     Exporter       train.export_every a Hugging Face folder of that step's checkpoint every N steps (0: off)
     DoneMarker     (always)           run.dir/DONE once max_steps is reached; removed when a run continues
