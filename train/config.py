@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from common.checks import check_choice, check_finite_fields, check_positive
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
+from train.downstream.config import EvalConfig
 
 STAGES = ("pretrain", "cpt", "ift")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -92,6 +93,8 @@ class TrainConfig:
     """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
     export_every: int = 0
     """Export a Hugging Face folder every this many steps; 0 disables."""
+    export_dtype: str = "bf16"
+    """Weights dtype of those exports: bf16 or fp32 (the trained values exactly)."""
     on_nonfinite: str = "stop"
     """Non-finite loss or gradient norm: stop (naming the step) or skip the step and count it."""
     activation_checkpointing: bool = False
@@ -109,7 +112,7 @@ class TrainConfig:
         """Raise ValueError naming the key."""
         for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
                              ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
-                             ("device", DEVICES), ("backend", BACKENDS)):
+                             ("device", DEVICES), ("backend", BACKENDS), ("export_dtype", ("bf16", "fp32"))):
             check_choice(f"train.{key}", getattr(self, key), allowed)
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):
@@ -183,12 +186,14 @@ class Config:
     """Optimization, evaluation and checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console and wandb logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Downstream evaluation (eval.downstream)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
     def validate(self) -> None:
         """Each section's own validate(); ValueError naming the first bad key."""
-        for section in (self.train, self.log, self.data, self.ift, self.tokenizer, self.model):
+        for section in (self.train, self.log, self.data, self.ift, self.tokenizer, self.model, self.eval):
             section.validate()
 
 

@@ -6,7 +6,9 @@ step). The trainer passes plain dicts; the names this module and `slm report` un
 
 - train rows: step, loss, lr, tokens (seen so far), grad_norm, tokens_per_second, mfu (a
   fraction), step_ms, skipped_steps;
-- eval rows: step, val_loss, val_ppl, val_bpb.
+- eval rows: step, val_loss, val_ppl, val_bpb;
+- downstream rows (kind "downstream", one per task and step): step, tokens, task, acc, acc_norm (and their
+  stderr), examples; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>.
 
 The logger adds `time` (unix seconds) and `kind` ("eval" when a key starts with "val_", else
 "train") unless the row has them. Tensors and numpy scalars become Python numbers; non-finite
@@ -174,6 +176,8 @@ class MetricsLogger:
         if self._wandb_run is not None:
             values = {key: value for key, value in row.items()
                       if key not in _NOT_PRINTED and isinstance(value, (int, float)) and not isinstance(value, bool)}
+            if isinstance(row.get("task"), str):  # per-task rows (downstream): one wandb key per task and metric
+                values = {f"{row['kind']}/{row['task']}/{key}": value for key, value in values.items() if key != "tokens"}
             step = row.get("step")
             self._wandb_run.log(values, step=int(step) if step is not None else None)
 

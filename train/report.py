@@ -2,7 +2,7 @@
 
 A resumed run appends to the same metrics.jsonl, so a step can appear twice (logged before the
 interruption, then again after resuming from an earlier checkpoint): the last occurrence of each
-step wins, per kind of row (train or eval).
+step wins, per kind of row (train or eval; downstream rows per task and step). Rows of other kinds are left out.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class RunMetrics:
     eval: List[Dict[str, Any]] = field(default_factory=list)
     first_of_segment: Set[int] = field(default_factory=set)
     """Train steps logged first after a (re)start; their throughput includes start-up, so means skip them."""
+    downstream: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+    """Downstream rows (eval.downstream) of each task, one per step, sorted by step."""
 
 
 def _number(value: Any) -> Optional[float]:
@@ -48,6 +50,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         raise TrainError(f"Metrics file '{path}' could not be read: {err}.") from None
     train: Dict[int, Dict[str, Any]] = {}
     evals: Dict[int, Dict[str, Any]] = {}
+    downstream: Dict[str, Dict[int, Dict[str, Any]]] = {}
     first_of_segment: Set[int] = set()
     last_train_step: Optional[int] = None
     for number, line in enumerate(lines, start=1):
@@ -64,6 +67,11 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         if is_eval:
             evals[step] = row
             continue
+        if row.get("kind") == "downstream" and isinstance(row.get("task"), str):
+            downstream.setdefault(row["task"], {})[step] = row
+            continue
+        if row.get("kind") not in (None, "train"):
+            continue
         if last_train_step is None or step <= last_train_step:
             first_of_segment.add(step)
         else:
@@ -73,7 +81,8 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     if not train and not evals:
         raise TrainError(f"Metrics file '{path}' holds no metrics rows: the run has not logged a step yet.")
     return RunMetrics(train=[train[s] for s in sorted(train)], eval=[evals[s] for s in sorted(evals)],
-                      first_of_segment=first_of_segment)
+                      first_of_segment=first_of_segment,
+                      downstream={task: [rows[s] for s in sorted(rows)] for task, rows in sorted(downstream.items())})
 
 
 def _series(rows: List[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
@@ -95,7 +104,8 @@ def _best(rows: List[Dict[str, Any]], key: str) -> Tuple[Optional[float], Option
 
 
 def summarize(metrics: RunMetrics) -> Dict[str, Any]:
-    """The numbers `slm report` prints: steps, tokens seen, best val loss/bpb (and steps), mean tokens/s, final loss."""
+    """The numbers `slm report` prints: steps, tokens seen, best val loss/bpb (and steps), mean tokens/s, final loss,
+    and each downstream task's latest acc/acc_norm."""
     all_steps = [row["step"] for row in metrics.train + metrics.eval]
     tokens_steps, tokens = _series(metrics.train, "tokens")
     best_loss, best_loss_step = _best(metrics.eval, "val_loss")
@@ -112,6 +122,8 @@ def summarize(metrics: RunMetrics) -> Dict[str, Any]:
         "best_val_bpb_step": best_bpb_step,
         "mean_tokens_per_second": sum(throughput) / len(throughput) if throughput else None,
         "final_train_loss": losses[-1] if losses else None,
+        "downstream": {task: {key: rows[-1][key] for key in ("step", "acc", "acc_norm") if key in rows[-1]}
+                       for task, rows in metrics.downstream.items()},
     }
 
 
@@ -130,29 +142,46 @@ def format_summary(summary: Dict[str, Any]) -> str:
         ("mean tokens/s", show(summary["mean_tokens_per_second"], ",.0f")),
         ("final train loss", show(summary["final_train_loss"], ".4f")),
     ]
+    for task, last in summary.get("downstream", {}).items():  # the latest downstream score of each task
+        scores = ", ".join(f"{key} {show(last.get(key), '.4f')}" for key in ("acc", "acc_norm") if key in last)
+        rows.append((f"downstream {task}", scores + at(last.get("step"))))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def plot(metrics: RunMetrics, out_path: str | os.PathLike, title: str = "") -> Path:
-    """Draw loss, lr, tokens/s and val bits/byte against step into a PNG, written atomically."""
+def draw_downstream(ax: Any, downstream: Dict[str, List[Dict[str, Any]]]) -> None:
+    """One colour per task: acc_norm solid, acc dashed, against step."""
+    for index, (task, rows) in enumerate(downstream.items()):
+        color = f"C{index % 10}"
+        for key, style in (("acc_norm", "-"), ("acc", "--")):
+            steps, values = _series(rows, key)
+            if values:
+                ax.plot(steps, values, style, color=color, marker="o" if len(values) < 30 else None, markersize=3,
+                        label=f"{task} {key}")
+    ax.legend(fontsize="small", ncol=2)
+    ax.set_ylabel("accuracy")
+
+
+def draw(metrics: RunMetrics, title: str = "") -> Any:
+    """The report's matplotlib figure: loss, lr, tokens/s, val bits/byte, and downstream accuracy when logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_path = Path(out_path)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    rows = 3 if metrics.downstream else 2
+    fig = plt.figure(figsize=(12, 4 * rows), dpi=100)
+    grid = fig.add_gridspec(rows, 2)
     panels = (
-        (axes[0, 0], "loss", ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss"))),
-        (axes[0, 1], "learning rate", ((metrics.train, "lr", "lr"),)),
-        (axes[1, 0], "tokens/s", ((metrics.train, "tokens_per_second", "tokens/s"),)),
-        (axes[1, 1], "val bits per byte", ((metrics.eval, "val_bpb", "val bpb"),)),
+        (fig.add_subplot(grid[0, 0]), "loss", ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss"))),
+        (fig.add_subplot(grid[0, 1]), "learning rate", ((metrics.train, "lr", "lr"),)),
+        (fig.add_subplot(grid[1, 0]), "tokens/s", ((metrics.train, "tokens_per_second", "tokens/s"),)),
+        (fig.add_subplot(grid[1, 1]), "val bits per byte", ((metrics.eval, "val_bpb", "val bpb"),)),
     )
     for ax, name, curves in panels:
         drawn = False
-        for rows, key, label in curves:
-            steps, values = _series(rows, key)
+        for series_rows, key, label in curves:
+            steps, values = _series(series_rows, key)
             if values:
                 ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
                 drawn = True
@@ -160,12 +189,26 @@ def plot(metrics: RunMetrics, out_path: str | os.PathLike, title: str = "") -> P
             ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         elif len(curves) > 1:
             ax.legend()
+    axes = [ax for ax, _, _ in panels]
+    if metrics.downstream:
+        axes.append(fig.add_subplot(grid[2, :]))
+        draw_downstream(axes[-1], metrics.downstream)
+    for ax, name in zip(axes, [name for _, name, _ in panels] + ["downstream accuracy"]):
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot(metrics: RunMetrics, out_path: str | os.PathLike, title: str = "") -> Path:
+    """Draw the report's figure (`draw`) into a PNG, written atomically."""
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path)
+    fig = draw(metrics, title)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp.png", dir=out_path.parent)
     os.close(fd)

@@ -2,6 +2,7 @@
 
     TrainMetrics   train.log_every    a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
     Evaluator      train.eval_every   validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
+    DownstreamEval eval.downstream    a row per task (train.downstream.component) every N steps, at the end and on time-out
     Checkpointer   train.ckpt_every   a checkpoint every N steps and whenever the loop ends
     Exporter       train.export_every a Hugging Face folder of that step's checkpoint every N steps (0: off)
     DoneMarker     (always)           run.dir/DONE once max_steps is reached; removed when a run continues
@@ -21,6 +22,7 @@ from common.atomic import atomic_write_text
 from train.components import Component, LoopRun, StepEvent, every
 from train.config import Config
 from train.distributed import barrier, on_main_then_share
+from train.downstream.component import DownstreamEval
 
 DONE_FILE = "DONE"
 
@@ -145,12 +147,13 @@ class Exporter(Component):
 
     name = "exporter"
 
-    def __init__(self, export_every: int) -> None:
+    def __init__(self, export_every: int, dtype: str = "bf16") -> None:
         self.export_every = export_every
+        self.dtype = dtype
 
     @classmethod
     def from_config(cls, cfg: Config) -> Optional[Exporter]:
-        return cls(cfg.train.export_every) if cfg.train.export_every > 0 else None
+        return cls(cfg.train.export_every, cfg.train.export_dtype) if cfg.train.export_every > 0 else None
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         if not every(self.export_every, event.number):
@@ -159,7 +162,7 @@ class Exporter(Component):
 
         step_dir = run.checkpoints.ensure_saved(run.progress)
         out_dir = run.run_dir / "exports" / step_dir.name
-        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False, force=True), "Export")
+        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype=self.dtype, verify=False, force=True), "Export")
         run.say(f"exported {out_dir}")
 
 
@@ -187,8 +190,8 @@ class DoneMarker(Component):
 
 
 COMPONENTS: List[Callable[[Config], Optional[Component]]] = [
-    TrainMetrics.from_config, Evaluator.from_config, Checkpointer.from_config, Exporter.from_config,
-    DoneMarker.from_config,
+    TrainMetrics.from_config, Evaluator.from_config, DownstreamEval.from_config, Checkpointer.from_config,
+    Exporter.from_config, DoneMarker.from_config,
 ]
 """Factories of the standard components, in call order; a factory returns None when its config turns it off."""
 

@@ -58,8 +58,9 @@ def test_every_field_has_a_docstring():
     import launch.config
     import model.config
     import train.config
+    import train.downstream.config
 
-    for module in (model.config, data_pipeline.config, train.config, launch.config):
+    for module in (model.config, data_pipeline.config, train.config, launch.config, train.downstream.config):
         tree = ast.parse(inspect.getsource(module))
         for node in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
             body = node.body

@@ -99,5 +99,5 @@ def test_standard_components_follow_their_config_fields():
     assert list(components) == ["train_metrics", "evaluator", "checkpointer", "exporter", "done_marker"]
     assert (components["train_metrics"].log_every, components["evaluator"].eval_every,
             components["checkpointer"].ckpt_every, components["exporter"].export_every) == (3, 7, 9, 5)
-    assert len(COMPONENTS) == 5
+    assert len(COMPONENTS) == 6  # and DownstreamEval (eval.downstream), off here
     assert every(3, 6) and not every(3, 7) and not every(0, 6)

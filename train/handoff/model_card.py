@@ -124,7 +124,8 @@ def evaluation_section(rows: List[Dict[str, Any]]) -> List[str]:
         scores = ", ".join(f"{key} {_number(last[key])}" for key in ("val_loss", "val_ppl", "val_bpb") if key in last)
         lines.append(f"Held-out validation split at step {last.get('step')}: {scores}.")
     downstream = [r for r in rows if r.get("kind") == "downstream"]
-    if downstream:
+    if downstream:  # the latest evaluation's rows (eval.downstream logs one row per task every N steps)
+        downstream = [r for r in downstream if r.get("step") == downstream[-1].get("step")]
         lines += ["", "| task | metric | value | step |", "|---|---|---:|---:|"]
         for row in downstream:
             task = row.get("task") or row.get("name") or ""

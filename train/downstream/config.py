@@ -1,0 +1,51 @@
+"""The `eval` section of the root config: downstream evaluation (`eval.downstream`), read by `slm eval`'s
+defaults and by the training loop's downstream cadence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class DownstreamConfig:
+    tasks: List[str] = field(default_factory=list)
+    """Task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, sciq, openbookqa, boolq, copa, commonsense_qa, social_iqa, lambada_openai); empty disables."""
+    every: int = 0
+    """Evaluate the downstream tasks every this many steps (and at the end); 0 disables."""
+    limit: Optional[int] = 500
+    """Examples per task: a fixed subset chosen by `seed` (null: the whole split)."""
+    seed: int = 1234
+    """Seed of the example subset and of the few-shot draws (the same subset at every step and in every run)."""
+    shots: int = 0
+    """Solved examples before each question (0: zero-shot, as the harness's defaults)."""
+    data_dir: Optional[str] = None
+    """Local task data laid out <dataset name>/<config or none>/<split>/ (~ expands; null: the Hugging Face hub)."""
+    batch_size: int = 32
+    """Sequences (context + choice) per forward pass."""
+
+    def validate(self) -> None:
+        from train.downstream.tasks import get_task
+
+        for name in self.tasks:
+            try:
+                get_task(name)
+            except ValueError as err:
+                raise ValueError(f"eval.downstream.tasks: {err}") from None
+        for key in ("every", "shots"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.downstream.{key}={getattr(self, key)} must be >= 0.")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"eval.downstream.limit={self.limit} must be a positive number of examples or null.")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.downstream.batch_size={self.batch_size} must be >= 1.")
+
+
+@dataclass
+class EvalConfig:
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    """Multiple-choice and LAMBADA benchmarks scored like lm-evaluation-harness."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        self.downstream.validate()
