@@ -143,7 +143,22 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
     return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 
-def load_initial_weights(cfg: Config, tokenizer_sha256: str) -> Optional[Dict[str, torch.Tensor]]:
+def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
+    """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
+    first rank (the others wait, then find the copy complete)."""
+    from data_pipeline.storage import is_remote
+    from train.handoff.remote_export import fetch_export
+
+    source = str(cfg.train.init_from)
+    if not is_remote(source):
+        return source
+    if dist_info.local_rank == 0:
+        fetch_export(source, cfg.data.storage_options, cfg.data.cache_dir)
+    barrier()
+    return str(fetch_export(source, cfg.data.storage_options, cfg.data.cache_dir))
+
+
+def load_initial_weights(cfg: Config, dist_info: DistInfo, tokenizer_sha256: str) -> Optional[Dict[str, torch.Tensor]]:
     """cpt/ift: the weights of train.init_from, checked against this run's tokenizer and model shape."""
     if cfg.train.stage == "pretrain":
         return None
@@ -152,7 +167,7 @@ def load_initial_weights(cfg: Config, tokenizer_sha256: str) -> Optional[Dict[st
                          "checkpoint or export whose weights this stage continues from.")
     from train.handoff.init_from import load_init_weights
 
-    state_dict, init_cfg, init_sha = load_init_weights(cfg.train.init_from)
+    state_dict, init_cfg, init_sha = load_init_weights(local_init_source(cfg, dist_info))
     if init_sha is not None and init_sha != tokenizer_sha256:
         raise TrainError(
             f"train.init_from '{cfg.train.init_from}' was trained with another tokenizer (sha256 {init_sha[:12]}...) "
@@ -248,7 +263,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     settle_vocab(cfg, dist_info, data)
     for line in on_main_then_share(dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"):
         say(dist_info, line)
-    init_weights = load_initial_weights(cfg, data.tokenizer_sha256)
+    init_weights = load_initial_weights(cfg, dist_info, data.tokenizer_sha256)
 
     identity = RunIdentity(to_dict(cfg), data.tokenizer_sha256, data.manifest_sha256, dist_info.world_size,
                            cfg.train.zero_stage, cfg.train.precision)

@@ -1,0 +1,58 @@
+"""An export named by a URL (`train.init_from=s3://bucket/exports/step_X`): copied once into the local cache.
+
+Only exports are read from a URL: they are a handful of plain files (safetensors, JSON, tokenizer) with no
+pickle, so a copy is all it takes. The copy goes to a folder of the node-local cache (`data.cache_dir`) named
+by the URL, is written beside it and renamed into place, and is reused while every file keeps its size on
+the store. Nothing on the store is written or deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from common.atomic import replace_dir
+from data_pipeline.shard_cache import dataset_cache_dir
+from data_pipeline.storage import DataStore
+from train.errors import TrainError
+
+EXPORT_MARKS = ("config.json", "tokenizer.json")
+"""Files every `slm export` folder holds besides its safetensors weights."""
+
+
+def _sizes(folder: Path) -> Dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def fetch_export(url: str, storage_options: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None) -> Path:
+    """The local copy of the export at `url` (downloaded, or reused when it matches the store's listing)."""
+    store = DataStore(url, storage_options)
+    listing = store.listing()
+    weights = [name for name in listing if name.endswith(".safetensors")]
+    missing = [name for name in EXPORT_MARKS if name not in listing]
+    if missing or not weights:
+        found = ", ".join(sorted(listing)[:8]) or "nothing"
+        raise TrainError(
+            f"{url} is not a Hugging Face export (found {found}; expected config.json, tokenizer.json and "
+            "*.safetensors). From a URL only an `slm export` folder can be read: export the checkpoint first "
+            "(slm export RUN_DIR OUT_DIR) and upload OUT_DIR."
+        )
+    target = dataset_cache_dir(store, cache_dir)
+    if target.is_dir() and _sizes(target) == listing:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        for name, size in sorted(listing.items()):
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            store.download(name, tmp / name)
+            if (tmp / name).stat().st_size != size:
+                raise TrainError(f"Download of {store.url(name)} gave {(tmp / name).stat().st_size} bytes, not the "
+                                 f"{size} the store lists; try again.")
+        replace_dir(tmp, target)  # target is our own cache folder for this URL
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[slm] copied the export {url} to {target}", flush=True)
+    return target
