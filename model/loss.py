@@ -34,14 +34,14 @@ def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, targets: Tensor, denomi
                          with_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """Summed loss of one chunk, hidden (c, d) and targets (c,), and d(loss / denominator) / d logits (c, V)."""
     logits = F.linear(hidden, weight).to(torch.promote_types(weight.dtype, torch.float32))  # (c, V)
-    log_normalizer = torch.logsumexp(logits, dim=-1)  # (c,)
+    log_probs = F.log_softmax(logits, dim=-1)  # (c, V); fused, several times faster on CPU than logsumexp
+    del logits
     counted = targets != IGNORE_INDEX  # (c,)
     safe_targets = targets.masked_fill(~counted, 0)[:, None]  # (c, 1): any valid index, masked out below
-    target_logits = logits.gather(1, safe_targets).squeeze(1)  # (c,)
-    loss_sum = ((log_normalizer - target_logits) * counted).sum()
+    loss_sum = -(log_probs.gather(1, safe_targets).squeeze(1) * counted).sum()
     if not with_grad:
         return loss_sum, None
-    grad_logits = logits.sub_(log_normalizer[:, None]).exp_()  # (c, V) softmax, in place of the logits
+    grad_logits = log_probs.exp_()  # (c, V) softmax, in place of the log-probabilities
     weights = counted.to(grad_logits.dtype)[:, None]  # (c, 1): 1 where the target counts
     grad_logits.scatter_add_(1, safe_targets, -weights)  # minus the one-hot
     grad_logits.mul_(weights / denominator)  # ignored rows get no gradient
@@ -57,7 +57,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         denominator = (targets != IGNORE_INDEX).sum().clamp(min=1)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         accumulate = torch.promote_types(weight.dtype, torch.float32)
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, d)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, d), every row written below
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
