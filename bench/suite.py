@@ -92,9 +92,10 @@ def gpu_section(existing: Optional[str]) -> str:
     return f"{GPU_MARKER}\n\n{NO_GPU_YET}\n"
 
 
-def render(info: Dict[str, str], results: List[tuple], quick: bool, total: float, gpu: str) -> str:
+def render(info: Dict[str, str], results: List[tuple], quick: bool, total: float, gpu: str,
+           invocation: str = "bench/suite.py") -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["# Benchmarks", "", f"Written by `make bench` (bench/suite.py{' --quick' if quick else ''}) on {date}, "
+    lines = ["# Benchmarks", "", f"Written by `python {invocation}` (`make bench` runs them all) on {date}, "
              f"{total:.0f} s in all." + (" Quick mode: tiny sizes, the figures only show the harness works." if quick else ""),
              "", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], ""]
     for bench, (cmd, table, seconds) in results:
@@ -120,7 +121,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
         results = [(bench, run_bench(bench, args.quick, Path(tmp))) for bench in chosen]
     existing = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
-    text = render(machine(), results, args.quick, time.perf_counter() - started, gpu_section(existing))
+    invocation = " ".join(["bench/suite.py", *sys.argv[1:]])
+    text = render(machine(), results, args.quick, time.perf_counter() - started, gpu_section(existing), invocation)
     atomic_write_text(args.out, text)
     print(text)
     if any(table.startswith("FAILED") for _, (_, table, _) in results):
