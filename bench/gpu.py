@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text  # noqa: E402
 
 GPU_MARKER = "<!-- GPU results: bench/gpu.py appends below this line -->"  # the same line as bench/suite.py's
 NO_CUDA = ("bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine (torch {version}). "

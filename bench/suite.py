@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.atomic import atomic_write_text  # noqa: E402
+from common.atomic import atomic_write_text  # noqa: E402
 
 GPU_MARKER = "<!-- GPU results: bench/gpu.py appends below this line -->"
 NO_GPU_YET = "GPU figures: unmeasured (no CUDA machine has run `make bench-gpu` for this file yet)."

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from common.checks import check_choice, check_positive
+
+DOC_BOUNDARIES = ("file", "blank_line", "line")
+ENCODING_ERRORS = ("strict", "replace")
+OVERLONG = ("truncate", "drop")
+
 
 @dataclass
 class SourceConfig:
@@ -21,6 +27,13 @@ class SourceConfig:
     hf_split: str = "train"
     """Split to stream when path names a Hugging Face dataset."""
 
+    def validate(self, key: str = "data.sources[0]") -> None:
+        """Raise ValueError naming the key (`key` is this source's place in the config)."""
+        if self.weight <= 0:
+            raise ValueError(f"config key '{key}.weight' is {self.weight}; expected a positive number.")
+        if self.doc_boundary not in DOC_BOUNDARIES:
+            raise ValueError(f"config key '{key}.doc_boundary' is {self.doc_boundary!r}; expected file, blank_line or line.")
+
 
 @dataclass
 class TokenizerConfig:
@@ -32,6 +45,10 @@ class TokenizerConfig:
     """Minimum pair frequency for a BPE merge."""
     max_train_docs: Optional[int] = None
     """Train the tokenizer on at most this many documents (streamed); null means all."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_positive("tokenizer.vocab_size", self.vocab_size)
 
 
 @dataclass
@@ -55,6 +72,17 @@ class DataConfig:
     document_mask: bool = False
     """Pretraining attends within documents only (split at EOT tokens), positions restarting at each."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_choice("data.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
+        check_positive("data.shard_tokens", self.shard_tokens)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"config key 'data.val_fraction' is {self.val_fraction}; expected a number in [0, 1).")
+        if not self.sources:
+            raise ValueError("config key 'data.sources' is empty; expected at least one source.")
+        for i, source in enumerate(self.sources):
+            source.validate(f"data.sources[{i}]")
+
 
 @dataclass
 class InstructConfig:
@@ -66,3 +94,7 @@ class InstructConfig:
     """Examples longer than the sequence: truncate or drop (counted either way)."""
     val_fraction: float = 0.05
     """Fraction of examples held out for validation."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key (the one check of ift.overlong)."""
+        check_choice("ift.overlong", self.overlong, OVERLONG)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import os
 import signal
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -20,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from data_pipeline.tokenizer import EOT
+from data_pipeline.tokenizer import EOT, tokenizers_single_threaded
 
 GROUP_CHARS = 2048
 """Characters of text per joined group (1-4 KB measured best; much longer strings encode more slowly)."""
@@ -52,7 +51,7 @@ def init_worker(tokenizer_json: str, dtype: str, worker_process: bool = False) -
     global _TOKENIZER, _LITERAL, _SPECIAL_PREFIXES, _EOT_ID, _DTYPE, _GROUPING
     if worker_process:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        tokenizers_single_threaded(force=True)
     _TOKENIZER = Tokenizer.from_str(tokenizer_json)
     _LITERAL = Tokenizer.from_str(tokenizer_json)
     _LITERAL.encode_special_tokens = True

@@ -1,19 +1,6 @@
 """Instruction data for train.stage=ift: ChatML conversations, assistant-only loss, packing, a resumable loader.
 
-The chat template (ChatML, with the tokenizer's reserved special tokens), for each message in order:
-
-    <|im_start|>{role}\\n{content stripped of surrounding whitespace}<|im_end|>\\n
-
-and, to prompt a reply, `<|im_start|>assistant\\n`. `CHAT_TEMPLATE` is the same thing as a Jinja string; the
-Hugging Face export writes it into tokenizer_config.json, so `apply_chat_template` there gives our ids exactly.
-The whole rendered text is tokenized in one call (as transformers does), never piece by piece, so the byte-level
-BPE sees the same "\\n" after a role and between turns in training and in transformers.
-
-Which tokens carry loss (`format_chat` labels): the tokens of each assistant message's content and the
-`<|im_end|>` that closes it. Everything else is -100: system and user turns entirely, the `<|im_start|>`, the
-role name and its "\\n" of assistant turns, and the "\\n" after every `<|im_end|>`. So the model learns to answer
-and to stop, never to write the user's part. Content is stripped (Jinja `trim`) so no token straddles the
-template/content boundary.
+The chat template and its labels are `data_pipeline.chat`.
 
 Three jsonl formats, detected per line: chat `{"messages": [{"role", "content"}, ...]}`;
 `{"instruction", "input", "output"}` (input optional; appended to the instruction after a blank line);
@@ -44,67 +31,13 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.chat import RESERVED, ROLES, Message, format_chat
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD
+from data_pipeline.tokenizer import IM_END, IM_START, PAD
+from model.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-"""Label of tokens that do not count in the loss (same value as the model's)."""
-ROLES = ("system", "user", "assistant")
-RESERVED = (IM_START, IM_END, EOT, PAD)
-"""Special tokens only the template writes; data containing them is refused (no role injection)."""
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '" + IM_START + "' + message['role'] + '\\n' + (message['content'] | trim) + '" + IM_END + "\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + IM_START + "assistant\\n' -}}{%- endif -%}"
-)
-"""The ChatML template as Jinja, for tokenizer_config.json; `render_chat` is its Python twin (tested equal)."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-Message = Dict[str, str]
-
-
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
-    """ChatML text of a conversation and the character spans that carry loss (assistant content + its <|im_end|>)."""
-    parts: List[str] = []
-    loss_spans: List[Tuple[int, int]] = []
-    length = 0
-    for message in messages:
-        role, content = message["role"], message["content"].strip()
-        for token in RESERVED:
-            if token in content:
-                raise DataError(f"A {role} message contains the reserved token {token!r}; it may only come from the chat template.")
-        head = f"{IM_START}{role}\n"
-        parts += [head, content, f"{IM_END}\n"]
-        start = length + len(head)
-        if role == "assistant":
-            loss_spans.append((start, start + len(content) + len(IM_END)))
-        length = start + len(content) + len(IM_END) + 1
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts), loss_spans
-
-
-def format_chat(messages: Sequence[Message], tokenizer: Tokenizer) -> Tuple[List[int], List[int]]:
-    """Token ids of a conversation and its labels: labels[i] = ids[i] where token i carries loss, else -100.
-
-    Labels are aligned with ids (not shifted); the loader shifts them inside each example.
-    """
-    text, loss_spans = render_chat(messages)
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    labels = [IGNORE_INDEX] * len(encoding.ids)
-    for i, (start, end) in enumerate(encoding.offsets):
-        if any(start < span_end and end > span_start for span_start, span_end in loss_spans):
-            labels[i] = encoding.ids[i]
-    return list(encoding.ids), labels
-
-
-def encode_chat_prompt(messages: Sequence[Message], tokenizer: Tokenizer) -> List[int]:
-    """Ids of a conversation followed by the assistant generation prompt (for `slm generate --chat`)."""
-    text, _ = render_chat(messages, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False).ids)
-
 
 # ----------------------------------------------------------------------------------------------- reading jsonl
 
@@ -261,8 +194,6 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
 def build_rows(examples: Sequence[Tuple[List[int], List[int]]], seq_len: int, packing: bool, overlong: str,
                pad_id: int, seed: int) -> Tuple[torch.Tensor, InstructStats]:
     """Examples (ids, labels) -> rows (N, 4, seq_len): input_ids, labels (shifted), position_ids, doc_ids."""
-    if overlong not in ("truncate", "drop"):
-        raise DataError(f"ift.overlong is {overlong!r}; expected truncate or drop.")
     stats = InstructStats(examples=len(examples))
     pieces: List[Tuple[List[int], List[int]]] = []  # (inputs, targets), shifted inside the example
     for ids, labels in examples:
@@ -371,6 +302,10 @@ class InstructLoader:
 def build_instruct_loader(ift_cfg: InstructConfig, tokenizer: Tokenizer | str | Path, split: str, seq_len: int,
                           micro_batch_size: int, rank: int, world_size: int, seed: int) -> InstructLoader:
     """The IFT counterpart of `data_pipeline.loader.build_loader`: same batches, plus position_ids/doc_ids when packing."""
+    try:
+        ift_cfg.validate()
+    except ValueError as err:
+        raise DataError(str(err)) from None
     if not isinstance(tokenizer, Tokenizer):
         from data_pipeline.tokenizer import load_tokenizer
 

@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_json
+from common.atomic import atomic_write_json
+from common.files import file_sha256
 from data_pipeline.errors import DataError
 from data_pipeline.shards import ShardRecord
-from data_pipeline.tokenizer import file_sha256, token_dtype
+from data_pipeline.tokenizer import token_dtype
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -173,3 +174,20 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
             digest = file_sha256(path)
             if digest != shard.sha256:
                 raise DataError(f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt.")
+
+
+def summary_table(manifest: Manifest) -> str:
+    """Per source and split: documents, tokens, shards, megabytes, text bytes per token."""
+    itemsize = np.dtype(manifest.dtype).itemsize
+
+    def row(name: str, split: str, shards: List[ShardRecord]) -> str:
+        docs, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
+        ratio = f"{sum(s.text_bytes for s in shards) / tokens:.3f}" if tokens else "-"
+        return f"{name:<24} {split:<5} {docs:>11,} {tokens:>14,} {len(shards):>7} {tokens * itemsize / 1e6:>9.2f} {ratio:>12}"
+
+    header = f"{'source':<24} {'split':<5} {'documents':>11} {'tokens':>14} {'shards':>7} {'MB':>9} {'bytes/token':>12}"
+    lines = [header, "-" * len(header)]
+    for name in manifest.source_names():
+        lines += [row(name, split, manifest.shards_of(split, name)) for split in SPLITS]
+    lines += ["-" * len(header), row("total", "", manifest.shards)]
+    return "\n".join(lines)

@@ -27,14 +27,15 @@ from dataclasses import dataclass, field
 from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
-import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from common import faults
+from common.atomic import atomic_write_json
+from common.files import file_sha256, fsync_dir
 from data_pipeline import encode
-from data_pipeline.atomic import atomic_write_json
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import (
@@ -44,40 +45,37 @@ from data_pipeline.manifest import (
     TOKENIZER,
     Manifest,
     load_manifest,
+    summary_table,
     verify_dataset,
     write_manifest,
 )
-from data_pipeline.shards import ShardRecord, ShardWriter, fsync_dir
+from data_pipeline.prepare_origin import check_same_origin, prepare_fingerprint
+from data_pipeline.prepare_tokenizer import empty_source, obtain_tokenizer
+from data_pipeline.shards import ShardRecord, ShardWriter
 from data_pipeline.sources import (
-    describe_source,
     iter_documents,
     resolve_files,
-    source_fingerprint,
     source_names,
 )
 from data_pipeline.splits import tail_split, validation_mask
 from data_pipeline.tokenizer import (
-    copy_tokenizer,
     eot_id,
-    file_sha256,
     load_tokenizer,
     model_vocab_size,
-    save_tokenizer,
     token_byte_lengths,
     token_dtype,
     tokenizer_vocab_size,
-    train_tokenizer,
+    tokenizers_single_threaded,
 )
 
 WORK_DIR = ".prepare"
 STATE = "state.json"
 JOURNAL = "shards.jsonl"
 LOCK = ".prepare.lock"
-CHUNK_BYTES = int(os.environ.get("SLM_PREPARE_CHUNK_BYTES", 1 << 18))
-"""Text per tokenization task. The environment overrides exist for tests and tuning."""
-COMMIT_SECONDS = float(os.environ.get("SLM_PREPARE_COMMIT_SECONDS", 2.0))
+CHUNK_BYTES = 1 << 18
+"""Text per tokenization task (common.faults.prepare_chunk_bytes overrides it for tests and tuning)."""
+COMMIT_SECONDS = 2.0
 """Commit (fsync + state) after a chunk at most this often: a crash redoes at most this much work."""
-TRAIN_BATCH = 256
 
 
 @dataclass
@@ -120,110 +118,6 @@ def _locked(data_dir: Path) -> Iterator[None]:
             print(f"prepare: another prepare of {data_dir} is running; waiting for it", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def _tokenizer_fingerprint(tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
-    if tokenizer_cfg.path:
-        return {"from": "file"}
-    return {"from": "trained", "vocab_size": tokenizer_cfg.vocab_size, "min_frequency": tokenizer_cfg.min_frequency,
-            "max_train_docs": tokenizer_cfg.max_train_docs}
-
-
-def _fingerprint(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
-    """Everything that determines the shards' bytes (not weights, num_proc or workers)."""
-    return {
-        "sources": [source_fingerprint(s) for s in data_cfg.sources], "val_fraction": data_cfg.val_fraction,
-        "shard_tokens": data_cfg.shard_tokens, "encoding_errors": data_cfg.encoding_errors,
-        "tokenizer": _tokenizer_fingerprint(tokenizer_cfg),
-    }
-
-
-def _first_difference(old: Any, new: Any, key: str = "") -> Optional[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in list(old) + [k for k in new if k not in old]:
-            diff = _first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else k)
-            if diff:
-                return diff
-        return None
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            diff = _first_difference(a, b, f"{key}[{i}]")
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{key}: was {old!r}, now {new!r}"
-
-
-def _check_same_origin(where: Path, data_dir: Path, recorded: Dict[str, Any], recorded_sha: str,
-                       fingerprint: Dict[str, Any], tokenizer_cfg: TokenizerConfig) -> None:
-    """DataError unless the data in data_dir (complete or half-prepared) came from this same config."""
-    if tokenizer_cfg.path:
-        sha = file_sha256(tokenizer_cfg.path) if Path(tokenizer_cfg.path).is_file() else None
-        if sha != recorded_sha:
-            load_tokenizer(tokenizer_cfg.path)
-            raise DataError(
-                f"{where} was made with another tokenizer (sha256 {recorded_sha}) than tokenizer.path="
-                f"{tokenizer_cfg.path} (sha256 {sha}); its shards cannot be reused. Use a new data.dir."
-            )
-        recorded = {**recorded, "tokenizer": fingerprint["tokenizer"]}
-    diff = _first_difference(recorded, fingerprint)
-    if diff:
-        raise DataError(
-            f"{where} was prepared from a different config ({diff}). Use a new data.dir, or delete "
-            f"{data_dir} to prepare it again."
-        )
-
-
-def _training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[str]]:
-    """Batches of train documents from every source in turn (validation documents are never seen)."""
-    streams = [(s, enumerate(iter_documents(s, data_cfg.encoding_errors))) for s in data_cfg.sources]
-    seen = [0] * len(streams)
-    taken, batch = 0, []
-    active = list(range(len(streams)))
-    while active and (limit is None or taken < limit):
-        for i in list(active):
-            source, stream = streams[i]
-            item = next(stream, None)
-            if item is None:
-                active.remove(i)
-                if seen[i] == 0:
-                    raise _empty_source(source)
-                continue
-            index, doc = item
-            seen[i] += 1
-            if validation_mask(index, 1, data_cfg.val_fraction)[0]:
-                continue
-            batch.append(doc.text)
-            taken += 1
-            if len(batch) == TRAIN_BATCH:
-                yield batch
-                batch = []
-            if limit is not None and taken >= limit:
-                break
-    if batch:
-        yield batch
-
-
-def _empty_source(source: SourceConfig) -> DataError:
-    return DataError(f"Source {describe_source(source)} holds no documents (it is empty or only whitespace); expected non-empty text.")
-
-
-def _obtain_tokenizer(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, num_proc: int) -> Tuple[Tokenizer, str]:
-    target = data_dir / TOKENIZER
-    if tokenizer_cfg.path:
-        copy_tokenizer(tokenizer_cfg.path, target)
-        print(f"prepare: tokenizer copied from {tokenizer_cfg.path}", flush=True)
-    else:
-        started = time.time()
-        print(f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
-              f"{', '.join(describe_source(s) for s in data_cfg.sources)}", flush=True)
-        tokenizer = train_tokenizer(_training_texts(data_cfg, tokenizer_cfg.max_train_docs), tokenizer_cfg.vocab_size,
-                                    tokenizer_cfg.min_frequency, threads=num_proc, target=target)
-        save_tokenizer(tokenizer, target)
-        size = tokenizer_vocab_size(tokenizer)
-        short = f" (the corpus supports only {size} < {tokenizer_cfg.vocab_size})" if size < tokenizer_cfg.vocab_size else ""
-        print(f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True)
-    return load_tokenizer(target), file_sha256(target)
 
 
 class _Ready:
@@ -330,7 +224,7 @@ class _PrepareRun:
         if p.documents == 0:
             first, second = next(docs, None), None
             if first is None:
-                raise _empty_source(source)
+                raise empty_source(source)
             second = next(docs, None)
             if second is None:  # a single document: its tail is the validation split
                 cut = tail_split(first.text, self.cfg.val_fraction)
@@ -346,11 +240,12 @@ class _PrepareRun:
         texts: List[str] = []
         chars = 0
         end = p.position
+        chunk_bytes = faults.prepare_chunk_bytes(CHUNK_BYTES)
         for doc in docs:
             texts.append(doc.text)
             chars += len(doc.text)
             end = (doc.file_index, doc.row + 1)
-            if chars >= CHUNK_BYTES:
+            if chars >= chunk_bytes:
                 yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
                 index += len(texts)
                 texts, chars = [], 0
@@ -366,7 +261,7 @@ class _PrepareRun:
         p.val_documents += encoded.val_documents
         p.replaced_chars += encoded.replaced_chars
         p.position = chunk.end
-        if time.time() - self.last_commit >= COMMIT_SECONDS:
+        if time.time() - self.last_commit >= faults.prepare_commit_seconds(COMMIT_SECONDS):
             self._commit()
         self.tokens_this_run += len(encoded.train) + len(encoded.val)
 
@@ -446,6 +341,10 @@ class _PrepareRun:
             for writer in self.writers.values():
                 writer.close()
             self.journal.close()
+        return self._write_manifest(started)
+
+    def _write_manifest(self, started: float) -> Manifest:
+        """The manifest, written last (its presence marks a complete prepare), and the summary printed."""
         manifest = Manifest(
             path=self.data_dir / MANIFEST, format_version=FORMAT_VERSION, dtype=self.dtype,
             tokenizer_sha256=self.tokenizer_sha, vocab_size=tokenizer_vocab_size(self.tokenizer), eot_id=self.eot_id,
@@ -463,34 +362,17 @@ class _PrepareRun:
         return manifest
 
 
-def summary_table(manifest: Manifest) -> str:
-    """Per source and split: documents, tokens, shards, megabytes, text bytes per token."""
-    itemsize = np.dtype(manifest.dtype).itemsize
-
-    def row(name: str, split: str, shards: List[ShardRecord]) -> str:
-        docs, tokens = sum(s.documents for s in shards), sum(s.tokens for s in shards)
-        ratio = f"{sum(s.text_bytes for s in shards) / tokens:.3f}" if tokens else "-"
-        return f"{name:<24} {split:<5} {docs:>11,} {tokens:>14,} {len(shards):>7} {tokens * itemsize / 1e6:>9.2f} {ratio:>12}"
-
-    header = f"{'source':<24} {'split':<5} {'documents':>11} {'tokens':>14} {'shards':>7} {'MB':>9} {'bytes/token':>12}"
-    lines = [header, "-" * len(header)]
-    for name in manifest.source_names():
-        lines += [row(name, split, manifest.shards_of(split, name)) for split in SPLITS]
-    lines += ["-" * len(header), row("total", "", manifest.shards)]
-    return "\n".join(lines)
-
-
 def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
     """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable."""
     data_dir = Path(data_cfg.dir)
     source_names(data_cfg.sources)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers must not inherit Rust threads
+    tokenizers_single_threaded()  # forked workers must not inherit Rust threads
     num_proc = resolve_num_proc(data_cfg.num_proc)
     with _locked(data_dir):
-        fingerprint = _fingerprint(data_cfg, tokenizer_cfg)
+        fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
         if (data_dir / MANIFEST).exists():
             manifest = load_manifest(data_dir)
-            _check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
+            check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
             verify_dataset(manifest)
             print(f"prepare: {data_dir} is already complete ({len(manifest.shards)} shards, "
                   f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.", flush=True)
@@ -499,7 +381,7 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
         state_path = data_dir / WORK_DIR / STATE
         if state_path.exists():
             state = json.loads(state_path.read_text(encoding="utf-8"))
-            _check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
+            check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
             tokenizer_path = data_dir / TOKENIZER
             if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != state["tokenizer_sha256"]:
                 raise DataError(
@@ -508,6 +390,6 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
                 )
             tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
         else:
-            tokenizer, sha = _obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
+            tokenizer, sha = obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
         _PrepareRun(data_cfg, data_dir, tokenizer, sha, fingerprint, num_proc).run()
     return data_dir

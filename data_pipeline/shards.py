@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from common.files import fsync_dir  # noqa: F401  (re-exported: its old home)
 from data_pipeline.errors import DataError
 
 
@@ -42,14 +43,6 @@ class ShardRecord:
 
 def shard_file_name(source: str, split: str, index: int) -> str:
     return f"{source}-{split}-{index:05d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _little_endian(dtype: str) -> np.dtype:

@@ -3,7 +3,6 @@ sha256 is the tokenizer's identity from then on (shards, checkpoints and exports
 
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.atomic import atomic_write_bytes, atomic_write_text
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.files import file_sha256  # noqa: F401  (re-exported: its old home)
 from data_pipeline.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -36,11 +36,23 @@ def check_vocab_size(vocab_size: int, target: Path) -> None:
         )
 
 
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
+
+
+def tokenizers_single_threaded(force: bool = False) -> None:
+    """The one place that sets TOKENIZERS_PARALLELISM: off (unless the user set it, or `force`), because a process
+    that forks workers (prepare's pool, DataLoader workers) must not carry the Rust thread pool into them."""
+    if force:
+        os.environ[PARALLELISM_ENV] = "false"
+    else:
+        os.environ.setdefault(PARALLELISM_ENV, "false")
+
+
 @contextmanager
 def _rust_parallelism(threads: int) -> Iterator[None]:
     """Let the Rust trainer use `threads` cores, then switch it off again before any worker is forked."""
-    saved = {key: os.environ.get(key) for key in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    saved = {key: os.environ.get(key) for key in (PARALLELISM_ENV, "RAYON_NUM_THREADS")}
+    os.environ[PARALLELISM_ENV] = "true" if threads > 1 else "false"
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     try:
         yield
@@ -113,14 +125,6 @@ def model_vocab_size(tokenizer: Tokenizer) -> int:
 def token_dtype(vocab_size: int) -> str:
     """Shard dtype: uint16 while the vocabulary fits in 65,535 ids' worth, uint32 beyond."""
     return "uint16" if vocab_size <= 65535 else "uint32"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _byte_level_decoder() -> dict:

@@ -59,14 +59,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import export
+    from train.handoff.export import export
 
     export(args.src, args.out_dir, dtype=args.dtype)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from train.generate import generate_cli
+    from train.handoff.generate import generate_cli
 
     return generate_cli(
         args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
@@ -78,6 +78,27 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     from launch.slurm import slurm_command
 
     return slurm_command(args)
+
+
+def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="write (and optionally submit) a Slurm batch script for a run")
+    p.add_argument("config")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
+    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
+    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
+    p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
+    p.add_argument("--submit", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
+    p.set_defaults(func=cmd_slurm)
+    from launch.slurm import allow_intermixed_args
+
+    allow_intermixed_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,29 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("slurm", help="write (and optionally submit) a Slurm batch script for a run")
-    p.add_argument("config")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
-    p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
-    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
-    p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
-    p.add_argument("--submit", action="store_true")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
-    p.set_defaults(func=cmd_slurm)
-    from launch.slurm import allow_intermixed_args
-
-    allow_intermixed_args(p)
+    _add_slurm_parser(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from data_pipeline.tokenizer import tokenizers_single_threaded
+
+    tokenizers_single_threaded()
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)

@@ -19,26 +19,6 @@ class ConfigError(Exception):
     """A config problem, with a one-paragraph message for the user (no traceback)."""
 
 
-CHOICES = {
-    "train.stage": ("pretrain", "cpt", "ift"),
-    "train.zero_stage": (0, 1, 2, 3),
-    "train.precision": ("bf16", "fp16", "fp32"),
-    "train.schedule": ("cosine", "wsd", "linear", "constant"),
-    "train.decay_shape": ("linear", "cosine", "sqrt"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.backend": ("auto", "gloo", "nccl"),
-    "log.wandb.mode": ("disabled", "offline", "online"),
-    "data.encoding_errors": ("strict", "replace"),
-    "ift.overlong": ("truncate", "drop"),
-}
-POSITIVE = (
-    "train.micro_batch_size", "train.grad_accum_steps", "train.max_steps", "train.eval_every",
-    "train.eval_batches", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-    "tokenizer.vocab_size", "data.shard_tokens",
-)
-
-
 def valid_keys(node: Any = None, prefix: str = "") -> List[str]:
     """Every dotted key of the schema (list elements described by their element type)."""
     cls = Config if node is None else node
@@ -126,31 +106,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def _check_values(cfg: Config, origin: str) -> None:
-    def get(key: str) -> Any:
-        obj: Any = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        return obj
-
-    for key, allowed in CHOICES.items():
-        if get(key) not in allowed:
-            raise ConfigError(f"{origin}: config key '{key}' is {get(key)!r}; expected one of {', '.join(map(str, allowed))}.")
-    for key in POSITIVE:
-        if get(key) <= 0:
-            raise ConfigError(f"{origin}: config key '{key}' is {get(key)}; expected a positive integer.")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"{origin}: config key 'data.val_fraction' is {cfg.data.val_fraction}; expected a number in [0, 1).")
-    if not cfg.data.sources:
-        raise ConfigError(f"{origin}: config key 'data.sources' is empty; expected at least one source.")
-    for i, source in enumerate(cfg.data.sources):
-        if source.weight <= 0:
-            raise ConfigError(f"{origin}: config key 'data.sources[{i}].weight' is {source.weight}; expected a positive number.")
-        if source.doc_boundary not in ("file", "blank_line", "line"):
-            raise ConfigError(
-                f"{origin}: config key 'data.sources[{i}].doc_boundary' is {source.doc_boundary!r}; expected file, blank_line or line."
-            )
+    """Every section's validate() (beside its dataclass), with where the values came from."""
     try:
-        cfg.model.validate()
+        cfg.validate()
     except ValueError as err:
         raise ConfigError(f"{origin}: {err}") from None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from launch.config import ConfigError, load_config
 
 TEMPLATE = Path(__file__).with_name("slurm_template.sh")

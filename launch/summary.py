@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from common.files import GIB
 from launch.config import Config, ConfigError
 from model.stats import flops_per_token, param_counts, training_memory_per_rank
-
-GIB = 1024**3
+from train.config import ZERO_STAGES
 
 
 def _millions(count: int) -> str:
@@ -38,7 +38,7 @@ def model_summary(cfg: Config, world_size: int) -> str:
         f"micro batch {micro_batch} x {seq_len} tokens, activation checkpointing {checkpointing}",
         f"  {'ZeRO stage':<12}{'model states':>14}{'activations':>14}{'total':>10}",
     ]
-    for stage in (0, 1, 2, 3):
+    for stage in ZERO_STAGES:
         memory = training_memory_per_rank(model, stage, world_size, micro_batch, seq_len,
                                           train.activation_checkpointing)
         marker = "  <- train.zero_stage" if stage == train.zero_stage else ""

@@ -32,9 +32,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import Mask, attend, attention_mask
 from model.config import ModelConfig
-from model.loss import IGNORE_INDEX, chunked_linear_cross_entropy, masked_cross_entropy
+from model.loss import chunked_linear_cross_entropy, masked_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "KVCache", "Transformer", "masked_cross_entropy"]
+__all__ = ["KVCache", "Transformer"]
 
 
 class RMSNorm(nn.Module):

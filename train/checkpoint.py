@@ -22,13 +22,16 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_write_json, atomic_write_text, replace_dir
+from common import faults
+from common.atomic import atomic_write_json, atomic_write_text, replace_dir
+from common.files import fsync_dir
 from train.distributed import DistInfo, barrier
 from train.errors import TrainError
 
@@ -38,11 +41,67 @@ META = "meta.json"
 LATEST = "latest"
 TMP_PREFIX = "tmp."
 STEP_RE = re.compile(r"^step_(\d{8,})$")
-# Model keys that do not change the weights' shapes or meaning, so a resume may change them.
-MODEL_KEYS_FREE_TO_CHANGE = ("init_std",)
-SLEEP_IN_SAVE_ENV = "SLM_SLEEP_IN_SAVE"
-"""Fault-injection hook for tests: `[STEP:]SECONDS` sleeps between DeepSpeed's save and the
-COMPLETE marker/rename (only at STEP when given), so a test can `kill -9` a save deterministically."""
+
+
+@dataclass
+class Progress:
+    """How far a run is: what the loop counts and a checkpoint restores."""
+
+    step: int = 0
+    """Optimizer steps taken (skipped non-finite steps included)."""
+    tokens_seen: int = 0
+    """Training tokens consumed, over all ranks."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped as non-finite (train.on_nonfinite=skip)."""
+
+
+@dataclass
+class RunIdentity:
+    """What a checkpoint must match to continue a run: the config, the data and the layout it was written with."""
+
+    config: Dict[str, Any]
+    """The resolved config (train.config.to_dict)."""
+    tokenizer_sha256: str
+    """sha256 of data.dir/tokenizer.json."""
+    manifest_sha256: Optional[str]
+    """sha256 of data.dir/manifest.json (None for instruction data)."""
+    world_size: int
+    """Data-parallel ranks."""
+    zero_stage: int
+    """DeepSpeed ZeRO stage."""
+    precision: str
+    """bf16, fp16 or fp32."""
+
+
+@dataclass
+class CheckpointRecord:
+    """The one record of a checkpoint (its meta.json): progress, the loader's position and the run's identity.
+
+    DeepSpeed's own files hold only weights, optimizer state and DeepSpeed's counters; nothing of ours is
+    duplicated into its client state.
+    """
+
+    progress: Progress
+    """Step, tokens seen, skipped steps."""
+    loader: Dict[str, Any]
+    """The training loader's state_dict (its global cursor)."""
+    identity: RunIdentity
+    """Config, tokenizer/manifest sha256, world size, ZeRO stage, precision."""
+
+    def to_meta(self) -> Dict[str, Any]:
+        """meta.json: one flat JSON object (tools read step, config, ... at the top level)."""
+        return {**asdict(self.progress), **asdict(self.identity), "loader": self.loader, "saved_at": time.time()}
+
+    @classmethod
+    def from_meta(cls, meta: Dict[str, Any], where: Path) -> CheckpointRecord:
+        if "loader" not in meta:
+            raise TrainError(f"Checkpoint metadata '{where / META}' has no loader state; it was written by another "
+                             "version of slm train and cannot be resumed exactly (start a fresh run.dir, or use its "
+                             "weights with train.stage=cpt and train.init_from).")
+        progress = Progress(int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)))
+        identity = RunIdentity(meta["config"], meta["tokenizer_sha256"], meta["manifest_sha256"],
+                               int(meta["world_size"]), int(meta["zero_stage"]), str(meta.get("precision")))
+        return cls(progress, meta["loader"], identity)
 
 
 def step_tag(step: int) -> str:
@@ -81,7 +140,27 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
         return path if is_complete(path) else None
     ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = complete_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+    newest = found[-1] if found else None
+    pointed = read_latest(ckpt_dir)
+    if newest is not None and pointed != newest and (ckpt_dir / LATEST).exists():
+        print(f"[slm] note: {ckpt_dir / LATEST} names {pointed.name if pointed else 'no complete checkpoint'} but the "
+              f"newest complete checkpoint is {newest.name} (a save was interrupted after its rename); using {newest.name}",
+              file=sys.stderr, flush=True)
+    return newest
+
+
+def read_latest(ckpt_dir: Path) -> Optional[Path]:
+    """The complete step folder that `ckpt_dir/latest` names; None when it is missing or names no complete folder.
+
+    `latest` is the pointer for people and shell tools (`cat checkpoints/latest`); slm itself trusts the
+    highest complete step and reads `latest` only to report when the two disagree.
+    """
+    try:
+        name = (ckpt_dir / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folder = ckpt_dir / name
+    return folder if STEP_RE.match(name) and is_complete(folder) else None
 
 
 def read_meta(step_dir: str | os.PathLike) -> Dict[str, Any]:
@@ -98,66 +177,6 @@ def read_meta(step_dir: str | os.PathLike) -> Dict[str, Any]:
     if missing:
         raise TrainError(f"Checkpoint metadata '{meta_path}' lacks {', '.join(missing)}; it was not written by this slm train.")
     return meta
-
-
-# ---------------------------------------------------------------- compatibility
-
-
-def _model_shape(config: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in config.get("model", {}).items() if k not in MODEL_KEYS_FREE_TO_CHANGE}
-
-
-def load_mode(meta: Dict[str, Any], world_size: int, zero_stage: int) -> str:
-    """How a checkpoint loads into a run with this layout: "plain", "universal" or "refuse".
-
-    Same world size and ZeRO stage: plain. ZeRO 0 keeps the whole optimizer state in one file, so it
-    loads plainly on any world size. ZeRO 1-3 shards it by rank: a different world size or stage goes
-    through a DeepSpeed universal checkpoint. Between ZeRO 0 and 1-3 there is no conversion.
-    """
-    if meta["world_size"] == world_size and meta["zero_stage"] == zero_stage:
-        return "plain"
-    if meta["zero_stage"] == 0 and zero_stage == 0:
-        return "plain"
-    if meta["zero_stage"] >= 1 and zero_stage >= 1:
-        return "universal"
-    return "refuse"
-
-
-def differences(meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str, manifest_sha256: Optional[str],
-                world_size: int) -> List[str]:
-    """Human-readable reasons why the checkpoint cannot continue this run (empty when it can)."""
-    found: List[str] = []
-    saved, wanted = _model_shape(meta["config"]), _model_shape(config)
-    for key in sorted(set(saved) | set(wanted)):
-        if saved.get(key) != wanted.get(key):
-            found.append(f"model.{key} is {saved.get(key)!r} in the checkpoint but {wanted.get(key)!r} in this run")
-    if meta["tokenizer_sha256"] != tokenizer_sha256:
-        found.append(f"the tokenizer differs (sha256 {str(meta['tokenizer_sha256'])[:12]}... in the checkpoint, "
-                     f"{tokenizer_sha256[:12]}... in data.dir)")
-    if manifest_sha256 is not None and meta["manifest_sha256"] != manifest_sha256:
-        found.append(f"the data manifest differs (sha256 {str(meta['manifest_sha256'])[:12]}... in the checkpoint, "
-                     f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data")
-    saved_train, wanted_train = meta["config"].get("train", {}), config.get("train", {})
-    if saved_train.get("precision") != wanted_train.get("precision"):
-        found.append(f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
-                     f"{wanted_train.get('precision')!r} in this run")
-    if load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1))) == "refuse":
-        found.append(f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
-                     f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s): "
-                     "DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
-    return found
-
-
-def check_resumable(step_dir: Path, meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str,
-                    manifest_sha256: Optional[str], world_size: int) -> None:
-    """Raise a TrainError listing every difference between the checkpoint and this run."""
-    found = differences(meta, config, tokenizer_sha256, manifest_sha256, world_size)
-    if found:
-        raise TrainError(
-            f"Refusing to resume from checkpoint '{step_dir}': " + "; ".join(found) + ". "
-            "Resume with the configuration and data the checkpoint was trained with, start a fresh run.dir, "
-            "or use train.stage=cpt with train.init_from to start new training from its weights."
-        )
 
 
 # ---------------------------------------------------------------- RNG state
@@ -185,29 +204,13 @@ def rng_file(step_dir: Path, rank: int) -> Path:
 # ---------------------------------------------------------------- save / load
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sleep_in_save_hook(step: int) -> None:
-    spec = os.environ.get(SLEEP_IN_SAVE_ENV)
-    if not spec:
+    seconds = faults.sleep_in_save(step)
+    if seconds is None:
         return
-    at_step, _, seconds = spec.rpartition(":")
-    if at_step and int(at_step) != step:
-        return
-    print(f"[slm] fault injection ({SLEEP_IN_SAVE_ENV}): sleeping {seconds} s inside the save of {step_tag(step)}",
+    print(f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}",
           file=sys.stderr, flush=True)
-    time.sleep(float(seconds))
+    time.sleep(seconds)
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
@@ -224,10 +227,11 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
     return removed
 
 
-def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[str, Any], meta: Dict[str, Any],
-                    tokenizer_path: Path, keep: int, dist_info: DistInfo) -> Path:
+def save_checkpoint(engine: Any, run_dir: Path, record: CheckpointRecord, tokenizer_path: Path, keep: int,
+                    dist_info: DistInfo) -> Path:
     """Save collectively (every rank calls this); returns the final step folder."""
     ckpt_dir = run_dir / CHECKPOINTS
+    step = record.progress.step
     tag = step_tag(step)
     tmp_tag = TMP_PREFIX + tag
     tmp_dir, final_dir = ckpt_dir / tmp_tag, ckpt_dir / tag
@@ -237,16 +241,16 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, client_state: Dict[st
         tmp_dir.mkdir()
     barrier()
     torch.save(rng_state(), rng_file(tmp_dir, dist_info.rank))
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={}, save_latest=False)
     barrier()  # every rank's shards and RNG file are on disk
     _sleep_in_save_hook(step)
     if dist_info.is_main:
-        atomic_write_json(tmp_dir / META, meta)
+        atomic_write_json(tmp_dir / META, record.to_meta())
         shutil.copyfile(tokenizer_path, tmp_dir / "tokenizer.json")
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
-        _fsync_dir(tmp_dir)
+        fsync_dir(tmp_dir)
         replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
         prune_checkpoints(ckpt_dir, keep)
     barrier()
@@ -308,3 +312,32 @@ def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optio
     if rng_path.is_file() and universal_dir is None:
         set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state
+
+
+class CheckpointSaver:
+    """Saves this run's checkpoints: the record of each is built here from the progress and the loader's state."""
+
+    def __init__(self, engine: Any, run_dir: Path, identity: RunIdentity, train_loader: Any, tokenizer_path: Path,
+                 keep: int, dist_info: DistInfo, last_saved: Optional[int]) -> None:
+        self.engine, self.run_dir, self.identity, self.train_loader = engine, run_dir, identity, train_loader
+        self.tokenizer_path, self.keep, self.dist_info = tokenizer_path, keep, dist_info
+        self.last_saved = last_saved
+        """The step of the newest checkpoint this run stands on (the resumed one, or the last saved)."""
+        self.saved_dir: Optional[Path] = None
+        """The folder saved by this invocation at step `last_saved` (None before the first save)."""
+
+    def save(self, progress: Progress) -> Path:
+        """Save now (collective); returns the final step folder."""
+        record = CheckpointRecord(Progress(**asdict(progress)), self.train_loader.state_dict(), self.identity)
+        started = time.time()
+        step_dir = save_checkpoint(self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info)
+        if self.dist_info.is_main:
+            print(f"[slm] saved checkpoint {step_dir} ({time.time() - started:.1f} s)", flush=True)
+        self.last_saved, self.saved_dir = progress.step, step_dir
+        return step_dir
+
+    def ensure_saved(self, progress: Progress) -> Path:
+        """The checkpoint of this step: saved now unless this invocation already saved it (collective)."""
+        if self.saved_dir is not None and self.last_saved == progress.step:
+            return self.saved_dir
+        return self.save(progress)

@@ -8,8 +8,20 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from common.checks import check_choice, check_positive
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
+
+STAGES = ("pretrain", "cpt", "ift")
+ZERO_STAGES = (0, 1, 2, 3)
+"""The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+ON_NONFINITE = ("stop", "skip")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 @dataclass
@@ -91,6 +103,16 @@ class TrainConfig:
     peak_flops: Optional[float] = None
     """Peak FLOP/s per device for MFU; null means the built-in table for known GPUs (none on CPU)."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
+                             ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
+                             ("device", DEVICES), ("backend", BACKENDS)):
+            check_choice(f"train.{key}", getattr(self, key), allowed)
+        for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
+                    "ckpt_every", "keep_checkpoints"):
+            check_positive(f"train.{key}", getattr(self, key))
+
 
 @dataclass
 class WandbConfig:
@@ -103,6 +125,10 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
     """Tags attached to the wandb run."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_choice("log.wandb.mode", self.mode, WANDB_MODES)
+
 
 @dataclass
 class LogConfig:
@@ -110,6 +136,10 @@ class LogConfig:
     """Weights & Biases logging."""
     console: bool = True
     """Print metric rows on rank 0."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        self.wandb.validate()
 
 
 @dataclass
@@ -132,6 +162,11 @@ class Config:
     """Console and wandb logging."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
+
+    def validate(self) -> None:
+        """Each section's own validate(); ValueError naming the first bad key."""
+        for section in (self.train, self.log, self.data, self.ift, self.tokenizer, self.model):
+            section.validate()
 
 
 def to_yaml(cfg: Config) -> str:

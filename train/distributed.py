@@ -106,6 +106,19 @@ def separate_extension_cache_per_ninja() -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), f"ninja-{safe}")
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """Tell DeepSpeed that its CPU shared-memory all-reduce op is unavailable, so it never builds or loads it.
+
+    The op serves only DeepSpeed's inference_all_reduce, never training, but it is JIT-built and loaded under a
+    file lock in ~/.cache/torch_extensions on every start: a process killed while it holds that lock (a
+    preemption, a SIGKILL test) leaves the lock behind and every later start on the machine waits on it forever.
+    DeepSpeed caches its table of compatible ops in one dict, so the edit holds for this process.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def setup_distributed(cfg: TrainConfig) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed and return this process's place in the job."""
     device_type = choose_device(cfg)
@@ -127,6 +140,8 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     deepspeed_logger.setLevel(logging.WARNING)  # our own lines say what matters; DeepSpeed's warnings still show
     # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated; the warning is not ours to fix.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    if device_type == "cpu":
+        skip_cpu_shm_comm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     world_size = torch.distributed.get_world_size()

@@ -12,31 +12,14 @@ where bytes per token comes from the manifest's counts for the validation split.
 
 from __future__ import annotations
 
-import itertools
 import math
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-BatchDict = Dict[str, torch.Tensor]
-
-
-def take_batches(loader: Iterable[BatchDict], n_batches: int) -> List[BatchDict]:
-    """The first `n_batches` batches of `loader`, copied out so they never change."""
-    return [{k: v.clone() for k, v in batch.items()} for batch in itertools.islice(iter(loader), n_batches)]
-
-
-def model_inputs(batch: BatchDict, device: torch.device) -> Dict[str, Any]:
-    """Keyword arguments of Transformer.forward for one batch (position/doc ids only when packed)."""
-    kwargs: Dict[str, Any] = {
-        "tokens": batch["input_ids"].to(device, non_blocking=True),
-        "targets": batch["labels"].to(device, non_blocking=True),
-    }
-    for key in ("position_ids", "doc_ids"):
-        if key in batch:
-            kwargs[key] = batch[key].to(device, non_blocking=True)
-    return kwargs
+from model.loss import IGNORE_INDEX
+from train.batch import Batch, batch_loss, to_device
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: Optional[float]) -> Optional[float]:
@@ -46,18 +29,17 @@ def bits_per_byte(loss_nats_per_token: float, bytes_per_token: Optional[float]) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: List[BatchDict], device: torch.device,
+def evaluate(model: torch.nn.Module, batches: List[Batch], device: torch.device,
              bytes_per_token: Optional[float]) -> Dict[str, Optional[float]]:
     """{"val_loss", "val_ppl", "val_bpb" (when bytes_per_token is known)} averaged over every rank's fixed batches (collective call)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, target count
     for batch in batches:
-        inputs = model_inputs(batch, device)
-        _, loss = model(**inputs)
-        n_targets = (inputs["targets"] != -100).sum()
-        # A batch without targets (possible with instruction data) has a NaN mean loss: it adds nothing.
-        totals[0] += torch.where(n_targets > 0, loss.double() * n_targets, torch.zeros((), dtype=torch.float64, device=device))
+        batch = to_device(batch, device)
+        loss = batch_loss(model, batch)
+        n_targets = (batch["labels"] != IGNORE_INDEX).sum()
+        totals[0] += loss.double() * n_targets  # a batch without targets (instruction data) adds nothing
         totals[1] += n_targets
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)

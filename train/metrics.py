@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, TextIO
 
-from data_pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from train.errors import TrainError
 
 if TYPE_CHECKING:

@@ -16,11 +16,10 @@ from typing import List, Optional
 
 import torch
 
+from common.files import GIB
 from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.errors import TrainError
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.files import file_sha256
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import load_manifest, manifest_sha256
@@ -27,7 +28,6 @@ from data_pipeline.tokenizer import (
     IM_END,
     IM_START,
     PAD,
-    file_sha256,
     load_tokenizer,
     model_vocab_size,
     token_byte_lengths,

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from launch.cli import build_parser
 from tests.helpers import TINY, run, slm_cmd
+
+COMMANDS = ("config", "model", "prepare", "train", "report", "export", "generate", "slurm")
 
 
 def test_help_lists_the_subcommands():
     out = run(slm_cmd(["--help"])).stdout
-    for command in ("config", "model", "prepare", "train", "report", "export", "generate", "slurm"):
-        assert command in out
+    # The command list only (argparse indents each sub-command by four spaces under COMMAND), not the
+    # description, which says "pretrain small language models" and so contains "train" and "model" anyway.
+    listed = re.findall(r"^    ([a-z]+) ", out, flags=re.MULTILINE)
+    assert set(COMMANDS) <= set(listed), f"missing from the command list: {set(COMMANDS) - set(listed)}"
+    for command in COMMANDS:  # and each one is a working sub-parser with its own help
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([command, "--help"])
+        assert exited.value.code == 0
 
 
 def test_config_show_applies_overrides():

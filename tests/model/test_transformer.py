@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from launch.config import load_config
 from model import ModelConfig, Transformer
-from model.transformer import IGNORE_INDEX, KVCache, apply_rotary, rotary_cos_sin
+from model.loss import IGNORE_INDEX
+from model.transformer import KVCache, apply_rotary, rotary_cos_sin
 from tests.helpers import SHAKESPEARE, TINY
 
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)

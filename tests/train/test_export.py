@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.instruct import CHAT_TEMPLATE, encode_chat_prompt, format_chat
+from data_pipeline.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import (
     EOT,
     IM_END,
@@ -23,9 +23,9 @@ from data_pipeline.tokenizer import (
 from launch.cli import main as slm_main
 from tests.train.zero_checkpoints import build_checkpoints, step_dir
 from train.errors import TrainError
-from train.export import export, verify_export
-from train.hf_format import special_ids, tokenizer_config
-from train.init_from import consolidate_checkpoint, load_init_weights
+from train.handoff.export import export, verify_export
+from train.handoff.hf_format import special_ids, tokenizer_config
+from train.handoff.init_from import consolidate_checkpoint, load_init_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,9 +11,9 @@ from model import ModelConfig, Transformer
 from tests.helpers import run, slm_cmd
 from tests.train.zero_checkpoints import build_checkpoints, step_dir
 from train.errors import TrainError
-from train.export import export
-from train.generate import generate_cli, generate_ids
-from train.init_from import build_model, load_init_weights
+from train.handoff.export import export
+from train.handoff.generate import generate_cli, generate_ids
+from train.handoff.init_from import build_model, load_init_weights
 
 
 @pytest.fixture(scope="module")

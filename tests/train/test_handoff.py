@@ -9,14 +9,15 @@ import json
 import pytest
 import torch
 
+from data_pipeline.chat import encode_chat_prompt
 from data_pipeline.config import InstructConfig
-from data_pipeline.instruct import IGNORE_INDEX, encode_chat_prompt
 from data_pipeline.loader import build_loader
 from data_pipeline.tokenizer import IM_END, load_tokenizer
+from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, TINY, run, slm_cmd
 from tests.train.zero_checkpoints import build_checkpoints
-from train.export import export
-from train.init_from import build_model, load_init_weights
+from train.handoff.export import export
+from train.handoff.init_from import build_model, load_init_weights
 
 SEED = 1337
 SEQ_LEN = 64

@@ -49,6 +49,25 @@ def test_mfu_arithmetic():
     assert mfu(1e9, 1e5, 0.0, 2) is None
 
 
+def test_measure_matmul_peak_reports_the_flops_it_executed_per_second():
+    """With a clock that ticks one second per reading, the result must be exactly the matmul FLOPs torch counted
+    in the timed loop divided by the seconds the clock says passed: a wrong FLOP formula, a wrong count or
+    a wrong elapsed time each change it."""
+    from itertools import count
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ticks = count()
+    size, seconds = 32, 20.0
+    with FlopCounterMode(display=False) as counter:
+        flops = measure_matmul_peak(dtype=torch.float32, size=size, seconds=seconds, device="cpu",
+                                    clock=lambda: float(next(ticks)))
+    untimed = 2 * (2 * size**3)  # the warm-up and the calibration matmul
+    timed_seconds = next(ticks) - 3  # readings: calibration start/end, loop start ... last loop reading
+    assert counter.get_total_flops() > untimed
+    assert flops == pytest.approx((counter.get_total_flops() - untimed) / timed_seconds, rel=1e-12)
+
+
 def test_measure_matmul_peak_on_this_machine():
     flops = measure_matmul_peak(dtype=torch.float32, size=128, seconds=0.2, device="cpu")
     # A real measurement: positive and below anything a CPU could reach (1 PFLOP/s); no timing bound otherwise.

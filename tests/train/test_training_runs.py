@@ -3,7 +3,7 @@
 Runs are shared through module-scoped fixtures: the 2-process run of each ZeRO stage is also the
 reference curve and the checkpoint source for the resume tests, and the 1-process run is the
 reference for the interrupted (SIGTERM, kill -9) runs, whose losses must match it bitwise.
-Fault-injection hooks: SLM_SLEEP_IN_SAVE (train.checkpoint) and SLM_INJECT_NAN_AT_STEP (train.trainer).
+Fault-injection hooks (common.faults): SLM_SLEEP_IN_SAVE and SLM_INJECT_NAN_AT_STEP.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def main() -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from data_pipeline.tokenizer import file_sha256, load_tokenizer, model_vocab_size
+    from common.files import file_sha256
+    from data_pipeline.tokenizer import load_tokenizer, model_vocab_size
     from launch.config import Config, to_dict
     from model import ModelConfig, Transformer
 

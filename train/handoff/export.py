@@ -19,15 +19,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.atomic import atomic_dir
-from data_pipeline.instruct import encode_chat_prompt, format_chat
-from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, file_sha256, load_tokenizer
+from common.atomic import atomic_dir
+from common.files import GIB, file_sha256
+from data_pipeline.chat import encode_chat_prompt, format_chat
+from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError
-from train.hf_format import (
+from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
-    check_state_dict,
     generation_config,
     hf_config,
     special_ids,
@@ -35,9 +35,10 @@ from train.hf_format import (
     to_hf_state_dict,
     tokenizer_config,
 )
-from train.init_from import build_model, load_weights, locate_weights
+from train.handoff.init_from import build_model, load_weights, locate_weights
+from train.handoff.shapes import check_state_dict
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 2 * GIB
 """Above this many bytes the weights are split into shards with an index (as transformers does)."""
 LOGITS_TOLERANCE = 1e-4
 """Largest allowed |ours - transformers| logit difference, relative to the logits' standard deviation."""

@@ -13,41 +13,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.instruct import CHAT_TEMPLATE
+from data_pipeline.chat import CHAT_TEMPLATE
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError
+from train.handoff.shapes import check_state_dict
 
 HF_PREFIX = "model."
 HEAD = "lm_head.weight"
 EMBED = "embed_tokens.weight"
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
-
-
-def expected_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
-    """Every parameter of `Transformer(cfg)` (our names) and its shape, from a model on the meta device."""
-    from model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tensor.shape for name, tensor in model.state_dict(keep_vars=True).items()}
-
-
-def check_state_dict(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
-    """TrainError naming missing, unexpected or misshapen tensors, so a bad source never reaches load_state_dict."""
-    shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(shapes))
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shapes[k])})"
-             for k in shapes if k in state_dict and state_dict[k].shape != shapes[k]]
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing {', '.join(missing[:6])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:6])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong[:6])}" if wrong else "",
-        ) if part)
-        raise TrainError(f"The weights in {source} do not fit the model config it records: {details}.")
 
 
 def to_hf_state_dict(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:

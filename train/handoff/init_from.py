@@ -25,7 +25,8 @@ import torch
 
 from model.config import ModelConfig
 from train.errors import TrainError
-from train.hf_format import check_state_dict, load_hf_folder
+from train.handoff.hf_format import load_hf_folder
+from train.handoff.shapes import check_state_dict
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes DeepSpeed or torch.compile may put before our parameter names."""
@@ -116,7 +117,7 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
 
 def load_init_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], ModelConfig, Optional[str]]:
     """(state dict in our names, its ModelConfig, sha256 of its tokenizer.json or None if it has none)."""
-    from data_pipeline.tokenizer import file_sha256
+    from common.files import file_sha256
 
     source = locate_weights(path)
     state_dict, cfg = load_weights(source)

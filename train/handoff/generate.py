@@ -11,10 +11,10 @@ from typing import List, Optional
 
 import torch
 
-from data_pipeline.instruct import encode_chat_prompt
+from data_pipeline.chat import encode_chat_prompt
 from data_pipeline.tokenizer import EOT, IM_END, load_tokenizer
 from train.errors import TrainError
-from train.init_from import build_model, load_weights, locate_weights
+from train.handoff.init_from import build_model, load_weights, locate_weights
 
 
 def generate_ids(model: torch.nn.Module, prompt_ids: List[int], max_new_tokens: int, temperature: float,

@@ -1,0 +1,49 @@
+"""Test-only fault and tuning hooks, read from the environment at call time (never at import).
+
+Each hook is one environment variable; unset means normal behaviour. Tests set them on the subprocesses
+they start, so a crash, a NaN or a slow save happens at a chosen, repeatable moment.
+
+  SLM_INJECT_NAN_AT_STEP=K          multiply the loss of step K (1-based, as logged) by NaN
+                                    (exercises train.on_nonfinite)
+  SLM_SLEEP_IN_SAVE=[STEP:]SECONDS  sleep between DeepSpeed's save and the COMPLETE marker/rename (only at
+                                    STEP when given), so a test can `kill -9` a save deterministically
+  SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
+  SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
+SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
+PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
+PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
+
+
+def inject_nan_at_step() -> Optional[int]:
+    """The step whose loss becomes NaN, or None."""
+    value = os.environ.get(INJECT_NAN_AT_STEP)
+    return int(value) if value else None
+
+
+def sleep_in_save(step: int) -> Optional[float]:
+    """Seconds to sleep inside the save of `step`, or None (no hook, or the hook names another step)."""
+    spec = os.environ.get(SLEEP_IN_SAVE)
+    if not spec:
+        return None
+    at_step, _, seconds = spec.rpartition(":")
+    if at_step and int(at_step) != step:
+        return None
+    return float(seconds)
+
+
+def prepare_chunk_bytes(default: int = 1 << 18) -> int:
+    """Characters of text per tokenization task."""
+    return int(os.environ.get(PREPARE_CHUNK_BYTES, default))
+
+
+def prepare_commit_seconds(default: float = 2.0) -> float:
+    """Longest time between two commits of prepare's progress."""
+    return float(os.environ.get(PREPARE_COMMIT_SECONDS, default))

@@ -1,0 +1,78 @@
+"""The tokenizer of a prepare: copied from tokenizer.path, or trained on the train documents of every source."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+from tokenizers import Tokenizer
+
+from common.files import file_sha256
+from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import TOKENIZER
+from data_pipeline.sources import describe_source, iter_documents
+from data_pipeline.splits import validation_mask
+from data_pipeline.tokenizer import (
+    copy_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_vocab_size,
+    train_tokenizer,
+)
+
+TRAIN_BATCH = 256
+"""Documents per batch handed to the tokenizer trainer."""
+
+
+def training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[str]]:
+    """Batches of train documents from every source in turn (validation documents are never seen)."""
+    streams = [(s, enumerate(iter_documents(s, data_cfg.encoding_errors))) for s in data_cfg.sources]
+    seen = [0] * len(streams)
+    taken, batch = 0, []
+    active = list(range(len(streams)))
+    while active and (limit is None or taken < limit):
+        for i in list(active):
+            source, stream = streams[i]
+            item = next(stream, None)
+            if item is None:
+                active.remove(i)
+                if seen[i] == 0:
+                    raise empty_source(source)
+                continue
+            index, doc = item
+            seen[i] += 1
+            if validation_mask(index, 1, data_cfg.val_fraction)[0]:
+                continue
+            batch.append(doc.text)
+            taken += 1
+            if len(batch) == TRAIN_BATCH:
+                yield batch
+                batch = []
+            if limit is not None and taken >= limit:
+                break
+    if batch:
+        yield batch
+
+
+def empty_source(source: SourceConfig) -> DataError:
+    return DataError(f"Source {describe_source(source)} holds no documents (it is empty or only whitespace); expected non-empty text.")
+
+
+def obtain_tokenizer(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, num_proc: int) -> Tuple[Tokenizer, str]:
+    target = data_dir / TOKENIZER
+    if tokenizer_cfg.path:
+        copy_tokenizer(tokenizer_cfg.path, target)
+        print(f"prepare: tokenizer copied from {tokenizer_cfg.path}", flush=True)
+    else:
+        started = time.time()
+        print(f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
+              f"{', '.join(describe_source(s) for s in data_cfg.sources)}", flush=True)
+        tokenizer = train_tokenizer(training_texts(data_cfg, tokenizer_cfg.max_train_docs), tokenizer_cfg.vocab_size,
+                                    tokenizer_cfg.min_frequency, threads=num_proc, target=target)
+        save_tokenizer(tokenizer, target)
+        size = tokenizer_vocab_size(tokenizer)
+        short = f" (the corpus supports only {size} < {tokenizer_cfg.vocab_size})" if size < tokenizer_cfg.vocab_size else ""
+        print(f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True)
+    return load_tokenizer(target), file_sha256(target)

@@ -1,0 +1,36 @@
+"""train.deepspeed_config: the DeepSpeed JSON built from the typed config, and its validation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from train.config import TrainConfig
+from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
+from train.errors import TrainError
+
+
+def test_deepspeed_config_from_typed_config_and_passthrough():
+    train = TrainConfig(zero_stage=3, precision="fp16", micro_batch_size=4, grad_accum_steps=3, grad_clip=0.5)
+    ds = build_deepspeed_config(train, 2, {"zero_optimization": {"reduce_bucket_size": 1000}, "comms_logger": {}})
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}  # deep-merged, stage kept
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    assert "comms_logger" in ds and "optimizer" not in ds and "scheduler" not in ds
+    with pytest.raises(TrainError, match=r"'zero_optimization.stage'.*train.zero_stage"):
+        build_deepspeed_config(train, 2, {"zero_optimization": {"stage": 1}})
+    with pytest.raises(TrainError, match=r"'scheduler'.*train.schedule"):
+        build_deepspeed_config(train, 2, {"scheduler": {"type": "WarmupLR"}})
+
+
+def test_deepspeed_validation_error_is_one_clear_paragraph():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    extra = {"zero_optimization": {"reduce_bucket_sise": 1000}}
+    ds = build_deepspeed_config(TrainConfig(), 1, extra)
+    with pytest.raises(TrainError) as err:
+        validate_deepspeed_config(ds, extra)
+    message = str(err.value)
+    assert "reduce_bucket_sise" in message and "deepspeed: block" in message and "\n" not in message
+    validate_deepspeed_config(build_deepspeed_config(TrainConfig(), 1, None), None)  # the generated one is valid

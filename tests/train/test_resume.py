@@ -1,0 +1,59 @@
+"""train.resume: refusal of a checkpoint that does not fit (with its meta.json), the train.resume setting, and (with train.metrics) the metrics rewind on resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch.config import load_config, to_dict
+from tests.helpers import TINY
+from tests.train.test_checkpoint import fake_step
+from train.checkpoint import read_meta
+from train.errors import TrainError
+from train.metrics import rewind_metrics
+from train.resume import check_resumable, differences, load_mode, resolve_resume
+
+
+def test_resume_setting_and_metrics_rewind(tmp_path):
+    run = tmp_path / "run"
+    assert resolve_resume("auto", run) is None and resolve_resume("false", run) is None
+    newest = fake_step(run / "checkpoints", 3)
+    assert resolve_resume("auto", run) == newest and resolve_resume(str(newest), tmp_path / "elsewhere") == newest
+    with pytest.raises(TrainError, match="train.resume is false"):
+        resolve_resume("False", run)
+    with pytest.raises(TrainError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path / "nothing"), run)
+    rows = [{"step": s, "loss": 1.0} for s in range(1, 6)] + [{"step": 4, "val_loss": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    rewind_metrics(run, 3)
+    kept = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3]
+
+
+def test_meta_and_compatibility_report_what_differs(tmp_path):
+    cfg = to_dict(load_config(TINY, []))
+    meta = {"step": 4, "tokens_seen": 10, "config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64,
+            "world_size": 2, "zero_stage": 2}
+    folder = fake_step(tmp_path / "checkpoints", 4)
+    with pytest.raises(TrainError, match="no meta.json"):
+        read_meta(folder)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    assert read_meta(folder)["step"] == 4
+    assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []
+    other = json.loads(json.dumps(cfg))
+    other["model"]["d_model"] = 256
+    other["train"]["precision"] = "fp32"
+    found = differences(meta, other, "c" * 64, "d" * 64, world_size=2)
+    assert any("model.d_model is 128 in the checkpoint but 256" in f for f in found)
+    assert any("tokenizer differs" in f for f in found) and any("manifest differs" in f for f in found)
+    assert any("train.precision" in f for f in found)
+    with pytest.raises(TrainError) as err:
+        check_resumable(folder, meta, other, "c" * 64, "d" * 64, 2)
+    assert str(err.value).startswith(f"Refusing to resume from checkpoint '{folder}'")
+    assert load_mode(meta, 2, 2) == "plain" and load_mode(meta, 1, 2) == "universal" and load_mode(meta, 4, 3) == "universal"
+    assert load_mode({**meta, "zero_stage": 0}, 1, 0) == "plain"
+    assert load_mode(meta, 2, 0) == "refuse"
+    zero_switch = json.loads(json.dumps(cfg))
+    zero_switch["train"]["zero_stage"] = 0
+    assert any("DeepSpeed cannot convert" in f for f in differences(meta, zero_switch, "a" * 64, "b" * 64, 2))

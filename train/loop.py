@@ -1,0 +1,205 @@
+"""The step loop of `slm train`: forward-backward, one agreement across ranks, the optimizer step, and the
+components (`train.components`) at fixed points around it.
+
+One optimizer step = `grad_accum_steps` micro-batches of forward + `engine.backward`, then one small
+all-reduce of [loss, non-finite flag, stop signal, time up] across ranks, then `engine.step()`.
+That all-reduce is the loop's only host synchronisation: it lets every rank agree, before the
+optimizer step, on whether the step is non-finite (stop or skip it) and whether to stop after it
+(SIGTERM/SIGUSR1 or train.max_time), and it hands rank 0 the step's mean loss for free. DeepSpeed's
+own ZeRO step synchronises the host anyway (its overflow / grad-norm check), so this costs nothing
+extra; the loss itself stays on the device until then.
+
+The learning rate is a pure function of the step (`train.schedule.lr_at`), written into the
+optimizer's param groups before each step; no DeepSpeed scheduler is used, so a resumed run needs
+only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from common import faults
+from train.batch import Batch, batch_loss, to_device
+from train.components import Component, LoopRun, StepEvent
+from train.errors import TrainError
+from train.schedule import lr_at
+from train.signals import EXIT_PREEMPTED, StopRequest
+
+
+class NonfiniteWatch:
+    """Notices a NaN/inf gradient on this rank without a host sync: each parameter's incoming gradient
+    adds its sum to a list (on the device); a non-finite element makes the total non-finite.
+
+    Hooks see the local gradient before ZeRO reduces or partitions it, so the check is the same for
+    every stage. Under fp16 overflowing scaled gradients are normal (DeepSpeed's loss scaler skips
+    those steps), so only the loss is checked there.
+    """
+
+    def __init__(self, model: torch.nn.Module, enabled: bool) -> None:
+        self.sums: List[torch.Tensor] = []
+        self.handles = []
+        if enabled:
+            for param in model.parameters():
+                if param.requires_grad:
+                    self.handles.append(param.register_hook(self._record))
+
+    def _record(self, grad: torch.Tensor) -> None:
+        self.sums.append(grad.detach().sum(dtype=torch.float32))
+
+    def nonfinite(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """1.0 when the loss or any gradient since the last call is non-finite, else 0.0 (device tensor)."""
+        total = loss_sum.float()
+        if self.sums:
+            total = total + torch.stack(self.sums).sum()
+        self.sums = []
+        return (~torch.isfinite(total)).float()
+
+
+@dataclass
+class StepStatus:
+    """What every rank agrees on after a step's backward pass, before the optimizer step."""
+
+    mean_loss: float
+    """The step's loss averaged over micro-batches and ranks."""
+    nonfinite_ranks: int
+    """Ranks that saw a non-finite loss or gradient."""
+    stop_requested: bool
+    """Some rank received SIGTERM/SIGUSR1."""
+    out_of_time: bool
+    """Some rank's clock passed train.max_time."""
+
+
+class TrainingLoop:
+    """Takes steps from run.progress to max_steps, calling the components at their fixed points."""
+
+    def __init__(self, run: LoopRun, train_loader: Any, components: Sequence[Component]) -> None:
+        self.run, self.train, self.components = run, run.cfg.train, list(components)
+        self.train_loader = train_loader
+        self.device = run.dist_info.device
+        self.watch = NonfiniteWatch(run.engine.module, enabled=self.train.precision != "fp16")
+
+    # -- one step
+
+    def forward_backward(self, train_iter: Iterator[Batch], number: int) -> torch.Tensor:
+        """grad_accum_steps micro-batches of forward and backward; returns the summed loss (on the device)."""
+        engine, accum = self.run.engine, self.train.grad_accum_steps
+        inject_nan_at = faults.inject_nan_at_step()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            loss = batch_loss(engine, to_device(next(train_iter), self.device))
+            if inject_nan_at == number:
+                loss = loss * float("nan")  # fault injection (SLM_INJECT_NAN_AT_STEP)
+            engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if micro < accum - 1:
+                engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
+        return loss_sum
+
+    def agree(self, loss_sum: torch.Tensor, stop_requested: bool) -> StepStatus:
+        """One all-reduce: mean loss, non-finite ranks, stop signal and time-out, the same on every rank."""
+        out_of_time = self.train.max_time is not None and time.time() - self.run.started >= self.train.max_time
+        status = torch.stack([
+            loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum),
+            torch.tensor(float(stop_requested), device=self.device),
+            torch.tensor(float(out_of_time), device=self.device),
+        ])
+        world = self.run.dist_info.world_size
+        if world > 1:
+            dist.all_reduce(status)
+        loss, nonfinite, stop, timeout = status.tolist()
+        return StepStatus(loss / world, int(nonfinite), stop > 0, timeout > 0)
+
+    def handle_nonfinite(self, status: StepStatus, number: int) -> None:
+        """train.on_nonfinite: raise (nothing is saved), or make the coming engine.step() a no-op and count it."""
+        run = self.run
+        if self.train.on_nonfinite == "stop":
+            last_saved = run.checkpoints.last_saved
+            last = f"the newest checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
+            raise TrainError(
+                f"Non-finite loss or gradient at step {number} (mean loss {status.mean_loss}) on "
+                f"{status.nonfinite_ranks} of {run.dist_info.world_size} rank(s); stopped before the optimizer step "
+                f"and saved nothing ({last}). Lower train.lr, raise train.warmup_steps, check the data, or set "
+                "train.on_nonfinite=skip to skip such steps."
+            )
+        # ZeRO 1-3 and the bf16/fp16 optimizers skip a step whose gradient norm is not finite by themselves;
+        # our plain AdamW leaves parameters without gradients untouched (no moment update, no step count).
+        if run.plain_optimizer:
+            for param in run.engine.module.parameters():
+                param.grad = None
+        run.progress.skipped_steps += 1
+        run.say(f"step {number}: non-finite loss or gradient, step skipped "
+                f"({run.progress.skipped_steps} skipped so far)")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.run.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, train_iter: Iterator[Batch], stop_request: StopRequest) -> StepEvent:
+        """One optimizer step with the components' two per-step hooks around `engine.step()`."""
+        run, max_steps = self.run, self.run.plan.max_steps
+        step_started = time.perf_counter()
+        number = run.progress.step + 1  # the step being taken, 1-based as logged and as checkpoint names
+        lr = lr_at(run.progress.step, self.train)
+        self.set_lr(lr)
+        status = self.agree(self.forward_backward(train_iter, number), stop_request.requested)
+        finished = number >= max_steps
+        event = StepEvent(number, lr, status.mean_loss, status.nonfinite_ranks > 0, finished,
+                          status.out_of_time and not finished, status.stop_requested)
+        if event.nonfinite:
+            self.handle_nonfinite(status, number)
+        for component in self.components:
+            component.before_optimizer_step(run, event)
+        run.engine.step()
+        run.progress.step = number
+        run.progress.tokens_seen += run.plan.tokens_per_step
+        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started)
+        for component in self.components:
+            component.after_step(run, event)
+        return event
+
+    # -- the loop
+
+    def end(self, reason: str) -> None:
+        for component in self.components:
+            component.on_end(self.run, reason)
+
+    def run_steps(self) -> int:
+        """Train from run.progress to max_steps; the exit code of `slm train`."""
+        run = self.run
+        for component in self.components:
+            component.on_start(run)
+        if run.progress.step >= run.plan.max_steps:
+            run.say(f"already at step {run.progress.step} of {run.plan.max_steps}: nothing to train")
+            self.end("finished")
+            return 0
+        stop_request = StopRequest().install()
+        try:
+            return self._loop(stop_request)
+        finally:
+            stop_request.restore()
+
+    def _loop(self, stop_request: StopRequest) -> int:
+        run, max_steps = self.run, self.run.plan.max_steps
+        train_iter = iter(self.train_loader)
+        run.engine.train()
+        event: Optional[StepEvent] = None
+        while run.progress.step < max_steps:
+            event = self.step(train_iter, stop_request)
+            if event.stop_requested:
+                self.end("stopped")
+                run.say(f"stopped by signal after step {event.number}; exit code {EXIT_PREEMPTED} "
+                        "(start the same command again to resume)")
+                return EXIT_PREEMPTED
+            if event.timed_out:
+                self.end("timed_out")
+                run.say(f"train.max_time ({self.train.max_time} s) spent: stopped cleanly after step {event.number}")
+                return 0
+        self.end("finished")
+        run.say(f"finished {max_steps} steps ({run.progress.tokens_seen:,} tokens)")
+        return 0

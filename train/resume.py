@@ -1,0 +1,92 @@
+"""Whether and from where a run resumes: train.resume, and refusal of a checkpoint that does not fit the run.
+
+A checkpoint continues a run only with the same model shape (`train.handoff.shapes`, max_seq_len included),
+tokenizer, data manifest and precision. A different world size or ZeRO stage within 1-3 goes through a DeepSpeed
+universal checkpoint; ZeRO 0 <-> 1-3 is refused (DeepSpeed cannot convert those optimizer states).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from train.checkpoint import find_checkpoint
+from train.errors import TrainError
+from train.handoff.shapes import shape_differences
+from train.metrics import METRICS_FILE
+
+RESUME_OFF = ("false", "no", "off", "0", "never")
+RESUME_AUTO = ("auto", "true", "yes", "on", "1")
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
+    """The step folder to resume from (None for a fresh start) according to train.resume."""
+    value = str(resume).strip()
+    if value.lower() in RESUME_AUTO:
+        return find_checkpoint(run_dir)
+    if value.lower() in RESUME_OFF:
+        leftovers = [p.name for p in (run_dir / "checkpoints", run_dir / METRICS_FILE) if p.exists()]
+        if leftovers:
+            raise TrainError(
+                f"train.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
+                "choose an empty run.dir, delete it, or set train.resume=auto to continue that run."
+            )
+        return None
+    found = find_checkpoint(value)
+    if found is None:
+        raise TrainError(
+            f"train.resume is '{value}', but no complete checkpoint is there; expected a run dir, its checkpoints "
+            "folder or a step_XXXXXXXX folder containing COMPLETE (or train.resume=auto / false)."
+        )
+    return found
+
+
+def load_mode(meta: Dict[str, Any], world_size: int, zero_stage: int) -> str:
+    """How a checkpoint loads into a run with this layout: "plain", "universal" or "refuse".
+
+    Same world size and ZeRO stage: plain. ZeRO 0 keeps the whole optimizer state in one file, so it
+    loads plainly on any world size. ZeRO 1-3 shards it by rank: a different world size or stage goes
+    through a DeepSpeed universal checkpoint. Between ZeRO 0 and 1-3 there is no conversion.
+    """
+    if meta["world_size"] == world_size and meta["zero_stage"] == zero_stage:
+        return "plain"
+    if meta["zero_stage"] == 0 and zero_stage == 0:
+        return "plain"
+    if meta["zero_stage"] >= 1 and zero_stage >= 1:
+        return "universal"
+    return "refuse"
+
+
+def differences(meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str, manifest_sha256: Optional[str],
+                world_size: int) -> List[str]:
+    """Human-readable reasons why the checkpoint cannot continue this run (empty when it can)."""
+    found: List[str] = []
+    for key, saved, wanted in shape_differences(meta["config"].get("model", {}), config.get("model", {})):
+        found.append(f"model.{key} is {saved!r} in the checkpoint but {wanted!r} in this run")
+    if meta["tokenizer_sha256"] != tokenizer_sha256:
+        found.append(f"the tokenizer differs (sha256 {str(meta['tokenizer_sha256'])[:12]}... in the checkpoint, "
+                     f"{tokenizer_sha256[:12]}... in data.dir)")
+    if manifest_sha256 is not None and meta["manifest_sha256"] != manifest_sha256:
+        found.append(f"the data manifest differs (sha256 {str(meta['manifest_sha256'])[:12]}... in the checkpoint, "
+                     f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data")
+    saved_train, wanted_train = meta["config"].get("train", {}), config.get("train", {})
+    if saved_train.get("precision") != wanted_train.get("precision"):
+        found.append(f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
+                     f"{wanted_train.get('precision')!r} in this run")
+    if load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1))) == "refuse":
+        found.append(f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
+                     f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s): "
+                     "DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
+    return found
+
+
+def check_resumable(step_dir: Path, meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str,
+                    manifest_sha256: Optional[str], world_size: int) -> None:
+    """Raise a TrainError listing every difference between the checkpoint and this run."""
+    found = differences(meta, config, tokenizer_sha256, manifest_sha256, world_size)
+    if found:
+        raise TrainError(
+            f"Refusing to resume from checkpoint '{step_dir}': " + "; ".join(found) + ". "
+            "Resume with the configuration and data the checkpoint was trained with, start a fresh run.dir, "
+            "or use train.stage=cpt with train.init_from to start new training from its weights."
+        )

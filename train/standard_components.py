@@ -1,0 +1,198 @@
+"""The components every `slm train` run has, each on the cadence its config field sets.
+
+    TrainMetrics   train.log_every    a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
+    Evaluator      train.eval_every   validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
+    Checkpointer   train.ckpt_every   a checkpoint every N steps and whenever the loop ends
+    Exporter       train.export_every a Hugging Face folder of that step's checkpoint every N steps (0: off)
+    DoneMarker     (always)           run.dir/DONE once max_steps is reached; removed when a run continues
+
+`COMPONENTS` lists them in the order the loop calls them (a step's checkpoint is saved after its evaluation, and
+exported after it is saved). See `train.components` for the interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from common.atomic import atomic_write_text
+from train.components import Component, LoopRun, StepEvent, every
+from train.config import Config
+from train.distributed import barrier, on_main_then_share
+
+DONE_FILE = "DONE"
+
+
+def _as_float(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    value = float(value.item() if hasattr(value, "item") else value)
+    return value if math.isfinite(value) else None
+
+
+def grad_norm_now(engine: Any) -> Optional[float]:
+    """Global gradient norm before the step, for the engines that do not compute one (ZeRO 0 in fp32)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+class TrainMetrics(Component):
+    """Train rows: the mean loss, throughput and MFU over the steps since the previous row."""
+
+    name = "train_metrics"
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+        self.grad_norm: Optional[float] = None
+        self._reset_window()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TrainMetrics:
+        return cls(cfg.train.log_every)
+
+    def _reset_window(self) -> None:
+        self.loss_sum, self.finite_steps, self.steps, self.seconds = 0.0, 0, 0, 0.0
+
+    def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
+        return every(self.log_every, event.number) or event.number == run.plan.max_steps
+
+    def on_start(self, run: LoopRun) -> None:
+        from model.stats import flops_per_token
+        from train.mfu import peak_flops_per_device
+
+        self.flops_per_token = flops_per_token(run.cfg.model, run.plan.seq_len)
+        peak, device = run.cfg.train.peak_flops, run.dist_info.device
+        if peak is None and device.type == "cuda":
+            peak = peak_flops_per_device(torch.cuda.get_device_name(device), run.cfg.train.precision)
+        self.peak_flops = peak
+
+    def before_optimizer_step(self, run: LoopRun, event: StepEvent) -> None:
+        self.grad_norm = None
+        if self._log_now(run, event) and run.plain_optimizer and not event.nonfinite:
+            self.grad_norm = grad_norm_now(run.engine)  # before the step, as DeepSpeed reports its own
+
+    def after_step(self, run: LoopRun, event: StepEvent) -> None:
+        from train.mfu import mfu
+
+        if not event.nonfinite:
+            self.loss_sum += event.mean_loss
+            self.finite_steps += 1
+        self.steps += 1
+        self.seconds += event.seconds
+        if not self._log_now(run, event):
+            return
+        grad_norm = self.grad_norm
+        if grad_norm is None and not run.plain_optimizer:
+            grad_norm = _as_float(run.engine.get_global_grad_norm())
+        tokens_per_second = run.plan.tokens_per_step * self.steps / max(self.seconds, 1e-9)
+        row = {
+            "step": event.number, "loss": self.loss_sum / self.finite_steps if self.finite_steps else float("nan"),
+            "lr": event.lr, "grad_norm": grad_norm, "tokens": run.progress.tokens_seen,
+            "tokens_per_second": tokens_per_second,
+            "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops, run.dist_info.world_size),
+            "step_ms": 1000 * self.seconds / self.steps, "skipped_steps": run.progress.skipped_steps,
+        }
+        if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
+            del row["mfu"]
+        run.logger.log(row)
+        self._reset_window()
+
+
+class Evaluator(Component):
+    """Validation loss on the fixed validation batches (collective)."""
+
+    name = "evaluator"
+
+    def __init__(self, eval_every: int) -> None:
+        self.eval_every = eval_every
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Evaluator:
+        return cls(cfg.train.eval_every)
+
+    def after_step(self, run: LoopRun, event: StepEvent) -> None:
+        due = event.finished or event.timed_out or every(self.eval_every, event.number)
+        if due and not event.stop_requested:  # a signal leaves little time: save, skip the evaluation
+            from train.evaluate import evaluate
+
+            result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
+            run.logger.log({"step": run.progress.step, "tokens": run.progress.tokens_seen, **result})
+
+
+class Checkpointer(Component):
+    """Checkpoints on train.ckpt_every and whenever the loop ends (finished, timed out or stopped)."""
+
+    name = "checkpointer"
+
+    def __init__(self, ckpt_every: int) -> None:
+        self.ckpt_every = ckpt_every
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Checkpointer:
+        return cls(cfg.train.ckpt_every)
+
+    def after_step(self, run: LoopRun, event: StepEvent) -> None:
+        if event.last or every(self.ckpt_every, event.number):
+            run.checkpoints.ensure_saved(run.progress)
+
+
+class Exporter(Component):
+    """train.export_every: a Hugging Face folder of this step's checkpoint under run.dir/exports/ (rank 0)."""
+
+    name = "exporter"
+
+    def __init__(self, export_every: int) -> None:
+        self.export_every = export_every
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Optional[Exporter]:
+        return cls(cfg.train.export_every) if cfg.train.export_every > 0 else None
+
+    def after_step(self, run: LoopRun, event: StepEvent) -> None:
+        if not every(self.export_every, event.number):
+            return
+        from train.handoff.export import export
+
+        step_dir = run.checkpoints.ensure_saved(run.progress)
+        out_dir = run.run_dir / "exports" / step_dir.name
+        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype="bf16", verify=False), "Export")
+        run.say(f"exported {out_dir}")
+
+
+class DoneMarker(Component):
+    """run.dir/DONE when max_steps is reached (a Slurm requeue loop stops on it); removed when a run continues."""
+
+    name = "done_marker"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DoneMarker:
+        return cls()
+
+    def on_start(self, run: LoopRun) -> None:
+        done = run.run_dir / DONE_FILE
+        if run.dist_info.is_main and run.progress.step < run.plan.max_steps and done.exists():
+            done.unlink()
+        barrier()
+
+    def on_end(self, run: LoopRun, reason: str) -> None:
+        if reason != "finished":
+            return
+        if run.dist_info.is_main:
+            atomic_write_text(run.run_dir / DONE_FILE, f"finished at step {run.plan.max_steps}\n")
+        barrier()
+
+
+COMPONENTS: List[Callable[[Config], Optional[Component]]] = [
+    TrainMetrics.from_config, Evaluator.from_config, Checkpointer.from_config, Exporter.from_config,
+    DoneMarker.from_config,
+]
+"""Factories of the standard components, in call order; a factory returns None when its config turns it off."""
+
+
+def standard_components(cfg: Config) -> List[Component]:
+    """The standard components this config enables, in call order."""
+    return [component for component in (factory(cfg) for factory in COMPONENTS) if component is not None]

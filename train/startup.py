@@ -1,0 +1,278 @@
+"""Setting up one `slm train` run, before the first step: the batch plan, resume resolution, the data (prepared
+on demand), the tokenizer identity, preflight, initial weights, the DeepSpeed engine, the loaders, and the
+resumed progress. `set_up_run` returns it all as one `RunSetup`; `train.loop` takes it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_write_text
+from train.batch import Batch, take_batches
+from train.checkpoint import (
+    CheckpointRecord,
+    Progress,
+    RunIdentity,
+    ensure_universal,
+    load_checkpoint,
+    read_meta,
+)
+from train.config import Config, to_dict, to_yaml
+from train.distributed import DistInfo, barrier, on_main_then_share
+from train.errors import TrainError
+from train.handoff.shapes import shape_differences
+from train.metrics import rewind_metrics
+from train.preflight import BatchPlan, plan_batches, preflight
+from train.resume import check_resumable, load_mode, resolve_resume
+
+
+def say(dist_info: DistInfo, message: str) -> None:
+    """A status line on rank 0's stdout."""
+    if dist_info.is_main:
+        print(f"[slm] {message}", flush=True)
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """The prepared data a run trains on, and its identity."""
+
+    dir: Path
+    """data.dir (with manifest.json and tokenizer.json)."""
+    tokenizer: Any
+    """The loaded tokenizers.Tokenizer."""
+    tokenizer_sha256: str
+    """sha256 of tokenizer.json."""
+    manifest_sha256: Optional[str]
+    """sha256 of manifest.json."""
+    bytes_per_token: Optional[float]
+    """Validation text bytes per token (None for instruction data)."""
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / "tokenizer.json"
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything the loop needs, built once per invocation."""
+
+    cfg: Config
+    """The resolved config (max_steps and vocab_size settled)."""
+    plan: BatchPlan
+    """The batch arithmetic."""
+    data: DataSetup
+    """Prepared data and its identity."""
+    engine: Any
+    """The DeepSpeed engine."""
+    train_loader: Any
+    """The resumable training loader."""
+    val_batches: List[Batch]
+    """This rank's fixed validation batches."""
+    progress: Progress
+    """Where the run stands (0 for a fresh start)."""
+    identity: RunIdentity
+    """What every checkpoint of this run records and a resume must match."""
+    started: float
+    """time.time() at the start of this invocation."""
+
+
+def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Path:
+    """data.dir with a manifest: prepared here by rank 0 (others wait) when it is missing."""
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "manifest.json").is_file():
+        def prepare_data() -> None:
+            from data_pipeline.prepare import prepare
+
+            print(f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
+                  flush=True)
+            prepare(cfg.data, cfg.tokenizer)
+
+        on_main_then_share(dist_info, prepare_data, "Preparing the data")
+    barrier()
+    return data_dir
+
+
+def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
+    """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
+    from common.files import file_sha256
+    from data_pipeline.manifest import load_manifest, manifest_sha256
+    from data_pipeline.tokenizer import load_tokenizer
+
+    data_dir = ensure_prepared(cfg, dist_info)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    bytes_per_token = load_manifest(data_dir).bytes_per_token("val") if cfg.train.stage != "ift" else None
+    return DataSetup(data_dir, tokenizer, file_sha256(data_dir / "tokenizer.json"), manifest_sha256(data_dir),
+                     bytes_per_token)
+
+
+def build_loaders(cfg: Config, data_dir: Path, tokenizer: Any, dist_info: DistInfo) -> tuple:
+    """(train loader, fixed list of this rank's validation batches)."""
+    seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
+    # train.eval_batches counts micro-batches over all ranks: the loaders' global cursor then hands every
+    # world size the same validation samples (exactly, when the world size divides eval_batches).
+    val_batches_per_rank = math.ceil(cfg.train.eval_batches / dist_info.world_size)
+    if cfg.train.stage == "ift":
+        from data_pipeline.instruct import build_instruct_loader
+
+        def instruct(split: str) -> Any:
+            return build_instruct_loader(cfg.ift, tokenizer, split, seq_len, micro, dist_info.rank,
+                                         dist_info.world_size, cfg.run.seed)
+
+        return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
+    from data_pipeline.documents import document_masked
+    from data_pipeline.loader import build_loader
+    from data_pipeline.sources import source_weights
+    from data_pipeline.tokenizer import eot_id
+
+    weights = source_weights(cfg.data) if len(cfg.data.sources) > 1 else None
+    train_loader = build_loader(
+        data_dir, "train", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
+        num_workers=cfg.data.num_workers, weights=weights, verify_checksums=cfg.data.verify_checksums,
+    )
+    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed)
+    if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
+        return document_masked(train_loader, take_batches(val_loader, val_batches_per_rank), eot_id(tokenizer))
+    return train_loader, take_batches(val_loader, val_batches_per_rank)
+
+
+def load_initial_weights(cfg: Config, tokenizer_sha256: str) -> Optional[Dict[str, torch.Tensor]]:
+    """cpt/ift: the weights of train.init_from, checked against this run's tokenizer and model shape."""
+    if cfg.train.stage == "pretrain":
+        return None
+    if not cfg.train.init_from:
+        raise TrainError(f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
+                         "checkpoint or export whose weights this stage continues from.")
+    from train.handoff.init_from import load_init_weights
+
+    state_dict, init_cfg, init_sha = load_init_weights(cfg.train.init_from)
+    if init_sha is not None and init_sha != tokenizer_sha256:
+        raise TrainError(
+            f"train.init_from '{cfg.train.init_from}' was trained with another tokenizer (sha256 {init_sha[:12]}...) "
+            f"than {cfg.data.dir}/tokenizer.json ({tokenizer_sha256[:12]}...); the token ids would mean different "
+            "things. Prepare the data with tokenizer.path set to the init source's tokenizer.json."
+        )
+    diffs = [f"model.{key} is {saved!r} there but {wanted!r} here"
+             for key, saved, wanted in shape_differences(init_cfg, cfg.model, allow_seq_len_change=True)]
+    if diffs:
+        raise TrainError(f"train.init_from '{cfg.train.init_from}' has another model shape: " + "; ".join(diffs)
+                         + ". Use the same model settings as the run it comes from.")
+    return state_dict
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]],
+                 universal: bool) -> Any:
+    """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with our AdamW."""
+    import deepspeed
+
+    from model import Transformer
+    from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
+    from train.optim import build_optimizer
+
+    seed_everything(cfg.run.seed)
+    model = Transformer(cfg.model)
+    if init_weights is not None:
+        missing, unexpected = model.load_state_dict(init_weights, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
+        if missing or unexpected:
+            raise TrainError(f"train.init_from '{cfg.train.init_from}' does not fit the model: missing {missing}, "
+                             f"unexpected {unexpected}.")
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    optimizer = build_optimizer(model, cfg.train)
+    ds_config = build_deepspeed_config(cfg.train, dist_info.world_size, cfg.deepspeed)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    validate_deepspeed_config(ds_config, cfg.deepspeed)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()
+    return engine
+
+
+def settle_batches(cfg: Config, dist_info: DistInfo) -> tuple:
+    """(the run's resolved copy of the config, its batch plan): max_steps from the token budget, schedule checked."""
+    from train.schedule import check_schedule
+
+    cfg = dataclasses.replace(cfg)  # the resolved copy this run records
+    plan = plan_batches(cfg.train, dist_info.world_size, cfg.model.max_seq_len)
+    cfg.train = dataclasses.replace(cfg.train, max_steps=plan.max_steps)
+    check_schedule(cfg.train)
+    return cfg, plan
+
+
+def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
+    """model.vocab_size from the tokenizer (rounded up as the data pipeline does)."""
+    from data_pipeline.tokenizer import model_vocab_size
+
+    vocab = model_vocab_size(data.tokenizer)
+    if vocab != cfg.model.vocab_size:
+        say(dist_info, f"note: model.vocab_size set to {vocab} from the tokenizer (config said {cfg.model.vocab_size})")
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
+
+
+def resume_into(engine: Any, train_loader: Any, resume_from: Path, universal_dir: Optional[Path],
+                dist_info: DistInfo) -> Progress:
+    """Load a checkpoint into the engine and the loader; the progress its record holds."""
+    record = CheckpointRecord.from_meta(read_meta(resume_from), resume_from)
+    load_checkpoint(engine, resume_from, dist_info.rank, universal_dir)
+    train_loader.load_state_dict(record.loader)
+    progress = record.progress
+    say(dist_info, f"resumed from {resume_from} at step {progress.step} ({progress.tokens_seen:,} tokens seen)")
+    return progress
+
+
+def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
+    """Everything before the first step, in the order that fails fastest (config, data, memory, weights)."""
+    started = time.time()
+    if cfg.train.stage == "pretrain" and cfg.train.init_from:
+        raise TrainError("train.init_from is set but train.stage is pretrain; use train.stage=cpt (or ift) to start "
+                         "from those weights, or remove train.init_from.")
+    cfg, plan = settle_batches(cfg, dist_info)
+    resume_from = resolve_resume(cfg.train.resume, Path(cfg.run.dir))
+    data = load_data(cfg, dist_info)
+    settle_vocab(cfg, dist_info, data)
+    for line in on_main_then_share(dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"):
+        say(dist_info, line)
+    init_weights = load_initial_weights(cfg, data.tokenizer_sha256)
+
+    identity = RunIdentity(to_dict(cfg), data.tokenizer_sha256, data.manifest_sha256, dist_info.world_size,
+                           cfg.train.zero_stage, cfg.train.precision)
+    universal_dir = None
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        check_resumable(resume_from, meta, identity.config, data.tokenizer_sha256, data.manifest_sha256,
+                        dist_info.world_size)
+        if load_mode(meta, dist_info.world_size, cfg.train.zero_stage) == "universal":
+            universal_dir = on_main_then_share(dist_info, lambda: ensure_universal(resume_from),
+                                               "Converting the checkpoint to a universal checkpoint")
+
+    engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
+    train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
+    progress = Progress()
+    if resume_from is not None:
+        progress = resume_into(engine, train_loader, resume_from, universal_dir, dist_info)
+    write_run_dir(cfg, dist_info, progress)
+    return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
+
+
+def write_run_dir(cfg: Config, dist_info: DistInfo, progress: Progress) -> None:
+    """run.dir/config.yaml of this start, and metrics.jsonl cut back to the resumed step (rank 0; all wait)."""
+    if dist_info.is_main:
+        run_dir = Path(cfg.run.dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        rewind_metrics(run_dir, progress.step)
+    barrier()
