@@ -65,6 +65,8 @@ class StepEvent:
     """A rank received SIGTERM/SIGUSR1: the run saves and exits after this step (no evaluation)."""
     seconds: float = 0.0
     """Wall time of the step (forward-backward through optimizer step); 0 in before_optimizer_step."""
+    data_seconds: float = 0.0
+    """Of `seconds`, the time spent waiting for the step's batches (next() on the train loader)."""
 
     @property
     def last(self) -> bool:

@@ -83,6 +83,7 @@ class TrainingLoop:
         self.train_loader = train_loader
         self.device = run.dist_info.device
         self.watch = NonfiniteWatch(run.engine.module, enabled=self.train.precision != "fp16")
+        self.data_seconds = 0.0  # time spent in next(train_iter) during the current step
 
     # -- one step
 
@@ -91,8 +92,12 @@ class TrainingLoop:
         engine, accum = self.run.engine, self.train.grad_accum_steps
         inject_nan_at = faults.inject_nan_at_step()
         loss_sum = torch.zeros((), device=self.device)
+        self.data_seconds = 0.0
         for micro in range(accum):
-            loss = batch_loss(engine, to_device(next(train_iter), self.device))
+            waited = time.perf_counter()
+            batch = next(train_iter)
+            self.data_seconds += time.perf_counter() - waited  # the data wait, reported as a share of the step
+            loss = batch_loss(engine, to_device(batch, self.device))
             if inject_nan_at == number:
                 loss = loss * float("nan")  # fault injection (SLM_INJECT_NAN_AT_STEP)
             engine.backward(loss)
@@ -158,7 +163,7 @@ class TrainingLoop:
         run.engine.step()
         run.progress.step = number
         run.progress.tokens_seen += run.plan.tokens_per_step
-        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started)
+        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started, data_seconds=self.data_seconds)
         for component in self.components:
             component.after_step(run, event)
         return event

@@ -41,7 +41,7 @@ def grad_norm_now(engine: Any) -> Optional[float]:
 
 
 class TrainMetrics(Component):
-    """Train rows: the mean loss, throughput and MFU over the steps since the previous row."""
+    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row."""
 
     name = "train_metrics"
 
@@ -55,7 +55,7 @@ class TrainMetrics(Component):
         return cls(cfg.train.log_every)
 
     def _reset_window(self) -> None:
-        self.loss_sum, self.finite_steps, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
         return every(self.log_every, event.number) or event.number == run.plan.max_steps
@@ -83,6 +83,7 @@ class TrainMetrics(Component):
             self.finite_steps += 1
         self.steps += 1
         self.seconds += event.seconds
+        self.data_seconds += event.data_seconds
         if not self._log_now(run, event):
             return
         grad_norm = self.grad_norm
@@ -94,7 +95,8 @@ class TrainMetrics(Component):
             "lr": event.lr, "grad_norm": grad_norm, "tokens": run.progress.tokens_seen,
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops, run.dist_info.world_size),
-            "step_ms": 1000 * self.seconds / self.steps, "skipped_steps": run.progress.skipped_steps,
+            "step_ms": 1000 * self.seconds / self.steps, "data_wait": self.data_seconds / max(self.seconds, 1e-9),
+            "skipped_steps": run.progress.skipped_steps,
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
             del row["mfu"]
