@@ -16,7 +16,7 @@ STAGES = ("pretrain", "cpt", "ift")
 ZERO_STAGES = (0, 1, 2, 3)
 """The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
+SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 ON_NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -59,11 +59,12 @@ class TrainConfig:
     min_lr: float = 3e-4
     """Learning rate at the end of the decay."""
     schedule: str = "cosine"
-    """cosine (warmup then cosine), wsd (warmup-stable-decay), linear, or constant."""
+    """cosine (warmup then cosine), wsd (warmup-stable-decay), wsd_time (wsd fitted to train.max_time), linear, or
+    constant."""
     warmup_steps: int = 20
     """Linear warmup steps from 0 to lr."""
     decay_fraction: float = 0.2
-    """wsd: fraction of max_steps spent in the final decay."""
+    """wsd: fraction of max_steps spent in the final decay (wsd_time: fraction of train.max_time)."""
     decay_shape: str = "linear"
     """wsd: shape of the final decay: linear, cosine or sqrt."""
     weight_decay: float = 0.1
@@ -112,6 +113,9 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):
             check_positive(f"train.{key}", getattr(self, key))
+        if self.schedule == "wsd_time" and not (self.max_time and self.max_time > 0):
+            raise ValueError(f"train.schedule is wsd_time but train.max_time is {self.max_time}; expected the time "
+                             "budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time).")
 
 
 @dataclass

@@ -58,7 +58,7 @@ class TrainMetrics(Component):
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
-        return every(self.log_every, event.number) or event.number == run.plan.max_steps
+        return every(self.log_every, event.number) or event.finished
 
     def on_start(self, run: LoopRun) -> None:
         from model.stats import flops_per_token
@@ -176,7 +176,7 @@ class DoneMarker(Component):
 
     def on_start(self, run: LoopRun) -> None:
         done = run.run_dir / DONE_FILE
-        if run.dist_info.is_main and run.progress.step < run.plan.max_steps and done.exists():
+        if run.dist_info.is_main and run.progress.step < run.last_step and done.exists():
             done.unlink()
         barrier()
 
@@ -184,7 +184,7 @@ class DoneMarker(Component):
         if reason != "finished":
             return
         if run.dist_info.is_main:
-            atomic_write_text(run.run_dir / DONE_FILE, f"finished at step {run.plan.max_steps}\n")
+            atomic_write_text(run.run_dir / DONE_FILE, f"finished at step {run.progress.step}\n")
         barrier()
 
 
