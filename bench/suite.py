@@ -45,9 +45,15 @@ class Bench:
 
 
 BENCHES = [
+    Bench("quality", "Quality per compute: configs/shakespeare-cpu.yaml within train.max_time=100",
+          ["bench/quality.py", "--max-time", "100"],
+          ["bench/quality.py", "--max-time", "15", "model.n_layers=1", "model.d_model=64", "train.warmup_steps=2"]),
     Bench("train_throughput", "Training throughput: `slm train` against a bare PyTorch loop",
           ["bench/train_throughput.py", "--steps", "120", "--log-every", "20", "--repeats", "3"],
           ["bench/train_throughput.py", "--steps", "6", "--log-every", "2", "--repeats", "1", "--precisions", "fp32"]),
+    Bench("distributed", "Scaling, peak memory per rank (ZeRO 0-3) and data wait, 2 processes",
+          ["bench/distributed.py", "--steps", "40"],
+          ["bench/distributed.py", "--steps", "4", "--micro-batch", "2"]),
     Bench("data_pipeline", "Data pipeline: prepare and loader throughput",
           ["bench/data_pipeline.py", "--copies", "12", "--repeats", "3"],
           ["bench/data_pipeline.py", "--copies", "1", "--repeats", "1", "--loader-seconds", "0.3",

@@ -47,3 +47,28 @@ def test_gpu_report_goes_below_the_suite_marker_and_keeps_the_cpu_tables(tmp_pat
     # A later `make bench` rewrites the CPU part and carries the GPU results over unchanged.
     carried = suite.gpu_section(text)
     assert "Test GPU" in carried and "Other GPU" in carried and carried.startswith(suite.GPU_MARKER)
+
+
+def test_quality_table_says_whether_the_target_is_met():
+    quality = load("quality")
+    result = {"prepare_s": 3.0, "wall_s": 101.0, "val_bpb": 2.25, "val_loss": 4.3, "steps": 900, "tokens": 3_686_400,
+              "final_lr": 3e-4, "data_wait": 0.012}
+    text = quality.table("configs/shakespeare-cpu.yaml", 100, [], result)
+    assert "**2.250**" in text and "misses by 0.150 the target of 2.1" in text and "data wait 1.2%" in text
+    assert "meets the target" in quality.table("c.yaml", 100, [], {**result, "val_bpb": 2.05})
+
+
+def test_distributed_tables_compare_layouts_and_memory_with_the_estimate():
+    dist = load("distributed")
+    rows = [{"tokens_per_second": t, "data_wait": 0.01} for t in (50.0, 1000.0, 1200.0)]
+    memory = [{"rank": r, "baseline": 100 * dist.MIB, "peak": 160 * dist.MIB,
+               "estimate": {"total": 30 * dist.MIB, "model_states": 20 * dist.MIB, "activations": 10 * dist.MIB}}
+              for r in (0, 1)]
+    results = {name: {"rows": rows, "memory": memory} for name in ("1 process x 2 threads", "ZeRO-0 x 2", "ZeRO-1 x 2",
+                                                                    "ZeRO-3 x 2")}
+    results["2 processes x 1 thread (ZeRO-2)"] = results["ZeRO-2 x 2"] = {
+        "rows": [{**r, "tokens_per_second": 2 * r["tokens_per_second"]} for r in rows], "memory": memory}
+    text = dist.tables(results, 4)
+    assert "| 1 process x 2 threads | 1,100 | 1.00x | 1.0% |" in text  # the median after the warm-up row
+    assert "| 2 processes x 1 thread (ZeRO-2) | 2,200 | 2.00x | 1.0% |" in text
+    assert text.count("| 100 | 160 | 60 | 30.0 (20.0 + 10.0) | 2.0 |") == 8  # 4 stages x 2 ranks
