@@ -48,6 +48,8 @@ def measure(config: str, max_time: float, overrides: list, work: Path) -> dict:
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals, train = [r for r in rows if r["kind"] == "eval"], [r for r in rows if r["kind"] == "train"]
+    if not evals or not train:
+        raise SystemExit(f"{run_dir / 'metrics.jsonl'} has {len(train)} train and {len(evals)} eval rows; expected both.")
     return {"prepare_s": prepare_seconds, "wall_s": wall, "val_bpb": evals[-1]["val_bpb"],
             "val_loss": evals[-1]["val_loss"], "steps": train[-1]["step"], "tokens": train[-1]["tokens"],
             "final_lr": train[-1]["lr"], "data_wait": sum(r["data_wait"] for r in train) / len(train)}

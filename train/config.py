@@ -65,6 +65,9 @@ class TrainConfig:
     """Linear warmup steps from 0 to lr."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final decay (wsd_time: fraction of train.max_time)."""
+    decay_time_margin: float = 0.9
+    """wsd_time: the share of the time left at the decision that the decay is planned to fill (the rest absorbs
+    steps that turn slower, so the clock does not stop the run before min_lr)."""
     decay_shape: str = "linear"
     """wsd: shape of the final decay: linear, cosine or sqrt."""
     weight_decay: float = 0.1
@@ -113,6 +116,8 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):
             check_positive(f"train.{key}", getattr(self, key))
+        if not 0.0 < self.decay_time_margin <= 1.0:
+            raise ValueError(f"train.decay_time_margin is {self.decay_time_margin}; expected a number in (0, 1].")
         if self.schedule == "wsd_time" and not (self.max_time and self.max_time > 0):
             raise ValueError(f"train.schedule is wsd_time but train.max_time is {self.max_time}; expected the time "
                              "budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time).")

@@ -57,14 +57,10 @@ def decay_due(elapsed: float, cfg: TrainConfig) -> bool:
     return cfg.schedule == "wsd_time" and elapsed >= (1.0 - cfg.decay_fraction) * float(cfg.max_time)
 
 
-TIME_MARGIN = 0.9
-"""wsd_time plans its decay for this share of the remaining budget: steps that slow down later (a busy machine,
-checkpoints) must not let the clock stop the run before the lr reaches min_lr."""
-
-
 def plan_time_decay(start_step: int, elapsed: float, seconds_per_step: float, cfg: TrainConfig) -> TimedDecay:
-    """The decay that fits the rest of train.max_time (less the margin) at `seconds_per_step`; at least one step."""
-    remaining = max(0.0, float(cfg.max_time) - elapsed) * TIME_MARGIN
+    """The decay that fills train.decay_time_margin of the rest of train.max_time at `seconds_per_step`; at least
+    one step. The margin is there because steps may turn slower later (a busy machine, checkpoints)."""
+    remaining = max(0.0, float(cfg.max_time) - elapsed) * cfg.decay_time_margin
     return TimedDecay(start_step, max(1, int(remaining / max(seconds_per_step, 1e-9))))
 
 

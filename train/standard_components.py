@@ -58,7 +58,7 @@ class TrainMetrics(Component):
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
-        return every(self.log_every, event.number) or event.finished
+        return every(self.log_every, event.number) or event.last  # the last row too when time or a signal ends the run
 
     def on_start(self, run: LoopRun) -> None:
         from model.stats import flops_per_token

@@ -135,6 +135,7 @@ def test_wsd_time_decision_from_the_clock():
     assert not decay_due(99.0, replace(TIMED, schedule="wsd"))  # only wsd_time decides from the clock
     # 80.5 s spent of 100 at 0.25 s per step: 19.5 s left, of which 90% (17.55 s) fit 70 steps.
     assert plan_time_decay(321, 80.5, 0.25, TIMED) == TimedDecay(321, 70)
+    assert plan_time_decay(321, 80.5, 0.25, replace(TIMED, decay_time_margin=0.5)) == TimedDecay(321, 39)
     assert plan_time_decay(5, 150.0, 0.25, TIMED) == TimedDecay(5, 1)  # over budget already: one step to min_lr
 
 

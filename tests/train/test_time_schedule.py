@@ -22,7 +22,8 @@ ARGS = [
     "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=2",
     "train.log_every=1", "train.eval_batches=2", "train.eval_every=100000", "train.ckpt_every=5",
     "train.keep_checkpoints=100000", "train.max_steps=100000", "data.num_workers=0", "train.schedule=wsd_time",
-    f"train.max_time={MAX_TIME}", "train.decay_fraction=0.4", f"train.lr={LR}", f"train.min_lr={MIN_LR}",
+    f"train.max_time={MAX_TIME}", "train.decay_fraction=0.4",
+    "train.decay_time_margin=0.5",  # the decay ends by step count unless steps turn twice as slow after the decision f"train.lr={LR}", f"train.min_lr={MIN_LR}",
 ]
 
 
