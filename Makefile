@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean bench bench-quick bench-gpu
 
 setup: $(STAMP)
 
@@ -33,6 +33,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# CPU benchmarks -> docs/benchmarks.md (bench-quick: tiny sizes, checks the harness only).
+bench: $(STAMP)
+	$(BIN)/python bench/suite.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/suite.py --quick --out runs/benchmarks-quick.md
+
+# GPU checks and preset throughput, appended to docs/benchmarks.md; exits 2 without CUDA.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for slm train, e.g. train.zero_stage=0")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,13 +135,14 @@ def main() -> None:
     cfg = load_config(args.preset, [f"data.dir={args.data_dir}", f"model.vocab_size={vocab}"])
     flops = flops_per_token(cfg.model, cfg.model.max_seq_len)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-          f"torch {torch.__version__}, {args.threads} thread(s); preset {Path(args.preset).name}: "
-          f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens per step, {flops / 1e6:.1f} MFLOP/token; "
-          f"slm train overrides: {' '.join(args.overrides) or 'none'}")
-    print("| precision | matmul peak | slm train tok/s | bare loop tok/s | slm FLOP/s (% of peak) "
-          "| bare FLOP/s (% of peak) | overhead |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+             f"torch {torch.__version__}, {args.threads} thread(s); preset {Path(args.preset).name}: "
+             f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens per step, {flops / 1e6:.1f} MFLOP/token; "
+             f"slm train overrides: {' '.join(args.overrides) or 'none'}", "",
+             "| precision | matmul peak | slm train tok/s | bare loop tok/s | slm FLOP/s (% of peak) "
+             "| bare FLOP/s (% of peak) | overhead |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     for precision in args.precisions.split(","):
         peak = measure_matmul_peak(DTYPES[precision], size=1024, seconds=2.0, device="cpu")
         slm, bare = [], []
@@ -149,11 +151,14 @@ def main() -> None:
                                                    args.threads, args.overrides))
             bare.append(bare_loop_tokens_per_second(cfg, data_dir, precision, args.steps, args.log_every))
         slm_tps, bare_tps = statistics.median(slm), statistics.median(bare)
-        print(f"| {precision} | {peak / 1e9:.1f} GFLOP/s | {slm_tps:,.0f} | {bare_tps:,.0f} "
-              f"| {slm_tps * flops / 1e9:.2f} G ({100 * slm_tps * flops / peak:.1f}%) "
-              f"| {bare_tps * flops / 1e9:.2f} G ({100 * bare_tps * flops / peak:.1f}%) "
-              f"| {100 * (1 - slm_tps / bare_tps):+.1f}% |", flush=True)
+        lines.append(f"| {precision} | {peak / 1e9:.1f} GFLOP/s | {slm_tps:,.0f} | {bare_tps:,.0f} "
+                     f"| {slm_tps * flops / 1e9:.2f} G ({100 * slm_tps * flops / peak:.1f}%) "
+                     f"| {bare_tps * flops / 1e9:.2f} G ({100 * bare_tps * flops / peak:.1f}%) "
+                     f"| {100 * (1 - slm_tps / bare_tps):+.1f}% |")
+        print(lines[-1], flush=True)
         print(f"  (runs: slm {[round(x) for x in slm]}, bare {[round(x) for x in bare]})", flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

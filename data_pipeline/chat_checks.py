@@ -10,7 +10,7 @@ import bisect
 from typing import Dict, List, Sequence, Tuple
 
 from data_pipeline.errors import DataError
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 
 
 def loss_labels(ids: Sequence[int], offsets: Sequence[Tuple[int, int]], loss_spans: Sequence[Tuple[int, int]]) -> List[int]:

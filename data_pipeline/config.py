@@ -76,6 +76,8 @@ class DataConfig:
     """What to do with bytes that are not UTF-8: strict (error naming the file) or replace (count them)."""
     verify_checksums: bool = False
     """Check every shard's full sha256 before training (sizes are always checked)."""
+    document_mask: bool = False
+    """Pretraining attends within documents only (split at EOT tokens), positions restarting at each."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""

@@ -36,7 +36,7 @@ from data_pipeline.chat_checks import check_role_order, check_some_answer, has_e
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import IM_END, IM_START, PAD
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

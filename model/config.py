@@ -33,6 +33,10 @@ class ModelConfig:
     """Share the token embedding matrix with the output head."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections are scaled by 1/sqrt(2 * n_layers)."""
+    attention: str = "auto"
+    """Kernel for document-masked attention: auto (flex on CUDA, dense-mask SDPA on CPU), flex or sdpa."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the output head + cross-entropy in training (no full logits); 0 = full logits."""
 
     @property
     def head_dim(self) -> int:
@@ -52,6 +56,10 @@ class ModelConfig:
             value = getattr(self, key)
             if value <= 0:
                 raise ValueError(f"model.{key}={value} must be a positive integer.")
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"model.attention={self.attention!r} must be one of auto, sdpa, flex.")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be 0 (full logits) or positive.")
         if self.ffn_hidden is not None and self.ffn_hidden <= 0:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden} must be a positive integer or null.")
         for key in ("rope_theta", "norm_eps", "init_std"):

@@ -19,7 +19,9 @@ model in bf16 with a fused attention kernel (no s*s score matrix is stored, as o
     per layer 2*s*b*(10*d + 4*f): each RMSNorm keeps its fp32 input (4sbd) and bf16 output (2sbd); attention
               keeps rotated q, repeated k and v and its output (4 x 2sbd); the MLP keeps gate, up, silu(gate)
               and their product (4 x 2sbf)
-    head      6*s*b*d (final norm) + 6*s*b*V (bf16 logits alive until backward + fp32 log-softmax of the loss)
+    head      6*s*b*d (final norm) + 6*s*b*V (bf16 logits alive until backward + fp32 log-softmax of the loss);
+              with model.loss_chunk_tokens > 0 no logits are kept: 8*s*b*d + 2*V*d (the final norm, and the
+              gradients of the hidden states and of the head weight, computed in the forward pass)
 With activation checkpointing each layer keeps only its bf16 input (2sbd) and one layer's activations are
 rebuilt at a time during backward: L*2sbd + one layer + head. Buffers, fragmentation and communication
 buckets are not counted, so leave headroom.
@@ -59,7 +61,10 @@ def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int,
     tokens = micro_batch_size * seq_len
     d, f, vocab = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
     per_layer = 2 * tokens * (10 * d + 4 * f)
-    head = 6 * tokens * d + 6 * tokens * vocab
+    if cfg.loss_chunk_tokens > 0:
+        head = 8 * tokens * d + 2 * vocab * d
+    else:
+        head = 6 * tokens * d + 6 * tokens * vocab
     if activation_checkpointing:
         return cfg.n_layers * 2 * tokens * d + per_layer + head
     return cfg.n_layers * per_layer + head

@@ -5,7 +5,7 @@
 
 - Attention: rotary position embeddings in the Hugging Face `rotate_half` convention (the head dimension is
   split into two halves, not interleaved pairs) and grouped-query attention (each key/value head serves
-  n_heads / n_kv_heads consecutive query heads), computed by F.scaled_dot_product_attention.
+  n_heads / n_kv_heads consecutive query heads, never repeated in memory), computed by model.attention.attend.
 - MLP: SwiGLU, down_proj(silu(gate_proj(x)) * up_proj(x)). No biases anywhere. RMSNorm in float32.
 - Parameter names are Hugging Face LlamaForCausalLM's without the "model." prefix, and the RoPE convention is
   the same, so an export is a pure rename of keys. With tie_embeddings, lm_head.weight IS embed_tokens.weight.
@@ -13,7 +13,9 @@
   write into the residual stream (self_attn.o_proj, mlp.down_proj), which use init_std / sqrt(2 * n_layers)
   so the residual stream's variance does not grow with depth (GPT-2); RMSNorm weights start at 1.
 - Packed sequences: `position_ids` restarts positions per document and `doc_ids` keeps attention inside one
-  document (a block-diagonal causal mask).
+  document (a block-diagonal causal mask: dense for SDPA, or a flex_attention BlockMask, see model/attention.py).
+- Loss: with model.loss_chunk_tokens > 0 the output head and cross-entropy run chunk by chunk (model/loss.py),
+  so the float32 logits of a whole micro-batch never exist; prefill computes the last position's logits only.
 - `generate` decodes with a key/value cache; `set_activation_checkpointing(True)` recomputes each block's
   activations in the backward pass instead of storing them.
 """
@@ -28,10 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from model.attention import Mask, attend, attention_mask
 from model.config import ModelConfig
+from model.loss import chunked_linear_cross_entropy, masked_cross_entropy
 
-IGNORE_INDEX = -100
-"""Targets with this value do not count in the loss (prompt tokens in instruction tuning, padding)."""
+__all__ = ["KVCache", "Transformer"]
 
 
 class RMSNorm(nn.Module):
@@ -96,26 +99,6 @@ class KVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
-def attention_mask(seq_len: int, past_len: int, doc_ids: Optional[Tensor],
-                   device: torch.device) -> Optional[Tensor]:
-    """Boolean mask (True = may attend) for SDPA, or None when plain `is_causal` is enough.
-
-    doc_ids (B, T): causal and same document, (B, 1, T, T). With cached keys and several new queries the
-    causal diagonal is offset by past_len, (1, 1, T, past_len + T). A single new query may attend everything.
-    """
-    if doc_ids is not None:
-        if past_len:
-            raise ValueError("doc_ids cannot be combined with a KV cache (packed sequences are for training).")
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # (T, T)
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        return (same_doc & causal)[:, None]  # (B, 1, T, T)
-    if past_len and seq_len > 1:
-        query_pos = torch.arange(past_len, past_len + seq_len, device=device)[:, None]  # (T, 1)
-        key_pos = torch.arange(past_len + seq_len, device=device)[None, :]  # (1, S)
-        return (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
-    return None
-
-
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings and grouped-query key/value heads."""
 
@@ -128,7 +111,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask,
                 kv_cache: Optional[KVCache] = None) -> Tensor:
         B, T, _ = x.shape  # (B, T, d_model)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -137,12 +120,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, KV, S, hd), S = cached + T
-        if self.n_kv_heads != self.n_heads:
-            repeats = self.n_heads // self.n_kv_heads  # query heads per key/value head
-            k = k.repeat_interleave(repeats, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(repeats, dim=1)  # (B, H, S, hd)
-        causal = mask is None and T > 1  # one new query may see every cached key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
+        y = attend(q, k, v, mask)  # (B, H, T, hd): each KV head serves H / KV query heads, none repeated
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)  # (B, T, d_model)
 
@@ -171,19 +149,28 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor],
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask,
                 kv_cache: Optional[KVCache] = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy (at least float32) over targets != IGNORE_INDEX; 0, with a gradient, if none count."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast for the loss
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
-    counted = (targets != IGNORE_INDEX).sum()
-    return total / counted.clamp(min=1)
+class OutputHead(nn.Linear):
+    """The vocabulary projection d_model -> vocab_size; given targets it returns the loss instead of logits.
+
+    The chunked loss runs inside this module's forward so that DeepSpeed ZeRO-3, which gathers a module's
+    weights around its forward and backward, has the (possibly tied) weight in place.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg.d_model, cfg.vocab_size, bias=False)
+        self.loss_chunk_tokens = cfg.loss_chunk_tokens
+
+    def forward(self, x: Tensor, targets: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, d_model) -> logits (B, T, vocab_size), or with targets (B, T) the scalar mean loss."""
+        if targets is None:
+            return super().forward(x)
+        return chunked_linear_cross_entropy(x, self.weight, targets, self.loss_chunk_tokens)
 
 
 def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int],
@@ -209,7 +196,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False
@@ -230,12 +217,14 @@ class Transformer(nn.Module):
         self.activation_checkpointing = enabled
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                doc_ids: Optional[Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                doc_ids: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
+                last_logits_only: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """tokens (B, T) -> (logits (B, T, vocab_size), mean loss over targets != -100 or None).
 
         position_ids (B, T) default to 0..T-1 (continuing after the cache); doc_ids (B, T) restrict attention
-        to tokens of the same document.
+        to tokens of the same document. With targets and model.loss_chunk_tokens > 0 the loss is computed
+        chunk by chunk and the logits are not (None is returned in their place). last_logits_only computes
+        the logits of the last position only, (B, 1, vocab_size), as a generation prefill needs.
         """
         B, T = tokens.shape
         past_len = kv_cache.length if kv_cache is not None else 0
@@ -244,7 +233,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, d_model)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, hd) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = attention_mask(T, past_len, doc_ids, tokens.device)  # None, (B|1, 1, T, S)
+        mask = attention_mask(T, past_len, doc_ids, tokens.device, self.cfg.attention)  # None, dense or blocks
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
@@ -253,7 +242,12 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, mask, kv_cache)  # (B, T, d_model)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        x = self.norm(x)  # (B, T, d_model)
+        if targets is not None and self.cfg.loss_chunk_tokens > 0:
+            return None, self.lm_head(x, targets)  # the full logits never exist
+        if last_logits_only:
+            x = x[:, -1:]  # (B, 1, d_model)
+        logits = self.lm_head(x)  # (B, T or 1, vocab_size)
         loss = masked_cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
 
@@ -281,11 +275,11 @@ class Transformer(nn.Module):
                     capacity = min(max_len, tokens.shape[1] + max_new_tokens)
                     kv_cache = KVCache(self.cfg, tokens.shape[0], capacity, self.embed_tokens.weight.dtype,
                                        tokens.device)
-                    logits, _ = self(tokens, kv_cache=kv_cache)  # (B, T, vocab_size)
+                    logits, _ = self(tokens, kv_cache=kv_cache, last_logits_only=True)  # (B, 1, vocab_size)
                 else:
                     logits, _ = self(tokens[:, -1:], kv_cache=kv_cache)  # (B, 1, vocab_size)
             else:
-                logits, _ = self(tokens[:, -max_len:])  # (B, min(T, max_len), vocab_size)
+                logits, _ = self(tokens[:, -max_len:], last_logits_only=True)  # (B, 1, vocab_size)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)  # (B,)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)

@@ -1,8 +1,8 @@
 """The batch adapter between the loaders and the model, used by the step loop and by evaluation.
 
 One vocabulary end to end: a batch is a dict of LongTensors named `input_ids` (B, T), `labels` (B, T; the
-next token, IGNORE_INDEX where no loss counts) and, for packed instruction data only, `position_ids` and
-`doc_ids`. Both loaders (`data_pipeline.loader`, `data_pipeline.instruct`) yield these names, and this module is
+next token, IGNORE_INDEX where no loss counts) and, for packed instruction data and `data.document_mask`
+pretraining only, `position_ids` and `doc_ids`. Both loaders (`data_pipeline.loader`, `data_pipeline.instruct`) yield these names, and this module is
 the only place that hands them to `Transformer.forward` (positionally, so the model's own argument names never
 leak into the training code).
 """
@@ -16,7 +16,7 @@ import torch
 
 Batch = Dict[str, torch.Tensor]
 OPTIONAL_KEYS = ("position_ids", "doc_ids")
-"""Batch keys only packed instruction data carries."""
+"""Batch keys only packed instruction data (and document-masked pretraining) carries."""
 
 
 def take_batches(loader: Iterable[Batch], n_batches: int) -> List[Batch]:

@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,6 +35,7 @@ from train.distributed import DistInfo, barrier
 from train.errors import TrainError
 from train.rng_state import rng_state, set_rng_state
 from train.safe_load import safe_load, scan_pickles
+from train.schedule import TimedDecay
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -54,6 +55,8 @@ class Progress:
     """Training tokens consumed, over all ranks."""
     skipped_steps: int = 0
     """Steps whose update was skipped as non-finite (train.on_nonfinite=skip)."""
+    timed_decay: Optional[TimedDecay] = None
+    """train.schedule=wsd_time: the decay decided from the clock (start step, length), once it has started."""
 
 
 @dataclass
@@ -104,7 +107,9 @@ class CheckpointRecord:
             raise TrainError(f"Checkpoint metadata '{where / META}' has no loader state; it was written by another "
                              "version of slm train and cannot be resumed exactly (start a fresh run.dir, or use its "
                              "weights with train.stage=cpt and train.init_from).")
-        progress = Progress(int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)))
+        decay = meta.get("timed_decay")
+        timed_decay = TimedDecay(int(decay["start_step"]), int(decay["steps"])) if decay else None
+        progress = Progress(int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)), timed_decay)
         identity = RunIdentity(meta["config"], meta["tokenizer_sha256"], meta["manifest_sha256"],
                                int(meta["world_size"]), int(meta["zero_stage"]), str(meta.get("precision")))
         return cls(progress, meta["loader"], identity)
@@ -330,7 +335,7 @@ class CheckpointSaver:
 
     def save(self, progress: Progress) -> Path:
         """Save now (collective); returns the final step folder."""
-        record = CheckpointRecord(Progress(**asdict(progress)), self.train_loader.state_dict(), self.identity)
+        record = CheckpointRecord(replace(progress), self.train_loader.state_dict(), self.identity)
         started = time.time()
         step_dir = save_checkpoint(self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info)
         if self.dist_info.is_main:

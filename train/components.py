@@ -58,13 +58,15 @@ class StepEvent:
     nonfinite: bool
     """Some rank saw a non-finite loss or gradient (the optimizer step is skipped or the run stops)."""
     finished: bool
-    """This is step train.max_steps."""
+    """This is the run's last step (train.max_steps, or the end of a wsd_time decay)."""
     timed_out: bool
     """train.max_time is spent and the run stops after this step (never together with `finished`)."""
     stop_requested: bool
     """A rank received SIGTERM/SIGUSR1: the run saves and exits after this step (no evaluation)."""
     seconds: float = 0.0
     """Wall time of the step (forward-backward through optimizer step); 0 in before_optimizer_step."""
+    data_seconds: float = 0.0
+    """Of `seconds`, the time spent waiting for the step's batches (next() on the train loader)."""
 
     @property
     def last(self) -> bool:
@@ -98,6 +100,12 @@ class LoopRun:
     """time.time() when this invocation started (train.max_time counts from it)."""
     plain_optimizer: bool = False
     """ZeRO 0 in fp32: DeepSpeed hands the step to our AdamW, with no grad norm or non-finite skip of its own."""
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: max_steps, or sooner when a wsd_time decay (recorded in progress) ends first."""
+        decay = self.progress.timed_decay
+        return min(self.plan.max_steps, decay.end_step) if decay is not None else self.plan.max_steps
 
     @property
     def run_dir(self) -> Path:

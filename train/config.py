@@ -17,7 +17,7 @@ STAGES = ("pretrain", "cpt", "ift")
 ZERO_STAGES = (0, 1, 2, 3)
 """The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
+SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 ON_NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,11 +60,15 @@ class TrainConfig:
     min_lr: float = 3e-4
     """Learning rate at the end of the decay."""
     schedule: str = "cosine"
-    """cosine (warmup then cosine), wsd (warmup-stable-decay), linear, or constant."""
+    """cosine (warmup then cosine), wsd (warmup-stable-decay), wsd_time (wsd fitted to train.max_time), linear, or
+    constant."""
     warmup_steps: int = 20
     """Linear warmup steps from 0 to lr."""
     decay_fraction: float = 0.2
-    """wsd: fraction of max_steps spent in the final decay."""
+    """wsd: fraction of max_steps spent in the final decay (wsd_time: fraction of train.max_time)."""
+    decay_time_margin: float = 0.9
+    """wsd_time: the share of the time left at the decision that the decay is planned to fill (the rest absorbs
+    steps that turn slower, so the clock does not stop the run before min_lr)."""
     decay_shape: str = "linear"
     """wsd: shape of the final decay: linear, cosine or sqrt."""
     weight_decay: float = 0.1
@@ -138,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null.")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null.")
+        if not 0.0 < self.decay_time_margin <= 1.0:
+            raise ValueError(f"config key 'train.decay_time_margin' is {self.decay_time_margin}; expected a number in (0, 1].")
+        if self.schedule == "wsd_time" and not (self.max_time and self.max_time > 0):
+            raise ValueError(f"config key 'train.schedule' is wsd_time but train.max_time is {self.max_time}; expected "
+                             "the time budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time).")
 
 
 @dataclass

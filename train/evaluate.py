@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 from train.batch import Batch, batch_loss, to_device
 
 

@@ -28,7 +28,7 @@ from common import faults
 from train.batch import Batch, batch_loss, to_device
 from train.components import Component, LoopRun, StepEvent
 from train.errors import TrainError
-from train.schedule import lr_at
+from train.schedule import decay_due, lr_at, plan_time_decay
 from train.signals import EXIT_PREEMPTED, StopRequest
 
 
@@ -73,6 +73,12 @@ class StepStatus:
     """Some rank received SIGTERM/SIGUSR1."""
     out_of_time: bool
     """Some rank's clock passed train.max_time."""
+    decay_due: bool = False
+    """wsd_time: some rank's clock passed (1 - decay_fraction) * max_time."""
+    elapsed: float = 0.0
+    """Seconds since the invocation started, averaged over ranks."""
+    seconds_per_step: float = 0.0
+    """Wall seconds per step in this invocation so far (evaluations and checkpoints included), averaged over ranks."""
 
 
 class TrainingLoop:
@@ -83,6 +89,8 @@ class TrainingLoop:
         self.train_loader = train_loader
         self.device = run.dist_info.device
         self.watch = NonfiniteWatch(run.engine.module, enabled=self.train.precision != "fp16")
+        self.data_seconds = 0.0  # time spent in next(train_iter) during the current step
+        self.loop_started, self.steps_taken = time.time(), 0  # this invocation's pace, for wsd_time's decay
 
     # -- one step
 
@@ -91,8 +99,12 @@ class TrainingLoop:
         engine, accum = self.run.engine, self.train.grad_accum_steps
         inject_nan_at = faults.inject_nan_at_step()
         loss_sum = torch.zeros((), device=self.device)
+        self.data_seconds = 0.0
         for micro in range(accum):
-            loss = batch_loss(engine, to_device(next(train_iter), self.device))
+            waited = time.perf_counter()
+            batch = next(train_iter)
+            self.data_seconds += time.perf_counter() - waited  # the data wait, reported as a share of the step
+            loss = batch_loss(engine, to_device(batch, self.device))
             if inject_nan_at == number:
                 loss = loss * float("nan")  # fault injection (SLM_INJECT_NAN_AT_STEP)
             engine.backward(loss)
@@ -102,18 +114,32 @@ class TrainingLoop:
         return loss_sum
 
     def agree(self, loss_sum: torch.Tensor, stop_requested: bool) -> StepStatus:
-        """One all-reduce: mean loss, non-finite ranks, stop signal and time-out, the same on every rank."""
-        out_of_time = self.train.max_time is not None and time.time() - self.run.started >= self.train.max_time
-        status = torch.stack([
-            loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum),
-            torch.tensor(float(stop_requested), device=self.device),
-            torch.tensor(float(out_of_time), device=self.device),
-        ])
+        """One all-reduce: mean loss, non-finite ranks, stop signal, time-out and the clock for wsd_time's decay, the
+        same on every rank."""
+        now = time.time()
+        elapsed = now - self.run.started
+        out_of_time = self.train.max_time is not None and elapsed >= self.train.max_time
+        seconds_per_step = (now - self.loop_started) / (self.steps_taken + 1)
+        clock = [float(stop_requested), float(out_of_time), float(decay_due(elapsed, self.train)), elapsed,
+                 seconds_per_step]
+        status = torch.cat([torch.stack([loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum)]),
+                            torch.tensor(clock, device=self.device)])
         world = self.run.dist_info.world_size
         if world > 1:
             dist.all_reduce(status)
-        loss, nonfinite, stop, timeout = status.tolist()
-        return StepStatus(loss / world, int(nonfinite), stop > 0, timeout > 0)
+        loss, nonfinite, stop, timeout, due, elapsed_sum, pace_sum = status.tolist()
+        return StepStatus(loss / world, int(nonfinite), stop > 0, timeout > 0, due > 0, elapsed_sum / world,
+                          pace_sum / world)
+
+    def decide_decay(self, status: StepStatus, number: int) -> None:
+        """wsd_time: start the decay after this step once due, sized from the agreed pace (every rank alike)."""
+        progress = self.run.progress
+        if progress.timed_decay is not None or not status.decay_due:
+            return
+        progress.timed_decay = plan_time_decay(number, status.elapsed, status.seconds_per_step, self.train)
+        self.run.say(f"step {number}: {status.elapsed:.1f} s of train.max_time={self.train.max_time:g} s spent; "
+                     f"lr decays to min_lr over the next {progress.timed_decay.steps} steps "
+                     f"(at {status.seconds_per_step:.3f} s per step)")
 
     def handle_nonfinite(self, status: StepStatus, number: int) -> None:
         """train.on_nonfinite: raise (nothing is saved), or make the coming engine.step() a no-op and count it."""
@@ -142,13 +168,14 @@ class TrainingLoop:
 
     def step(self, train_iter: Iterator[Batch], stop_request: StopRequest) -> StepEvent:
         """One optimizer step with the components' two per-step hooks around `engine.step()`."""
-        run, max_steps = self.run, self.run.plan.max_steps
+        run = self.run
         step_started = time.perf_counter()
         number = run.progress.step + 1  # the step being taken, 1-based as logged and as checkpoint names
-        lr = lr_at(run.progress.step, self.train)
+        lr = lr_at(run.progress.step, self.train, run.progress.timed_decay)
         self.set_lr(lr)
         status = self.agree(self.forward_backward(train_iter, number), stop_request.requested)
-        finished = number >= max_steps
+        self.decide_decay(status, number)
+        finished = number >= run.last_step
         event = StepEvent(number, lr, status.mean_loss, status.nonfinite_ranks > 0, finished,
                           status.out_of_time and not finished, status.stop_requested)
         if event.nonfinite:
@@ -158,7 +185,8 @@ class TrainingLoop:
         run.engine.step()
         run.progress.step = number
         run.progress.tokens_seen += run.plan.tokens_per_step
-        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started)
+        self.steps_taken += 1
+        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started, data_seconds=self.data_seconds)
         for component in self.components:
             component.after_step(run, event)
         return event
@@ -174,8 +202,8 @@ class TrainingLoop:
         run = self.run
         for component in self.components:
             component.on_start(run)
-        if run.progress.step >= run.plan.max_steps:
-            run.say(f"already at step {run.progress.step} of {run.plan.max_steps}: nothing to train")
+        if run.progress.step >= run.last_step:
+            run.say(f"already at step {run.progress.step} of {run.last_step}: nothing to train")
             self.end("finished")
             return 0
         stop_request = StopRequest().install()
@@ -185,11 +213,12 @@ class TrainingLoop:
             stop_request.restore()
 
     def _loop(self, stop_request: StopRequest) -> int:
-        run, max_steps = self.run, self.run.plan.max_steps
+        run = self.run
         train_iter = iter(self.train_loader)
+        self.loop_started, self.steps_taken = time.time(), 0
         run.engine.train()
         event: Optional[StepEvent] = None
-        while run.progress.step < max_steps:
+        while run.progress.step < run.last_step:
             event = self.step(train_iter, stop_request)
             if event.stop_requested:
                 self.end("stopped")
@@ -201,5 +230,5 @@ class TrainingLoop:
                 run.say(f"train.max_time ({self.train.max_time} s) spent: stopped cleanly after step {event.number}")
                 return 0
         self.end("finished")
-        run.say(f"finished {max_steps} steps ({run.progress.tokens_seen:,} tokens)")
+        run.say(f"finished {run.progress.step} steps ({run.progress.tokens_seen:,} tokens)")
         return 0

@@ -5,7 +5,7 @@ logged row and a resumed run appends to the same file (`slm report` keeps the la
 step). The trainer passes plain dicts; the names this module and `slm report` understand are:
 
 - train rows: step, loss, lr, tokens (seen so far), grad_norm, tokens_per_second, mfu (a
-  fraction), step_ms, skipped_steps;
+  fraction), step_ms, data_wait (the fraction of step time spent waiting for batches), skipped_steps;
 - eval rows: step, val_loss, val_ppl, val_bpb;
 - downstream rows (kind "downstream", one per task and step): step, tokens, task, acc, acc_norm (and their
   stderr), examples; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>.
@@ -59,7 +59,7 @@ def _fmt(key: str, value: Any) -> str:
         return str(value)
     if key == "lr":
         return f"{value:.2e}"
-    if key == "mfu":
+    if key in ("mfu", "data_wait"):
         return f"{100 * value:.1f}%"
     if key in ("tokens", "tokens_per_second"):
         return _fmt_count(value)
@@ -74,7 +74,7 @@ def _fmt(key: str, value: Any) -> str:
 _CONSOLE_KEYS = (
     ("loss", "loss"), ("val_loss", "val_loss"), ("val_ppl", "val_ppl"), ("val_bpb", "val_bpb"),
     ("lr", "lr"), ("grad_norm", "gnorm"), ("tokens_per_second", "tok/s"), ("tokens", "tokens"),
-    ("mfu", "mfu"), ("step_ms", "step_ms"),
+    ("mfu", "mfu"), ("step_ms", "step_ms"), ("data_wait", "data"),
 )
 _NOT_PRINTED = {"step", "time", "kind"}
 

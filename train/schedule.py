@@ -12,6 +12,11 @@ exactly 0 (a wasted update) and the last warmup step, warmup_steps - 1, reaches 
   decay_fraction * max_steps steps, with decay_shape linear, cosine or sqrt (1 - sqrt(progress),
   the shape of the WSD papers: Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training
   Beyond Fixed Training Durations"; MiniCPM, Hu et al. 2024).
+- wsd_time: wsd fitted to a time budget (train.max_time) when the step count is unknown: hold lr until
+  (1 - decay_fraction) * max_time has elapsed, then decay over the steps estimated to fit the rest of the
+  budget (`plan_time_decay`, from the measured seconds per step). That decision is made once, by every rank
+  alike, and kept in the checkpoint (`TimedDecay` in Progress), so a resumed run replays the same curve; the
+  run then ends when the decay does (train.max_steps stays an upper bound).
 - linear: a straight line from lr down to min_lr at max_steps.
 - constant: lr after warmup.
 
@@ -25,12 +30,38 @@ and decays over its own length; nothing special is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
-from train.config import TrainConfig
+from train.config import DECAY_SHAPES, SCHEDULES, TrainConfig
 from train.errors import TrainError
 
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
-DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+@dataclass(frozen=True)
+class TimedDecay:
+    """wsd_time's decision, taken from the clock once and recorded in the checkpoint."""
+
+    start_step: int
+    """The first (0-based) optimizer step of the decay."""
+    steps: int
+    """The decay's planned length in steps; its last step, start_step + steps - 1, runs at min_lr."""
+
+    @property
+    def end_step(self) -> int:
+        """Steps taken when the decay is over (the run's last step, 1-based)."""
+        return self.start_step + self.steps
+
+
+def decay_due(elapsed: float, cfg: TrainConfig) -> bool:
+    """wsd_time: whether the decay should start now, `elapsed` seconds into the time budget."""
+    return cfg.schedule == "wsd_time" and elapsed >= (1.0 - cfg.decay_fraction) * float(cfg.max_time)
+
+
+def plan_time_decay(start_step: int, elapsed: float, seconds_per_step: float, cfg: TrainConfig) -> TimedDecay:
+    """The decay that fills train.decay_time_margin of the rest of train.max_time at `seconds_per_step`; at least
+    one step. The margin is there because steps may turn slower later (a busy machine, checkpoints)."""
+    remaining = max(0.0, float(cfg.max_time) - elapsed) * cfg.decay_time_margin
+    return TimedDecay(start_step, max(1, int(remaining / max(seconds_per_step, 1e-9))))
 
 
 def check_schedule(cfg: TrainConfig) -> None:
@@ -41,6 +72,8 @@ def check_schedule(cfg: TrainConfig) -> None:
         raise TrainError(f"train.decay_shape is {cfg.decay_shape!r}; expected one of {', '.join(DECAY_SHAPES)}.")
     if cfg.warmup_steps < 0:
         raise TrainError(f"train.warmup_steps is {cfg.warmup_steps}; expected 0 or a positive integer.")
+    if cfg.schedule == "wsd_time" and not (cfg.max_time and cfg.max_time > 0):
+        raise TrainError(f"train.schedule is wsd_time but train.max_time is {cfg.max_time}; expected seconds > 0.")
     if cfg.max_steps <= 0:
         raise TrainError(f"train.max_steps is {cfg.max_steps}; expected a positive integer.")
     if not 0.0 <= cfg.decay_fraction <= 1.0:
@@ -66,8 +99,9 @@ def _decay_factor(progress: float, shape: str) -> float:
     return 1.0 - math.sqrt(progress)  # sqrt
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The learning rate for optimizer step `step` (0-based) under `cfg`'s schedule."""
+def lr_at(step: int, cfg: TrainConfig, timed_decay: Optional[TimedDecay] = None) -> float:
+    """The learning rate for optimizer step `step` (0-based) under `cfg`'s schedule (wsd_time: and its decision,
+    None while the decay has not started)."""
     check_schedule(cfg)
     if step < 0:
         raise TrainError(f"lr_at got step {step}; expected a step >= 0.")
@@ -76,6 +110,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return peak * (step + 1) / warmup
     if cfg.schedule == "constant":
         return peak
+    if cfg.schedule == "wsd_time":
+        if timed_decay is None or step < timed_decay.start_step:
+            return peak
+        progress = min(1.0, (step - timed_decay.start_step + 1) / timed_decay.steps)
+        return floor + (peak - floor) * _decay_factor(progress, cfg.decay_shape)
     if step >= max_steps:
         return floor
     if cfg.schedule == "wsd":

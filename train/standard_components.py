@@ -43,7 +43,7 @@ def grad_norm_now(engine: Any) -> Optional[float]:
 
 
 class TrainMetrics(Component):
-    """Train rows: the mean loss, throughput and MFU over the steps since the previous row."""
+    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row."""
 
     name = "train_metrics"
 
@@ -57,10 +57,10 @@ class TrainMetrics(Component):
         return cls(cfg.train.log_every)
 
     def _reset_window(self) -> None:
-        self.loss_sum, self.finite_steps, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
-        return every(self.log_every, event.number) or event.number == run.plan.max_steps
+        return every(self.log_every, event.number) or event.last  # the last row too when time or a signal ends the run
 
     def on_start(self, run: LoopRun) -> None:
         from model.stats import flops_per_token
@@ -85,6 +85,7 @@ class TrainMetrics(Component):
             self.finite_steps += 1
         self.steps += 1
         self.seconds += event.seconds
+        self.data_seconds += event.data_seconds
         if not self._log_now(run, event):
             return
         grad_norm = self.grad_norm
@@ -96,7 +97,8 @@ class TrainMetrics(Component):
             "lr": event.lr, "grad_norm": grad_norm, "tokens": run.progress.tokens_seen,
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops, run.dist_info.world_size),
-            "step_ms": 1000 * self.seconds / self.steps, "skipped_steps": run.progress.skipped_steps,
+            "step_ms": 1000 * self.seconds / self.steps, "data_wait": self.data_seconds / max(self.seconds, 1e-9),
+            "skipped_steps": run.progress.skipped_steps,
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
             del row["mfu"]
@@ -177,7 +179,7 @@ class DoneMarker(Component):
 
     def on_start(self, run: LoopRun) -> None:
         done = run.run_dir / DONE_FILE
-        if run.dist_info.is_main and run.progress.step < run.plan.max_steps and done.exists():
+        if run.dist_info.is_main and run.progress.step < run.last_step and done.exists():
             done.unlink()
         barrier()
 
@@ -185,7 +187,7 @@ class DoneMarker(Component):
         if reason != "finished":
             return
         if run.dist_info.is_main:
-            atomic_write_text(run.run_dir / DONE_FILE, f"finished at step {run.plan.max_steps}\n")
+            atomic_write_text(run.run_dir / DONE_FILE, f"finished at step {run.progress.step}\n")
         barrier()
 
 

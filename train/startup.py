@@ -129,8 +129,10 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
                                          dist_info.world_size, cfg.run.seed)
 
         return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
+    from data_pipeline.documents import document_masked
     from data_pipeline.loader import build_loader
     from data_pipeline.sources import source_weights
+    from data_pipeline.tokenizer import eot_id
 
     weights = source_weights(cfg.data) if len(cfg.data.sources) > 1 else None
     train_loader = build_loader(
@@ -140,6 +142,8 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
     )
     val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
                               cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit)
+    if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
+        return document_masked(train_loader, take_batches(val_loader, val_batches_per_rank), eot_id(tokenizer))
     return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 

@@ -7,7 +7,7 @@ import pytest
 from data_pipeline.chat import encode_chat_prompt, format_chat, render_chat
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import IM_END, IM_START, load_tokenizer
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 
 TWO_TURNS = [
     {"role": "user", "content": "What is the capital of France?"},

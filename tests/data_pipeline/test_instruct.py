@@ -13,7 +13,7 @@ from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
 from data_pipeline.instruct import build_instruct_loader, build_rows, read_conversations, split_conversations
 from data_pipeline.tokenizer import EOT, PAD, load_tokenizer
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 from tests.data_pipeline.test_chat import TWO_TURNS
 from tests.helpers import SELF_INSTRUCT
 

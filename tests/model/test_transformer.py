@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from launch.config import load_config
 from model import ModelConfig, Transformer
-from model.transformer import IGNORE_INDEX, KVCache, apply_rotary, rotary_cos_sin
+from model.loss import IGNORE_INDEX
+from model.transformer import KVCache, apply_rotary, rotary_cos_sin
 from tests.helpers import SHAKESPEARE, TINY
 
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
@@ -182,13 +183,14 @@ def test_position_ids_are_used_relatively():
     assert (stretched[:, 1:] - base[:, 1:]).abs().amax() > 1e-3
 
 
-def test_targets_minus_100_are_ignored():
-    model = small_model()
+@pytest.mark.parametrize("loss_chunk_tokens", [0, 5])  # full logits; chunked loss (5 does not divide 24 tokens)
+def test_targets_minus_100_are_ignored(loss_chunk_tokens):
+    model = small_model(loss_chunk_tokens=loss_chunk_tokens)
     tokens = random_tokens(2, 12)
     targets = random_tokens(2, 12, seed=2)
     targets[0, :5] = IGNORE_INDEX
     targets[1, 8:] = IGNORE_INDEX
-    logits, loss = model(tokens, targets=targets)
+    logits, loss = model(tokens)[0], model(tokens, targets=targets)[1]
     keep = targets != IGNORE_INDEX
     expected = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
@@ -285,7 +287,7 @@ def test_tiny_model_overfits_one_batch_of_real_text():
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
     for _ in range(400):
-        logits, loss = model(inputs, targets=targets)
+        _, loss = model(inputs, targets=targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -295,5 +297,5 @@ def test_tiny_model_overfits_one_batch_of_real_text():
     assert losses[0] > 5.0, losses[0]
     assert losses[-1] < 0.1, f"loss after {len(losses)} steps: {losses[-1]:.3f} (started at {losses[0]:.3f})"
     # Memorized: the argmax predicts (almost) every next byte of the batch.
-    accuracy = (logits.argmax(-1) == targets).double().mean().item()
+    accuracy = (model(inputs)[0].argmax(-1) == targets).double().mean().item()
     assert accuracy > 0.97, accuracy

@@ -16,7 +16,7 @@ from data_pipeline.instruct import read_conversations
 from data_pipeline.loader import build_loader
 from data_pipeline.tokenizer import EOT, IM_END, load_tokenizer, model_vocab_size
 from model import ModelConfig, Transformer
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, SHAKESPEARE
 from train.evaluate import bits_per_byte, evaluate
 from train.handoff.export import export_from_model

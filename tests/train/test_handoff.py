@@ -13,7 +13,7 @@ from data_pipeline.chat import encode_chat_prompt
 from data_pipeline.config import InstructConfig
 from data_pipeline.loader import build_loader
 from data_pipeline.tokenizer import IM_END, load_tokenizer
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, TINY, run, slm_cmd
 from tests.train.zero_checkpoints import build_checkpoints
 from train.handoff.export import export

@@ -26,7 +26,7 @@ def make_cfg(run_dir: Path, wandb_mode: str = "disabled", console: bool = True) 
 
 
 TRAIN_ROW = dict(step=10, loss=torch.tensor(2.5), lr=3e-4, tokens=20480, grad_norm=0.75,
-                 tokens_per_second=12345.0, mfu=0.412, step_ms=83.2)
+                 tokens_per_second=12345.0, mfu=0.412, step_ms=83.2, data_wait=0.034)
 EVAL_ROW = dict(step=10, val_loss=2.25, val_ppl=math.exp(2.25), val_bpb=1.3)
 
 
@@ -53,7 +53,7 @@ def test_rows_console_and_resume(tmp_path):
     logger.close()
     lines = console.getvalue().splitlines()
     assert lines[0] == ("train step 10 | loss 2.5000 | lr 3.00e-04 | gnorm 0.7500 | tok/s 12.35k | tokens 20.48k"
-                        " | mfu 41.2% | step_ms 83")
+                        " | mfu 41.2% | step_ms 83 | data 3.4%")
     assert lines[1] == "eval step 10 | val_loss 2.2500 | val_ppl 9.4877 | val_bpb 1.3000"
     assert lines[2] == "train step 20 | loss nan | lr 2.00e-04 | tokens 40.96k"
 

@@ -9,7 +9,7 @@ import pytest
 
 from train.config import TrainConfig
 from train.errors import TrainError
-from train.schedule import lr_at
+from train.schedule import TimedDecay, decay_due, lr_at, plan_time_decay
 
 # Peak 1.0 and floor 0.1 make every expected value easy to read off.
 BASE = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_fraction=0.2)
@@ -111,3 +111,38 @@ def test_warmup_not_shorter_than_run_is_refused_and_cpt_rewarm():
 def test_bad_settings_name_the_key(change, key):
     with pytest.raises(TrainError, match=key):
         lr_at(0, replace(BASE, **change))
+
+
+TIMED = replace(BASE, schedule="wsd_time", max_time=100.0, decay_fraction=0.2, max_steps=10_000)
+
+
+def test_wsd_time_holds_until_decided_then_decays_to_min_lr_on_its_last_step():
+    assert [lr_at(s, TIMED) for s in (0, 9)] == [pytest.approx(0.1), pytest.approx(1.0)]  # the usual warmup
+    assert [lr_at(s, TIMED) for s in (10, 500, 9_999, 20_000)] == [1.0] * 4  # no decision yet: hold the peak
+    decay = TimedDecay(start_step=40, steps=20)
+    assert decay.end_step == 60
+    assert [lr_at(s, TIMED, decay) for s in (10, 39)] == [1.0, 1.0]
+    assert lr_at(40, TIMED, decay) == pytest.approx(0.1 + 0.9 * 19 / 20)  # the first decay step already lowers it
+    assert lr_at(49, TIMED, decay) == pytest.approx(0.55)  # halfway
+    assert lr_at(59, TIMED, decay) == pytest.approx(0.1)  # the run's last step (end_step 60) runs at min_lr
+    assert lr_at(80, TIMED, decay) == pytest.approx(0.1)
+    diffs = [lr_at(s + 1, TIMED, decay) - lr_at(s, TIMED, decay) for s in range(40, 59)]
+    assert all(d == pytest.approx(-0.9 / 20) for d in diffs)  # linear by default
+    sqrt = replace(TIMED, decay_shape="sqrt")
+    assert lr_at(44, sqrt, decay) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(5 / 20)))
+
+
+def test_wsd_time_decision_from_the_clock():
+    assert not decay_due(79.9, TIMED) and decay_due(80.0, TIMED) and decay_due(130.0, TIMED)
+    assert not decay_due(99.0, replace(TIMED, schedule="wsd"))  # only wsd_time decides from the clock
+    # 80.5 s spent of 100 at 0.25 s per step: 19.5 s left, of which 90% (17.55 s) fit 70 steps.
+    assert plan_time_decay(321, 80.5, 0.25, TIMED) == TimedDecay(321, 70)
+    assert plan_time_decay(321, 80.5, 0.25, replace(TIMED, decay_time_margin=0.5)) == TimedDecay(321, 39)
+    assert plan_time_decay(5, 150.0, 0.25, TIMED) == TimedDecay(5, 1)  # over budget already: one step to min_lr
+
+
+def test_wsd_time_needs_a_time_budget():
+    with pytest.raises(TrainError, match="train.max_time"):
+        lr_at(0, replace(TIMED, max_time=None))
+    with pytest.raises(ValueError, match="train.max_time"):
+        replace(TIMED, max_time=None).validate()

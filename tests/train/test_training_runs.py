@@ -156,8 +156,10 @@ def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_pat
 def test_metrics_config_and_checkpoint_layout(single_run):
     train_rows = rows(single_run)
     for row in train_rows:
-        for key in ("step", "loss", "lr", "tokens", "grad_norm", "tokens_per_second", "step_ms", "skipped_steps", "time"):
+        for key in ("step", "loss", "lr", "tokens", "grad_norm", "tokens_per_second", "step_ms", "data_wait",
+                    "skipped_steps", "time"):
             assert key in row, (key, row)
+        assert 0 < row["data_wait"] < 1  # next(train_iter) takes some of the step, never all of it
         assert row["tokens"] == row["step"] * 8 * 32 and row["grad_norm"] > 0 and row["skipped_steps"] == 0
     assert train_rows[0]["lr"] == pytest.approx(3e-3 / 2) and train_rows[1]["lr"] == pytest.approx(3e-3)
     assert train_rows[-1]["lr"] < train_rows[2]["lr"]

@@ -25,7 +25,7 @@ from common.files import GIB, file_sha256
 from data_pipeline.chat import encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
-from model.transformer import IGNORE_INDEX
+from model.loss import IGNORE_INDEX
 from train.errors import TrainError
 from train.handoff.export_target import check_export_target, write_marker
 from train.handoff.hf_format import (
