@@ -86,6 +86,8 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional
             verify_dataset(manifest)
             report_complete(data_dir, manifest)
             return data_dir
+        if not (data_dir / WORK_DIR / STATE).exists():
+            claim_fresh_data_dir(data_dir, WORK_DIR, LOCK)  # never write over files an earlier prepare did not write
         prepare_into(data_cfg, tokenizer_cfg, data_dir, fingerprint)
     return data_dir
 
@@ -113,7 +115,6 @@ def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir:
             )
         tokenizer, sha = load_tokenizer(tokenizer_path), state["tokenizer_sha256"]
     else:
-        claim_fresh_data_dir(data_dir, WORK_DIR, LOCK)  # never write over files an earlier prepare did not write
         tokenizer, sha = obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, num_proc)
     if publisher is not None:
         publisher.tokenizer(data_dir / TOKENIZER)

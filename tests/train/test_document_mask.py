@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 SHRINK = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
           "model.max_seq_len=64", "train.micro_batch_size=4", "train.precision=fp32", "train.zero_stage=0",
-          "train.max_steps=2", "train.log_every=1", "train.eval_every=2", "train.ckpt_every=2",
+          "train.max_steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2", "train.ckpt_every=2",
           "train.eval_batches=2", "data.num_workers=0"]
 
 

@@ -45,6 +45,7 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the first prepare ended by itself before it was killed"
     assert not fs.exists(f"{prefix}/data/manifest.json")
     # Resume on "another machine": a fresh cache_dir, so the staging folder is gone; the remote snapshot remains.
     other = str(tmp_path_factory.mktemp("other_node_cache"))

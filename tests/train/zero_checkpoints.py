@@ -86,7 +86,8 @@ def main() -> None:
         engine.eval()
         tokens = reference_tokens(vocab_size)
         with torch.no_grad():
-            logits, loss = engine(tokens[:, :-1], tokens[:, 1:])
+            logits = engine(tokens[:, :-1])[0]  # with targets the (chunked) loss path returns no logits
+            loss = engine(tokens[:, :-1], tokens[:, 1:])[1]
         variant_dir = out_dir / name
         ckpt_dir = variant_dir / "checkpoints"
         tag = f"step_{STEPS:08d}"
