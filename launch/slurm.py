@@ -161,6 +161,12 @@ def job_from_args(args: argparse.Namespace, workdir: Optional[Path] = None) -> S
     )
 
 
+def queue_flags(partition: Optional[str], account: Optional[str], time: Optional[str]) -> List[str]:
+    """The #SBATCH lines for where and how long a job may run: only those that are set."""
+    return [f"--{flag}={value}" for flag, value in (("partition", partition), ("account", account), ("time", time))
+            if value]
+
+
 def _sbatch_lines(job: SlurmJob) -> List[str]:
     log = job.run_dir / "slurm" / "%x-%j.out"
     lines = [
@@ -172,9 +178,7 @@ def _sbatch_lines(job: SlurmJob) -> List[str]:
         lines.append(f"--cpus-per-task={job.cpus_per_task}")
     if job.gpus_per_node:
         lines.append(f"--gpus-per-node={job.gpus_per_node}")
-    for flag, value in (("partition", job.partition), ("account", job.account), ("time", job.time)):
-        if value:
-            lines.append(f"--{flag}={value}")
+    lines += queue_flags(job.partition, job.account, job.time)
     lines += [
         f"--signal=B:USR1@{job.signal_seconds}",
         "--requeue",

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from common.atomic import atomic_write_text
 from data_pipeline.storage import is_remote
 from launch.config import load_config
-from launch.slurm import SlurmError
+from launch.slurm import SlurmError, queue_flags
 
 
 def _script(name: str, workdir: Path, folder: Path, args: argparse.Namespace, command: str,
@@ -32,9 +32,7 @@ def _script(name: str, workdir: Path, folder: Path, args: argparse.Namespace, co
         lines.append(f"--array=1-{array}")
     if args.cpus_per_task:
         lines.append(f"--cpus-per-task={args.cpus_per_task}")
-    for flag, value in (("partition", args.partition), ("account", args.account), ("time", args.time)):
-        if value:
-            lines.append(f"--{flag}={value}")
+    lines += queue_flags(args.partition, args.account, args.time)
     return "\n".join(["#!/bin/bash", *(f"#SBATCH {line}" for line in lines), "set -euo pipefail",
                       f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
                       f"exec {command}", ""])
