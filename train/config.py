@@ -20,6 +20,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 ON_NONFINITE = ("stop", "skip")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -71,8 +72,17 @@ class TrainConfig:
     steps that turn slower, so the clock does not stop the run before min_lr)."""
     decay_shape: str = "linear"
     """wsd: shape of the final decay: linear, cosine or sqrt."""
+    optimizer: str = "adamw"
+    """adamw, or muon: Muon for the attention/MLP matrices, AdamW (train.lr) for embeddings, norms and head."""
+    muon_lr: float = 0.02
+    """train.optimizer=muon: peak learning rate of the Muon matrices (the schedule scales it like train.lr)."""
+    muon_momentum: float = 0.95
+    """train.optimizer=muon: Muon's Nesterov momentum."""
+    muon_ns_method: str = "standard"
+    """train.optimizer=muon: Newton-Schulz iteration: standard (bf16 quintic, Keller Jordan's) or gram (DeepSpeed's
+    fp16 Gram form)."""
     weight_decay: float = 0.1
-    """Decoupled AdamW weight decay (matrices only; never norms or embeddings)."""
+    """Decoupled weight decay (matrices only; never norms or embeddings)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -116,13 +126,34 @@ class TrainConfig:
         """Raise ValueError naming the key."""
         for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
                              ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
-                             ("device", DEVICES), ("backend", BACKENDS), ("export_dtype", ("bf16", "fp32"))):
+                             ("device", DEVICES), ("backend", BACKENDS), ("export_dtype", ("bf16", "fp32")),
+                             ("optimizer", OPTIMIZERS), ("muon_ns_method", ("standard", "gram"))):
             check_choice(f"train.{key}", getattr(self, key), allowed)
         for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
                     "ckpt_every", "keep_checkpoints"):
             check_positive(f"train.{key}", getattr(self, key))
         check_finite_fields(self, "train")
+        if self.optimizer == "muon":
+            self.validate_muon()
         self.validate_schedule()
+
+    def validate_muon(self) -> None:
+        """What DeepSpeed 0.19.8's Muon cannot do correctly is refused rather than trained wrongly."""
+        if self.zero_stage > 0 and self.grad_clip > 0:
+            raise ValueError(
+                f"config key 'train.grad_clip' is {self.grad_clip} with train.optimizer=muon at ZeRO {self.zero_stage}: "
+                "there DeepSpeed clips Muon's orthogonalized update instead of the gradient, which divides every step "
+                "by the update's norm (deepspeedai/DeepSpeed#8439; 28x on the tiny model). Set train.grad_clip=0 "
+                "(Muon's updates are bounded by construction), or use ZeRO 0.")
+        if self.zero_stage == 3 and self.grad_accum_steps > 1:
+            raise ValueError(
+                f"config key 'train.grad_accum_steps' is {self.grad_accum_steps} with train.optimizer=muon at ZeRO 3: "
+                "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
+                "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2.")
+        if self.on_nonfinite == "skip" and self.zero_stage == 0 and self.precision == "fp32":
+            raise ValueError("config keys 'train.optimizer=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
+                             "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
+                             "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop.")
 
     def validate_schedule(self) -> None:
         """The learning-rate schedule consistent (the trainer checks it again once max_tokens sets max_steps)."""
@@ -130,6 +161,10 @@ class TrainConfig:
             raise ValueError(f"config key 'train.lr' is {self.lr}; expected a positive learning rate.")
         if self.min_lr < 0:
             raise ValueError(f"config key 'train.min_lr' is {self.min_lr}; expected 0 or a positive number.")
+        if not self.muon_lr > 0:
+            raise ValueError(f"config key 'train.muon_lr' is {self.muon_lr}; expected a positive learning rate.")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"config key 'train.muon_momentum' is {self.muon_momentum}; expected a number in [0, 1).")
         if self.min_lr > self.lr:
             raise ValueError(f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr.")
         if self.warmup_steps < 0:

@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping
 
 from train.config import TrainConfig
 from train.errors import TrainError
+from train.optim import deepspeed_optimizer_block
 
 # passthrough key -> the typed key that owns it
 OWNED_KEYS = {
@@ -23,7 +24,7 @@ OWNED_KEYS = {
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
-    "optimizer": "train.lr / beta1 / beta2 / weight_decay (the trainer builds AdamW itself)",
+    "optimizer": "train.optimizer / lr / muon_lr / beta1 / beta2 / weight_decay (the trainer chooses the optimizer)",
     "scheduler": "train.schedule (the trainer sets the LR every step from train.schedule.lr_at)",
 }
 
@@ -69,9 +70,18 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, extra: Mapping[s
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    optimizer = deepspeed_optimizer_block(train)
+    if optimizer is not None:  # Muon: DeepSpeed builds it (AdamW is passed to deepspeed.initialize as an object)
+        generated["optimizer"] = optimizer
+        if train.zero_stage == 3:  # ZeRO-3 orthogonalizes gathered gradients, which it cannot do reduce-scattered
+            generated["zero_optimization"]["reduce_scatter"] = False
     if extra:
         _check_passthrough(extra)
         generated = _deep_merge(generated, extra)
+    if optimizer is not None and train.zero_stage == 3 and generated["zero_optimization"].get("reduce_scatter"):
+        raise TrainError("The deepspeed: block sets zero_optimization.reduce_scatter: true, but train.optimizer=muon "
+                         "at ZeRO 3 needs it false (DeepSpeed's Muon orthogonalizes whole gathered gradients). Remove "
+                         "reduce_scatter from the deepspeed: block, or use train.optimizer=adamw.")
     return generated
 
 

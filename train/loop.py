@@ -28,6 +28,7 @@ from common import faults
 from train.batch import Batch, batch_loss, to_device
 from train.components import Component, LoopRun, StepEvent
 from train.errors import TrainError
+from train.optim import group_lr
 from train.schedule import decay_due, lr_at, plan_time_decay
 from train.signals import EXIT_PREEMPTED, StopRequest
 
@@ -164,7 +165,7 @@ class TrainingLoop:
 
     def set_lr(self, lr: float) -> None:
         for group in self.run.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group_lr(group, lr, self.train)
 
     def step(self, train_iter: Iterator[Batch], stop_request: StopRequest) -> StepEvent:
         """One optimizer step with the components' two per-step hooks around `engine.step()`."""

@@ -194,13 +194,14 @@ def seed_everything(seed: int) -> None:
 
 def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]],
                  universal: bool) -> Any:
-    """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with our AdamW."""
+    """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
     import deepspeed
 
     from model import Transformer
     from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
-    from train.optim import build_optimizer
+    from train.optim import build_optimizer, param_groups, set_compile_stance
 
+    set_compile_stance(dist_info.device, cfg.train.compile)
     seed_everything(cfg.run.seed)
     model = Transformer(cfg.model)
     if init_weights is not None:
@@ -215,7 +216,11 @@ def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[s
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     validate_deepspeed_config(ds_config, cfg.deepspeed)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if optimizer is None:  # Muon: DeepSpeed builds it from ds_config over our decay / no-decay groups
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                               config=ds_config)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.train.compile:
         engine.compile()
     return engine
@@ -281,6 +286,10 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
                                                "Converting the checkpoint to a universal checkpoint")
 
     engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
+    if cfg.train.optimizer == "muon":
+        from train.optim import describe_muon
+
+        say(dist_info, describe_muon(engine.module, cfg.train))
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
     if resume_from is not None:

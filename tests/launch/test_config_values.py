@@ -23,6 +23,14 @@ from train.handoff.generate import generate_cli
     (["train.min_lr=0.01"], r"'train.min_lr' \(0.01\) is above 'train.lr' \(0.003\)"),
     (["train.lr=0"], "'train.lr' is 0.0; expected a positive learning rate"),
     (["train.max_time=nan"], "'train.max_time' is nan"), (["train.max_time=-1"], "'train.max_time' is -1.0"),
+    (["train.optimizer=sgd"], "'train.optimizer' is 'sgd'"), (["train.muon_lr=0"], "'train.muon_lr' is 0.0"),
+    (["train.muon_momentum=1"], r"'train.muon_momentum' is 1.0; expected a number in \[0, 1\)"),
+    (["train.muon_ns_method=svd"], "'train.muon_ns_method' is 'svd'"),
+    (["train.optimizer=muon", "train.on_nonfinite=skip", "train.zero_stage=0", "train.precision=fp32"],
+     "a step cannot be skipped there"),
+    (["train.optimizer=muon", "train.zero_stage=2"], r"'train.grad_clip' is 1.0 with train.optimizer=muon at ZeRO 2.*#8439"),
+    (["train.optimizer=muon", "train.zero_stage=3", "train.grad_clip=0", "train.grad_accum_steps=2"],
+     r"'train.grad_accum_steps' is 2 with train.optimizer=muon at ZeRO 3.*#8443"),
 ])
 def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
     with pytest.raises(ConfigError, match=message):

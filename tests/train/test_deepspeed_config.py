@@ -25,6 +25,22 @@ def test_deepspeed_config_from_typed_config_and_passthrough():
         build_deepspeed_config(train, 2, {"scheduler": {"type": "WarmupLR"}})
 
 
+def test_muon_is_built_by_deepspeed_from_the_typed_keys():
+    train = TrainConfig(optimizer="muon", lr=2e-3, muon_lr=0.05, muon_momentum=0.9, weight_decay=0.2, beta2=0.99)
+    optimizer = build_deepspeed_config(train, 1)["optimizer"]
+    assert optimizer["type"] == "muon"
+    params = optimizer["params"]
+    assert (params["muon_lr"], params["adam_lr"], params["momentum"], params["weight_decay"]) == (0.05, 2e-3, 0.9, 0.2)
+    assert params["betas"] == [0.9, 0.99] and params["torch_adam"] and params["ns_method"] == "standard"
+    with pytest.raises(TrainError, match=r"'optimizer'.*train.optimizer"):
+        build_deepspeed_config(train, 1, {"optimizer": {"type": "Adam"}})
+    assert "reduce_scatter" not in build_deepspeed_config(train, 1)["zero_optimization"]  # ZeRO 2 keeps it
+    train.zero_stage = 3
+    assert build_deepspeed_config(train, 2)["zero_optimization"]["reduce_scatter"] is False
+    with pytest.raises(TrainError, match=r"reduce_scatter: true.*needs it false"):
+        build_deepspeed_config(train, 2, {"zero_optimization": {"reduce_scatter": True}})
+
+
 def test_deepspeed_validation_error_is_one_clear_paragraph():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     extra = {"zero_optimization": {"reduce_bucket_sise": 1000}}

@@ -7,7 +7,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from train.config import TrainConfig
-from train.optim import build_optimizer, param_groups, split_decay
+from train.optim import build_optimizer, group_lr, param_groups, split_decay
 
 SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16)
 
@@ -44,3 +44,10 @@ def test_decay_leaves_norms_and_embeddings_untouched():
     assert all(torch.allclose(params[n], before[n] * (1 - 0.1 * 0.5)) for n in decay)
 
 
+
+
+def test_muon_is_left_to_deepspeed_and_its_half_follows_the_schedule_at_muon_lr():
+    cfg = TrainConfig(optimizer="muon", lr=4e-3, muon_lr=0.02)
+    assert build_optimizer(Transformer(SMALL), cfg) is None  # DeepSpeed builds MuonWithAuxAdam from its config
+    assert group_lr({"use_muon": True}, 2e-3, cfg) == pytest.approx(0.01)  # half the peak: half of muon_lr
+    assert group_lr({"use_muon": False}, 2e-3, cfg) == 2e-3 and group_lr({}, 2e-3, cfg) == 2e-3
