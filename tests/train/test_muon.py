@@ -71,3 +71,13 @@ def test_muon_resume_is_bitwise_exact(muon_runs, tmp_path, tiny_data_dir):
     again, reference = losses(resumed), losses(full)
     assert sorted(again) == list(range(7, STEPS + 1))
     assert all(again[s] == reference[s] for s in again), (again, reference)
+
+
+def test_muon_world_size_change_is_refused_before_the_converter_fails(muon_runs, tmp_path, tiny_data_dir):
+    """2 ranks -> 1 rank needs a universal checkpoint, whose converter knows only AdamW's state."""
+    source, _ = muon_runs(2, 2)
+    out = run(slm_cmd(train_args(tmp_path / "run", tiny_data_dir, *MUON, *ONE_PROC, "train.zero_stage=2",
+                                 f"train.resume={source / 'checkpoints' / 'step_00000006'}")), check=False)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "cannot convert Muon's optimizer state" in out.stderr and "Traceback" not in out.stderr
+    assert not (source / "checkpoints" / "step_00000006" / "tmp.universal").exists()
