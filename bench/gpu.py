@@ -5,8 +5,8 @@
 Checks (each pass/fail with a reason, none stops the others): bf16 support, NCCL (one all-reduce over a
 1-process group), the flash SDPA kernel (causal, grouped-query), flex_attention document masks against the
 dense mask (loss and gradients: flex has no backward on CPU, so this is its gradient test), fused AdamW
-against the unfused step, torch.compile against eager, and `slm train` under DeepSpeed ZeRO-2 and ZeRO-3 on
-every GPU present (torchrun, the tiny preset, a few steps). Throughput: a plain loop over the preset's model
+against the unfused step, torch.compile against eager, and `slm train` under DeepSpeed ZeRO-2 and ZeRO-3 (and
+ZeRO-2 with train.optimizer=muon) on every GPU present (torchrun, the tiny preset, a few steps). Throughput: a plain loop over the preset's model
 (bf16 weights, fused AdamW, the preset's activation checkpointing, random tokens, seq = the preset's
 max_seq_len) for each micro-batch size; MFU = model.stats.flops_per_token x tokens/s / the device's dense
 bf16 peak (train.mfu). The report is appended to docs/benchmarks.md below bench/suite.py's GPU marker.
@@ -147,7 +147,7 @@ def check_compile() -> str:
     return f"torch.compile = eager within {diff:.1e}"
 
 
-def check_zero(stage: int) -> Callable[[], str]:
+def check_zero(stage: int, extra: Tuple[str, ...] = ()) -> Callable[[], str]:
     def run() -> str:
         gpus = torch.cuda.device_count()
         with tempfile.TemporaryDirectory() as tmp:
@@ -155,11 +155,11 @@ def check_zero(stage: int) -> Callable[[], str]:
                    "127.0.0.1", "--master_port", str(29500 + stage), "-m", "launch", "train",
                    str(REPO / "configs" / "tiny.yaml"), f"run.dir={tmp}/run", f"data.dir={tmp}/data",
                    "data.num_proc=1", f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=10",
-                   "train.eval_every=10", "train.ckpt_every=10", "train.log_every=5", "train.eval_batches=2"]
+                   "train.eval_every=10", "train.ckpt_every=10", "train.log_every=5", "train.eval_batches=2", *extra]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"slm train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}")
-        return f"slm train, ZeRO-{stage}, {gpus} GPU(s), 10 bf16 steps: ok"
+        return f"slm train, ZeRO-{stage}, {gpus} GPU(s), 10 bf16 steps{' ' + ' '.join(extra) if extra else ''}: ok"
     return run
 
 
@@ -241,7 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.skip_checks:
         for name, fn in [("bf16", check_bf16), ("NCCL", check_nccl), ("flash SDPA", check_flash),
                          ("flex attention", check_flex), ("fused AdamW", check_fused_adamw),
-                         ("torch.compile", check_compile), ("ZeRO-2", check_zero(2)), ("ZeRO-3", check_zero(3))]:
+                         ("torch.compile", check_compile), ("ZeRO-2", check_zero(2)), ("ZeRO-3", check_zero(3)),
+                         ("Muon, ZeRO-2", check_zero(2, ("train.optimizer=muon", "train.grad_clip=0")))]:
             checks.append(run_check(name, fn))
             print(f"[check] {' | '.join(map(str, checks[-1]))}", flush=True)
     rows = []
