@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -13,7 +14,7 @@ from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import TOKENIZER
 from data_pipeline.sources import describe_source, iter_documents
-from data_pipeline.splits import validation_mask
+from data_pipeline.splits import tail_split, validation_mask
 from data_pipeline.tokenizer import (
     copy_tokenizer,
     load_tokenizer,
@@ -26,9 +27,23 @@ TRAIN_BATCH = 256
 """Documents per batch handed to the tokenizer trainer."""
 
 
+def train_documents(source: SourceConfig, data_cfg: DataConfig) -> Iterator[Tuple[int, str]]:
+    """(index, text) of a source's train documents; a single document gives its head only, because its tail is
+    the validation split (as the shards cut it: `tail_split`), which the tokenizer must not see either."""
+    stream = iter_documents(source, data_cfg.encoding_errors)
+    first, second = next(stream, None), next(stream, None)
+    if first is not None and second is None:
+        cut = tail_split(first.text, data_cfg.val_fraction)
+        yield 0, first.text[:cut] if cut else first.text
+        return
+    for index, doc in enumerate(chain([d for d in (first, second) if d is not None], stream)):
+        if not validation_mask(index, 1, data_cfg.val_fraction)[0]:
+            yield index, doc.text
+
+
 def training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[str]]:
     """Batches of train documents from every source in turn (validation documents are never seen)."""
-    streams = [(s, enumerate(iter_documents(s, data_cfg.encoding_errors))) for s in data_cfg.sources]
+    streams = [(s, train_documents(s, data_cfg)) for s in data_cfg.sources]
     seen = [0] * len(streams)
     taken, batch = 0, []
     active = list(range(len(streams)))
@@ -41,11 +56,8 @@ def training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[
                 if seen[i] == 0:
                     raise empty_source(source)
                 continue
-            index, doc = item
             seen[i] += 1
-            if validation_mask(index, 1, data_cfg.val_fraction)[0]:
-                continue
-            batch.append(doc.text)
+            batch.append(item[1])
             taken += 1
             if len(batch) == TRAIN_BATCH:
                 yield batch

@@ -277,3 +277,20 @@ def test_shard_writer_returns_to_its_last_commit(tmp_path, dtype):
     assert np.array_equal(open_shard(data_dir / sealed[0].file, dtype), np.arange(11, 21))
     with pytest.raises(DataError, match="src-train-00002.bin.partial"):
         writer(index=2).recover(committed_tokens=5, journaled=committed)
+
+
+def test_tokenizer_of_a_single_document_never_sees_its_validation_tail(tmp_path):
+    """A word that occurs only in the tail (the validation split) is not learned as a token; in the head it is."""
+    filler = " Qwzxjvk" * 300  # 2,400 characters, inside the last 10% when appended
+    for word_in, name in (("tail", "a"), ("head", "b")):
+        text = CORPUS[:100_000] + filler if word_in == "tail" else filler + CORPUS[:100_000]
+        path = tmp_path / f"{name}.txt"
+        path.write_text(text, encoding="utf-8")
+        cfg = data_config(tmp_path / f"data_{name}", [SourceConfig(path=str(path), doc_boundary="file")],
+                          num_proc=1, val_fraction=0.1)
+        prepare(cfg, TokenizerConfig(vocab_size=1024))
+        tokens = load_tokenizer(tmp_path / f"data_{name}" / "tokenizer.json").encode(" Qwzxjvk").ids
+        if word_in == "tail":
+            assert len(tokens) > 2, tokens  # byte-level pieces: the tail never reached the trainer
+        else:
+            assert len(tokens) == 1, tokens
