@@ -72,3 +72,23 @@ def test_distributed_tables_compare_layouts_and_memory_with_the_estimate():
     assert "| 1 process x 2 threads | 1,100 | 1.00x | 1.0% |" in text  # the median after the warm-up row
     assert "| 2 processes x 1 thread (ZeRO-2) | 2,200 | 2.00x | 1.0% |" in text
     assert text.count("| 100 | 160 | 60 | 30.0 (20.0 + 10.0) | 2.0 |") == 8  # 4 stages x 2 ranks
+
+
+def test_cpu_choices_table_compares_each_variant_with_bf16_adamw_eager():
+    choices = load("cpu_choices")
+    base = {"first_s": 0.4, "steady_ms": 400.0, "wall_s": 20.0, "budget_steps": 230}
+    compiled = {"first_s": 30.0, "steady_ms": 320.0, "wall_s": 50.0, "budget_steps": 200}
+    text = choices.table([("bf16, AdamW, eager", base), ("bf16, AdamW, torch.compile", compiled)], 4096)
+    assert "| bf16, AdamW, eager | 0.4 s | 400 ms | 10,240 | 1.00x | 230 |" in text
+    assert "| bf16, AdamW, torch.compile | 30.0 s | 320 ms | 12,800 | 1.25x | 200 |" in text
+
+
+def test_recipe_sweep_table_marks_the_best_variant():
+    sweep = load("recipe_sweep")
+    results = [("recipe", [], {"seconds_per_step": 0.5, "steps": 188, "tokens": 770_048, "val_bpb": 1.97}),
+               ("2 layers", ["model.n_layers=2"], {"seconds_per_step": 0.4, "steps": 235, "tokens": 962_560,
+                                                   "val_bpb": 1.99})]
+    text = sweep.table(results, 100)
+    assert "| recipe | 0.500 | 188 | 770,048 | **1.970** |" in text
+    assert "| 2 layers (`model.n_layers=2`) | 0.400 | 235 | 962,560 | 1.990 |" in text
+    assert {name for name, _ in sweep.VARIANTS} >= {"recipe", "AdamW instead of Muon"}
