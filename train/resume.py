@@ -93,10 +93,15 @@ def differences(meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: 
     if saved_train.get("precision") != wanted_train.get("precision"):
         found.append(f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
                      f"{wanted_train.get('precision')!r} in this run")
-    if load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1))) == "refuse":
-        found.append(f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
-                     f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s): "
-                     "DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
+    mode = load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1)))
+    layout = (f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
+              f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s)")
+    if mode == "refuse":
+        found.append(f"{layout}: DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
+    if mode == "universal" and saved_train.get("optimizer") == "muon":
+        found.append(f"{layout}, which needs a universal checkpoint, and DeepSpeed 0.19.8's converter cannot convert "
+                     "Muon's optimizer state (it expects AdamW's exp_avg); to change the layout, start a cpt run "
+                     "from it (train.stage=cpt train.init_from=...: fresh optimizer)")
     return found
 
 

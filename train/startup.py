@@ -282,12 +282,6 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         check_resumable(resume_from, meta, identity.config, data.tokenizer_sha256, data.manifest_sha256,
                         dist_info.world_size)
         if load_mode(meta, dist_info.world_size, cfg.train.zero_stage) == "universal":
-            if cfg.train.optimizer == "muon":
-                raise TrainError(f"Resuming {resume_from} needs a universal checkpoint (it was written with world size "
-                                 f"{meta['world_size']} at ZeRO {meta['zero_stage']}), and DeepSpeed 0.19.8's converter "
-                                 "cannot convert Muon's optimizer state (it expects AdamW's exp_avg). Resume with the "
-                                 "world size and ZeRO stage it was written with, or start a cpt run from it "
-                                 "(train.stage=cpt train.init_from=...: fresh optimizer).")
             universal_dir = on_main_then_share(dist_info, lambda: ensure_universal(resume_from),
                                                "Converting the checkpoint to a universal checkpoint")
 

@@ -57,3 +57,11 @@ def test_meta_and_compatibility_report_what_differs(tmp_path):
     zero_switch = json.loads(json.dumps(cfg))
     zero_switch["train"]["zero_stage"] = 0
     assert any("DeepSpeed cannot convert" in f for f in differences(meta, zero_switch, "a" * 64, "b" * 64, 2))
+
+
+def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
+    cfg = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
+    meta = {"config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64, "world_size": 2, "zero_stage": 2}
+    assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []  # same layout: a plain load
+    found = differences(meta, cfg, "a" * 64, "b" * 64, world_size=1)
+    assert len(found) == 1 and "cannot convert Muon's optimizer state" in found[0] and "train.stage=cpt" in found[0]
