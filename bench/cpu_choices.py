@@ -13,10 +13,8 @@ faster step also learns enough per step is the quality benchmark's question (ben
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.slm_runs import metrics, slm  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 BUDGET_S = 100.0
@@ -39,12 +38,6 @@ VARIANTS = [
 ]
 
 
-def slm(args: list, env: dict) -> None:
-    proc = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"slm {' '.join(args)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-
-
 def measure(config: str, overrides: list, steps: int, work: Path) -> dict:
     """One fresh `slm train` process; first-step seconds, steady step ms and wall-clock from its metrics."""
     run_dir = work / "run"
@@ -56,8 +49,7 @@ def measure(config: str, overrides: list, steps: int, work: Path) -> dict:
          f"train.eval_every={steps}", "train.eval_batches=1", f"train.ckpt_every={steps}", "log.console=false",
          *overrides], env)
     wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    step_ms = [r["step_ms"] for r in rows if r["kind"] == "train"]
+    step_ms = [r["step_ms"] for r in metrics(run_dir, "train")]
     if len(step_ms) != steps:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'} has {len(step_ms)} train rows; expected {steps}.")
     steady = statistics.median(step_ms[5:])

@@ -13,8 +13,6 @@ recipe, 1.886 nats per character (2.72 bits per byte, about 100-150 s on 2 cores
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,18 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.slm_runs import metrics, slm  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 TARGET_BPB = 2.10
 REFERENCES = [("nanoGPT CPU recipe (README: 4 x 128, 2000 iters, 100-150 s)", 2.72),
               ("nanoGPT GPU recipe (6 x 384, 5000 iters on a GPU)", 2.12)]
-
-
-def slm(args: list) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"slm {' '.join(args)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return proc
 
 
 def measure(config: str, max_time: float, overrides: list, work: Path) -> dict:
@@ -46,8 +38,7 @@ def measure(config: str, max_time: float, overrides: list, work: Path) -> dict:
     started = time.perf_counter()
     slm(["train", config, f"run.dir={run_dir}", f"train.max_time={max_time}", *data])
     wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals, train = [r for r in rows if r["kind"] == "eval"], [r for r in rows if r["kind"] == "train"]
+    evals, train = metrics(run_dir, "eval"), metrics(run_dir, "train")
     if not evals or not train:
         raise SystemExit(f"{run_dir / 'metrics.jsonl'} has {len(train)} train and {len(evals)} eval rows; expected both.")
     return {"prepare_s": prepare_seconds, "wall_s": wall, "val_bpb": evals[-1]["val_bpb"],

@@ -13,9 +13,7 @@ variants by what they learn, and bench/quality.py then checks the winner against
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.slm_runs import metrics, slm  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 CONFIG = "configs/shakespeare-cpu.yaml"
@@ -44,17 +43,6 @@ VARIANTS = [
     ("warmup 15 steps", ["train.warmup_steps=15"]),
 ]
 """Variants of the recipe, one change each (a variant that repeats the recipe's own value is the recipe again)."""
-
-
-def slm(args: list) -> None:
-    proc = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"slm {' '.join(args)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-
-
-def metrics(run_dir: Path, kind: str) -> list:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
 
 
 def train(work: Path, name: str, data_dir: Path, steps: int, overrides: list) -> Path:

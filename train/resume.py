@@ -93,6 +93,10 @@ def differences(meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: 
     if saved_train.get("precision") != wanted_train.get("precision"):
         found.append(f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
                      f"{wanted_train.get('precision')!r} in this run")
+    saved_optimizer = saved_train.get("optimizer", "adamw")  # checkpoints from before train.optimizer were AdamW
+    if saved_optimizer != wanted_train.get("optimizer", "adamw"):
+        found.append(f"train.optimizer is {saved_optimizer!r} in the checkpoint but {wanted_train.get('optimizer')!r} "
+                     "in this run (their optimizer states differ)")
     mode = load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1)))
     layout = (f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
               f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s)")

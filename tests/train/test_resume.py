@@ -65,3 +65,14 @@ def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
     assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []  # same layout: a plain load
     found = differences(meta, cfg, "a" * 64, "b" * 64, world_size=1)
     assert len(found) == 1 and "cannot convert Muon's optimizer state" in found[0] and "train.stage=cpt" in found[0]
+
+
+def test_an_optimizer_change_is_a_difference():
+    cfg = to_dict(load_config(TINY, []))
+    meta = {"config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64, "world_size": 2, "zero_stage": 2}
+    muon = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
+    assert differences(meta, muon, "a" * 64, "b" * 64, world_size=2) == [
+        "train.optimizer is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"]
+    older = json.loads(json.dumps(cfg))
+    del older["train"]["optimizer"]  # a checkpoint written before train.optimizer existed
+    assert differences({**meta, "config": older}, cfg, "a" * 64, "b" * 64, world_size=2) == []
