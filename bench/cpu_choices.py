@@ -33,21 +33,43 @@ VARIANTS = [
     ("bf16, AdamW, torch.compile", ["train.optimizer=adamw", "train.compile=true"]),
     ("bf16, Muon (standard Newton-Schulz), eager", ["train.optimizer=muon", "train.muon_ns_method=standard"]),
     ("bf16, Muon (gram Newton-Schulz), eager", ["train.optimizer=muon", "train.muon_ns_method=gram"]),
-    ("bf16, Muon (standard), torch.compile (model and Muon kernels)",
-     ["train.optimizer=muon", "train.muon_ns_method=standard", "train.compile=true"]),
+    (
+        "bf16, Muon (standard), torch.compile (model and Muon kernels)",
+        ["train.optimizer=muon", "train.muon_ns_method=standard", "train.compile=true"],
+    ),
 ]
 
 
 def measure(config: str, overrides: list, steps: int, work: Path) -> dict:
     """One fresh `slm train` process; first-step seconds, steady step ms and wall-clock from its metrics."""
     run_dir = work / "run"
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), WANDB_MODE="disabled",
-               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"),
+        WANDB_MODE="disabled",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+    )
     started = time.perf_counter()
-    slm(["train", config, f"run.dir={run_dir}", f"data.dir={work.parent / 'data'}", f"train.max_steps={steps}",
-         "train.max_time=null", "train.schedule=constant", "train.warmup_steps=1", "train.log_every=1",
-         f"train.eval_every={steps}", "train.eval_batches=1", f"train.ckpt_every={steps}", "log.console=false",
-         *overrides], env)
+    slm(
+        [
+            "train",
+            config,
+            f"run.dir={run_dir}",
+            f"data.dir={work.parent / 'data'}",
+            f"train.max_steps={steps}",
+            "train.max_time=null",
+            "train.schedule=constant",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            f"train.eval_every={steps}",
+            "train.eval_batches=1",
+            f"train.ckpt_every={steps}",
+            "log.console=false",
+            *overrides,
+        ],
+        env,
+    )
     wall = time.perf_counter() - started
     step_ms = [r["step_ms"] for r in metrics(run_dir, "train")]
     if len(step_ms) != steps:
@@ -55,18 +77,26 @@ def measure(config: str, overrides: list, steps: int, work: Path) -> dict:
     steady = statistics.median(step_ms[5:])
     first = step_ms[0] / 1000
     startup = wall - sum(step_ms) / 1000  # process start, engine, eval and the final checkpoint
-    return {"first_s": first, "steady_ms": steady, "wall_s": wall,
-            "budget_steps": max(0, int((BUDGET_S - startup - first) / (steady / 1000)) + 1)}
+    return {
+        "first_s": first,
+        "steady_ms": steady,
+        "wall_s": wall,
+        "budget_steps": max(0, int((BUDGET_S - startup - first) / (steady / 1000)) + 1),
+    }
 
 
 def table(results: list, tokens_per_step: int) -> str:
     base = next(r for name, r in results if name == "bf16, AdamW, eager")
-    lines = ["| variant | first step | later steps | tokens/s | vs bf16 AdamW eager | steps in 100 s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | first step | later steps | tokens/s | vs bf16 AdamW eager | steps in 100 s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results:
-        lines.append(f"| {name} | {r['first_s']:.1f} s | {r['steady_ms']:.0f} ms | "
-                     f"{tokens_per_step / (r['steady_ms'] / 1000):,.0f} | {base['steady_ms'] / r['steady_ms']:.2f}x | "
-                     f"{r['budget_steps']} |")
+        lines.append(
+            f"| {name} | {r['first_s']:.1f} s | {r['steady_ms']:.0f} ms | "
+            f"{tokens_per_step / (r['steady_ms'] / 1000):,.0f} | {base['steady_ms'] / r['steady_ms']:.2f}x | "
+            f"{r['budget_steps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -91,8 +121,10 @@ def main() -> None:
             results.append((name, measure(args.config, [*args.overrides, *overrides], args.steps, work)))
             print(f"[cpu_choices] {name}: {results[-1]}", flush=True)
     text = table(results, tokens_per_step)
-    text += ("\n\nFirst step: the step where torch.compile compiles (cold cache). On CPU, slm train runs "
-             "DeepSpeed's Muon kernels eagerly unless train.compile=true (train.optim.set_compile_stance).")
+    text += (
+        "\n\nFirst step: the step where torch.compile compiles (cold cache). On CPU, slm train runs "
+        "DeepSpeed's Muon kernels eagerly unless train.compile=true (train.optim.set_compile_stance)."
+    )
     print(text)
     if args.out:
         atomic_write_text(args.out, text + "\n")

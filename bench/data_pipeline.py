@@ -54,8 +54,11 @@ def machine() -> Dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {
-        "cpu": model, "cores (nproc)": str(resolve_num_proc(0)), "python": platform.python_version(),
-        "torch": torch.__version__, "tokenizers": __import__("tokenizers").__version__,
+        "cpu": model,
+        "cores (nproc)": str(resolve_num_proc(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tokenizers": __import__("tokenizers").__version__,
         "load average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
@@ -93,8 +96,12 @@ def bench_prepare(work: Path, copies: int, repeats: int) -> Dict[str, float]:
 
     def run_prepare(processes: int) -> None:
         shutil.rmtree(data_dir, ignore_errors=True)
-        cfg = DataConfig(dir=str(data_dir), sources=[SourceConfig(path=str(corpus), doc_boundary="blank_line")],
-                         shard_tokens=1 << 20, num_proc=processes)
+        cfg = DataConfig(
+            dir=str(data_dir),
+            sources=[SourceConfig(path=str(corpus), doc_boundary="blank_line")],
+            shard_tokens=1 << 20,
+            num_proc=processes,
+        )
         prepare(cfg, TokenizerConfig(path=str(tokenizer_path)))
 
     documents = [d for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()]
@@ -107,7 +114,9 @@ def bench_prepare(work: Path, copies: int, repeats: int) -> Dict[str, float]:
             if ids:
                 [encoding.ids for encoding in encodings]
         finally:
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # set before any fork: workers never use Rust threads
+            os.environ["TOKENIZERS_PARALLELISM"] = (
+                "false"  # set before any fork: workers never use Rust threads
+            )
 
     # Interleaved, so that pipeline and baseline see the same load from whatever else runs on the machine.
     runs = {
@@ -124,8 +133,16 @@ def bench_prepare(work: Path, copies: int, repeats: int) -> Dict[str, float]:
             times[name].append(timed(fn))
     tokens = load_manifest(data_dir).tokens("train") + load_manifest(data_dir).tokens("val")
     rates = {name: tokens / statistics.median(wall for wall, _ in runs_) for name, runs_ in times.items()}
-    per_cpu = {f"{name}_cpu": tokens / statistics.median(cpu for _, cpu in runs_) for name, runs_ in times.items()}
-    return {"text_mb": corpus.stat().st_size / 1e6, "tokens": tokens, "num_proc": num_proc, **rates, **per_cpu}
+    per_cpu = {
+        f"{name}_cpu": tokens / statistics.median(cpu for _, cpu in runs_) for name, runs_ in times.items()
+    }
+    return {
+        "text_mb": corpus.stat().st_size / 1e6,
+        "tokens": tokens,
+        "num_proc": num_proc,
+        **rates,
+        **per_cpu,
+    }
 
 
 def bench_loader(data_dir: Path, num_workers: int, seconds: float) -> float:
@@ -167,15 +184,19 @@ def bench_model(steps: int) -> float:
 
 def report(info: Dict[str, str], prep: Dict[str, float], loader: Dict[int, float], model: float) -> str:
     def overhead(baseline: str, ours: str = "prepare") -> str:
-        return f"{1 - prep[ours] / prep[baseline]:.1%} | {1 - prep[ours + '_cpu'] / prep[baseline + '_cpu']:.1%}"
+        return (
+            f"{1 - prep[ours] / prep[baseline]:.1%} | {1 - prep[ours + '_cpu'] / prep[baseline + '_cpu']:.1%}"
+        )
 
     def rates(name: str) -> str:
         return f"{prep[name]:,.0f} | {prep[name + '_cpu']:,.0f}"
 
     lines: List[str] = ["| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info.items()]
     lines += [
-        "", f"Prepare: tinyshakespeare x{prep['text_mb'] / 1.115:.0f} ({prep['text_mb']:.1f} MB, {prep['tokens']:,} tokens, "
-        f"blank-line documents, vocab 4096), {prep['num_proc']} tokenizer processes.", "",
+        "",
+        f"Prepare: tinyshakespeare x{prep['text_mb'] / 1.115:.0f} ({prep['text_mb']:.1f} MB, {prep['tokens']:,} tokens, "
+        f"blank-line documents, vocab 4096), {prep['num_proc']} tokenizer processes.",
+        "",
         "| | tokens/s (wall) | tokens per CPU-second | prepare's overhead (wall) | prepare's overhead (CPU) |",
         "|---|---:|---:|---:|---:|",
         f"| `slm prepare`, data.num_proc={prep['num_proc']} (read, tokenize, write shards + manifest) "
@@ -189,13 +210,18 @@ def report(info: Dict[str, str], prep: Dict[str, float], loader: Dict[int, float
         f"| {overhead('encode_batch_1', 'prepare_1')} |",
         f"| bare `Tokenizer.encode_batch` + reading `.ids` (the least any pipeline does), one thread "
         f"| {rates('encode_batch_ids_1')} | {overhead('encode_batch_ids_1', 'prepare_1')} |",
-        "", "Loader: train split, micro-batch 8, seq 128 (input tokens counted).", "",
-        "| | tokens/s | x tiny model's consumption |", "|---|---:|---:|",
+        "",
+        "Loader: train split, micro-batch 8, seq 128 (input tokens counted).",
+        "",
+        "| | tokens/s | x tiny model's consumption |",
+        "|---|---:|---:|",
     ]
     for workers, rate in loader.items():
         lines.append(f"| loader, num_workers={workers} | {rate:,.0f} | {rate / model:,.0f}x |")
-    lines.append(f"| tiny model training step (fwd + bwd + AdamW, bf16 autocast, {torch.get_num_threads()} threads) "
-                 f"| {model:,.0f} | 1x |")
+    lines.append(
+        f"| tiny model training step (fwd + bwd + AdamW, bf16 autocast, {torch.get_num_threads()} threads) "
+        f"| {model:,.0f} | 1x |"
+    )
     return "\n".join(lines)
 
 

@@ -60,13 +60,32 @@ def sparse_dataset(folder: Path, tokens: int, shard_tokens: int, tokenizer: Path
         name = f"big-train-{index:06d}.bin"
         with open(folder / name, "wb") as f:
             f.truncate(2 * n)
-        records.append({"file": name, "split": "train", "source": "big", "index": index, "dtype": "uint16",
-                        "tokens": n, "documents": 0, "text_bytes": n, "sha256": "0" * 64})
+        records.append(
+            {
+                "file": name,
+                "split": "train",
+                "source": "big",
+                "index": index,
+                "dtype": "uint16",
+                "tokens": n,
+                "documents": 0,
+                "text_bytes": n,
+                "sha256": "0" * 64,
+            }
+        )
         left, index = left - n, index + 1
-    manifest = {"format_version": FORMAT_VERSION, "dtype": "uint16",
-                "tokenizer_sha256": hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest(),
-                "vocab_size": 4096, "eot_id": 0, "val_fraction": 0.0, "shard_tokens": shard_tokens,
-                "sources": [{"name": "big", "documents": 0}], "shards": records, "prepared_from": {}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "tokenizer_sha256": hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest(),
+        "vocab_size": 4096,
+        "eot_id": 0,
+        "val_fraction": 0.0,
+        "shard_tokens": shard_tokens,
+        "sources": [{"name": "big", "documents": 0}],
+        "shards": records,
+        "prepared_from": {},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -105,9 +124,16 @@ print(json.dumps({{"first_batch_s": first, "tokens_s": rate, "windows": loader.w
 
 
 def loader_child(data: str, seconds: float, env=None, **kwargs) -> Dict[str, float]:
-    code = LOADER_CHILD.format(repo=str(REPO), data=data, seq=SEQ, batch=BATCH, seconds=seconds, kwargs=kwargs)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})})
+    code = LOADER_CHILD.format(
+        repo=str(REPO), data=data, seq=SEQ, batch=BATCH, seconds=seconds, kwargs=kwargs
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -117,9 +143,17 @@ def bench_s3(work: Path, seconds: float) -> Dict[str, Dict[str, float]]:
     from tests.s3_localhost import BUCKET, start_s3
 
     local = work / "tiny"
-    prepare(DataConfig(dir=str(local), num_proc=1, shard_tokens=65536, sources=[
-        SourceConfig(path=str(REPO / "data" / "tinyshakespeare.txt"), doc_boundary="blank_line")]),
-        TokenizerConfig(vocab_size=4096))
+    prepare(
+        DataConfig(
+            dir=str(local),
+            num_proc=1,
+            shard_tokens=65536,
+            sources=[
+                SourceConfig(path=str(REPO / "data" / "tinyshakespeare.txt"), doc_boundary="blank_line")
+            ],
+        ),
+        TokenizerConfig(vocab_size=4096),
+    )
     (work / "s3").mkdir(exist_ok=True)
     servers = start_s3(work / "s3")
     server = next(servers)
@@ -136,7 +170,8 @@ def bench_s3(work: Path, seconds: float) -> Dict[str, Dict[str, float]]:
                 "local shards": loader_child(str(local), seconds),
                 "s3, whole-shard cache": loader_child(url, seconds, server.env, cache_dir=str(work / "c1")),
                 "s3, cache_limit < one shard (ranged reads)": loader_child(
-                    url, seconds, server.env, cache_dir=str(work / "c2"), cache_limit=1000),
+                    url, seconds, server.env, cache_dir=str(work / "c2"), cache_limit=1000
+                ),
             }
         finally:
             SEQ = saved
@@ -151,13 +186,24 @@ def bench_parts(work: Path, copies: int) -> Dict[str, float]:
     for i in range(copies):
         (corpus / f"{i:03d}.txt").write_text(text, encoding="utf-8")
     tokenizer = tokenizer_file(work)
-    base = [sys.executable, "-m", "launch", "prepare", str(REPO / "configs" / "tiny.yaml"), "data.num_proc=1",
-            f"tokenizer.path={tokenizer}", f"data.sources=[{{path: {corpus}, doc_boundary: blank_line}}]"]
+    base = [
+        sys.executable,
+        "-m",
+        "launch",
+        "prepare",
+        str(REPO / "configs" / "tiny.yaml"),
+        "data.num_proc=1",
+        f"tokenizer.path={tokenizer}",
+        f"data.sources=[{{path: {corpus}, doc_boundary: blank_line}}]",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def timed(cmds: List[List[str]]) -> float:
         started = time.perf_counter()
-        procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO) for c in cmds]
+        procs = [
+            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+            for c in cmds
+        ]
         if any(p.wait() for p in procs):
             raise RuntimeError(f"prepare failed: {cmds}")
         return time.perf_counter() - started
@@ -168,7 +214,12 @@ def bench_parts(work: Path, copies: int) -> Dict[str, float]:
     parts = timed([two + ["--part", "1/2"], two + ["--part", "2/2"]])
     merge = timed([two + ["--merge"]])
     same = all((work / "one" / f).read_bytes() == (work / "two" / f).read_bytes() for f in ("manifest.json",))
-    return {"one process": one, "2 parts in parallel": parts, "merge": merge, "identical manifest": float(same)}
+    return {
+        "one process": one,
+        "2 parts in parallel": parts,
+        "merge": merge,
+        "identical manifest": float(same),
+    }
 
 
 def main() -> None:
@@ -187,26 +238,39 @@ def main() -> None:
     try:
         tokenizer = tokenizer_file(work)
         if "verify" not in skip:
-            lines += ["| shards | load manifest (s) | verify sizes, one listing (s) | one stat per shard (s) |", "|---:|---:|---:|---:|"]
+            lines += [
+                "| shards | load manifest (s) | verify sizes, one listing (s) | one stat per shard (s) |",
+                "|---:|---:|---:|---:|",
+            ]
             for n in (int(float(x)) for x in args.shards.split(",")):
                 r = bench_verify(work, n, tokenizer)
                 lines.append(f"| {n:,} | {r['load']:.2f} | {r['verify']:.2f} | {r['stat each']:.2f} |")
             lines.append("")
         if "loader" not in skip:
-            lines += [f"| corpus tokens | shards | windows | old permutation (MB/process) | peak RSS (MB) | first batch (s) "
-                      f"| tokens/s | x 125M-on-H100 ({H100_125M_TOKENS_S:,}) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines += [
+                f"| corpus tokens | shards | windows | old permutation (MB/process) | peak RSS (MB) | first batch (s) "
+                f"| tokens/s | x 125M-on-H100 ({H100_125M_TOKENS_S:,}) |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
             for size in (int(float(x)) for x in args.sizes.split(",")):
                 folder = sparse_dataset(work / f"sparse{size}", size, int(args.shard_tokens), tokenizer)
                 r = loader_child(str(folder), args.seconds)
                 shards = len(list(folder.glob("*.bin")))
-                lines.append(f"| {size:,} | {shards} | {r['windows']:,} | {r['windows'] * 8 / 1e6:,.0f} | {r['peak_rss_mb']:.0f} | "
-                             f"{r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / H100_125M_TOKENS_S:.0f} |")
+                lines.append(
+                    f"| {size:,} | {shards} | {r['windows']:,} | {r['windows'] * 8 / 1e6:,.0f} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / H100_125M_TOKENS_S:.0f} |"
+                )
                 shutil.rmtree(folder)
             lines.append("")
         if "s3" not in skip:
-            lines += ["| tinyshakespeare, seq 256, batch 8 | first batch (s) | tokens/s | peak RSS (MB) |", "|---|---:|---:|---:|"]
+            lines += [
+                "| tinyshakespeare, seq 256, batch 8 | first batch (s) | tokens/s | peak RSS (MB) |",
+                "|---|---:|---:|---:|",
+            ]
             for name, r in bench_s3(work, args.seconds).items():
-                lines.append(f"| {name} | {r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['peak_rss_mb']:.0f} |")
+                lines.append(
+                    f"| {name} | {r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['peak_rss_mb']:.0f} |"
+                )
             lines.append("")
         if "parts" not in skip:
             r = bench_parts(work, args.copies)

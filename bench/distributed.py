@@ -63,10 +63,17 @@ def worker(config: str, overrides: List[str], memory_out: Path) -> None:
         def on_end(self, run: LoopRun, reason: str) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
             train = run.cfg.train
-            estimate = training_memory_per_rank(run.cfg.model, train.zero_stage, run.dist_info.world_size,
-                                                train.micro_batch_size, run.plan.seq_len)
+            estimate = training_memory_per_rank(
+                run.cfg.model,
+                train.zero_stage,
+                run.dist_info.world_size,
+                train.micro_batch_size,
+                run.plan.seq_len,
+            )
             record = {"rank": run.dist_info.rank, "baseline": baseline, "peak": peak, "estimate": estimate}
-            atomic_write_text(memory_out.parent / f"{memory_out.name}.rank{run.dist_info.rank}.json", json.dumps(record))
+            atomic_write_text(
+                memory_out.parent / f"{memory_out.name}.rank{run.dist_info.rank}.json", json.dumps(record)
+            )
 
     cfg = load_config(config, overrides)
     code = run_training(cfg, extra_components=[PeakMemory()])
@@ -82,14 +89,31 @@ def free_port() -> int:
 def launch(nproc: int, threads: int, config: str, overrides: List[str], work: Path, name: str) -> Dict:
     """Run one configuration; its train rows and each rank's memory record."""
     run_dir, memory_out = work / name, work / f"{name}.memory"
-    args = [str(Path(__file__).resolve()), "--worker", "--config", config, "--memory-out", str(memory_out), "--",
-            f"run.dir={run_dir}", *overrides]
+    args = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--config",
+        config,
+        "--memory-out",
+        str(memory_out),
+        "--",
+        f"run.dir={run_dir}",
+        *overrides,
+    ]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
         torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-        cmd = [torchrun, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port",
-               str(free_port()), *args]
+        cmd = [
+            torchrun,
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            *args,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -111,25 +135,42 @@ def data_wait(rows: List[Dict]) -> float:
 
 def tables(results: Dict[str, Dict], micro: int) -> str:
     one, two = results["1 process x 2 threads"], results["2 processes x 1 thread (ZeRO-2)"]
-    lines = [f"Scaling at the same global batch (2 x micro-batch {micro} sequences per step):", "",
-             "| layout | tokens/s | vs 1 process | data wait |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Scaling at the same global batch (2 x micro-batch {micro} sequences per step):",
+        "",
+        "| layout | tokens/s | vs 1 process | data wait |",
+        "|---|---:|---:|---:|",
+    ]
     base = throughput(one["rows"])
     for name in ("1 process x 2 threads", "2 processes x 1 thread (ZeRO-2)"):
         rate = throughput(results[name]["rows"])
-        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}x | {100 * data_wait(results[name]['rows']):.1f}% |")
-    lines += ["", f"Both layouts use the same 2 cores; 2 processes run at {throughput(two['rows']) / base:.2f}x the "
-              "tokens/s of 1 process with 2 threads (intra-op threading of small matrices scales worse than data "
-              "parallelism).", "", "Peak memory per rank, 2 processes (RSS growth over the set-up baseline, MiB):", "",
-              "| ZeRO | rank | baseline | peak | growth | estimate (states + activations) | growth / estimate |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {rate:,.0f} | {rate / base:.2f}x | {100 * data_wait(results[name]['rows']):.1f}% |"
+        )
+    lines += [
+        "",
+        f"Both layouts use the same 2 cores; 2 processes run at {throughput(two['rows']) / base:.2f}x the "
+        "tokens/s of 1 process with 2 threads (intra-op threading of small matrices scales worse than data "
+        "parallelism).",
+        "",
+        "Peak memory per rank, 2 processes (RSS growth over the set-up baseline, MiB):",
+        "",
+        "| ZeRO | rank | baseline | peak | growth | estimate (states + activations) | growth / estimate |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for stage in range(4):
         for record in results[f"ZeRO-{stage} x 2"]["memory"]:
             growth, estimate = record["peak"] - record["baseline"], record["estimate"]
-            lines.append(f"| {stage} | {record['rank']} | {record['baseline'] / MIB:.0f} | {record['peak'] / MIB:.0f} "
-                         f"| {growth / MIB:.0f} | {estimate['total'] / MIB:.1f} ({estimate['model_states'] / MIB:.1f} "
-                         f"+ {estimate['activations'] / MIB:.1f}) | {growth / max(estimate['total'], 1):.1f} |")
-    lines += ["", "Growth includes what the estimate leaves out: DeepSpeed's flat buffers and gloo's bucket copies, "
-              "the allocator's cache, the loader's shard maps and the evaluation batches."]
+            lines.append(
+                f"| {stage} | {record['rank']} | {record['baseline'] / MIB:.0f} | {record['peak'] / MIB:.0f} "
+                f"| {growth / MIB:.0f} | {estimate['total'] / MIB:.1f} ({estimate['model_states'] / MIB:.1f} "
+                f"+ {estimate['activations'] / MIB:.1f}) | {growth / max(estimate['total'], 1):.1f} |"
+            )
+    lines += [
+        "",
+        "Growth includes what the estimate leaves out: DeepSpeed's flat buffers and gloo's bucket copies, "
+        "the allocator's cache, the loader's shard maps and the evaluation batches.",
+    ]
     return "\n".join(lines)
 
 
@@ -148,16 +189,29 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="slm-bench-dist-") as tmp:
         work = Path(tmp)
-        common = [f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
-                  f"train.log_every={max(1, args.steps // 5)}", f"train.eval_every={args.steps}",
-                  "train.eval_batches=2", f"train.ckpt_every={10 * args.steps}", "train.export_every=0",
-                  f"data.dir={work / 'data'}", "data.num_workers=0", *args.overrides]
+        common = [
+            f"train.max_steps={args.steps}",
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.log_every={max(1, args.steps // 5)}",
+            f"train.eval_every={args.steps}",
+            "train.eval_batches=2",
+            f"train.ckpt_every={10 * args.steps}",
+            "train.export_every=0",
+            f"data.dir={work / 'data'}",
+            "data.num_workers=0",
+            *args.overrides,
+        ]
         # The first run prepares the data; the others reuse it.
-        results = {"1 process x 2 threads": launch(1, 2, args.config, [*common, "train.zero_stage=2",
-                                                                       "train.grad_accum_steps=2"], work, "one")}
+        results = {
+            "1 process x 2 threads": launch(
+                1, 2, args.config, [*common, "train.zero_stage=2", "train.grad_accum_steps=2"], work, "one"
+            )
+        }
         for stage in range(4):
             name = "2 processes x 1 thread (ZeRO-2)" if stage == 2 else f"ZeRO-{stage} x 2"
-            results[name] = launch(2, 1, args.config, [*common, f"train.zero_stage={stage}"], work, f"zero{stage}")
+            results[name] = launch(
+                2, 1, args.config, [*common, f"train.zero_stage={stage}"], work, f"zero{stage}"
+            )
         results["ZeRO-2 x 2"] = results["2 processes x 1 thread (ZeRO-2)"]
         text = tables(results, args.micro_batch)
     print(text)

@@ -39,15 +39,24 @@ from train.handoff.init_from import build_model, load_init_weights  # noqa: E402
 
 def bench_model_config(layers: int, d_model: int) -> ModelConfig:
     heads = max(1, d_model // 64)
-    return ModelConfig(n_layers=layers, d_model=d_model, n_heads=2 * heads, n_kv_heads=heads, vocab_size=4096,
-                       max_seq_len=512, init_std=0.05)
+    return ModelConfig(
+        n_layers=layers,
+        d_model=d_model,
+        n_heads=2 * heads,
+        n_kv_heads=heads,
+        vocab_size=4096,
+        max_seq_len=512,
+        init_std=0.05,
+    )
 
 
 def make_export(work: Path, cfg: ModelConfig) -> Path:
     text = (REPO / "data" / "tinyshakespeare.txt").read_text().split("\n\n")
     save_tokenizer(train_tokenizer(iter(text), 4096), work / "tokenizer.json")
     torch.manual_seed(0)
-    return export_from_model(Transformer(cfg).state_dict(), cfg, work / "tokenizer.json", work / "export", dtype="fp32")
+    return export_from_model(
+        Transformer(cfg).state_dict(), cfg, work / "tokenizer.json", work / "export", dtype="fp32"
+    )
 
 
 def time_ours(export: Path, tasks, limit, batch_size, data_dir, device):
@@ -55,8 +64,15 @@ def time_ours(export: Path, tasks, limit, batch_size, data_dir, device):
     model = build_model(weights, cfg).to(device)
     tokenizer = load_tokenizer(export / "tokenizer.json")
     start = time.perf_counter()
-    metrics = evaluate_tasks(model, tokenizer, tasks, limit=limit, device=torch.device(device), batch_size=batch_size,
-                             data_dir=data_dir)
+    metrics = evaluate_tasks(
+        model,
+        tokenizer,
+        tasks,
+        limit=limit,
+        device=torch.device(device),
+        batch_size=batch_size,
+        data_dir=data_dir,
+    )
     return time.perf_counter() - start, {t: metrics[t]["acc"] for t in tasks}
 
 
@@ -74,7 +90,9 @@ def time_harness(export: Path, tasks, limit, batch_size, data_dir, device, work:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", default="hellaswag,arc_easy,piqa,winogrande")
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -98,16 +116,25 @@ def main() -> None:
         for _ in range(args.repeats):
             seconds, acc_ours = time_ours(export, tasks, args.limit, args.batch_size, data_dir, args.device)
             ours.append(n_examples / seconds)
-            seconds, acc_theirs = time_harness(export, tasks, args.limit, args.batch_size, data_dir, args.device, work)
+            seconds, acc_theirs = time_harness(
+                export, tasks, args.limit, args.batch_size, data_dir, args.device, work
+            )
             theirs.append(n_examples / seconds)
-            print(f"ours {ours[-1]:.1f} ex/s acc {acc_ours} | lm-eval {theirs[-1]:.1f} ex/s acc {acc_theirs}", flush=True)
+            print(
+                f"ours {ours[-1]:.1f} ex/s acc {acc_ours} | lm-eval {theirs[-1]:.1f} ex/s acc {acc_theirs}",
+                flush=True,
+            )
     params = sum(p.numel() for p in Transformer(cfg).parameters())
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {args.device}; model {args.layers} layers x d_model {args.d_model} ({params / 1e6:.2f} M params), "
-          f"{len(tasks)} tasks x {args.limit} examples, batch {args.batch_size}, median of {args.repeats}\n")
+    print(
+        f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {args.device}; model {args.layers} layers x d_model {args.d_model} ({params / 1e6:.2f} M params), "
+        f"{len(tasks)} tasks x {args.limit} examples, batch {args.batch_size}, median of {args.repeats}\n"
+    )
     print("| scorer | examples/s | speed-up |\n|---|---:|---:|")
     print(f"| lm-eval (HFLM) | {statistics.median(theirs):.1f} | 1.00 |")
-    print(f"| slm eval | {statistics.median(ours):.1f} | {statistics.median(ours) / statistics.median(theirs):.2f} |")
+    print(
+        f"| slm eval | {statistics.median(ours):.1f} | {statistics.median(ours) / statistics.median(theirs):.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
-        cfg = load_config(TINY, [f"data.dir={data_dir}", "data.num_proc=1",
-                                 f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]"])
+        cfg = load_config(
+            TINY,
+            [
+                f"data.dir={data_dir}",
+                "data.num_proc=1",
+                f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]",
+            ],
+        )
         prepare(cfg.data, cfg.tokenizer)
         started = time.time()
         result = run_matrix(Path(tmp), data_dir, args.seed, args.points, args.steps)

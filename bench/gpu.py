@@ -32,9 +32,11 @@ import torch  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 GPU_MARKER = "<!-- GPU results: bench/gpu.py appends below this line -->"  # the same line as bench/suite.py's
-NO_CUDA = ("bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine (torch {version}). "
-           "Run it where `nvidia-smi` lists a GPU, in a venv with a CUDA build of torch (the Makefile's "
-           "TORCH_SPEC); the CPU benchmarks are `make bench`.")
+NO_CUDA = (
+    "bench/gpu.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine (torch {version}). "
+    "Run it where `nvidia-smi` lists a GPU, in a venv with a CUDA build of torch (the Makefile's "
+    "TORCH_SPEC); the CPU benchmarks are `make bench`."
+)
 Check = Tuple[str, bool, str]
 
 
@@ -151,15 +153,39 @@ def check_zero(stage: int, extra: Tuple[str, ...] = ()) -> Callable[[], str]:
     def run() -> str:
         gpus = torch.cuda.device_count()
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_addr",
-                   "127.0.0.1", "--master_port", str(29500 + stage), "-m", "launch", "train",
-                   str(REPO / "configs" / "tiny.yaml"), f"run.dir={tmp}/run", f"data.dir={tmp}/data",
-                   "data.num_proc=1", f"train.zero_stage={stage}", "train.precision=bf16", "train.max_steps=10",
-                   "train.eval_every=10", "train.ckpt_every=10", "train.log_every=5", "train.eval_batches=2", *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(gpus),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(29500 + stage),
+                "-m",
+                "launch",
+                "train",
+                str(REPO / "configs" / "tiny.yaml"),
+                f"run.dir={tmp}/run",
+                f"data.dir={tmp}/data",
+                "data.num_proc=1",
+                f"train.zero_stage={stage}",
+                "train.precision=bf16",
+                "train.max_steps=10",
+                "train.eval_every=10",
+                "train.ckpt_every=10",
+                "train.log_every=5",
+                "train.eval_batches=2",
+                *extra,
+            ]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
-                raise RuntimeError(f"slm train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}")
+                raise RuntimeError(
+                    f"slm train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"
+                )
         return f"slm train, ZeRO-{stage}, {gpus} GPU(s), 10 bf16 steps{' ' + ' '.join(extra) if extra else ''}: ok"
+
     return run
 
 
@@ -201,8 +227,14 @@ def throughput(preset: str, micro_batch: int, steps: int, compile_model: bool) -
 
 def render(device: str, checks: List[Check], rows: List[tuple], command: str) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"### {device}, {date}", "", f"`{command}`, torch {torch.__version__}", "",
-             "| check | result | detail |", "|---|---|---|"]
+    lines = [
+        f"### {device}, {date}",
+        "",
+        f"`{command}`, torch {torch.__version__}",
+        "",
+        "| check | result | detail |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
     lines += ["", "| preset | micro-batch x seq | tokens/s | MFU | peak memory |", "|---|---|---:|---:|---:|"]
     for preset, micro, seq, result in rows:
@@ -210,8 +242,10 @@ def render(device: str, checks: List[Check], rows: List[tuple], command: str) ->
             lines.append(f"| {preset} | {micro} x {seq} | {result} | | |")
         else:
             mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "unknown peak"
-            lines.append(f"| {preset} | {micro} x {seq} | {result['tokens_per_second']:,.0f} | {mfu} "
-                         f"| {result['peak_memory'] / 2**30:.1f} GiB |")
+            lines.append(
+                f"| {preset} | {micro} x {seq} | {result['tokens_per_second']:,.0f} | {mfu} "
+                f"| {result['peak_memory'] / 2**30:.1f} GiB |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +264,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--presets", default="125m,350m,1b")
     parser.add_argument("--micro-batches", default="1,4,8")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the throughput loop")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the model in the throughput loop"
+    )
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
@@ -239,10 +275,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     checks: List[Check] = []
     if not args.skip_checks:
-        for name, fn in [("bf16", check_bf16), ("NCCL", check_nccl), ("flash SDPA", check_flash),
-                         ("flex attention", check_flex), ("fused AdamW", check_fused_adamw),
-                         ("torch.compile", check_compile), ("ZeRO-2", check_zero(2)), ("ZeRO-3", check_zero(3)),
-                         ("Muon, ZeRO-2", check_zero(2, ("train.optimizer=muon", "train.grad_clip=0")))]:
+        for name, fn in [
+            ("bf16", check_bf16),
+            ("NCCL", check_nccl),
+            ("flash SDPA", check_flash),
+            ("flex attention", check_flex),
+            ("fused AdamW", check_fused_adamw),
+            ("torch.compile", check_compile),
+            ("ZeRO-2", check_zero(2)),
+            ("ZeRO-3", check_zero(3)),
+            ("Muon, ZeRO-2", check_zero(2, ("train.optimizer=muon", "train.grad_clip=0"))),
+        ]:
             checks.append(run_check(name, fn))
             print(f"[check] {' | '.join(map(str, checks[-1]))}", flush=True)
     rows = []
@@ -259,7 +302,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append((preset, micro, seq, result))
             print(f"[throughput] {preset} {micro}x{seq}: {result}", flush=True)
     command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = render(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", checks, rows, command.strip())
+    section = render(
+        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", checks, rows, command.strip()
+    )
     print(section)
     append_report(args.out, section)
     return 0 if all(ok for _, ok, _ in checks) else 1

@@ -35,8 +35,15 @@ def one_step(vocab: int, batch: int, seq: int, chunk: int) -> dict:
     from model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, vocab_size=vocab, max_seq_len=seq,
-                      loss_chunk_tokens=chunk)
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=vocab,
+        max_seq_len=seq,
+        loss_chunk_tokens=chunk,
+    )
     model = Transformer(cfg).train()
     tokens = torch.randint(0, vocab, (batch, seq + 1))
     for p in model.parameters():  # gradient buffers exist before the step in a real loop too
@@ -64,17 +71,33 @@ def main() -> None:
         return
     results = {}
     for chunk in (0, args.chunk):
-        cmd = [sys.executable, __file__, f"--vocab={args.vocab}", f"--batch={args.batch}", f"--seq={args.seq}",
-               f"--child={chunk}"]
+        cmd = [
+            sys.executable,
+            __file__,
+            f"--vocab={args.vocab}",
+            f"--batch={args.batch}",
+            f"--seq={args.seq}",
+            f"--child={chunk}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[chunk] = json.loads(proc.stdout.strip().splitlines()[-1])
     logits_gb = args.batch * args.seq * args.vocab * 4 / 1e9
-    lines = [f"Loss memory: 2 layers x 256 wide, vocabulary {args.vocab}, micro-batch {args.batch} x {args.seq} "
-             f"(float32 logits alone: {logits_gb:.2f} GB), one forward + backward on CPU.", "",
-             "| loss path | peak memory above start | step time | loss |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Loss memory: 2 layers x 256 wide, vocabulary {args.vocab}, micro-batch {args.batch} x {args.seq} "
+        f"(float32 logits alone: {logits_gb:.2f} GB), one forward + backward on CPU.",
+        "",
+        "| loss path | peak memory above start | step time | loss |",
+        "|---|---:|---:|---:|",
+    ]
     for chunk, r in results.items():
-        name = "full float32 logits (loss_chunk_tokens=0)" if chunk == 0 else f"chunked (loss_chunk_tokens={chunk})"
-        lines.append(f"| {name} | {r['peak_above_start'] / 1e9:.2f} GB | {r['seconds']:.2f} s | {r['loss']:.4f} |")
+        name = (
+            "full float32 logits (loss_chunk_tokens=0)"
+            if chunk == 0
+            else f"chunked (loss_chunk_tokens={chunk})"
+        )
+        lines.append(
+            f"| {name} | {r['peak_above_start'] / 1e9:.2f} GB | {r['seconds']:.2f} s | {r['loss']:.4f} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -25,8 +25,10 @@ from bench.slm_runs import metrics, slm  # noqa: E402
 from common.atomic import atomic_write_text  # noqa: E402
 
 TARGET_BPB = 2.10
-REFERENCES = [("nanoGPT CPU recipe (README: 4 x 128, 2000 iters, 100-150 s)", 2.72),
-              ("nanoGPT GPU recipe (6 x 384, 5000 iters on a GPU)", 2.12)]
+REFERENCES = [
+    ("nanoGPT CPU recipe (README: 4 x 128, 2000 iters, 100-150 s)", 2.72),
+    ("nanoGPT GPU recipe (6 x 384, 5000 iters on a GPU)", 2.12),
+]
 
 
 def measure(config: str, max_time: float, overrides: list, work: Path) -> dict:
@@ -40,22 +42,38 @@ def measure(config: str, max_time: float, overrides: list, work: Path) -> dict:
     wall = time.perf_counter() - started
     evals, train = metrics(run_dir, "eval"), metrics(run_dir, "train")
     if not evals or not train:
-        raise SystemExit(f"{run_dir / 'metrics.jsonl'} has {len(train)} train and {len(evals)} eval rows; expected both.")
-    return {"prepare_s": prepare_seconds, "wall_s": wall, "val_bpb": evals[-1]["val_bpb"],
-            "val_loss": evals[-1]["val_loss"], "steps": train[-1]["step"], "tokens": train[-1]["tokens"],
-            "final_lr": train[-1]["lr"], "data_wait": sum(r["data_wait"] for r in train) / len(train)}
+        raise SystemExit(
+            f"{run_dir / 'metrics.jsonl'} has {len(train)} train and {len(evals)} eval rows; expected both."
+        )
+    return {
+        "prepare_s": prepare_seconds,
+        "wall_s": wall,
+        "val_bpb": evals[-1]["val_bpb"],
+        "val_loss": evals[-1]["val_loss"],
+        "steps": train[-1]["step"],
+        "tokens": train[-1]["tokens"],
+        "final_lr": train[-1]["lr"],
+        "data_wait": sum(r["data_wait"] for r in train) / len(train),
+    }
 
 
 def table(config: str, max_time: float, overrides: list, result: dict) -> str:
     shown = " ".join([config, *overrides])
-    verdict = ("meets" if result["val_bpb"] <= TARGET_BPB else
-               f"misses by {result['val_bpb'] - TARGET_BPB:.3f}") + f" the target of {TARGET_BPB} bits per byte"
-    lines = ["| run | val bits/byte | wall-clock | steps | tokens |", "|---|---:|---:|---:|---:|",
-             f"| `{shown}`, train.max_time={max_time:g} | **{result['val_bpb']:.3f}** | {result['wall_s']:.0f} s "
-             f"(prepare {result['prepare_s']:.0f} s more) | {result['steps']} | {result['tokens']:,} |"]
+    verdict = (
+        "meets" if result["val_bpb"] <= TARGET_BPB else f"misses by {result['val_bpb'] - TARGET_BPB:.3f}"
+    ) + f" the target of {TARGET_BPB} bits per byte"
+    lines = [
+        "| run | val bits/byte | wall-clock | steps | tokens |",
+        "|---|---:|---:|---:|---:|",
+        f"| `{shown}`, train.max_time={max_time:g} | **{result['val_bpb']:.3f}** | {result['wall_s']:.0f} s "
+        f"(prepare {result['prepare_s']:.0f} s more) | {result['steps']} | {result['tokens']:,} |",
+    ]
     lines += [f"| {name} | {bpb:.2f} | | | |" for name, bpb in REFERENCES]
-    lines += ["", f"It {verdict}; val loss {result['val_loss']:.4f} nats per token, last lr {result['final_lr']:.2e}, "
-              f"mean data wait {100 * result['data_wait']:.1f}% of step time."]
+    lines += [
+        "",
+        f"It {verdict}; val loss {result['val_loss']:.4f} nats per token, last lr {result['final_lr']:.2e}, "
+        f"mean data wait {100 * result['data_wait']:.1f}% of step time.",
+    ]
     return "\n".join(lines)
 
 

@@ -47,8 +47,21 @@ VARIANTS = [
 
 def train(work: Path, name: str, data_dir: Path, steps: int, overrides: list) -> Path:
     run_dir = work / name
-    slm(["train", CONFIG, f"run.dir={run_dir}", f"data.dir={data_dir}", "train.max_time=null", "train.schedule=wsd",
-         f"train.max_steps={steps}", "train.eval_every=100000", "train.log_every=1", "log.console=false", *overrides])
+    slm(
+        [
+            "train",
+            CONFIG,
+            f"run.dir={run_dir}",
+            f"data.dir={data_dir}",
+            "train.max_time=null",
+            "train.schedule=wsd",
+            f"train.max_steps={steps}",
+            "train.eval_every=100000",
+            "train.log_every=1",
+            "log.console=false",
+            *overrides,
+        ]
+    )
     return run_dir
 
 
@@ -62,13 +75,20 @@ def measure(work: Path, name: str, overrides: list, budget: float) -> dict:
     steps = int((budget - STARTUP_S) / seconds_per_step)
     run_dir = train(work, name, data_dir, steps, overrides)
     final = metrics(run_dir, "eval")[-1]
-    return {"seconds_per_step": seconds_per_step, "steps": steps, "tokens": final["tokens"], "val_bpb": final["val_bpb"]}
+    return {
+        "seconds_per_step": seconds_per_step,
+        "steps": steps,
+        "tokens": final["tokens"],
+        "val_bpb": final["val_bpb"],
+    }
 
 
 def table(results: list, budget: float) -> str:
     best = min(r["val_bpb"] for _, _, r in results)
-    lines = [f"| variant (over the recipe) | s per step | steps in {budget:g} s | tokens | val bits/byte |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"| variant (over the recipe) | s per step | steps in {budget:g} s | tokens | val bits/byte |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, overrides, r in results:
         shown = f"{name} (`{' '.join(overrides)}`)" if overrides else name
         bpb = f"**{r['val_bpb']:.3f}**" if r["val_bpb"] == best else f"{r['val_bpb']:.3f}"

@@ -13,9 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def slm(args: list, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`python -m launch ARGS` in the repository; a failure exits naming the command and its output's tail."""
-    proc = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise SystemExit(f"slm {' '.join(args)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise SystemExit(
+            f"slm {' '.join(args)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     return proc
 
 

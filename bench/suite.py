@@ -45,29 +45,83 @@ class Bench:
 
 
 BENCHES = [
-    Bench("quality", "Quality per compute: configs/shakespeare-cpu.yaml within train.max_time=100",
-          ["bench/quality.py", "--max-time", "100"],
-          ["bench/quality.py", "--max-time", "15", "model.n_layers=1", "model.d_model=64", "train.warmup_steps=2"]),
-    Bench("quality_adamw", "Quality per compute: the same recipe with AdamW instead of Muon",
-          ["bench/quality.py", "--max-time", "100", "train.optimizer=adamw"],
-          ["bench/quality.py", "--max-time", "15", "model.n_layers=1", "model.d_model=64", "train.warmup_steps=2",
-           "train.optimizer=adamw"]),
-    Bench("cpu_choices", "Per step on this CPU: bf16 against fp32, torch.compile against eager, Muon against AdamW",
-          ["bench/cpu_choices.py", "--steps", "30"],
-          ["bench/cpu_choices.py", "--steps", "8", "model.n_layers=1", "model.d_model=64"]),
-    Bench("train_throughput", "Training throughput: `slm train` against a bare PyTorch loop",
-          ["bench/train_throughput.py", "--steps", "120", "--log-every", "20", "--repeats", "3"],
-          ["bench/train_throughput.py", "--steps", "6", "--log-every", "2", "--repeats", "1", "--precisions", "fp32"]),
-    Bench("distributed", "Scaling, peak memory per rank (ZeRO 0-3) and data wait, 2 processes",
-          ["bench/distributed.py", "--steps", "40"],
-          ["bench/distributed.py", "--steps", "4", "--micro-batch", "2"]),
-    Bench("data_pipeline", "Data pipeline: prepare and loader throughput",
-          ["bench/data_pipeline.py", "--copies", "12", "--repeats", "3"],
-          ["bench/data_pipeline.py", "--copies", "1", "--repeats", "1", "--loader-seconds", "0.3",
-           "--model-steps", "2"]),
-    Bench("loss_memory", "Loss memory: full logits against the chunked cross-entropy",
-          ["bench/loss_memory.py"],
-          ["bench/loss_memory.py", "--batch", "2", "--seq", "128", "--vocab", "8192", "--chunk", "64"]),
+    Bench(
+        "quality",
+        "Quality per compute: configs/shakespeare-cpu.yaml within train.max_time=100",
+        ["bench/quality.py", "--max-time", "100"],
+        [
+            "bench/quality.py",
+            "--max-time",
+            "15",
+            "model.n_layers=1",
+            "model.d_model=64",
+            "train.warmup_steps=2",
+        ],
+    ),
+    Bench(
+        "quality_adamw",
+        "Quality per compute: the same recipe with AdamW instead of Muon",
+        ["bench/quality.py", "--max-time", "100", "train.optimizer=adamw"],
+        [
+            "bench/quality.py",
+            "--max-time",
+            "15",
+            "model.n_layers=1",
+            "model.d_model=64",
+            "train.warmup_steps=2",
+            "train.optimizer=adamw",
+        ],
+    ),
+    Bench(
+        "cpu_choices",
+        "Per step on this CPU: bf16 against fp32, torch.compile against eager, Muon against AdamW",
+        ["bench/cpu_choices.py", "--steps", "30"],
+        ["bench/cpu_choices.py", "--steps", "8", "model.n_layers=1", "model.d_model=64"],
+    ),
+    Bench(
+        "train_throughput",
+        "Training throughput: `slm train` against a bare PyTorch loop",
+        ["bench/train_throughput.py", "--steps", "120", "--log-every", "20", "--repeats", "3"],
+        [
+            "bench/train_throughput.py",
+            "--steps",
+            "6",
+            "--log-every",
+            "2",
+            "--repeats",
+            "1",
+            "--precisions",
+            "fp32",
+        ],
+    ),
+    Bench(
+        "distributed",
+        "Scaling, peak memory per rank (ZeRO 0-3) and data wait, 2 processes",
+        ["bench/distributed.py", "--steps", "40"],
+        ["bench/distributed.py", "--steps", "4", "--micro-batch", "2"],
+    ),
+    Bench(
+        "data_pipeline",
+        "Data pipeline: prepare and loader throughput",
+        ["bench/data_pipeline.py", "--copies", "12", "--repeats", "3"],
+        [
+            "bench/data_pipeline.py",
+            "--copies",
+            "1",
+            "--repeats",
+            "1",
+            "--loader-seconds",
+            "0.3",
+            "--model-steps",
+            "2",
+        ],
+    ),
+    Bench(
+        "loss_memory",
+        "Loss memory: full logits against the chunked cross-entropy",
+        ["bench/loss_memory.py"],
+        ["bench/loss_memory.py", "--batch", "2", "--seq", "128", "--vocab", "8192", "--chunk", "64"],
+    ),
 ]
 
 
@@ -76,11 +130,20 @@ def machine() -> Dict[str, str]:
 
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "logical CPUs": str(os.cpu_count()), "affinity": str(len(os.sched_getaffinity(0))),
-            "python": platform.python_version(), "torch": torch.__version__, "os": platform.platform()}
+    return {
+        "cpu": cpu,
+        "logical CPUs": str(os.cpu_count()),
+        "affinity": str(len(os.sched_getaffinity(0))),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "os": platform.platform(),
+    }
 
 
 def run_bench(bench: Bench, quick: bool, work: Path) -> tuple:
@@ -105,12 +168,27 @@ def gpu_section(existing: Optional[str]) -> str:
     return f"{GPU_MARKER}\n\n{NO_GPU_YET}\n"
 
 
-def render(info: Dict[str, str], results: List[tuple], quick: bool, total: float, gpu: str,
-           invocation: str = "bench/suite.py") -> str:
+def render(
+    info: Dict[str, str],
+    results: List[tuple],
+    quick: bool,
+    total: float,
+    gpu: str,
+    invocation: str = "bench/suite.py",
+) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = ["# Benchmarks", "", f"Written by `python {invocation}` (`make bench` runs them all) on {date}, "
-             f"{total:.0f} s in all." + (" Quick mode: tiny sizes, the figures only show the harness works." if quick else ""),
-             "", "| machine | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info.items()], ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `python {invocation}` (`make bench` runs them all) on {date}, "
+        f"{total:.0f} s in all."
+        + (" Quick mode: tiny sizes, the figures only show the harness works." if quick else ""),
+        "",
+        "| machine | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in info.items()],
+        "",
+    ]
     for bench, (cmd, table, seconds) in results:
         lines += [f"## {bench.title}", "", f"`{cmd}` ({seconds:.0f} s)", "", table, ""]
     lines += ["## GPU", "", gpu.rstrip(), ""]
@@ -120,7 +198,9 @@ def render(info: Dict[str, str], results: List[tuple], quick: bool, total: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the machine")
-    parser.add_argument("--only", default=None, help="comma-separated names: " + ", ".join(b.name for b in BENCHES))
+    parser.add_argument(
+        "--only", default=None, help="comma-separated names: " + ", ".join(b.name for b in BENCHES)
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args()
     chosen = BENCHES
@@ -128,14 +208,18 @@ def main() -> None:
         names = args.only.split(",")
         unknown = sorted(set(names) - {b.name for b in BENCHES})
         if unknown:
-            sys.exit(f"--only names unknown benchmarks {unknown}; expected some of {[b.name for b in BENCHES]}.")
+            sys.exit(
+                f"--only names unknown benchmarks {unknown}; expected some of {[b.name for b in BENCHES]}."
+            )
         chosen = [b for b in BENCHES if b.name in names]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slm-bench-") as tmp:
         results = [(bench, run_bench(bench, args.quick, Path(tmp))) for bench in chosen]
     existing = args.out.read_text(encoding="utf-8") if args.out.is_file() else None
     invocation = " ".join(["bench/suite.py", *sys.argv[1:]])
-    text = render(machine(), results, args.quick, time.perf_counter() - started, gpu_section(existing), invocation)
+    text = render(
+        machine(), results, args.quick, time.perf_counter() - started, gpu_section(existing), invocation
+    )
     atomic_write_text(args.out, text)
     print(text)
     if any(table.startswith("FAILED") for _, (_, table, _) in results):

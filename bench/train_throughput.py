@@ -45,16 +45,38 @@ from train.schedule import lr_at  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def slm_train_tokens_per_second(preset: str, data_dir: Path, precision: str, steps: int, log_every: int,
-                                threads: int, overrides: list) -> float:
+def slm_train_tokens_per_second(
+    preset: str, data_dir: Path, precision: str, steps: int, log_every: int, threads: int, overrides: list
+) -> float:
     """Mean tokens/s of the logged windows of a real `slm train` process, first window excluded."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "launch", "train", preset, f"run.dir={run_dir}", f"data.dir={data_dir}",
-               f"train.precision={precision}", f"train.max_steps={steps}", f"train.log_every={log_every}",
-               f"train.eval_every={steps}", f"train.ckpt_every={steps}", "train.eval_batches=1", "log.console=false", *overrides]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_MODE="disabled", HF_DATASETS_OFFLINE="1",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch",
+            "train",
+            preset,
+            f"run.dir={run_dir}",
+            f"data.dir={data_dir}",
+            f"train.precision={precision}",
+            f"train.max_steps={steps}",
+            f"train.log_every={log_every}",
+            f"train.eval_every={steps}",
+            f"train.ckpt_every={steps}",
+            "train.eval_batches=1",
+            "log.console=false",
+            *overrides,
+        ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(threads),
+            WANDB_MODE="disabled",
+            HF_DATASETS_OFFLINE="1",
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONPATH=str(REPO),
+        )
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -80,9 +102,12 @@ def bare_loop_tokens_per_second(cfg, data_dir: Path, precision: str, steps: int,
         masters = [p.detach().float().clone().requires_grad_(True) for p in params]
         by_param = dict(zip(map(id, params), masters))
         master_groups = [{**g, "params": [by_param[id(p)] for p in g["params"]]} for g in groups]
-    optimizer = torch.optim.AdamW(master_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  eps=cfg.train.adam_eps)
-    loader = iter(build_loader(data_dir, "train", cfg.model.max_seq_len, cfg.train.micro_batch_size, 0, 1, cfg.run.seed))
+    optimizer = torch.optim.AdamW(
+        master_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.adam_eps
+    )
+    loader = iter(
+        build_loader(data_dir, "train", cfg.model.max_seq_len, cfg.train.micro_batch_size, 0, 1, cfg.run.seed)
+    )
     tokens_per_step = cfg.train.micro_batch_size * cfg.model.max_seq_len * cfg.train.grad_accum_steps
     elapsed = 0.0
     for step in range(steps):
@@ -120,7 +145,9 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for slm train, e.g. train.zero_stage=0")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra key=value overrides for slm train, e.g. train.zero_stage=0"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,26 +162,34 @@ def main() -> None:
     cfg = load_config(args.preset, [f"data.dir={args.data_dir}", f"model.vocab_size={vocab}"])
     flops = flops_per_token(cfg.model, cfg.model.max_seq_len)
 
-    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-             f"torch {torch.__version__}, {args.threads} thread(s); preset {Path(args.preset).name}: "
-             f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens per step, {flops / 1e6:.1f} MFLOP/token; "
-             f"slm train overrides: {' '.join(args.overrides) or 'none'}", "",
-             "| precision | matmul peak | slm train tok/s | bare loop tok/s | slm FLOP/s (% of peak) "
-             "| bare FLOP/s (% of peak) | overhead |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"torch {torch.__version__}, {args.threads} thread(s); preset {Path(args.preset).name}: "
+        f"{cfg.train.micro_batch_size} x {cfg.model.max_seq_len} tokens per step, {flops / 1e6:.1f} MFLOP/token; "
+        f"slm train overrides: {' '.join(args.overrides) or 'none'}",
+        "",
+        "| precision | matmul peak | slm train tok/s | bare loop tok/s | slm FLOP/s (% of peak) "
+        "| bare FLOP/s (% of peak) | overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines), flush=True)
     for precision in args.precisions.split(","):
         peak = measure_matmul_peak(DTYPES[precision], size=1024, seconds=2.0, device="cpu")
         slm, bare = [], []
         for _ in range(args.repeats):
-            slm.append(slm_train_tokens_per_second(args.preset, data_dir, precision, args.steps, args.log_every,
-                                                   args.threads, args.overrides))
+            slm.append(
+                slm_train_tokens_per_second(
+                    args.preset, data_dir, precision, args.steps, args.log_every, args.threads, args.overrides
+                )
+            )
             bare.append(bare_loop_tokens_per_second(cfg, data_dir, precision, args.steps, args.log_every))
         slm_tps, bare_tps = statistics.median(slm), statistics.median(bare)
-        lines.append(f"| {precision} | {peak / 1e9:.1f} GFLOP/s | {slm_tps:,.0f} | {bare_tps:,.0f} "
-                     f"| {slm_tps * flops / 1e9:.2f} G ({100 * slm_tps * flops / peak:.1f}%) "
-                     f"| {bare_tps * flops / 1e9:.2f} G ({100 * bare_tps * flops / peak:.1f}%) "
-                     f"| {100 * (1 - slm_tps / bare_tps):+.1f}% |")
+        lines.append(
+            f"| {precision} | {peak / 1e9:.1f} GFLOP/s | {slm_tps:,.0f} | {bare_tps:,.0f} "
+            f"| {slm_tps * flops / 1e9:.2f} G ({100 * slm_tps * flops / peak:.1f}%) "
+            f"| {bare_tps * flops / 1e9:.2f} G ({100 * bare_tps * flops / peak:.1f}%) "
+            f"| {100 * (1 - slm_tps / bare_tps):+.1f}% |"
+        )
         print(lines[-1], flush=True)
         print(f"  (runs: slm {[round(x) for x in slm]}, bare {[round(x) for x in bare]})", flush=True)
     if args.out:

@@ -49,7 +49,9 @@ return_assistant_tokens_mask, and TRL's assistant_only_loss, mask what train.sta
 Message = Dict[str, str]
 
 
-def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False) -> Tuple[str, List[Tuple[int, int]]]:
+def render_chat(
+    messages: Sequence[Message], add_generation_prompt: bool = False
+) -> Tuple[str, List[Tuple[int, int]]]:
     """ChatML text of a conversation and the character spans that carry loss (assistant content + its <|im_end|>)."""
     parts: List[str] = []
     loss_spans: List[Tuple[int, int]] = []
@@ -58,7 +60,9 @@ def render_chat(messages: Sequence[Message], add_generation_prompt: bool = False
         role, content = message["role"], message["content"].strip()
         for token in RESERVED:
             if token in content:
-                raise DataError(f"A {role} message contains the reserved token {token!r}; it may only come from the chat template.")
+                raise DataError(
+                    f"A {role} message contains the reserved token {token!r}; it may only come from the chat template."
+                )
         head = f"{IM_START}{role}\n"
         parts += [head, content, f"{IM_END}\n"]
         start = length + len(head)

@@ -13,7 +13,9 @@ from data_pipeline.errors import DataError
 from model.loss import IGNORE_INDEX
 
 
-def loss_labels(ids: Sequence[int], offsets: Sequence[Tuple[int, int]], loss_spans: Sequence[Tuple[int, int]]) -> List[int]:
+def loss_labels(
+    ids: Sequence[int], offsets: Sequence[Tuple[int, int]], loss_spans: Sequence[Tuple[int, int]]
+) -> List[int]:
     """labels[i] = ids[i] where token i's characters overlap a loss span (sorted, disjoint), else -100."""
     ends = [end for _, end in loss_spans]
     labels = [IGNORE_INDEX] * len(ids)
@@ -32,13 +34,20 @@ def check_role_order(conversation: Sequence[Dict[str, str]], where: str) -> None
         if role == "system":
             if j == 0:
                 continue
-            raise DataError(f"{where}: messages[{j}] is a system message after the conversation started; a system "
-                            "message may only come first.")
+            raise DataError(
+                f"{where}: messages[{j}] is a system message after the conversation started; a system "
+                "message may only come first."
+            )
         if role != expected:
-            after = "at the start" if j == 0 or (j == 1 and conversation[0]["role"] == "system") else \
-                f"after a {conversation[j - 1]['role']} message"
-            raise DataError(f"{where}: messages[{j}] is an {role} message {after}; expected a {expected} message "
-                            "(turns go system?, user, assistant, user, assistant, ...).")
+            after = (
+                "at the start"
+                if j == 0 or (j == 1 and conversation[0]["role"] == "system")
+                else f"after a {conversation[j - 1]['role']} message"
+            )
+            raise DataError(
+                f"{where}: messages[{j}] is an {role} message {after}; expected a {expected} message "
+                "(turns go system?, user, assistant, user, assistant, ...)."
+            )
         expected = "assistant" if role == "user" else "user"
 
 
@@ -50,5 +59,7 @@ def check_some_answer(conversations: Sequence[Sequence[Dict[str, str]]], file: s
     """A file in which every assistant answer is empty teaches only to stop: refuse it."""
     answers = [m for c in conversations for m in c if m["role"] == "assistant"]
     if answers and not any(m["content"].strip() for m in answers):
-        raise DataError(f"Instruction data file '{file}': every one of its {len(answers)} assistant answers is empty; "
-                        "expected answers to learn from (check the field holding the output).")
+        raise DataError(
+            f"Instruction data file '{file}': every one of its {len(answers)} assistant answers is empty; "
+            "expected answers to learn from (check the field holding the output)."
+        )

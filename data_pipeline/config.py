@@ -33,7 +33,9 @@ class SourceConfig:
         if self.weight <= 0:
             raise ValueError(f"config key '{key}.weight' is {self.weight}; expected a positive number.")
         if self.doc_boundary not in DOC_BOUNDARIES:
-            raise ValueError(f"config key '{key}.doc_boundary' is {self.doc_boundary!r}; expected file, blank_line or line.")
+            raise ValueError(
+                f"config key '{key}.doc_boundary' is {self.doc_boundary!r}; expected file, blank_line or line."
+            )
 
 
 @dataclass
@@ -85,10 +87,14 @@ class DataConfig:
         check_choice("data.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         check_positive("data.shard_tokens", self.shard_tokens)
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"config key 'data.val_fraction' is {self.val_fraction}; expected a number in [0, 1).")
+            raise ValueError(
+                f"config key 'data.val_fraction' is {self.val_fraction}; expected a number in [0, 1)."
+            )
         if self.cache_limit is not None and self.cache_limit < 0:
-            raise ValueError(f"config key 'data.cache_limit' is {self.cache_limit}; expected a size in bytes >= 0, "
-                             "or null for no bound.")
+            raise ValueError(
+                f"config key 'data.cache_limit' is {self.cache_limit}; expected a size in bytes >= 0, "
+                "or null for no bound."
+            )
         if not self.sources:
             raise ValueError("config key 'data.sources' is empty; expected at least one source.")
         for i, source in enumerate(self.sources):

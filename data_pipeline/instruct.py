@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------- reading jsonl
 
+
 def _text(record: Dict[str, Any], key: str, where: str, required: bool = True) -> str:
     """record[key] as a string; a missing optional field is ""."""
     if key not in record or record[key] is None:
@@ -64,8 +65,10 @@ def record_to_conversations(record: Any, where: str) -> List[List[Message]]:
         for message in conversation:
             for token in RESERVED:
                 if token in message["content"]:
-                    raise DataError(f"{where}: the {message['role']} message contains the reserved token {token!r}, "
-                                    "which only the chat template may write; remove it from the data.")
+                    raise DataError(
+                        f"{where}: the {message['role']} message contains the reserved token {token!r}, "
+                        "which only the chat template may write; remove it from the data."
+                    )
     return conversations
 
 
@@ -75,35 +78,56 @@ def _record_to_conversations(record: Any, where: str) -> List[List[Message]]:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects.")
+            raise DataError(
+                f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects."
+            )
         conversation = []
         for j, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content'.")
             if message["role"] not in ROLES:
-                raise DataError(f"{where}: messages[{j}].role is {message['role']!r}; expected one of {', '.join(ROLES)}.")
-            conversation.append({"role": message["role"], "content": _text(message, "content", f"{where}: messages[{j}]")})
+                raise DataError(
+                    f"{where}: messages[{j}].role is {message['role']!r}; expected one of {', '.join(ROLES)}."
+                )
+            conversation.append(
+                {"role": message["role"], "content": _text(message, "content", f"{where}: messages[{j}]")}
+            )
         if not any(m["role"] == "assistant" for m in conversation):
-            raise DataError(f"{where}: no assistant message, so no token would carry loss; expected at least one.")
+            raise DataError(
+                f"{where}: no assistant message, so no token would carry loss; expected at least one."
+            )
         check_role_order(conversation, where)
         return [conversation]
     if "instances" in record:
         instruction = _text(record, "instruction", where)
         instances = record["instances"]
         if not isinstance(instances, list) or not instances:
-            raise DataError(f"{where}: field 'instances' must be a non-empty list of {{input, output}} objects.")
+            raise DataError(
+                f"{where}: field 'instances' must be a non-empty list of {{input, output}} objects."
+            )
         conversations = []
         for j, instance in enumerate(instances):
             if not isinstance(instance, dict):
                 raise DataError(f"{where}: instances[{j}] must be an object with 'input' and 'output'.")
             inner = f"{where}: instances[{j}]"
             prompt = _instruction_prompt(instruction, _text(instance, "input", inner, required=False))
-            conversations.append([{"role": "user", "content": prompt},
-                                  {"role": "assistant", "content": _text(instance, "output", inner)}])
+            conversations.append(
+                [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(instance, "output", inner)},
+                ]
+            )
         return conversations
     if "instruction" in record and "output" in record:
-        prompt = _instruction_prompt(_text(record, "instruction", where), _text(record, "input", where, required=False))
-        return [[{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output", where)}]]
+        prompt = _instruction_prompt(
+            _text(record, "instruction", where), _text(record, "input", where, required=False)
+        )
+        return [
+            [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": _text(record, "output", where)},
+            ]
+        ]
     raise DataError(
         f"{where}: unrecognized record with keys {sorted(record)}; expected 'messages' (chat), "
         "'instruction' + 'output' (+ optional 'input'), or 'instruction' + 'instances' (self-instruct)."
@@ -122,7 +146,9 @@ def read_conversations(path: str) -> List[List[Message]]:
     """Every conversation of one jsonl file; errors name the file and line."""
     file = resolve_path(path)
     if not file.is_file():
-        raise DataError(f"Instruction data file '{path}' does not exist (config key ift.paths); expected a jsonl file.")
+        raise DataError(
+            f"Instruction data file '{path}' does not exist (config key ift.paths); expected a jsonl file."
+        )
     conversations: List[List[Message]] = []
     with file.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -140,7 +166,9 @@ def read_conversations(path: str) -> List[List[Message]]:
     return conversations
 
 
-def split_conversations(conversations: Sequence[List[Message]], split: str, val_fraction: float) -> List[List[Message]]:
+def split_conversations(
+    conversations: Sequence[List[Message]], split: str, val_fraction: float
+) -> List[List[Message]]:
     """The train or val share, by a hash of each example's messages (at least one val example if val_fraction > 0)."""
     if split not in ("train", "val"):
         raise DataError(f"Unknown split {split!r}; expected train or val.")
@@ -164,6 +192,7 @@ def split_conversations(conversations: Sequence[List[Message]], split: str, val_
 
 # ------------------------------------------------------------------------------------------- sequences (rows)
 
+
 @dataclass
 class InstructStats:
     """What became of the examples of one split; printed once and kept on the loader."""
@@ -186,20 +215,32 @@ class InstructStats:
             f"dropped as longer than seq_len + 1 (ift.overlong) or left without answer tokens; {kept} kept, "
             f"{self.loss_tokens} of {self.tokens} target tokens carry loss, "
             f"{self.padding / max(1, self.rows * seq_len):.0%} padding."
-            + (f" WARNING: {self.truncated + self.dropped} of {self.examples} examples lost answer tokens or were "
-               "dropped; raise model.max_seq_len." if self.truncated + self.dropped > self.examples / 4 else "")
+            + (
+                f" WARNING: {self.truncated + self.dropped} of {self.examples} examples lost answer tokens or were "
+                "dropped; raise model.max_seq_len."
+                if self.truncated + self.dropped > self.examples / 4
+                else ""
+            )
         ) + (f" {self.empty_answers} example(s) have an empty answer." if self.empty_answers else "")
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise DataError(f"The tokenizer has no {token!r} token; instruction tuning needs {IM_START}, {IM_END} and {PAD}.")
+        raise DataError(
+            f"The tokenizer has no {token!r} token; instruction tuning needs {IM_START}, {IM_END} and {PAD}."
+        )
     return token_id
 
 
-def build_rows(examples: Sequence[Tuple[List[int], List[int]]], seq_len: int, packing: bool, overlong: str,
-               pad_id: int, seed: int) -> Tuple[torch.Tensor, InstructStats]:
+def build_rows(
+    examples: Sequence[Tuple[List[int], List[int]]],
+    seq_len: int,
+    packing: bool,
+    overlong: str,
+    pad_id: int,
+    seed: int,
+) -> Tuple[torch.Tensor, InstructStats]:
     """Examples (ids, labels) -> rows (N, 4, seq_len): input_ids, labels (shifted), position_ids, doc_ids."""
     stats = InstructStats(examples=len(examples))
     pieces: List[Tuple[List[int], List[int]]] = []  # (inputs, targets), shifted inside the example
@@ -218,7 +259,9 @@ def build_rows(examples: Sequence[Tuple[List[int], List[int]]], seq_len: int, pa
         stats.tokens += len(targets)
         stats.loss_tokens += sum(t != IGNORE_INDEX for t in targets)
     if not pieces:
-        raise DataError(f"No instruction example fits a sequence of {seq_len} tokens (ift.overlong={overlong}).")
+        raise DataError(
+            f"No instruction example fits a sequence of {seq_len} tokens (ift.overlong={overlong})."
+        )
     random.Random(seed).shuffle(pieces)
     rows: List[List[int]] = []  # indices into pieces, per row
     if packing:  # best fit: each piece goes to the open row with the least room that still fits it
@@ -256,6 +299,7 @@ def build_rows(examples: Sequence[Tuple[List[int], List[int]]], seq_len: int, pa
 
 # ------------------------------------------------------------------------------------------------------ loader
 
+
 class InstructLoader:
     """Infinite iterator of micro-batches over fixed rows, reshuffled each epoch.
 
@@ -263,12 +307,25 @@ class InstructLoader:
     cursor + r * B ... cursor + (r + 1) * B - 1. So `state_dict()` resumes exactly, also on another world size.
     """
 
-    def __init__(self, rows: torch.Tensor, stats: InstructStats, packing: bool, micro_batch_size: int, rank: int,
-                 world_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        stats: InstructStats,
+        packing: bool,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}.")
         self.rows, self.stats, self.packing = rows, stats, packing
-        self.micro_batch_size, self.rank, self.world_size, self.seed = micro_batch_size, rank, world_size, seed
+        self.micro_batch_size, self.rank, self.world_size, self.seed = (
+            micro_batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.cursor = 0
         """Rows consumed so far by all ranks together."""
         self.fingerprint = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
@@ -294,7 +351,12 @@ class InstructLoader:
         return out
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"cursor": self.cursor, "seed": self.seed, "rows": len(self.rows), "fingerprint": self.fingerprint}
+        return {
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "rows": len(self.rows),
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("fingerprint") != self.fingerprint or state.get("seed") != self.seed:
@@ -306,8 +368,16 @@ class InstructLoader:
         self.cursor = int(state["cursor"])
 
 
-def build_instruct_loader(ift_cfg: InstructConfig, tokenizer: Tokenizer | str | Path, split: str, seq_len: int,
-                          micro_batch_size: int, rank: int, world_size: int, seed: int) -> InstructLoader:
+def build_instruct_loader(
+    ift_cfg: InstructConfig,
+    tokenizer: Tokenizer | str | Path,
+    split: str,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+) -> InstructLoader:
     """The IFT counterpart of `data_pipeline.loader.build_loader`: same batches, plus position_ids/doc_ids when packing."""
     try:
         ift_cfg.validate()

@@ -61,7 +61,12 @@ class TokenLoader:
     global cursor after the batches handed out so far (prefetched ones do not count)."""
 
     def __init__(self, dataset: TokenWindows, num_workers: int, manifest: Manifest, manifest_sha: str):
-        self.dataset, self.num_workers, self.manifest, self.manifest_sha = dataset, num_workers, manifest, manifest_sha
+        self.dataset, self.num_workers, self.manifest, self.manifest_sha = (
+            dataset,
+            num_workers,
+            manifest,
+            manifest_sha,
+        )
         self.samples_seen = 0
         self._iterator: Optional[Iterator[np.ndarray]] = None
 
@@ -84,8 +89,9 @@ class TokenLoader:
             return iter(self.dataset)
         # Windows travel from the workers as pickled numpy arrays: for batches this small that is several
         # times faster than torch's shared-memory tensors.
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            prefetch_factor=4)
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is, prefetch_factor=4
+        )
         return iter(loader)
 
     def __iter__(self) -> TokenLoader:
@@ -109,8 +115,13 @@ class TokenLoader:
     def state_dict(self) -> Dict[str, Any]:
         d = self.dataset
         return {
-            "version": STATE_VERSION, "samples_seen": self.samples_seen, "split": d.split, "seq_len": d.seq_len,
-            "seed": d.seed, "manifest_sha256": self.manifest_sha, "weights": self._weights(),
+            "version": STATE_VERSION,
+            "samples_seen": self.samples_seen,
+            "split": d.split,
+            "seq_len": d.seq_len,
+            "seed": d.seed,
+            "manifest_sha256": self.manifest_sha,
+            "weights": self._weights(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -124,8 +135,13 @@ class TokenLoader:
                 f"cursor would point at other samples. Resume with the slm-forge that wrote the checkpoint, or start "
                 f"the data from sample 0 with this one (e.g. train.init_from the checkpoint's weights)."
             )
-        expected = {"version": STATE_VERSION, "split": d.split, "seq_len": d.seq_len, "seed": d.seed,
-                    "manifest_sha256": self.manifest_sha}
+        expected = {
+            "version": STATE_VERSION,
+            "split": d.split,
+            "seq_len": d.seq_len,
+            "seed": d.seed,
+            "manifest_sha256": self.manifest_sha,
+        }
         for key, value in expected.items():
             if state.get(key) != value:
                 what = "data set (manifest sha256)" if key == "manifest_sha256" else key
@@ -135,8 +151,10 @@ class TokenLoader:
                     f"would repeat or be skipped). Resume with the same data and settings."
                 )
         saved, current = state.get("weights"), self._weights()
-        if (saved is None) != (current is None) or (saved is not None and (
-                set(saved) != set(current) or any(abs(saved[k] - current[k]) > 1e-9 for k in saved))):
+        if (saved is None) != (current is None) or (
+            saved is not None
+            and (set(saved) != set(current) or any(abs(saved[k] - current[k]) > 1e-9 for k in saved))
+        ):
             raise DataError(
                 f"Cannot resume the {d.split} loader of {self.manifest.path}: the saved mixing weights {saved} differ "
                 f"from this loader's {current}."
@@ -154,19 +172,35 @@ class TokenLoader:
             counts = np.array([s.windows for s in d.streams], dtype=np.int64) * epochs
             for first in range(0, rest, REPORT_CHUNK):  # in chunks: memory stays bounded for any corpus
                 pooled = d.order(0, epochs, d.windows, np.arange(first, min(first + REPORT_CHUNK, rest)))
-                counts += np.bincount(np.searchsorted(d.pool_starts, pooled, side="right") - 1, minlength=len(d.streams))
+                counts += np.bincount(
+                    np.searchsorted(d.pool_starts, pooled, side="right") - 1, minlength=len(d.streams)
+                )
             targets = np.array([s.windows for s in d.streams]) / d.windows
         return {
-            s.name: {"target": float(t), "samples": int(n), "fraction": float(n / seen) if seen else 0.0,
-                     "epochs": float(n / s.windows) if s.windows else 0.0}
+            s.name: {
+                "target": float(t),
+                "samples": int(n),
+                "fraction": float(n / seen) if seen else 0.0,
+                "epochs": float(n / s.windows) if s.windows else 0.0,
+            }
             for s, t, n in zip(d.streams, targets, counts)
         }
 
 
-def build_loader(data_dir: str | os.PathLike | DataStore, split: str, seq_len: int, micro_batch_size: int, rank: int,
-                 world_size: int, seed: int, num_workers: int = 0, weights: Optional[Dict[str, float]] = None,
-                 verify_checksums: bool = False, cache_dir: Optional[str] = None,
-                 cache_limit: Optional[int] = None) -> TokenLoader:
+def build_loader(
+    data_dir: str | os.PathLike | DataStore,
+    split: str,
+    seq_len: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_workers: int = 0,
+    weights: Optional[Dict[str, float]] = None,
+    verify_checksums: bool = False,
+    cache_dir: Optional[str] = None,
+    cache_limit: Optional[int] = None,
+) -> TokenLoader:
     """Check the prepared dataset (tokenizer identity, dtype, shard sizes, sha256 on request), then build
     the loader for one rank. Every problem is a DataError naming the file. A remote data_dir (a URL or a
     remote DataStore) is read through a ShardCache in cache_dir bounded by cache_limit bytes."""
@@ -183,8 +217,16 @@ def build_loader(data_dir: str | os.PathLike | DataStore, split: str, seq_len: i
     cache = None
     if store.remote:
         itemsize = np.dtype(manifest.dtype).itemsize
-        cache = ShardCache(store, cache_dir, cache_limit, {shard_name(manifest, s): (s.tokens * itemsize, s.sha256)
-                                                            for s in manifest.shards if s.split == split},
-                           np.dtype(manifest.dtype).newbyteorder("<"))
+        cache = ShardCache(
+            store,
+            cache_dir,
+            cache_limit,
+            {
+                shard_name(manifest, s): (s.tokens * itemsize, s.sha256)
+                for s in manifest.shards
+                if s.split == split
+            },
+            np.dtype(manifest.dtype).newbyteorder("<"),
+        )
     dataset = TokenWindows(manifest, split, seq_len, micro_batch_size, rank, world_size, seed, weights, cache)
     return TokenLoader(dataset, num_workers, manifest, manifest_sha256(store))

@@ -83,10 +83,16 @@ class Manifest:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "format_version": self.format_version, "dtype": self.dtype, "tokenizer_sha256": self.tokenizer_sha256,
-            "vocab_size": self.vocab_size, "eot_id": self.eot_id, "val_fraction": self.val_fraction,
-            "shard_tokens": self.shard_tokens, "sources": self.sources,
-            "shards": [s.to_dict() for s in self.shards], "prepared_from": self.prepared_from,
+            "format_version": self.format_version,
+            "dtype": self.dtype,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+            "val_fraction": self.val_fraction,
+            "shard_tokens": self.shard_tokens,
+            "sources": self.sources,
+            "shards": [s.to_dict() for s in self.shards],
+            "prepared_from": self.prepared_from,
         }
 
 
@@ -115,31 +121,49 @@ def load_manifest(data_dir: str | os.PathLike | DataStore) -> Manifest:
     if not store.exists(MANIFEST):
         interrupted = store.root is not None and (store.root / ".prepare").exists()
         partial = " A prepare was interrupted there: run it again to resume." if interrupted else ""
-        raise DataError(f"No {MANIFEST} in {store}: expected a dataset written by `slm prepare CONFIG`.{partial}")
+        raise DataError(
+            f"No {MANIFEST} in {store}: expected a dataset written by `slm prepare CONFIG`.{partial}"
+        )
     try:
         raw = json.loads(store.read_bytes(MANIFEST).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"Manifest {path} could not be read ({err}); expected the JSON written by `slm prepare`.") from None
+        raise DataError(
+            f"Manifest {path} could not be read ({err}); expected the JSON written by `slm prepare`."
+        ) from None
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         version = raw.get("format_version") if isinstance(raw, dict) else None
-        raise DataError(f"Manifest {path} has format version {version!r}; this slm-forge reads version {FORMAT_VERSION}. Prepare the data again.")
+        raise DataError(
+            f"Manifest {path} has format version {version!r}; this slm-forge reads version {FORMAT_VERSION}. Prepare the data again."
+        )
     check_manifest_fields(raw, path, SPLITS, DTYPES)
     try:
         shards = [ShardRecord(**s) for s in raw["shards"]]
         manifest = Manifest(
-            path=path, format_version=raw["format_version"], dtype=raw["dtype"], tokenizer_sha256=raw["tokenizer_sha256"],
-            vocab_size=int(raw["vocab_size"]), eot_id=int(raw["eot_id"]), val_fraction=float(raw["val_fraction"]),
-            shard_tokens=int(raw["shard_tokens"]), sources=list(raw["sources"]), shards=shards,
-            prepared_from=dict(raw.get("prepared_from") or {}), store=store if store.remote else None,
+            path=path,
+            format_version=raw["format_version"],
+            dtype=raw["dtype"],
+            tokenizer_sha256=raw["tokenizer_sha256"],
+            vocab_size=int(raw["vocab_size"]),
+            eot_id=int(raw["eot_id"]),
+            val_fraction=float(raw["val_fraction"]),
+            shard_tokens=int(raw["shard_tokens"]),
+            sources=list(raw["sources"]),
+            shards=shards,
+            prepared_from=dict(raw.get("prepared_from") or {}),
+            store=store if store.remote else None,
         )
     except (KeyError, TypeError, ValueError) as err:
-        raise DataError(f"Manifest {path} is malformed ({type(err).__name__}: {err}); prepare the data again.") from None
+        raise DataError(
+            f"Manifest {path} is malformed ({type(err).__name__}: {err}); prepare the data again."
+        ) from None
     return manifest
 
 
 def _check_dtype(manifest: Manifest, shards: Sequence[ShardRecord]) -> None:
     if manifest.dtype not in DTYPES:
-        raise DataError(f"Manifest {manifest.path} declares dtype {manifest.dtype!r}; expected one of {', '.join(DTYPES)}.")
+        raise DataError(
+            f"Manifest {manifest.path} declares dtype {manifest.dtype!r}; expected one of {', '.join(DTYPES)}."
+        )
     needed = token_dtype(manifest.vocab_size)
     if np.dtype(manifest.dtype).itemsize < np.dtype(needed).itemsize:
         raise DataError(
@@ -177,7 +201,9 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
     tokenizer = store.url(TOKENIZER)
     sizes = store.listing()
     if TOKENIZER not in sizes:
-        raise DataError(f"Tokenizer {tokenizer} is missing; manifest {manifest.path} was made with tokenizer sha256 {manifest.tokenizer_sha256}.")
+        raise DataError(
+            f"Tokenizer {tokenizer} is missing; manifest {manifest.path} was made with tokenizer sha256 {manifest.tokenizer_sha256}."
+        )
     data = store.read_bytes(TOKENIZER) if store.remote else None
     actual = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(store.root / TOKENIZER)
     if actual != manifest.tokenizer_sha256:
@@ -192,7 +218,9 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
         name = shard_name(manifest, shard)
         size, expected = sizes.get(name), shard.tokens * itemsize
         if size is None:
-            raise DataError(f"Shard {store.url(name)} listed in manifest {manifest.path} is missing; prepare the data again.")
+            raise DataError(
+                f"Shard {store.url(name)} listed in manifest {manifest.path} is missing; prepare the data again."
+            )
         if size != expected:
             what = "truncated" if size < expected else "larger than recorded"
             raise DataError(
@@ -203,7 +231,9 @@ def verify_dataset(manifest: Manifest, splits: Sequence[str] = SPLITS, checksums
             path = store.root / name
             digest = file_sha256(path)
             if digest != shard.sha256:
-                raise DataError(f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt.")
+                raise DataError(
+                    f"Shard {path} has sha256 {digest} but manifest {manifest.path} records {shard.sha256}: the file is corrupt."
+                )
             max_id_check(path, manifest.dtype, manifest.vocab_size)
 
 

@@ -23,7 +23,9 @@ def check_manifest_fields(raw: Dict[str, Any], path: Path, splits: tuple, dtypes
     def bad(what: str) -> DataError:
         return DataError(f"Manifest {path} is malformed: {what}; prepare the data again.")
 
-    if not isinstance(raw.get("dtype"), str):  # which names are allowed is checked with the shards (manifest.py)
+    if not isinstance(
+        raw.get("dtype"), str
+    ):  # which names are allowed is checked with the shards (manifest.py)
         raise bad(f"dtype is {raw.get('dtype')!r}, expected one of {', '.join(dtypes)}")
     for key in ("vocab_size", "shard_tokens"):
         if not _is_int(raw.get(key)) or raw[key] <= 0:
@@ -33,7 +35,9 @@ def check_manifest_fields(raw: Dict[str, Any], path: Path, splits: tuple, dtypes
     if not isinstance(raw.get("tokenizer_sha256"), str):
         raise bad("tokenizer_sha256 is not a string")
     sources = raw.get("sources")
-    if not isinstance(sources, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in sources):
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) for s in sources
+    ):
         raise bad("sources is not a list of objects with a name")
     names = {s["name"] for s in sources}
     shards = raw.get("shards")

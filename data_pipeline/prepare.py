@@ -46,13 +46,22 @@ def prepare_lock(data_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"prepare: another prepare of {data_dir} is running; waiting for it", file=sys.stderr, flush=True)
+            print(
+                f"prepare: another prepare of {data_dir} is running; waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
-def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional[str] = None, merge: bool = False,
-            tokenizer_only: bool = False) -> Path | str:
+def prepare(
+    data_cfg: DataConfig,
+    tokenizer_cfg: TokenizerConfig,
+    part: Optional[str] = None,
+    merge: bool = False,
+    tokenizer_only: bool = False,
+) -> Path | str:
     """Train (or copy) the tokenizer and write the shards and manifest into data.dir; idempotent and resumable.
     On many nodes: tokenizer_only once, then part="K/N" for K in 1..N, then merge (prepare_parts.py).
 
@@ -64,8 +73,10 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional
         from data_pipeline import prepare_parts
 
         if is_remote(data_cfg.dir):
-            raise DataError(f"--part/--merge/--tokenizer-only need a local or shared data.dir, not {data_cfg.dir}; "
-                            f"prepare to a shared folder, then copy it to the object store, or prepare in one process.")
+            raise DataError(
+                f"--part/--merge/--tokenizer-only need a local or shared data.dir, not {data_cfg.dir}; "
+                f"prepare to a shared folder, then copy it to the object store, or prepare in one process."
+            )
         if tokenizer_only:
             return prepare_parts.prepare_tokenizer_only(data_cfg, tokenizer_cfg)
         if merge:
@@ -82,31 +93,55 @@ def prepare(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: Optional
         fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
         if (data_dir / MANIFEST).exists():
             manifest = load_manifest(data_dir)
-            check_same_origin(manifest.path, data_dir, manifest.prepared_from, manifest.tokenizer_sha256, fingerprint, tokenizer_cfg)
+            check_same_origin(
+                manifest.path,
+                data_dir,
+                manifest.prepared_from,
+                manifest.tokenizer_sha256,
+                fingerprint,
+                tokenizer_cfg,
+            )
             verify_dataset(manifest)
             report_complete(data_dir, manifest)
             return data_dir
         if not (data_dir / WORK_DIR / STATE).exists():
-            claim_fresh_data_dir(data_dir, WORK_DIR, LOCK)  # never write over files an earlier prepare did not write
+            claim_fresh_data_dir(
+                data_dir, WORK_DIR, LOCK
+            )  # never write over files an earlier prepare did not write
         prepare_into(data_cfg, tokenizer_cfg, data_dir, fingerprint)
     return data_dir
 
 
 def report_complete(where: Any, manifest: Manifest) -> None:
-    print(f"prepare: {where} is already complete ({len(manifest.shards)} shards, "
-          f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.", flush=True)
+    print(
+        f"prepare: {where} is already complete ({len(manifest.shards)} shards, "
+        f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.",
+        flush=True,
+    )
     print(summary_table(manifest))
 
 
-def prepare_into(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, fingerprint: Dict[str, Any],
-                 publisher: Any = None) -> Manifest:
+def prepare_into(
+    data_cfg: DataConfig,
+    tokenizer_cfg: TokenizerConfig,
+    data_dir: Path,
+    fingerprint: Dict[str, Any],
+    publisher: Any = None,
+) -> Manifest:
     """Start or resume the prepare in the local folder data_dir (the caller holds its lock). A publisher
     (remote_prepare.Publisher) uploads the tokenizer and each shard as it is sealed, and the manifest last."""
     num_proc = resolve_num_proc(data_cfg.num_proc)
     state_path = data_dir / WORK_DIR / STATE
     if state_path.exists():
         state = json.loads(state_path.read_text(encoding="utf-8"))
-        check_same_origin(state_path, data_dir, state["prepared_from"], state["tokenizer_sha256"], fingerprint, tokenizer_cfg)
+        check_same_origin(
+            state_path,
+            data_dir,
+            state["prepared_from"],
+            state["tokenizer_sha256"],
+            fingerprint,
+            tokenizer_cfg,
+        )
         tokenizer_path = data_dir / TOKENIZER
         if not tokenizer_path.is_file() or file_sha256(tokenizer_path) != state["tokenizer_sha256"]:
             raise DataError(

@@ -16,15 +16,21 @@ from data_pipeline.tokenizer import load_tokenizer
 def tokenizer_fingerprint(tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
     if tokenizer_cfg.path:
         return {"from": "file"}
-    return {"from": "trained", "vocab_size": tokenizer_cfg.vocab_size, "min_frequency": tokenizer_cfg.min_frequency,
-            "max_train_docs": tokenizer_cfg.max_train_docs}
+    return {
+        "from": "trained",
+        "vocab_size": tokenizer_cfg.vocab_size,
+        "min_frequency": tokenizer_cfg.min_frequency,
+        "max_train_docs": tokenizer_cfg.max_train_docs,
+    }
 
 
 def prepare_fingerprint(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Dict[str, Any]:
     """Everything that determines the shards' bytes (not weights, num_proc or workers)."""
     return {
-        "sources": [source_fingerprint(s) for s in data_cfg.sources], "val_fraction": data_cfg.val_fraction,
-        "shard_tokens": data_cfg.shard_tokens, "encoding_errors": data_cfg.encoding_errors,
+        "sources": [source_fingerprint(s) for s in data_cfg.sources],
+        "val_fraction": data_cfg.val_fraction,
+        "shard_tokens": data_cfg.shard_tokens,
+        "encoding_errors": data_cfg.encoding_errors,
         "tokenizer": tokenizer_fingerprint(tokenizer_cfg),
     }
 
@@ -45,8 +51,14 @@ def first_difference(old: Any, new: Any, key: str = "") -> Optional[str]:
     return None if old == new else f"{key}: was {old!r}, now {new!r}"
 
 
-def check_same_origin(where: Path, data_dir: Path, recorded: Dict[str, Any], recorded_sha: str,
-                       fingerprint: Dict[str, Any], tokenizer_cfg: TokenizerConfig) -> None:
+def check_same_origin(
+    where: Path,
+    data_dir: Path,
+    recorded: Dict[str, Any],
+    recorded_sha: str,
+    fingerprint: Dict[str, Any],
+    tokenizer_cfg: TokenizerConfig,
+) -> None:
     """DataError unless the data in data_dir (complete or half-prepared) came from this same config."""
     if tokenizer_cfg.path:
         sha = file_sha256(tokenizer_cfg.path) if Path(tokenizer_cfg.path).is_file() else None

@@ -81,8 +81,10 @@ def part_slices(source: SourceConfig, part: int, parts: int) -> List[Tuple[int, 
     part whose range holds its first byte."""
     files = resolve_files(source)
     if not files:
-        raise DataError(f"Source {source.path} is not a local file, folder or glob; --part slices local files only. "
-                        f"Prepare it without --part.")
+        raise DataError(
+            f"Source {source.path} is not a local file, folder or glob; --part slices local files only. "
+            f"Prepare it without --part."
+        )
     sizes = [f.stat().st_size for f in files]
     total = max(sum(sizes), 1)
     low, high = (part - 1) * total // parts, part * total // parts
@@ -114,8 +116,10 @@ def _line_documents(path: Path, start: int, end: int, encoding_errors: str) -> I
             try:
                 text = raw.decode("utf-8", errors=errors)
             except UnicodeDecodeError as err:
-                raise DataError(f"{path} is not valid UTF-8 ({err.reason}); expected UTF-8 text, or set "
-                                f"data.encoding_errors=replace to replace bad bytes.") from None
+                raise DataError(
+                    f"{path} is not valid UTF-8 ({err.reason}); expected UTF-8 text, or set "
+                    f"data.encoding_errors=replace to replace bad bytes."
+                ) from None
             text = text.replace("\r\n", "\n").replace("\r", "\n")
             pieces = text.split("\n")
             for line in pieces[:-1] if text.endswith("\n") else pieces:
@@ -123,7 +127,9 @@ def _line_documents(path: Path, start: int, end: int, encoding_errors: str) -> I
                     yield line
 
 
-def slice_documents(source: SourceConfig, slices: List[Tuple[int, int, int]], encoding_errors: str) -> Iterator[str]:
+def slice_documents(
+    source: SourceConfig, slices: List[Tuple[int, int, int]], encoding_errors: str
+) -> Iterator[str]:
     files = resolve_files(source)
     for index, start, end in slices:
         if splittable(source, files[index]):
@@ -138,7 +144,9 @@ def slice_documents(source: SourceConfig, slices: List[Tuple[int, int, int]], en
 def _tokenizer_for_parts(data_dir: Path) -> Tuple[Any, str]:
     path = data_dir / TOKENIZER
     if not path.is_file():
-        raise DataError(f"{path} does not exist: run `slm prepare CONFIG --tokenizer-only` once before the parts start.")
+        raise DataError(
+            f"{path} does not exist: run `slm prepare CONFIG --tokenizer-only` once before the parts start."
+        )
     return load_tokenizer(path), file_sha256(path)
 
 
@@ -176,16 +184,31 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
                 chars += len(text)
                 if chars >= chunk_bytes:
                     tokens += _write(out, texts)
-                    documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
+                    documents, replaced = (
+                        documents + len(texts),
+                        replaced + sum(t.count("\ufffd") for t in texts),
+                    )
                     texts, chars = [], 0
             tokens += _write(out, texts)
             documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
             out.flush()
             os.fsync(out.fileno())
-        atomic_write_json(folder / f"{name}.json", {"documents": documents, "replaced_chars": replaced, "slices": slices})
-    atomic_write_json(folder / DONE, {"tokenizer_sha256": sha, "prepared_from": prepare_fingerprint(data_cfg, tokenizer_cfg),
-                                      "tokens": tokens, "seconds": time.time() - started})
-    print(f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}", flush=True)
+        atomic_write_json(
+            folder / f"{name}.json", {"documents": documents, "replaced_chars": replaced, "slices": slices}
+        )
+    atomic_write_json(
+        folder / DONE,
+        {
+            "tokenizer_sha256": sha,
+            "prepared_from": prepare_fingerprint(data_cfg, tokenizer_cfg),
+            "tokens": tokens,
+            "seconds": time.time() - started,
+        },
+    )
+    print(
+        f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}",
+        flush=True,
+    )
     return folder
 
 
@@ -202,12 +225,16 @@ def _done_parts(data_dir: Path) -> Tuple[int, List[Path]]:
     counts = {int(f.name.split("-of-")[1]) for f in folders}
     if len(counts) != 1:
         found = sorted(f.name for f in folders) or "none"
-        raise DataError(f"--merge needs the parts of one --part K/N split in {data_dir / PARTS}; found {found}.")
+        raise DataError(
+            f"--merge needs the parts of one --part K/N split in {data_dir / PARTS}; found {found}."
+        )
     parts = counts.pop()
     missing = [k for k in range(1, parts + 1) if not (data_dir / PARTS / f"{k}-of-{parts}" / DONE).is_file()]
     if missing:
-        raise DataError(f"Cannot merge {data_dir}: part(s) {', '.join(map(str, missing))} of {parts} are not done "
-                        f"(run `slm prepare CONFIG --part K/{parts}` for each).")
+        raise DataError(
+            f"Cannot merge {data_dir}: part(s) {', '.join(map(str, missing))} of {parts} are not done "
+            f"(run `slm prepare CONFIG --part K/{parts}` for each)."
+        )
     return parts, [data_dir / PARTS / f"{k}-of-{parts}" for k in range(1, parts + 1)]
 
 
@@ -224,7 +251,9 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
         for folder in folders:
             done = json.loads((folder / DONE).read_text())
             if done["tokenizer_sha256"] != sha or done["prepared_from"] != fingerprint:
-                raise DataError(f"Part {folder} was made with another tokenizer or config than this merge; run it again.")
+                raise DataError(
+                    f"Part {folder} was made with another tokenizer or config than this merge; run it again."
+                )
         dtype = token_dtype(tokenizer_vocab_size(tokenizer))
         eot, byte_lengths = eot_id(tokenizer), token_byte_lengths(tokenizer)
         work = data_dir / WORK_DIR
@@ -232,25 +261,50 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
         work.mkdir()
         records, sources = [], []
         for source, name in zip(data_cfg.sources, names):
-            writers = {s: ShardWriter(data_dir, work, name, s, dtype, data_cfg.shard_tokens, eot, byte_lengths) for s in SPLITS}
+            writers = {
+                s: ShardWriter(data_dir, work, name, s, dtype, data_cfg.shard_tokens, eot, byte_lengths)
+                for s in SPLITS
+            }
             counts = {"train": 0, "val": 0}
             index, replaced = 0, 0
             for folder in folders:
                 info = json.loads((folder / f"{name}.json").read_text())
-                index, split_counts = _merge_stream(folder / f"{name}.tokens", dtype, eot, index, data_cfg.val_fraction,
-                                                    writers, records)
+                index, split_counts = _merge_stream(
+                    folder / f"{name}.tokens", dtype, eot, index, data_cfg.val_fraction, writers, records
+                )
                 counts = {s: counts[s] + split_counts[s] for s in SPLITS}
                 replaced += info["replaced_chars"]
             if index == 1:
-                raise DataError(f"Source '{name}' holds a single document, whose tail is its validation split; prepare it "
-                                f"without --part.")
+                raise DataError(
+                    f"Source '{name}' holds a single document, whose tail is its validation split; prepare it "
+                    f"without --part."
+                )
             records += [r for r in (writers["train"].finish(), writers["val"].finish()) if r]
-            sources.append({"name": name, "path": source.path, "documents": index, "train_documents": counts["train"],
-                            "val_documents": counts["val"], "val_rule": "interleave", "replaced_chars": replaced})
+            sources.append(
+                {
+                    "name": name,
+                    "path": source.path,
+                    "documents": index,
+                    "train_documents": counts["train"],
+                    "val_documents": counts["val"],
+                    "val_rule": "interleave",
+                    "replaced_chars": replaced,
+                }
+            )
         records.sort(key=lambda r: (names.index(r.source), SPLITS.index(r.split), r.index))
-        manifest = Manifest(path=data_dir / MANIFEST, format_version=FORMAT_VERSION, dtype=dtype, tokenizer_sha256=sha,
-                            vocab_size=tokenizer_vocab_size(tokenizer), eot_id=eot, val_fraction=data_cfg.val_fraction,
-                            shard_tokens=data_cfg.shard_tokens, sources=sources, shards=records, prepared_from=fingerprint)
+        manifest = Manifest(
+            path=data_dir / MANIFEST,
+            format_version=FORMAT_VERSION,
+            dtype=dtype,
+            tokenizer_sha256=sha,
+            vocab_size=tokenizer_vocab_size(tokenizer),
+            eot_id=eot,
+            val_fraction=data_cfg.val_fraction,
+            shard_tokens=data_cfg.shard_tokens,
+            sources=sources,
+            shards=records,
+            prepared_from=fingerprint,
+        )
         write_manifest(manifest)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(data_dir / PARTS, ignore_errors=True)
@@ -259,18 +313,29 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
     return data_dir
 
 
-def _merge_stream(path: Path, dtype: str, eot: int, index: int, val_fraction: float, writers: Dict[str, ShardWriter],
-                  records: List) -> Tuple[int, Dict[str, int]]:
+def _merge_stream(
+    path: Path,
+    dtype: str,
+    eot: int,
+    index: int,
+    val_fraction: float,
+    writers: Dict[str, ShardWriter],
+    records: List,
+) -> Tuple[int, Dict[str, int]]:
     """Route a part's documents (from global document `index` on) to the train and val writers."""
-    stream = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if path.stat().st_size else np.zeros(0, dtype)
+    stream = (
+        np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        if path.stat().st_size
+        else np.zeros(0, dtype)
+    )
     counts = {"train": 0, "val": 0}
     start = 0
     while start < len(stream):
-        piece = np.asarray(stream[start:start + MERGE_TOKENS])
+        piece = np.asarray(stream[start : start + MERGE_TOKENS])
         ends = np.flatnonzero(piece == eot)
         if not len(ends):
             raise DataError(f"Part stream {path} does not end with EOT; run that part again.")
-        piece = piece[:ends[-1] + 1]
+        piece = piece[: ends[-1] + 1]
         doc_of_token = np.concatenate([[0], np.cumsum(piece[:-1] == eot)])
         held = validation_mask(index, len(ends), val_fraction)[doc_of_token]
         # Each split keeps the documents' order; train documents are written before val ones within a

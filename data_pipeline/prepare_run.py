@@ -84,13 +84,16 @@ class Chunk:
 @dataclass
 class SourceProgress:
     """Counters of the source being prepared; saved with every commit."""
+
     documents: int = 0
     train_documents: int = 0
     val_documents: int = 0
     replaced_chars: int = 0
     val_rule: str = "interleave"
     position: Tuple[int, int] = (0, 0)
-    partial: Dict[str, Dict[str, int]] = field(default_factory=lambda: {s: {"index": 0, "tokens": 0} for s in SPLITS})
+    partial: Dict[str, Dict[str, int]] = field(
+        default_factory=lambda: {s: {"index": 0, "tokens": 0} for s in SPLITS}
+    )
 
 
 class _Ready:
@@ -106,8 +109,15 @@ class _Ready:
 class PrepareRun:
     """One prepare of data_dir, from its start or from the last commit of an interrupted one."""
 
-    def __init__(self, data_cfg: DataConfig, data_dir: Path, tokenizer: Tokenizer, tokenizer_sha: str,
-                 fingerprint: Dict[str, Any], num_proc: int):
+    def __init__(
+        self,
+        data_cfg: DataConfig,
+        data_dir: Path,
+        tokenizer: Tokenizer,
+        tokenizer_sha: str,
+        fingerprint: Dict[str, Any],
+        num_proc: int,
+    ):
         self.cfg, self.data_dir, self.tokenizer = data_cfg, data_dir, tokenizer
         self.tokenizer_sha, self.fingerprint, self.num_proc = tokenizer_sha, fingerprint, num_proc
         self.names = source_names(data_cfg.sources)
@@ -130,11 +140,23 @@ class PrepareRun:
     def _state(self) -> Dict[str, Any]:
         p = self.progress
         return {
-            "format_version": FORMAT_VERSION, "prepared_from": self.fingerprint, "tokenizer_sha256": self.tokenizer_sha,
-            "journal_bytes": self.journal.tell(), "sources_done": self.sources_done, "source_index": self.source_index,
-            "source": {"documents": p.documents, "train_documents": p.train_documents, "val_documents": p.val_documents,
-                       "replaced_chars": p.replaced_chars, "val_rule": p.val_rule, "position": list(p.position),
-                       "partial": {s: {"index": w.index, "tokens": w.partial_tokens} for s, w in self.writers.items()}},
+            "format_version": FORMAT_VERSION,
+            "prepared_from": self.fingerprint,
+            "tokenizer_sha256": self.tokenizer_sha,
+            "journal_bytes": self.journal.tell(),
+            "sources_done": self.sources_done,
+            "source_index": self.source_index,
+            "source": {
+                "documents": p.documents,
+                "train_documents": p.train_documents,
+                "val_documents": p.val_documents,
+                "replaced_chars": p.replaced_chars,
+                "val_rule": p.val_rule,
+                "position": list(p.position),
+                "partial": {
+                    s: {"index": w.index, "tokens": w.partial_tokens} for s, w in self.writers.items()
+                },
+            },
         }
 
     def _commit(self) -> None:
@@ -146,7 +168,9 @@ class PrepareRun:
         atomic_write_json(self.work_dir / STATE, self._state())
         self.last_commit = time.time()
         if self.publisher is not None:
-            self.publisher.committed(self.work_dir)  # journaled for good: local copies of uploaded shards may go
+            self.publisher.committed(
+                self.work_dir
+            )  # journaled for good: local copies of uploaded shards may go
 
     def _journal(self, records: List[ShardRecord]) -> None:
         for record in records:
@@ -160,8 +184,17 @@ class PrepareRun:
         journaled = {r.file for r in self.records}
         self.writers = {}
         for split in SPLITS:
-            writer = ShardWriter(self.data_dir, self.work_dir, name, split, self.dtype, self.cfg.shard_tokens,
-                                 self.eot_id, self.byte_lengths, index=partial[split]["index"])
+            writer = ShardWriter(
+                self.data_dir,
+                self.work_dir,
+                name,
+                split,
+                self.dtype,
+                self.cfg.shard_tokens,
+                self.eot_id,
+                self.byte_lengths,
+                index=partial[split]["index"],
+            )
             writer.recover(partial[split]["tokens"], journaled)
             self.writers[split] = writer
 
@@ -178,8 +211,10 @@ class PrepareRun:
             return
         state = json.loads(state_path.read_text(encoding="utf-8"))
         if not journal_path.exists() or journal_path.stat().st_size < state["journal_bytes"]:
-            raise DataError(f"Cannot resume prepare: the shard journal {journal_path} is shorter than {state_path} "
-                            f"records; the folder was modified. Delete {self.data_dir} and prepare again.")
+            raise DataError(
+                f"Cannot resume prepare: the shard journal {journal_path} is shorter than {state_path} "
+                f"records; the folder was modified. Delete {self.data_dir} and prepare again."
+            )
         with open(journal_path, "r+b") as f:
             f.truncate(state["journal_bytes"])
         with open(journal_path, encoding="utf-8") as f:
@@ -188,15 +223,26 @@ class PrepareRun:
         self.sources_done = state["sources_done"]
         self.source_index = state["source_index"]
         s = state["source"]
-        self.progress = SourceProgress(s["documents"], s["train_documents"], s["val_documents"], s["replaced_chars"],
-                                       s["val_rule"], tuple(s["position"]), s["partial"])
+        self.progress = SourceProgress(
+            s["documents"],
+            s["train_documents"],
+            s["val_documents"],
+            s["replaced_chars"],
+            s["val_rule"],
+            tuple(s["position"]),
+            s["partial"],
+        )
         if self.source_index < len(self.names):
             self._new_writers(self.progress.partial)
-        done_tokens = sum(r.tokens for r in self.records) + sum(w.partial_tokens for w in self.writers.values())
-        print(f"prepare: resuming an interrupted prepare of {self.data_dir}: {len(self.sources_done)} of "
-              f"{len(self.names)} sources done, {self.progress.documents:,} documents of source "
-              f"'{self.names[min(self.source_index, len(self.names) - 1)]}' committed, {done_tokens:,} tokens kept",
-              flush=True)
+        done_tokens = sum(r.tokens for r in self.records) + sum(
+            w.partial_tokens for w in self.writers.values()
+        )
+        print(
+            f"prepare: resuming an interrupted prepare of {self.data_dir}: {len(self.sources_done)} of "
+            f"{len(self.names)} sources done, {self.progress.documents:,} documents of source "
+            f"'{self.names[min(self.source_index, len(self.names) - 1)]}' committed, {done_tokens:,} tokens kept",
+            flush=True,
+        )
 
     # --- chunks ------------------------------------------------------------------------------------
     def _chunks(self, source: SourceConfig) -> Iterator[Chunk]:
@@ -227,11 +273,23 @@ class PrepareRun:
             chars += len(doc.text)
             end = (doc.file_index, doc.row + 1)
             if chars >= chunk_bytes:
-                yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
+                yield Chunk(
+                    texts,
+                    validation_mask(index, len(texts), self.cfg.val_fraction).tolist(),
+                    end,
+                    len(texts),
+                    chars,
+                )
                 index += len(texts)
                 texts, chars = [], 0
         if texts:
-            yield Chunk(texts, validation_mask(index, len(texts), self.cfg.val_fraction).tolist(), end, len(texts), chars)
+            yield Chunk(
+                texts,
+                validation_mask(index, len(texts), self.cfg.val_fraction).tolist(),
+                end,
+                len(texts),
+                chars,
+            )
 
     def _apply(self, chunk: Chunk, encoded: encode.EncodedChunk) -> None:
         self._journal(self.writers["train"].append(encoded.train))
@@ -252,13 +310,22 @@ class PrepareRun:
             if record:
                 self._journal([record])
         p, name = self.progress, self.names[self.source_index]
-        self.sources_done.append({
-            "name": name, "path": self.cfg.sources[self.source_index].path, "documents": p.documents,
-            "train_documents": p.train_documents, "val_documents": p.val_documents, "val_rule": p.val_rule,
-            "replaced_chars": p.replaced_chars,
-        })
+        self.sources_done.append(
+            {
+                "name": name,
+                "path": self.cfg.sources[self.source_index].path,
+                "documents": p.documents,
+                "train_documents": p.train_documents,
+                "val_documents": p.val_documents,
+                "val_rule": p.val_rule,
+                "replaced_chars": p.replaced_chars,
+            }
+        )
         if p.replaced_chars:
-            print(f"prepare: source '{name}': {p.replaced_chars:,} bytes that were not UTF-8 replaced by U+FFFD", flush=True)
+            print(
+                f"prepare: source '{name}': {p.replaced_chars:,} bytes that were not UTF-8 replaced by U+FFFD",
+                flush=True,
+            )
         self.source_index += 1
         self.progress = SourceProgress()
         if self.source_index < len(self.names):
@@ -276,13 +343,21 @@ class PrepareRun:
         if self.num_proc > 1:
             gc.freeze()  # forked workers then never touch (and copy) the parent's objects when they collect
             pool = get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-                self.num_proc, initializer=encode.init_worker, initargs=(tokenizer_json, self.dtype, True))
+                self.num_proc, initializer=encode.init_worker, initargs=(tokenizer_json, self.dtype, True)
+            )
             gc.unfreeze()
         else:
             encode.init_worker(tokenizer_json, self.dtype)
         total = sum(f.stat().st_size for s in self.cfg.sources for f in resolve_files(s)) or None
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
         documents = 0
         try:
             while self.source_index < len(self.names):
@@ -298,7 +373,9 @@ class PrepareRun:
                         elif pool is None:
                             inflight.append((chunk, _Ready(encode.encode_chunk(chunk.texts, chunk.is_val))))
                         else:
-                            inflight.append((chunk, pool.apply_async(encode.encode_chunk, (chunk.texts, chunk.is_val))))
+                            inflight.append(
+                                (chunk, pool.apply_async(encode.encode_chunk, (chunk.texts, chunk.is_val)))
+                            )
                     if not inflight:
                         break
                     chunk, result = inflight.popleft()
@@ -306,13 +383,19 @@ class PrepareRun:
                     documents += chunk.documents
                     elapsed = max(time.time() - started, 1e-9)
                     bar.update(chunk.chars)
-                    bar.set_postfix_str(f"{self.names[self.source_index]}: {documents:,} docs, "
-                                        f"{self.tokens_this_run:,} tokens, {self.tokens_this_run / elapsed:,.0f} tokens/s",
-                                        refresh=False)
+                    bar.set_postfix_str(
+                        f"{self.names[self.source_index]}: {documents:,} docs, "
+                        f"{self.tokens_this_run:,} tokens, {self.tokens_this_run / elapsed:,.0f} tokens/s",
+                        refresh=False,
+                    )
                 self._finish_source()
         except KeyboardInterrupt:
-            print(f"\nprepare: interrupted; run the same command again to resume from the last commit "
-                  f"({self.data_dir / WORK_DIR / STATE}).", file=sys.stderr, flush=True)
+            print(
+                f"\nprepare: interrupted; run the same command again to resume from the last commit "
+                f"({self.data_dir / WORK_DIR / STATE}).",
+                file=sys.stderr,
+                flush=True,
+            )
             raise
         finally:
             bar.close()
@@ -327,10 +410,18 @@ class PrepareRun:
     def _write_manifest(self, started: float) -> Manifest:
         """The manifest, written last (its presence marks a complete prepare), and the summary printed."""
         manifest = Manifest(
-            path=self.data_dir / MANIFEST, format_version=FORMAT_VERSION, dtype=self.dtype,
-            tokenizer_sha256=self.tokenizer_sha, vocab_size=tokenizer_vocab_size(self.tokenizer), eot_id=self.eot_id,
-            val_fraction=self.cfg.val_fraction, shard_tokens=self.cfg.shard_tokens, sources=self.sources_done,
-            shards=sorted(self.records, key=lambda r: (self.names.index(r.source), SPLITS.index(r.split), r.index)),
+            path=self.data_dir / MANIFEST,
+            format_version=FORMAT_VERSION,
+            dtype=self.dtype,
+            tokenizer_sha256=self.tokenizer_sha,
+            vocab_size=tokenizer_vocab_size(self.tokenizer),
+            eot_id=self.eot_id,
+            val_fraction=self.cfg.val_fraction,
+            shard_tokens=self.cfg.shard_tokens,
+            sources=self.sources_done,
+            shards=sorted(
+                self.records, key=lambda r: (self.names.index(r.source), SPLITS.index(r.split), r.index)
+            ),
             prepared_from=self.fingerprint,
         )
         if self.publisher is None:
@@ -341,8 +432,10 @@ class PrepareRun:
         elapsed = time.time() - started
         print(summary_table(manifest))
         where = self.publisher.store if self.publisher is not None else self.data_dir
-        print(f"prepare: wrote {where} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
-              f"with {self.num_proc} tokenizer process{'es' if self.num_proc > 1 else ''}); "
-              f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}",
-              flush=True)
+        print(
+            f"prepare: wrote {where} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
+            f"with {self.num_proc} tokenizer process{'es' if self.num_proc > 1 else ''}); "
+            f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}",
+            flush=True,
+        )
         return manifest

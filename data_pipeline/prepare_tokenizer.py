@@ -69,22 +69,40 @@ def training_texts(data_cfg: DataConfig, limit: Optional[int]) -> Iterator[List[
 
 
 def empty_source(source: SourceConfig) -> DataError:
-    return DataError(f"Source {describe_source(source)} holds no documents (it is empty or only whitespace); expected non-empty text.")
+    return DataError(
+        f"Source {describe_source(source)} holds no documents (it is empty or only whitespace); expected non-empty text."
+    )
 
 
-def obtain_tokenizer(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, num_proc: int) -> Tuple[Tokenizer, str]:
+def obtain_tokenizer(
+    data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, data_dir: Path, num_proc: int
+) -> Tuple[Tokenizer, str]:
     target = data_dir / TOKENIZER
     if tokenizer_cfg.path:
         copy_tokenizer(tokenizer_cfg.path, target)
         print(f"prepare: tokenizer copied from {tokenizer_cfg.path}", flush=True)
     else:
         started = time.time()
-        print(f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
-              f"{', '.join(describe_source(s) for s in data_cfg.sources)}", flush=True)
-        tokenizer = train_tokenizer(training_texts(data_cfg, tokenizer_cfg.max_train_docs), tokenizer_cfg.vocab_size,
-                                    tokenizer_cfg.min_frequency, threads=num_proc, target=target)
+        print(
+            f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
+            f"{', '.join(describe_source(s) for s in data_cfg.sources)}",
+            flush=True,
+        )
+        tokenizer = train_tokenizer(
+            training_texts(data_cfg, tokenizer_cfg.max_train_docs),
+            tokenizer_cfg.vocab_size,
+            tokenizer_cfg.min_frequency,
+            threads=num_proc,
+            target=target,
+        )
         save_tokenizer(tokenizer, target)
         size = tokenizer_vocab_size(tokenizer)
-        short = f" (the corpus supports only {size} < {tokenizer_cfg.vocab_size})" if size < tokenizer_cfg.vocab_size else ""
-        print(f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True)
+        short = (
+            f" (the corpus supports only {size} < {tokenizer_cfg.vocab_size})"
+            if size < tokenizer_cfg.vocab_size
+            else ""
+        )
+        print(
+            f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True
+        )
     return load_tokenizer(target), file_sha256(target)

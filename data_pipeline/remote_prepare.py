@@ -98,9 +98,11 @@ def _restore_snapshot(store: DataStore, staging: Path, names: List[str]) -> None
         return
     state = json.loads(store.read_bytes(f"{WORK_DIR}/{STATE}").decode("utf-8"))
     work.mkdir(parents=True, exist_ok=True)
-    wanted = [JOURNAL] + [shard_file_name(names[state["source_index"]], split, part["index"]) + ".partial"
-                          for split, part in state["source"]["partial"].items()
-                          if part["tokens"] and state["source_index"] < len(names)]
+    wanted = [JOURNAL] + [
+        shard_file_name(names[state["source_index"]], split, part["index"]) + ".partial"
+        for split, part in state["source"]["partial"].items()
+        if part["tokens"] and state["source_index"] < len(names)
+    ]
     for name in wanted:
         store.download(f"{WORK_DIR}/{name}", work / name)
     store.download(TOKENIZER, staging / TOKENIZER)
@@ -115,8 +117,14 @@ def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
     fingerprint = prepare_fingerprint(data_cfg, tokenizer_cfg)
     if store.exists(MANIFEST):
         manifest = load_manifest(store)
-        check_same_origin(manifest.path, store.location, manifest.prepared_from, manifest.tokenizer_sha256,
-                           fingerprint, tokenizer_cfg)
+        check_same_origin(
+            manifest.path,
+            store.location,
+            manifest.prepared_from,
+            manifest.tokenizer_sha256,
+            fingerprint,
+            tokenizer_cfg,
+        )
         verify_dataset(manifest)
         report_complete(store, manifest)
         return store.location
@@ -128,6 +136,12 @@ def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
         _claim_origin(store, staging, fingerprint)
         _restore_snapshot(store, staging, source_names(data_cfg.sources))
         print(f"prepare: writing {store} through the local staging folder {staging}", flush=True)
-        prepare_into(replace(data_cfg, dir=str(staging)), tokenizer_cfg, staging, fingerprint, Publisher(store, staging))
+        prepare_into(
+            replace(data_cfg, dir=str(staging)),
+            tokenizer_cfg,
+            staging,
+            fingerprint,
+            Publisher(store, staging),
+        )
     shutil.rmtree(staging, ignore_errors=True)
     return store.location

@@ -69,7 +69,7 @@ def local_copy(store: DataStore, name: str, cache_dir: Optional[str]) -> Path:
 def local_file(location: str, storage_options: Optional[Dict[str, Any]], cache_dir: Optional[str]) -> Path:
     """A file named by a path or URL (tokenizer.path) as a local path: downloaded into the cache when remote."""
     if "://" not in location or location.startswith("file://"):
-        return Path(location[len("file://"):] if location.startswith("file://") else location)
+        return Path(location[len("file://") :] if location.startswith("file://") else location)
     folder, name = location.rstrip("/").rsplit("/", 1)
     return local_copy(DataStore(folder, storage_options), name, cache_dir)
 
@@ -77,10 +77,18 @@ def local_file(location: str, storage_options: Optional[Dict[str, Any]], cache_d
 class ShardCache:
     """Token reads of a remote dataset's shards through a bounded local cache (one per process)."""
 
-    def __init__(self, store: DataStore, cache_dir: Optional[str], limit: Optional[int],
-                 shards: Dict[str, tuple], dtype: np.dtype):
+    def __init__(
+        self,
+        store: DataStore,
+        cache_dir: Optional[str],
+        limit: Optional[int],
+        shards: Dict[str, tuple],
+        dtype: np.dtype,
+    ):
         if limit is not None and limit < 0:
-            raise DataError(f"data.cache_limit is {limit}; expected a size in bytes >= 0, or null for no bound.")
+            raise DataError(
+                f"data.cache_limit is {limit}; expected a size in bytes >= 0, or null for no bound."
+            )
         self.store, self.limit, self.dtype = store, limit, dtype
         self.shards = shards
         """name -> (size in bytes, sha256) from the manifest."""
@@ -98,8 +106,16 @@ class ShardCache:
     def __getstate__(self) -> Dict[str, Any]:
         """DataLoader workers get a fresh cache object (threads and maps do not cross processes)."""
         state = dict(self.__dict__)
-        state.update(_verified=set(), _ranged=set(), _maps={}, _pending={}, _pieces={}, _pool=None, _lock=None,
-                     warned=self.warned)
+        state.update(
+            _verified=set(),
+            _ranged=set(),
+            _maps={},
+            _pending={},
+            _pieces={},
+            _pool=None,
+            _lock=None,
+            warned=self.warned,
+        )
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -116,12 +132,18 @@ class ShardCache:
         if self.limit is not None and need > self.limit:
             missing = [n for n in names if not self._cached(n)]
             if missing and not self.warned:
-                log.warning("data.cache_limit %d bytes is smaller than the %d bytes of shards the next batches read; "
-                            "reading %d shard(s) by ranged requests instead of caching them whole (slower, correct)",
-                            self.limit, need, len(missing))
-                print(f"[data] data.cache_limit={self.limit} bytes < {need} bytes of shards needed next: reading "
-                      f"shards of {self.store} by ranged requests (slower); raise data.cache_limit to cache them",
-                      flush=True)
+                log.warning(
+                    "data.cache_limit %d bytes is smaller than the %d bytes of shards the next batches read; "
+                    "reading %d shard(s) by ranged requests instead of caching them whole (slower, correct)",
+                    self.limit,
+                    need,
+                    len(missing),
+                )
+                print(
+                    f"[data] data.cache_limit={self.limit} bytes < {need} bytes of shards needed next: reading "
+                    f"shards of {self.store} by ranged requests (slower); raise data.cache_limit to cache them",
+                    flush=True,
+                )
                 self.warned = True
             self._ranged.update(missing)
             pool = self._executor()
@@ -177,7 +199,9 @@ class ShardCache:
         path = self.folder / name
         size, sha = self.shards[name]
         with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one download at a time per node: the bound holds across processes
+            fcntl.flock(
+                lock, fcntl.LOCK_EX
+            )  # one download at a time per node: the bound holds across processes
             if self._cached(name):
                 os.utime(path)
                 return self._map(path, size)

@@ -59,8 +59,18 @@ def open_shard(path: Path, dtype: str) -> np.ndarray:
 class ShardWriter:
     """Appends one (source, split) token stream into fixed-size shards."""
 
-    def __init__(self, data_dir: Path, work_dir: Path, source: str, split: str, dtype: str, shard_tokens: int,
-                 eot_id: int, byte_lengths: np.ndarray, index: int = 0):
+    def __init__(
+        self,
+        data_dir: Path,
+        work_dir: Path,
+        source: str,
+        split: str,
+        dtype: str,
+        shard_tokens: int,
+        eot_id: int,
+        byte_lengths: np.ndarray,
+        index: int = 0,
+    ):
         self.data_dir, self.work_dir = data_dir, work_dir
         self.source, self.split, self.dtype = source, split, dtype
         self.shard_tokens, self.eot_id, self.byte_lengths = shard_tokens, eot_id, byte_lengths
@@ -143,10 +153,15 @@ class ShardWriter:
         data = self.partial_path.read_bytes()
         tokens = np.frombuffer(data, dtype=_little_endian(self.dtype))
         record = ShardRecord(
-            file=shard_file_name(self.source, self.split, self.index), split=self.split, source=self.source,
-            index=self.index, dtype=self.dtype, tokens=int(len(tokens)),
+            file=shard_file_name(self.source, self.split, self.index),
+            split=self.split,
+            source=self.source,
+            index=self.index,
+            dtype=self.dtype,
+            tokens=int(len(tokens)),
             documents=int(np.count_nonzero(tokens == self.eot_id)),
-            text_bytes=int(self.byte_lengths[tokens].sum()), sha256=hashlib.sha256(data).hexdigest(),
+            text_bytes=int(self.byte_lengths[tokens].sum()),
+            sha256=hashlib.sha256(data).hexdigest(),
         )
         os.replace(self.partial_path, self.final_path(self.index))
         self.index += 1

@@ -58,7 +58,9 @@ def source_name(source: SourceConfig) -> str:
     if source.name:
         raw = source.name
     else:
-        parts = [part for part in Path(source.path).parts if not has_glob(part) and part not in ("/", ".", "..")]
+        parts = [
+            part for part in Path(source.path).parts if not has_glob(part) and part not in ("/", ".", "..")
+        ]
         last = Path(source.path).name
         raw = Path(last).stem if last and not has_glob(last) else (parts[-1] if parts else "source")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._")
@@ -99,15 +101,23 @@ def resolve_files(source: SourceConfig) -> List[Path]:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
         what = "glob"
     elif path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
         what = "directory"
     elif path.is_file():
         files = [path]
         what = "file"
     else:
-        raise DataError(f"Source path {source.path} does not exist; expected a file, a directory or a glob of text, jsonl/json or parquet files.")
+        raise DataError(
+            f"Source path {source.path} does not exist; expected a file, a directory or a glob of text, jsonl/json or parquet files."
+        )
     if not files:
-        raise DataError(f"Source {what} {source.path} matches no files; expected text, jsonl/json or parquet files.")
+        raise DataError(
+            f"Source {what} {source.path} matches no files; expected text, jsonl/json or parquet files."
+        )
     return sorted(files)
 
 
@@ -140,16 +150,26 @@ def _explain_json_failure(path: Path, err: Exception) -> DataError:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as bad:
-                    return DataError(f"{path}:{number}: not valid UTF-8 ({bad.reason} at byte {bad.start}); expected UTF-8 JSON lines.")
+                    return DataError(
+                        f"{path}:{number}: not valid UTF-8 ({bad.reason} at byte {bad.start}); expected UTF-8 JSON lines."
+                    )
                 try:
                     value = json.loads(line)
                 except json.JSONDecodeError as bad:
-                    return DataError(f"{path}:{number}: not valid JSON ({bad.msg} at column {bad.colno}); expected one JSON object per line.")
+                    return DataError(
+                        f"{path}:{number}: not valid JSON ({bad.msg} at column {bad.colno}); expected one JSON object per line."
+                    )
                 if not isinstance(value, dict):
-                    return DataError(f"{path}:{number}: a JSON {type(value).__name__}, expected one JSON object per line.")
+                    return DataError(
+                        f"{path}:{number}: a JSON {type(value).__name__}, expected one JSON object per line."
+                    )
     if isinstance(err, UnicodeDecodeError):
-        return DataError(f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); JSON files must be UTF-8.")
-    return DataError(f"{path} could not be read as JSON ({str(err).splitlines()[0]}); expected JSON lines or a JSON array of objects.")
+        return DataError(
+            f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}); JSON files must be UTF-8."
+        )
+    return DataError(
+        f"{path} could not be read as JSON ({str(err).splitlines()[0]}); expected JSON lines or a JSON array of objects."
+    )
 
 
 def _load(builder: str, path: Path, **kwargs: Any) -> Any:
@@ -159,11 +179,17 @@ def _load(builder: str, path: Path, **kwargs: Any) -> Any:
     return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
 
 
-def _iter_file(source: SourceConfig, path: Path, file_index: int, start_row: int, encoding_errors: str) -> Iterator[Document]:
+def _iter_file(
+    source: SourceConfig, path: Path, file_index: int, start_row: int, encoding_errors: str
+) -> Iterator[Document]:
     fmt = file_format(path)
     if fmt == "text":
-        dataset = _load("text", path, sample_by=BOUNDARY_TO_SAMPLE_BY[source.doc_boundary],
-                        encoding_errors=None if encoding_errors == "strict" else encoding_errors)
+        dataset = _load(
+            "text",
+            path,
+            sample_by=BOUNDARY_TO_SAMPLE_BY[source.doc_boundary],
+            encoding_errors=None if encoding_errors == "strict" else encoding_errors,
+        )
     else:
         dataset = _load(fmt, path)
     if start_row:
@@ -226,7 +252,9 @@ def _iter_hub(source: SourceConfig, start_row: int) -> Iterator[Document]:
         for row, record in enumerate(dataset, start=start_row):
             text = record.get(source.text_field)
             if not isinstance(text, str):
-                raise DataError(f"Hugging Face dataset {source.path} row {row}: field '{source.text_field}' is not a string.")
+                raise DataError(
+                    f"Hugging Face dataset {source.path} row {row}: field '{source.text_field}' is not a string."
+                )
             if text.strip():
                 yield Document(0, row, text)
     except DataError:
@@ -239,7 +267,9 @@ def _iter_hub(source: SourceConfig, start_row: int) -> Iterator[Document]:
         ) from None
 
 
-def iter_documents(source: SourceConfig, encoding_errors: str = "strict", start: tuple = (0, 0)) -> Iterator[Document]:
+def iter_documents(
+    source: SourceConfig, encoding_errors: str = "strict", start: tuple = (0, 0)
+) -> Iterator[Document]:
     """Stream a source's documents in a fixed order, starting at position (file index, row)."""
     files = resolve_files(source)
     if not files:
@@ -247,7 +277,9 @@ def iter_documents(source: SourceConfig, encoding_errors: str = "strict", start:
         return
     first_file, first_row = start
     for index in range(first_file, len(files)):
-        yield from _iter_file(source, files[index], index, first_row if index == first_file else 0, encoding_errors)
+        yield from _iter_file(
+            source, files[index], index, first_row if index == first_file else 0, encoding_errors
+        )
 
 
 def describe_source(source: SourceConfig) -> str:
@@ -261,7 +293,10 @@ def source_fingerprint(source: SourceConfig) -> Dict[str, Any]:
     """What determines a source's documents: where they come from and how they are split (not the weight)."""
     files = resolve_files(source)
     return {
-        "name": source_name(source), "path": source.path, "text_field": source.text_field,
-        "doc_boundary": source.doc_boundary, "hf_split": source.hf_split if not files else None,
+        "name": source_name(source),
+        "path": source.path,
+        "text_field": source.text_field,
+        "doc_boundary": source.doc_boundary,
+        "hf_split": source.hf_split if not files else None,
         "files": [[str(f), f.stat().st_size] for f in files],
     }

@@ -16,7 +16,13 @@ from typing import Any, Dict, Optional
 
 from data_pipeline.errors import DataError
 
-BACKENDS = {"s3": "s3fs (pip install 'slm-forge[s3]')", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+BACKENDS = {
+    "s3": "s3fs (pip install 'slm-forge[s3]')",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+}
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -27,7 +33,7 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 def local_path(location: str | os.PathLike) -> Path:
     text = str(location)
-    return Path(text[len("file://"):]) if text.startswith("file://") else Path(text)
+    return Path(text[len("file://") :]) if text.startswith("file://") else Path(text)
 
 
 def _options(protocol: str, storage_options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -54,7 +60,10 @@ class DataStore:
             protocol = self.location.split("://", 1)[0]
             try:
                 import fsspec
-                self.fs, self.base = fsspec.core.url_to_fs(self.location, **_options(protocol, storage_options))
+
+                self.fs, self.base = fsspec.core.url_to_fs(
+                    self.location, **_options(protocol, storage_options)
+                )
             except ImportError as err:
                 raise DataError(
                     f"data.dir {self.location} needs the fsspec backend for {protocol}:// ({err}); install "
@@ -75,9 +84,11 @@ class DataStore:
         return posixpath.join(self.base, name)
 
     def _failed(self, what: str, name: str, err: Exception) -> DataError:
-        return DataError(f"Could not {what} {self.url(name)} ({type(err).__name__}: {err}); check the URL, the "
-                         f"credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or "
-                         f"data.storage_options) and that the store is reachable.")
+        return DataError(
+            f"Could not {what} {self.url(name)} ({type(err).__name__}: {err}); check the URL, the "
+            f"credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or "
+            f"data.storage_options) and that the store is reachable."
+        )
 
     def listing(self) -> Dict[str, int]:
         """Size in bytes of every file under the folder, by path relative to it: one listing request."""
@@ -103,8 +114,11 @@ class DataStore:
         except Exception as err:  # noqa: BLE001 - backends raise their own errors; ours names the URL
             raise self._failed("list", "", err) from None
         start = len(self.base) + 1
-        return {path[start:]: int(info.get("size") or 0) for path, info in found.items()
-                if info.get("type") != "directory" and path.startswith(self.base + "/")}
+        return {
+            path[start:]: int(info.get("size") or 0)
+            for path, info in found.items()
+            if info.get("type") != "directory" and path.startswith(self.base + "/")
+        }
 
     def exists(self, name: str) -> bool:
         if self.root is not None:
@@ -150,8 +164,10 @@ class DataStore:
             raise self._failed("upload to", name, err) from None
         size = self.listing_size(name)
         if size != source.stat().st_size:
-            raise DataError(f"Upload of {source} to {self.url(name)} left {size} bytes instead of "
-                            f"{source.stat().st_size}; run prepare again to resume.")
+            raise DataError(
+                f"Upload of {source} to {self.url(name)} left {size} bytes instead of "
+                f"{source.stat().st_size}; run prepare again to resume."
+            )
 
     def listing_size(self, name: str) -> Optional[int]:
         try:

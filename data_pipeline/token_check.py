@@ -18,16 +18,22 @@ SCAN_TOKENS = 1 << 24
 
 
 def _refuse(path: Path, offset: int, token: int, vocab_size: int) -> DataError:
-    return DataError(f"Shard {path} holds token id {token} at token offset {offset}, outside the tokenizer's vocabulary "
-                     f"of {vocab_size} ids (0..{vocab_size - 1}); the shard is corrupt or was prepared with another "
-                     "tokenizer. Prepare the data again.")
+    return DataError(
+        f"Shard {path} holds token id {token} at token offset {offset}, outside the tokenizer's vocabulary "
+        f"of {vocab_size} ids (0..{vocab_size - 1}); the shard is corrupt or was prepared with another "
+        "tokenizer. Prepare the data again."
+    )
 
 
 def max_id_check(path: Path, dtype: str, vocab_size: int) -> None:
     """DataError when any token of the shard at `path` is >= vocab_size."""
-    tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if path.stat().st_size else np.zeros(0)
+    tokens = (
+        np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+        if path.stat().st_size
+        else np.zeros(0)
+    )
     for start in range(0, len(tokens), SCAN_TOKENS):
-        block = tokens[start:start + SCAN_TOKENS]
+        block = tokens[start : start + SCAN_TOKENS]
         if len(block) and int(block.max()) >= vocab_size:
             at = int(np.flatnonzero(block >= vocab_size)[0])
             raise _refuse(path, start + at, int(block[at]), vocab_size)

@@ -64,16 +64,24 @@ def _rust_parallelism(threads: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, threads: int = 1,
-                    target: Path = Path("tokenizer.json")) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    threads: int = 1,
+    target: Path = Path("tokenizer.json"),
+) -> Tokenizer:
     """Train a byte-level BPE from an iterator; only pair statistics are held, never the corpus."""
     check_vocab_size(vocab_size, target)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     with _rust_parallelism(threads):
         tokenizer.train_from_iterator(texts, trainer)
@@ -94,11 +102,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer.json that defines every special token; DataError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"Tokenizer file {path} does not exist; expected a tokenizer.json written by `slm prepare`.")
+        raise DataError(
+            f"Tokenizer file {path} does not exist; expected a tokenizer.json written by `slm prepare`."
+        )
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception on malformed files
-        raise DataError(f"Tokenizer file {path} could not be loaded ({err}); expected a Hugging Face tokenizer.json.") from None
+        raise DataError(
+            f"Tokenizer file {path} could not be loaded ({err}); expected a Hugging Face tokenizer.json."
+        ) from None
     missing = [token for token in SPECIAL_TOKENS if tokenizer.token_to_id(token) is None]
     if missing:
         raise DataError(
@@ -129,7 +141,11 @@ def token_dtype(vocab_size: int) -> str:
 
 def _byte_level_decoder() -> dict:
     """GPT-2's byte <-> printable-unicode table, inverted (the alphabet ByteLevel tokens are written in)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -159,4 +175,3 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
         else:
             lengths[index] = len(tokenizer.decode([index], skip_special_tokens=False).encode("utf-8"))
     return lengths
-

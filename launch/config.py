@@ -71,20 +71,26 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         key = _key_of(err)
         value = getattr(err, "value", None)
         msg = str(err).splitlines()[0]
-        raise ConfigError(f"{origin}: bad value {value!r} for config key '{key}': {msg.rstrip('.')}.") from None
+        raise ConfigError(
+            f"{origin}: bad value {value!r} for config key '{key}': {msg.rstrip('.')}."
+        ) from None
     except OmegaConfBaseException as err:
         key = _key_of(err)
         msg = str(err).splitlines()[0]
         raise ConfigError(f"{origin}: config key '{key}' could not be set: {msg}.") from None
     except (TypeError, ValueError) as err:  # e.g. a key below a list (data.sources.path=...)
-        raise ConfigError(f"{origin}: {' '.join(str(err).split())}; a key of a list section needs an index, e.g. "
-                          "data.sources[0].path=..., and a section needs a mapping.") from None
+        raise ConfigError(
+            f"{origin}: {' '.join(str(err).split())}; a key of a list section needs an index, e.g. "
+            "data.sources[0].path=..., and a section needs a mapping."
+        ) from None
 
 
 def _read_yaml(path: str) -> Any:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist or is not a file; expected a YAML preset such as configs/tiny.yaml.")
+        raise ConfigError(
+            f"Config file '{path}' does not exist or is not a file; expected a YAML preset such as configs/tiny.yaml."
+        )
     try:
         text = p.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
@@ -95,7 +101,9 @@ def _read_yaml(path: str) -> Any:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}.")
+        raise ConfigError(
+            f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}."
+        )
     try:
         check_sections(data, Config)
     except ValueError as err:
@@ -106,7 +114,9 @@ def _read_yaml(path: str) -> Any:
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"Command-line override '{item}' is not of the form key=value (for example model.n_layers=3).")
+            raise ConfigError(
+                f"Command-line override '{item}' is not of the form key=value (for example model.n_layers=3)."
+            )
         try:
             check_override_key(item)
         except ValueError as err:
@@ -115,8 +125,10 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except (OmegaConfBaseException, yaml.YAMLError, IndexError, KeyError, TypeError, ValueError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"Command-line overrides {' '.join(overrides)} could not be parsed: {first}; expected "
-                          "key=value items such as model.n_layers=3.") from None
+        raise ConfigError(
+            f"Command-line overrides {' '.join(overrides)} could not be parsed: {first}; expected "
+            "key=value items such as model.n_layers=3."
+        ) from None
 
 
 def _check_values(cfg: Config, origin: str) -> None:
@@ -139,7 +151,9 @@ def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = _key_of(err)
-        raise ConfigError(f"Config file '{path}': config key '{key}' is missing or invalid: {str(err).splitlines()[0]}.") from None
+        raise ConfigError(
+            f"Config file '{path}': config key '{key}' is missing or invalid: {str(err).splitlines()[0]}."
+        ) from None
     origin = f"Config '{path}'" + (" with overrides " + " ".join(overrides) if overrides else "")
     _check_values(cfg, origin)
     return cfg

@@ -20,15 +20,21 @@ def check_sections(data: Mapping[str, Any], schema: Any, prefix: str = "") -> No
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(default):
             if not isinstance(value, Mapping):
-                raise ValueError(f"config key '{key}' is {value!r} (type {type(value).__name__}); expected a mapping of "
-                                 f"{key} settings, e.g. {key}: {{{dataclasses.fields(default)[0].name}: ...}}.")
+                raise ValueError(
+                    f"config key '{key}' is {value!r} (type {type(value).__name__}); expected a mapping of "
+                    f"{key} settings, e.g. {key}: {{{dataclasses.fields(default)[0].name}: ...}}."
+                )
             check_sections(value, type(default), key + ".")
         elif isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
             if not isinstance(value, list):
-                raise ValueError(f"config key '{key}' is {value!r} (type {type(value).__name__}); expected a list of mappings.")
+                raise ValueError(
+                    f"config key '{key}' is {value!r} (type {type(value).__name__}); expected a list of mappings."
+                )
             for i, item in enumerate(value):
                 if not isinstance(item, Mapping):
-                    raise ValueError(f"config key '{key}[{i}]' is {item!r} (type {type(item).__name__}); expected a mapping.")
+                    raise ValueError(
+                        f"config key '{key}[{i}]' is {item!r} (type {type(item).__name__}); expected a mapping."
+                    )
                 check_sections(item, type(default[0]), f"{key}[{i}].")
 
 
@@ -36,5 +42,7 @@ def check_override_key(item: str) -> None:
     """`a..b=1`, `.a=1`, `a.=1`: an empty part of a dotted key."""
     key = item.split("=", 1)[0]
     if not key.strip() or any(not part.strip() for part in key.split(".")):
-        raise ValueError(f"Command-line override '{item}' has an empty part in its key '{key}'; expected dotted names "
-                         "such as model.n_layers=3.")
+        raise ValueError(
+            f"Command-line override '{item}' has an empty part in its key '{key}'; expected dotted names "
+            "such as model.n_layers=3."
+        )

@@ -38,8 +38,16 @@ def slm(*args: str) -> None:
 
 
 def torchrun_slm(*args: str) -> None:
-    sh(str(BIN / "torchrun"), "--nproc_per_node", NPROC, "--master_port", str(29500 + os.getpid() % 1000),
-       "-m", "launch", *args)
+    sh(
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        NPROC,
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "launch",
+        *args,
+    )
 
 
 def write_slices() -> tuple[Path, Path]:
@@ -50,7 +58,7 @@ def write_slices() -> tuple[Path, Path]:
     cut = text.index("\n\n", int(len(text) * 0.85))
     first, second = corpus / "pretrain.txt", corpus / "cpt.txt"
     first.write_text(text[:cut] + "\n", encoding="utf-8")
-    second.write_text(text[cut + 2:], encoding="utf-8")
+    second.write_text(text[cut + 2 :], encoding="utf-8")
     return first, second
 
 
@@ -64,29 +72,80 @@ def main() -> None:
     slm("model", "summary", "configs/tiny.yaml", "--world-size", NPROC)
 
     banner("2. prepare: train the tokenizer, write token shards and the manifest")
-    slm("prepare", "configs/tiny.yaml", f"data.dir={data}",
-        f"data.sources=[{{path: {pretrain_text}, doc_boundary: blank_line}}]")
+    slm(
+        "prepare",
+        "configs/tiny.yaml",
+        f"data.dir={data}",
+        f"data.sources=[{{path: {pretrain_text}, doc_boundary: blank_line}}]",
+    )
 
     banner(f"3. pretrain: ZeRO-2 on {NPROC} CPU processes (torchrun)")
-    torchrun_slm("train", "configs/tiny.yaml", f"run.dir={pretrain}", f"data.dir={data}",
-                 f"train.max_steps={PRETRAIN_STEPS}", "train.eval_every=200", "train.ckpt_every=200")
+    torchrun_slm(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={pretrain}",
+        f"data.dir={data}",
+        f"train.max_steps={PRETRAIN_STEPS}",
+        "train.eval_every=200",
+        "train.ckpt_every=200",
+    )
     slm("report", str(pretrain))
-    slm("generate", str(pretrain), "--prompt", "ROMEO:", "--max-new-tokens", "60", "--temperature", "0.8", "--top-k", "50")
+    slm(
+        "generate",
+        str(pretrain),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "60",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+    )
 
     banner("4. continued pretraining on new text, replaying 25% of the original data")
-    slm("prepare", "configs/tiny.yaml", f"data.dir={cpt_data}", f"tokenizer.path={data / 'tokenizer.json'}",
+    slm(
+        "prepare",
+        "configs/tiny.yaml",
+        f"data.dir={cpt_data}",
+        f"tokenizer.path={data / 'tokenizer.json'}",
         f"data.sources=[{{path: {cpt_text}, doc_boundary: blank_line, weight: 3}},"
-        f" {{path: {pretrain_text}, doc_boundary: blank_line, weight: 1}}]")
-    torchrun_slm("train", "configs/tiny.yaml", f"run.dir={cpt}", f"data.dir={cpt_data}", "train.stage=cpt",
-                 f"train.init_from={pretrain}", "train.max_steps=150", "train.warmup_steps=15", "train.lr=1e-3",
-                 "train.min_lr=1e-4", "train.eval_every=75", "train.ckpt_every=150",
-                 f"data.sources=[{{path: {cpt_text}, doc_boundary: blank_line, weight: 3}},"
-                 f" {{path: {pretrain_text}, doc_boundary: blank_line, weight: 1}}]")
+        f" {{path: {pretrain_text}, doc_boundary: blank_line, weight: 1}}]",
+    )
+    torchrun_slm(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={cpt}",
+        f"data.dir={cpt_data}",
+        "train.stage=cpt",
+        f"train.init_from={pretrain}",
+        "train.max_steps=150",
+        "train.warmup_steps=15",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        "train.eval_every=75",
+        "train.ckpt_every=150",
+        f"data.sources=[{{path: {cpt_text}, doc_boundary: blank_line, weight: 3}},"
+        f" {{path: {pretrain_text}, doc_boundary: blank_line, weight: 1}}]",
+    )
 
     banner("5. instruction fine-tuning on the bundled self-instruct seed tasks")
-    torchrun_slm("train", "configs/tiny.yaml", f"run.dir={ift}", f"data.dir={cpt_data}", "train.stage=ift",
-                 f"train.init_from={cpt}", "train.max_steps=150", "train.warmup_steps=10", "train.lr=1e-3",
-                 "train.min_lr=1e-4", "train.eval_every=75", "train.ckpt_every=150", "model.max_seq_len=512", "train.micro_batch_size=4")
+    torchrun_slm(
+        "train",
+        "configs/tiny.yaml",
+        f"run.dir={ift}",
+        f"data.dir={cpt_data}",
+        "train.stage=ift",
+        f"train.init_from={cpt}",
+        "train.max_steps=150",
+        "train.warmup_steps=10",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+        "train.eval_every=75",
+        "train.ckpt_every=150",
+        "model.max_seq_len=512",
+        "train.micro_batch_size=4",
+    )
 
     banner("6. export to the Hugging Face format (verified against transformers)")
     slm("export", str(ift), str(export), "--dtype", "fp32")

@@ -163,8 +163,11 @@ def job_from_args(args: argparse.Namespace, workdir: Optional[Path] = None) -> S
 
 def queue_flags(partition: Optional[str], account: Optional[str], time: Optional[str]) -> List[str]:
     """The #SBATCH lines for where and how long a job may run: only those that are set."""
-    return [f"--{flag}={value}" for flag, value in (("partition", partition), ("account", account), ("time", time))
-            if value]
+    return [
+        f"--{flag}={value}"
+        for flag, value in (("partition", partition), ("account", account), ("time", time))
+        if value
+    ]
 
 
 def _sbatch_lines(job: SlurmJob) -> List[str]:
@@ -204,7 +207,7 @@ def _launch_lines(job: SlurmJob) -> Tuple[str, str]:
         setup = ""
         launch = (
             srun
-            + "    bash -c 'trap \"\" USR1; exec \"$@\"' ignore-usr1 \\\n"
+            + '    bash -c \'trap "" USR1; exec "$@"\' ignore-usr1 \\\n'
             + f'    torchrun --nnodes "$SLURM_NNODES" --nproc_per_node {job.nproc_per_node} \\\n'
             + '        --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" \\\n'
             + f"        -m launch train {_train_args(job)} \\\n"
@@ -218,9 +221,9 @@ def _launch_lines(job: SlurmJob) -> Tuple[str, str]:
     )
     launch = (
         srun
-        + "    bash -c 'trap \"\" USR1; exec deepspeed --hostfile \"$HOSTFILE\" --no_ssh --node_rank \"$SLURM_NODEID\" \\\n"
+        + '    bash -c \'trap "" USR1; exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \\\n'
         + '        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank \\\n'
-        + f"        --module launch train \"$@\"' deepspeed {_train_args(job)} \\\n"
+        + f'        --module launch train "$@"\' deepspeed {_train_args(job)} \\\n'
         + '    >> "$LOG" 2>&1 &'
     )
     return setup, launch

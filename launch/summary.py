@@ -39,8 +39,9 @@ def model_summary(cfg: Config, world_size: int) -> str:
         f"  {'ZeRO stage':<12}{'model states':>14}{'activations':>14}{'total':>10}",
     ]
     for stage in ZERO_STAGES:
-        memory = training_memory_per_rank(model, stage, world_size, micro_batch, seq_len,
-                                          train.activation_checkpointing)
+        memory = training_memory_per_rank(
+            model, stage, world_size, micro_batch, seq_len, train.activation_checkpointing
+        )
         marker = "  <- train.zero_stage" if stage == train.zero_stage else ""
         lines.append(
             f"  {stage:<12}{memory['model_states'] / GIB:>14.3f}{memory['activations'] / GIB:>14.3f}"

@@ -39,15 +39,19 @@ def uses_flex(choice: str, device: torch.device) -> bool:
     """Whether documents are masked by flex_attention block masks (True) or a dense boolean mask (False)."""
     if flex_attention is None:
         if choice == "flex":
-            raise ValueError("model.attention=flex needs torch >= 2.5 (torch.nn.attention.flex_attention); "
-                             f"this is torch {torch.__version__}. Use model.attention=auto or sdpa.")
+            raise ValueError(
+                "model.attention=flex needs torch >= 2.5 (torch.nn.attention.flex_attention); "
+                f"this is torch {torch.__version__}. Use model.attention=auto or sdpa."
+            )
         return False
     if device.type == "cpu" and torch.is_grad_enabled():
         return False  # flex_attention has no backward on CPU (torch 2.13): the dense mask it is
     return choice == "flex" or (choice == "auto" and device.type == "cuda")
 
 
-def dense_mask(seq_len: int, past_len: int, doc_ids: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+def dense_mask(
+    seq_len: int, past_len: int, doc_ids: Optional[Tensor], device: torch.device
+) -> Optional[Tensor]:
     """Boolean mask (True = may attend) for SDPA, or None when plain `is_causal` is enough.
 
     doc_ids (B, T): causal and same document, (B, 1, T, T). With cached keys and several new queries the
@@ -55,7 +59,9 @@ def dense_mask(seq_len: int, past_len: int, doc_ids: Optional[Tensor], device: t
     """
     if doc_ids is not None:
         if past_len:
-            raise ValueError("doc_ids cannot be combined with a KV cache (packed sequences are for training).")
+            raise ValueError(
+                "doc_ids cannot be combined with a KV cache (packed sequences are for training)."
+            )
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()  # (T, T)
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
         return (same_doc & causal)[:, None]  # (B, 1, T, T)
@@ -76,8 +82,9 @@ def document_block_mask(doc_ids: Tensor) -> BlockMask:
     return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=doc_ids.device)
 
 
-def attention_mask(seq_len: int, past_len: int, doc_ids: Optional[Tensor], device: torch.device,
-                   choice: str = "sdpa") -> Mask:
+def attention_mask(
+    seq_len: int, past_len: int, doc_ids: Optional[Tensor], device: torch.device, choice: str = "sdpa"
+) -> Mask:
     """The mask every layer of one forward pass shares: None (causal), a dense boolean mask or a BlockMask."""
     if doc_ids is not None and not past_len and uses_flex(choice, device):
         return document_block_mask(doc_ids)

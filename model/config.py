@@ -52,14 +52,24 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key when the shapes are impossible."""
-        for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "ffn_multiple_of"):
+        for key in (
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "max_seq_len",
+            "ffn_multiple_of",
+        ):
             value = getattr(self, key)
             if value <= 0:
                 raise ValueError(f"model.{key}={value} must be a positive integer.")
         if self.attention not in ("auto", "sdpa", "flex"):
             raise ValueError(f"model.attention={self.attention!r} must be one of auto, sdpa, flex.")
         if self.loss_chunk_tokens < 0:
-            raise ValueError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be 0 (full logits) or positive.")
+            raise ValueError(
+                f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be 0 (full logits) or positive."
+            )
         if self.ffn_hidden is not None and self.ffn_hidden <= 0:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden} must be a positive integer or null.")
         for key in ("rope_theta", "norm_eps", "init_std"):

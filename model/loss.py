@@ -23,15 +23,19 @@ IGNORE_INDEX = -100
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy (at least float32) over targets != IGNORE_INDEX; 0, with a gradient, if none count."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are upcast for the loss
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    logits = logits.to(
+        torch.promote_types(logits.dtype, torch.float32)
+    )  # bf16 logits are upcast for the loss
+    total = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     counted = (targets != IGNORE_INDEX).sum()
     return total / counted.clamp(min=1)
 
 
-def _chunk_loss_and_grad(hidden: Tensor, weight: Tensor, targets: Tensor, denominator: Tensor,
-                         with_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+def _chunk_loss_and_grad(
+    hidden: Tensor, weight: Tensor, targets: Tensor, denominator: Tensor, with_grad: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
     """Summed loss of one chunk, hidden (c, d) and targets (c,), and d(loss / denominator) / d logits (c, V)."""
     logits = F.linear(hidden, weight).to(torch.promote_types(weight.dtype, torch.float32))  # (c, V)
     log_probs = F.log_softmax(logits, dim=-1)  # (c, V); fused, several times faster on CPU than logsumexp
@@ -58,15 +62,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         accumulate = torch.promote_types(weight.dtype, torch.float32)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (N, d), every row written below
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        )
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]  # (c, d)
-            loss_sum, grad_logits = _chunk_loss_and_grad(h, weight, targets[start:start + chunk], denominator,
-                                                         need_hidden or need_weight)
+            h = hidden[start : start + chunk]  # (c, d)
+            loss_sum, grad_logits = _chunk_loss_and_grad(
+                h, weight, targets[start : start + chunk], denominator, need_hidden or need_weight
+            )
             total += loss_sum
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk] = grad_logits @ weight  # (c, V) @ (V, d) -> (c, d)
+                grad_hidden[start : start + chunk] = grad_logits @ weight  # (c, V) @ (V, d) -> (c, d)
             if grad_weight is not None:
                 grad_weight += (grad_logits.T @ h).to(accumulate)  # (V, c) @ (c, d) -> (V, d)
         if grad_weight is not None:
@@ -90,6 +97,8 @@ def chunked_linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
     denominator = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    total = sum(_chunk_loss_and_grad(hidden[s:s + chunk], weight, targets[s:s + chunk], denominator, False)[0]
-                for s in range(0, hidden.shape[0], chunk))
+    total = sum(
+        _chunk_loss_and_grad(hidden[s : s + chunk], weight, targets[s : s + chunk], denominator, False)[0]
+        for s in range(0, hidden.shape[0], chunk)
+    )
     return total / denominator

@@ -55,8 +55,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(6 * matmul_params + attention)
 
 
-def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int,
-                     activation_checkpointing: bool = False) -> int:
+def activation_bytes(
+    cfg: ModelConfig, micro_batch_size: int, seq_len: int, activation_checkpointing: bool = False
+) -> int:
     """Bytes autograd keeps for one micro-batch's backward pass (see the module docstring)."""
     tokens = micro_batch_size * seq_len
     d, f, vocab = cfg.d_model, cfg.ffn_hidden_size, cfg.vocab_size
@@ -70,8 +71,14 @@ def activation_bytes(cfg: ModelConfig, micro_batch_size: int, seq_len: int,
     return cfg.n_layers * per_layer + head
 
 
-def training_memory_per_rank(cfg: ModelConfig, zero_stage: int, world_size: int, micro_batch_size: int,
-                             seq_len: int, activation_checkpointing: bool = False) -> Dict[str, float]:
+def training_memory_per_rank(
+    cfg: ModelConfig,
+    zero_stage: int,
+    world_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    activation_checkpointing: bool = False,
+) -> Dict[str, float]:
     """{"model_states", "activations", "total"} bytes per rank for ZeRO stage 0-3 (see the module docstring)."""
     if zero_stage not in BYTES_PER_PARAM_BY_STAGE:
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}.")

@@ -80,11 +80,16 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Keys and values of every token seen so far, preallocated for `max_len` positions in each layer."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.keys: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.values: List[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.keys: List[Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)
+        ]
+        self.values: List[Tensor] = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)
+        ]
         self.max_len = max_len
         self.length = 0
         """Positions filled; Transformer.forward advances it after all layers have written."""
@@ -94,8 +99,8 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")
-        self.keys[layer_idx][:, :, self.length:end] = k
-        self.values[layer_idx][:, :, self.length:end] = v
+        self.keys[layer_idx][:, :, self.length : end] = k
+        self.values[layer_idx][:, :, self.length : end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
@@ -111,8 +116,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask,
-                kv_cache: Optional[KVCache] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_cache: Optional[KVCache] = None
+    ) -> Tensor:
         B, T, _ = x.shape  # (B, T, d_model)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -149,8 +155,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask,
-                kv_cache: Optional[KVCache] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_cache: Optional[KVCache] = None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -173,8 +180,9 @@ class OutputHead(nn.Linear):
         return chunked_linear_cross_entropy(x, self.weight, targets, self.loss_chunk_tokens)
 
 
-def sample_next_token(logits: Tensor, temperature: float, top_k: Optional[int],
-                      generator: Optional[torch.Generator]) -> Tensor:
+def sample_next_token(
+    logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]
+) -> Tensor:
     """Pick one token per row from last-position logits (B, vocab): greedy at temperature 0, else sample."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
@@ -216,9 +224,15 @@ class Transformer(nn.Module):
         """Recompute each block in the backward pass (only while training with gradients enabled)."""
         self.activation_checkpointing = enabled
 
-    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                doc_ids: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                last_logits_only: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def forward(
+        self,
+        tokens: Tensor,
+        targets: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        doc_ids: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        last_logits_only: bool = False,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """tokens (B, T) -> (logits (B, T, vocab_size), mean loss over targets != -100 or None).
 
         position_ids (B, T) default to 0..T-1 (continuing after the cache); doc_ids (B, T) restrict attention
@@ -233,7 +247,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, d_model)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, hd) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = attention_mask(T, past_len, doc_ids, tokens.device, self.cfg.attention)  # None, dense or blocks
+        mask = attention_mask(
+            T, past_len, doc_ids, tokens.device, self.cfg.attention
+        )  # None, dense or blocks
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
@@ -252,9 +268,16 @@ class Transformer(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, tokens: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+    def generate(
+        self,
+        tokens: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        eos_id: Optional[int] = None,
+        use_cache: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
         """Append up to max_new_tokens tokens to the prompts tokens (B, T); returns (B, T + generated).
 
         temperature 0 is greedy; top_k keeps only the k likeliest tokens. With eos_id, a row that emitted it
@@ -263,7 +286,9 @@ class Transformer(nn.Module):
         positions shift, and each step recomputes the window (so cached and uncached decoding agree).
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
-            raise ValueError(f"generate needs prompts of shape (B, T) with T >= 1, got {tuple(tokens.shape)}.")
+            raise ValueError(
+                f"generate needs prompts of shape (B, T) with T >= 1, got {tuple(tokens.shape)}."
+            )
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
         max_len = self.cfg.max_seq_len
@@ -273,8 +298,9 @@ class Transformer(nn.Module):
             if use_cache and tokens.shape[1] <= max_len:
                 if kv_cache is None:  # prefill with the whole prompt
                     capacity = min(max_len, tokens.shape[1] + max_new_tokens)
-                    kv_cache = KVCache(self.cfg, tokens.shape[0], capacity, self.embed_tokens.weight.dtype,
-                                       tokens.device)
+                    kv_cache = KVCache(
+                        self.cfg, tokens.shape[0], capacity, self.embed_tokens.weight.dtype, tokens.device
+                    )
                     logits, _ = self(tokens, kv_cache=kv_cache, last_logits_only=True)  # (B, 1, vocab_size)
                 else:
                     logits, _ = self(tokens[:, -1:], kv_cache=kv_cache)  # (B, 1, vocab_size)

@@ -34,8 +34,13 @@ def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment of a subprocess under test: offline, the venv's tools first on PATH."""
     env = dict(os.environ)
     env.update(
-        HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PATH=venv_path(),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        PATH=venv_path(),
     )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
@@ -51,16 +56,35 @@ def slm_cmd(args: Sequence[str], nproc: int = 1) -> List[str]:
     if nproc == 1:
         return [sys.executable, "-m", "launch", *args]
     return [
-        str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), "-m", "launch", *args,
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "launch",
+        *args,
     ]
 
 
-def run(cmd: Sequence[str], timeout: float = 300, env: Optional[Dict[str, str]] = None, check: bool = True,
-        cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str],
+    timeout: float = 300,
+    env: Optional[Dict[str, str]] = None,
+    check: bool = True,
+    cwd: Optional[str] = None,
+) -> subprocess.CompletedProcess:
     """Run a command; on an unexpected exit code fail with its full output."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env or test_env(),
-                          cwd=cwd or str(REPO))
+    proc = subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or test_env(),
+        cwd=cwd or str(REPO),
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}"

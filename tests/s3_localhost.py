@@ -34,8 +34,12 @@ class S3Server:
     @property
     def env(self) -> Dict[str, str]:
         """The standard variables a user sets: s3fs/botocore read them."""
-        return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def filesystem(self):
         import s3fs
@@ -69,15 +73,40 @@ def start_s3(scratch: Path) -> Iterator[S3Server]:
     except ImportError:
         raise RuntimeError("s3fs (pip install 'slm-forge[s3]') is not installed") from None
     creds = scratch / "s3.json"
-    creds.write_text(json.dumps({"identities": [{"name": "test", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-                                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    creds.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "test",
+                        "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     ports = {name: _free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
     (scratch / "weed").mkdir()
     log = scratch / "weed.log"
-    cmd = [weed, "server", f"-dir={scratch / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
-           f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", f"-s3.config={creds}",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=16", "-master.volumeSizeLimitMB=256"]
+    cmd = [
+        weed,
+        "server",
+        f"-dir={scratch / 'weed'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.config={creds}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-volume.max=16",
+        "-master.volumeSizeLimitMB=256",
+    ]
     with open(log, "wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"

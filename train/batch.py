@@ -26,8 +26,10 @@ def take_batches(loader: Iterable[Batch], n_batches: int) -> List[Batch]:
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch's tensors on `device` (input_ids, labels, and position/doc ids when packed)."""
-    out = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-           "labels": batch["labels"].to(device, non_blocking=True)}
+    out = {
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "labels": batch["labels"].to(device, non_blocking=True),
+    }
     for key in OPTIONAL_KEYS:
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)

@@ -98,20 +98,35 @@ class CheckpointRecord:
         `files` is the folder's file record (train.checkpoint_files.record_files: `files`, `files_hash`), taken
         once every other file is written and before COMPLETE; loads verify the folder against it.
         """
-        return {**asdict(self.progress), **asdict(self.identity), "loader": self.loader, "saved_at": time.time(),
-                **(files or {})}
+        return {
+            **asdict(self.progress),
+            **asdict(self.identity),
+            "loader": self.loader,
+            "saved_at": time.time(),
+            **(files or {}),
+        }
 
     @classmethod
     def from_meta(cls, meta: Dict[str, Any], where: Path) -> CheckpointRecord:
         if "loader" not in meta:
-            raise TrainError(f"Checkpoint metadata '{where / META}' has no loader state; it was written by another "
-                             "version of slm train and cannot be resumed exactly (start a fresh run.dir, or use its "
-                             "weights with train.stage=cpt and train.init_from).")
+            raise TrainError(
+                f"Checkpoint metadata '{where / META}' has no loader state; it was written by another "
+                "version of slm train and cannot be resumed exactly (start a fresh run.dir, or use its "
+                "weights with train.stage=cpt and train.init_from)."
+            )
         decay = meta.get("timed_decay")
         timed_decay = TimedDecay(int(decay["start_step"]), int(decay["steps"])) if decay else None
-        progress = Progress(int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)), timed_decay)
-        identity = RunIdentity(meta["config"], meta["tokenizer_sha256"], meta["manifest_sha256"],
-                               int(meta["world_size"]), int(meta["zero_stage"]), str(meta.get("precision")))
+        progress = Progress(
+            int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)), timed_decay
+        )
+        identity = RunIdentity(
+            meta["config"],
+            meta["tokenizer_sha256"],
+            meta["manifest_sha256"],
+            int(meta["world_size"]),
+            int(meta["zero_stage"]),
+            str(meta.get("precision")),
+        )
         return cls(progress, meta["loader"], identity)
 
 
@@ -122,7 +137,9 @@ def step_tag(step: int) -> str:
 def step_of(step_dir: Path) -> int:
     match = STEP_RE.match(Path(step_dir).name)
     if not match:
-        raise TrainError(f"'{step_dir}' is not a checkpoint step folder (expected a name like step_00000100).")
+        raise TrainError(
+            f"'{step_dir}' is not a checkpoint step folder (expected a name like step_00000100)."
+        )
     return int(match.group(1))
 
 
@@ -154,9 +171,12 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     newest = found[-1] if found else None
     pointed = read_latest(ckpt_dir)
     if newest is not None and pointed != newest and (ckpt_dir / LATEST).exists():
-        print(f"[slm] note: {ckpt_dir / LATEST} names {pointed.name if pointed else 'no complete checkpoint'} but the "
-              f"newest complete checkpoint is {newest.name} (a save was interrupted after its rename); using {newest.name}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[slm] note: {ckpt_dir / LATEST} names {pointed.name if pointed else 'no complete checkpoint'} but the "
+            f"newest complete checkpoint is {newest.name} (a save was interrupted after its rename); using {newest.name}",
+            file=sys.stderr,
+            flush=True,
+        )
     return newest
 
 
@@ -180,13 +200,28 @@ def read_meta(step_dir: str | os.PathLike) -> Dict[str, Any]:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TrainError(f"Checkpoint '{step_dir}' has no {META}; expected a complete step folder written by slm train.") from None
+        raise TrainError(
+            f"Checkpoint '{step_dir}' has no {META}; expected a complete step folder written by slm train."
+        ) from None
     except (OSError, json.JSONDecodeError) as err:
         raise TrainError(f"Checkpoint metadata '{meta_path}' could not be read: {err}.") from None
-    missing = [k for k in ("step", "tokens_seen", "config", "tokenizer_sha256", "manifest_sha256", "world_size", "zero_stage")
-               if k not in meta]
+    missing = [
+        k
+        for k in (
+            "step",
+            "tokens_seen",
+            "config",
+            "tokenizer_sha256",
+            "manifest_sha256",
+            "world_size",
+            "zero_stage",
+        )
+        if k not in meta
+    ]
     if missing:
-        raise TrainError(f"Checkpoint metadata '{meta_path}' lacks {', '.join(missing)}; it was not written by this slm train.")
+        raise TrainError(
+            f"Checkpoint metadata '{meta_path}' lacks {', '.join(missing)}; it was not written by this slm train."
+        )
     return meta
 
 
@@ -204,8 +239,11 @@ def _sleep_in_save_hook(step: int) -> None:
     seconds = faults.sleep_in_save(step)
     if seconds is None:
         return
-    print(f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}",
+        file=sys.stderr,
+        flush=True,
+    )
     time.sleep(seconds)
 
 
@@ -216,17 +254,18 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> List[Path]:
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
     for stale in ckpt_dir.glob(f"{TMP_PREFIX}step_*"):  # only our own temporary names, never a user's file
-        if stale.is_dir() and STEP_RE.match(stale.name[len(TMP_PREFIX):]):
+        if stale.is_dir() and STEP_RE.match(stale.name[len(TMP_PREFIX) :]):
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
     for stale in ckpt_dir.glob(".step_*.old"):
-        if stale.is_dir() and STEP_RE.match(stale.name[1:-len(".old")]):
+        if stale.is_dir() and STEP_RE.match(stale.name[1 : -len(".old")]):
             shutil.rmtree(stale, ignore_errors=True)
     return removed
 
 
-def save_checkpoint(engine: Any, run_dir: Path, record: CheckpointRecord, tokenizer_path: Path, keep: int,
-                    dist_info: DistInfo) -> Path:
+def save_checkpoint(
+    engine: Any, run_dir: Path, record: CheckpointRecord, tokenizer_path: Path, keep: int, dist_info: DistInfo
+) -> Path:
     """Save collectively (every rank calls this); returns the final step folder."""
     ckpt_dir = run_dir / CHECKPOINTS
     step = record.progress.step
@@ -247,7 +286,9 @@ def save_checkpoint(engine: Any, run_dir: Path, record: CheckpointRecord, tokeni
         atomic_write_json(tmp_dir / META, record.to_meta(record_files(tmp_dir)))  # every file's size and hash
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
         fsync_dir(tmp_dir)
-        replace_dir(tmp_dir, final_dir)  # final_dir exists when saved again at one step (a resumed run's last save)
+        replace_dir(
+            tmp_dir, final_dir
+        )  # final_dir exists when saved again at one step (a resumed run's last save)
         fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
         prune_checkpoints(ckpt_dir, keep)
@@ -281,16 +322,27 @@ def ensure_universal(step_dir: Path) -> Path:
     tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
     scan_pickles(step_dir)  # ds_to_universal unpickles with weights_only=False
     shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    print(f"[slm] converting {step_dir} to a DeepSpeed universal checkpoint (world size or ZeRO stage changed)",
-          flush=True)
+    args = argparse.Namespace(
+        input_folder=str(step_dir),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    print(
+        f"[slm] converting {step_dir} to a DeepSpeed universal checkpoint (world size or ZeRO stage changed)",
+        flush=True,
+    )
     try:
         ds_to_universal(args)
     except Exception as err:  # DeepSpeed raises assertion/value/key errors from deep inside
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainError(f"Converting checkpoint '{step_dir}' to a universal checkpoint failed ({type(err).__name__}: "
-                         f"{err}); resume with the world size and ZeRO stage it was written with.") from None
+        raise TrainError(
+            f"Converting checkpoint '{step_dir}' to a universal checkpoint failed ({type(err).__name__}: "
+            f"{err}); resume with the world size and ZeRO stage it was written with."
+        ) from None
     for name in (META, "tokenizer.json"):
         shutil.copyfile(step_dir / name, tmp / name)
     atomic_write_text(tmp / COMPLETE, f"{UNIVERSAL}\n")
@@ -299,7 +351,9 @@ def ensure_universal(step_dir: Path) -> Path:
     return out
 
 
-def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optional[Path] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    engine: Any, step_dir: Path, rank: int, universal_dir: Optional[Path] = None
+) -> Dict[str, Any]:
     """Load weights, optimizer and client state into `engine`, and this rank's RNG state; returns the client state.
 
     `universal_dir` is a DeepSpeed universal checkpoint converted from `step_dir` (world-size change).
@@ -308,11 +362,16 @@ def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optio
     scan_pickles(source)  # DeepSpeed unpickles with weights_only=False: refuse anything but plain types first
     try:
         load_path, client_state = engine.load_checkpoint(
-            str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False,
+            str(source.parent),
+            tag=source.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
     except (RuntimeError, KeyError, ValueError, AssertionError, OSError) as err:
         detail = " ".join(str(err).split())[:800] or missing_deepspeed_files(source)
-        raise TrainError(f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: {detail}") from None
+        raise TrainError(
+            f"DeepSpeed could not load checkpoint '{source}': {type(err).__name__}: {detail}"
+        ) from None
     if load_path is None or client_state is None:
         raise TrainError(f"DeepSpeed found no checkpoint to load in '{source}'.")
     rng_path = rng_file(step_dir, rank)
@@ -324,8 +383,17 @@ def load_checkpoint(engine: Any, step_dir: Path, rank: int, universal_dir: Optio
 class CheckpointSaver:
     """Saves this run's checkpoints: the record of each is built here from the progress and the loader's state."""
 
-    def __init__(self, engine: Any, run_dir: Path, identity: RunIdentity, train_loader: Any, tokenizer_path: Path,
-                 keep: int, dist_info: DistInfo, last_saved: Optional[int]) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        run_dir: Path,
+        identity: RunIdentity,
+        train_loader: Any,
+        tokenizer_path: Path,
+        keep: int,
+        dist_info: DistInfo,
+        last_saved: Optional[int],
+    ) -> None:
         self.engine, self.run_dir, self.identity, self.train_loader = engine, run_dir, identity, train_loader
         self.tokenizer_path, self.keep, self.dist_info = tokenizer_path, keep, dist_info
         self.last_saved = last_saved
@@ -337,7 +405,9 @@ class CheckpointSaver:
         """Save now (collective); returns the final step folder."""
         record = CheckpointRecord(replace(progress), self.train_loader.state_dict(), self.identity)
         started = time.time()
-        step_dir = save_checkpoint(self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info)
+        step_dir = save_checkpoint(
+            self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info
+        )
         if self.dist_info.is_main:
             print(f"[slm] saved checkpoint {step_dir} ({time.time() - started:.1f} s)", flush=True)
         self.last_saved, self.saved_dir = progress.step, step_dir

@@ -53,15 +53,22 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 def checkpoint_files(step_dir: Path) -> List[Path]:
     """Every file of a step folder that the record covers (the universal sub-checkpoint has its own)."""
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in NOT_RECORDED
-                  and p.relative_to(step_dir).parts[0] not in ("universal", "tmp.universal"))
+    return sorted(
+        p
+        for p in step_dir.rglob("*")
+        if p.is_file()
+        and p.name not in NOT_RECORDED
+        and p.relative_to(step_dir).parts[0] not in ("universal", "tmp.universal")
+    )
 
 
 def record_files(step_dir: Path) -> Dict[str, Any]:
     """{"files": {name: {"size", "hash"}}, "files_hash": algorithm} for meta.json."""
     algorithm = hash_algorithm()
-    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
-             for p in checkpoint_files(step_dir)}
+    files = {
+        p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
+        for p in checkpoint_files(step_dir)
+    }
     return {FILES_KEY: files, HASH_KEY: algorithm}
 
 
@@ -71,21 +78,32 @@ def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> b
     if record is None:
         return False
     if not isinstance(record, dict):
-        raise CheckpointDamaged(f"Checkpoint {step_dir}: meta.json's '{FILES_KEY}' is not a mapping of file records.")
+        raise CheckpointDamaged(
+            f"Checkpoint {step_dir}: meta.json's '{FILES_KEY}' is not a mapping of file records."
+        )
     for name, entry in sorted(record.items()):
         path = step_dir / name
         if not path.is_file():
-            raise CheckpointDamaged(f"Checkpoint {step_dir} is incomplete: {name} is missing (meta.json records "
-                                    f"{entry.get('size')} bytes).")
+            raise CheckpointDamaged(
+                f"Checkpoint {step_dir} is incomplete: {name} is missing (meta.json records "
+                f"{entry.get('size')} bytes)."
+            )
         size = path.stat().st_size
         if size != entry.get("size"):
-            raise CheckpointDamaged(f"Checkpoint {step_dir} is damaged: {name} has {size} bytes, meta.json records "
-                                    f"{entry.get('size')}.")
-    extra = sorted(p.relative_to(step_dir).as_posix() for p in checkpoint_files(step_dir)
-                   if p.suffix == ".pt" and p.relative_to(step_dir).as_posix() not in record)
+            raise CheckpointDamaged(
+                f"Checkpoint {step_dir} is damaged: {name} has {size} bytes, meta.json records "
+                f"{entry.get('size')}."
+            )
+    extra = sorted(
+        p.relative_to(step_dir).as_posix()
+        for p in checkpoint_files(step_dir)
+        if p.suffix == ".pt" and p.relative_to(step_dir).as_posix() not in record
+    )
     if extra:
-        raise CheckpointDamaged(f"Checkpoint {step_dir} holds {', '.join(extra)}, which its meta.json does not list; "
-                                "refusing files the save did not write.")
+        raise CheckpointDamaged(
+            f"Checkpoint {step_dir} holds {', '.join(extra)}, which its meta.json does not list; "
+            "refusing files the save did not write."
+        )
     if hashes:
         algorithm = str(meta.get(HASH_KEY, "sha256"))
         for name, entry in sorted(record.items()):
@@ -93,7 +111,8 @@ def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> b
             if digest != entry.get("hash"):
                 raise CheckpointDamaged(
                     f"Checkpoint {step_dir} is damaged: {name} has {algorithm} {digest[:16]}..., meta.json records "
-                    f"{str(entry.get('hash'))[:16]}... (set train.verify_checkpoint_hashes=false to check sizes only).")
+                    f"{str(entry.get('hash'))[:16]}... (set train.verify_checkpoint_hashes=false to check sizes only)."
+                )
     return True
 
 
@@ -102,12 +121,16 @@ def verify_tokenizer(step_dir: Path, meta: Dict[str, Any]) -> None:
     path = step_dir / "tokenizer.json"
     expected = meta.get("tokenizer_sha256")
     if not path.is_file():
-        raise CheckpointDamaged(f"Checkpoint {step_dir} has no tokenizer.json; expected the copy `slm train` saves.")
+        raise CheckpointDamaged(
+            f"Checkpoint {step_dir} has no tokenizer.json; expected the copy `slm train` saves."
+        )
     actual = file_sha256(path)
     if expected and actual != expected:
-        raise CheckpointDamaged(f"Checkpoint {step_dir}: tokenizer.json has sha256 {actual[:16]}... but meta.json "
-                                f"records {str(expected)[:16]}...; the tokenizer was replaced, so token ids would "
-                                "mean other things. Restore the checkpoint's own tokenizer.json.")
+        raise CheckpointDamaged(
+            f"Checkpoint {step_dir}: tokenizer.json has sha256 {actual[:16]}... but meta.json "
+            f"records {str(expected)[:16]}...; the tokenizer was replaced, so token ids would "
+            "mean other things. Restore the checkpoint's own tokenizer.json."
+        )
 
 
 def verify_checkpoint(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> None:
@@ -116,8 +139,12 @@ def verify_checkpoint(step_dir: Path, meta: Dict[str, Any], hashes: bool = True)
     verify_tokenizer(step_dir, meta)
 
 
-def newest_intact(candidates: Iterable[Path], read_meta: Callable[[Path], Dict[str, Any]], hashes: bool,
-                  say: Callable[[str], None]) -> Optional[Path]:
+def newest_intact(
+    candidates: Iterable[Path],
+    read_meta: Callable[[Path], Dict[str, Any]],
+    hashes: bool,
+    say: Callable[[str], None],
+) -> Optional[Path]:
     """The newest candidate (given newest first) whose files match its record; each skipped one is reported."""
     skipped: List[str] = []
     for step_dir in candidates:
@@ -131,6 +158,8 @@ def newest_intact(candidates: Iterable[Path], read_meta: Callable[[Path], Dict[s
             say(f"resuming from {step_dir.name} instead of the damaged {', '.join(skipped)}")
         return step_dir
     if skipped:
-        raise CheckpointDamaged(f"Every complete checkpoint is damaged ({', '.join(skipped)}); nothing to resume from. "
-                                "Restore one, or start a fresh run.dir.")
+        raise CheckpointDamaged(
+            f"Every complete checkpoint is damaged ({', '.join(skipped)}); nothing to resume from. "
+            "Restore one, or start a fresh run.dir."
+        )
     return None

@@ -124,13 +124,30 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
-        for key, allowed in (("stage", STAGES), ("zero_stage", ZERO_STAGES), ("precision", PRECISIONS),
-                             ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES), ("on_nonfinite", ON_NONFINITE),
-                             ("device", DEVICES), ("backend", BACKENDS), ("export_dtype", ("bf16", "fp32")),
-                             ("optimizer", OPTIMIZERS), ("muon_ns_method", ("standard", "gram"))):
+        for key, allowed in (
+            ("stage", STAGES),
+            ("zero_stage", ZERO_STAGES),
+            ("precision", PRECISIONS),
+            ("schedule", SCHEDULES),
+            ("decay_shape", DECAY_SHAPES),
+            ("on_nonfinite", ON_NONFINITE),
+            ("device", DEVICES),
+            ("backend", BACKENDS),
+            ("export_dtype", ("bf16", "fp32")),
+            ("optimizer", OPTIMIZERS),
+            ("muon_ns_method", ("standard", "gram")),
+        ):
             check_choice(f"train.{key}", getattr(self, key), allowed)
-        for key in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches", "log_every",
-                    "ckpt_every", "keep_checkpoints"):
+        for key in (
+            "micro_batch_size",
+            "grad_accum_steps",
+            "max_steps",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+        ):
             check_positive(f"train.{key}", getattr(self, key))
         check_finite_fields(self, "train")
         if self.optimizer == "muon":
@@ -144,16 +161,20 @@ class TrainConfig:
                 f"config key 'train.grad_clip' is {self.grad_clip} with train.optimizer=muon at ZeRO {self.zero_stage}: "
                 "there DeepSpeed clips Muon's orthogonalized update instead of the gradient, which divides every step "
                 "by the update's norm (deepspeedai/DeepSpeed#8439; 28x on the tiny model). Set train.grad_clip=0 "
-                "(Muon's updates are bounded by construction), or use ZeRO 0.")
+                "(Muon's updates are bounded by construction), or use ZeRO 0."
+            )
         if self.zero_stage == 3 and self.grad_accum_steps > 1:
             raise ValueError(
                 f"config key 'train.grad_accum_steps' is {self.grad_accum_steps} with train.optimizer=muon at ZeRO 3: "
                 "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
-                "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2.")
+                "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2."
+            )
         if self.on_nonfinite == "skip" and self.zero_stage == 0 and self.precision == "fp32":
-            raise ValueError("config keys 'train.optimizer=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
-                             "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
-                             "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop.")
+            raise ValueError(
+                "config keys 'train.optimizer=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
+                "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
+                "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop."
+            )
 
     def validate_schedule(self) -> None:
         """The learning-rate schedule consistent (the trainer checks it again once max_tokens sets max_steps)."""
@@ -162,26 +183,43 @@ class TrainConfig:
         if self.min_lr < 0:
             raise ValueError(f"config key 'train.min_lr' is {self.min_lr}; expected 0 or a positive number.")
         if not self.muon_lr > 0:
-            raise ValueError(f"config key 'train.muon_lr' is {self.muon_lr}; expected a positive learning rate.")
+            raise ValueError(
+                f"config key 'train.muon_lr' is {self.muon_lr}; expected a positive learning rate."
+            )
         if not 0.0 <= self.muon_momentum < 1.0:
-            raise ValueError(f"config key 'train.muon_momentum' is {self.muon_momentum}; expected a number in [0, 1).")
+            raise ValueError(
+                f"config key 'train.muon_momentum' is {self.muon_momentum}; expected a number in [0, 1)."
+            )
         if self.min_lr > self.lr:
-            raise ValueError(f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr.")
+            raise ValueError(
+                f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr."
+            )
         if self.warmup_steps < 0:
-            raise ValueError(f"config key 'train.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer.")
+            raise ValueError(
+                f"config key 'train.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer."
+            )
         if self.max_tokens is None and self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"config key 'train.warmup_steps' ({self.warmup_steps}) is not below 'train.max_steps' ({self.max_steps}): "
-                "the run would end before the learning rate reaches its peak. Lower train.warmup_steps.")
+                "the run would end before the learning rate reaches its peak. Lower train.warmup_steps."
+            )
         if self.max_time is not None and self.max_time < 0:
-            raise ValueError(f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null.")
+            raise ValueError(
+                f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null."
+            )
         if self.peak_flops is not None and not self.peak_flops > 0:
-            raise ValueError(f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null.")
+            raise ValueError(
+                f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null."
+            )
         if not 0.0 < self.decay_time_margin <= 1.0:
-            raise ValueError(f"config key 'train.decay_time_margin' is {self.decay_time_margin}; expected a number in (0, 1].")
+            raise ValueError(
+                f"config key 'train.decay_time_margin' is {self.decay_time_margin}; expected a number in (0, 1]."
+            )
         if self.schedule == "wsd_time" and not (self.max_time and self.max_time > 0):
-            raise ValueError(f"config key 'train.schedule' is wsd_time but train.max_time is {self.max_time}; expected "
-                             "the time budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time).")
+            raise ValueError(
+                f"config key 'train.schedule' is wsd_time but train.max_time is {self.max_time}; expected "
+                "the time budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time)."
+            )
 
 
 @dataclass

@@ -53,7 +53,9 @@ def _check_passthrough(extra: Mapping[str, Any]) -> None:
             )
 
 
-def build_deepspeed_config(train: TrainConfig, world_size: int, extra: Mapping[str, Any] | None = None) -> Dict[str, Any]:
+def build_deepspeed_config(
+    train: TrainConfig, world_size: int, extra: Mapping[str, Any] | None = None
+) -> Dict[str, Any]:
     """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough)."""
     generated: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -71,17 +73,27 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, extra: Mapping[s
         "wall_clock_breakdown": False,
     }
     optimizer = deepspeed_optimizer_block(train)
-    if optimizer is not None:  # Muon: DeepSpeed builds it (AdamW is passed to deepspeed.initialize as an object)
+    if (
+        optimizer is not None
+    ):  # Muon: DeepSpeed builds it (AdamW is passed to deepspeed.initialize as an object)
         generated["optimizer"] = optimizer
-        if train.zero_stage == 3:  # ZeRO-3 orthogonalizes gathered gradients, which it cannot do reduce-scattered
+        if (
+            train.zero_stage == 3
+        ):  # ZeRO-3 orthogonalizes gathered gradients, which it cannot do reduce-scattered
             generated["zero_optimization"]["reduce_scatter"] = False
     if extra:
         _check_passthrough(extra)
         generated = _deep_merge(generated, extra)
-    if optimizer is not None and train.zero_stage == 3 and generated["zero_optimization"].get("reduce_scatter"):
-        raise TrainError("The deepspeed: block sets zero_optimization.reduce_scatter: true, but train.optimizer=muon "
-                         "at ZeRO 3 needs it false (DeepSpeed's Muon orthogonalizes whole gathered gradients). Remove "
-                         "reduce_scatter from the deepspeed: block, or use train.optimizer=adamw.")
+    if (
+        optimizer is not None
+        and train.zero_stage == 3
+        and generated["zero_optimization"].get("reduce_scatter")
+    ):
+        raise TrainError(
+            "The deepspeed: block sets zero_optimization.reduce_scatter: true, but train.optimizer=muon "
+            "at ZeRO 3 needs it false (DeepSpeed's Muon orthogonalizes whole gathered gradients). Remove "
+            "reduce_scatter from the deepspeed: block, or use train.optimizer=adamw."
+        )
     return generated
 
 

@@ -54,7 +54,9 @@ def _free_port() -> int:
 def choose_device(cfg: TrainConfig) -> str:
     """'cuda' or 'cpu': train.device, or cuda when a GPU is visible."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainError("train.device is 'cuda' but no CUDA GPU is visible to this process; use train.device=cpu or auto.")
+        raise TrainError(
+            "train.device is 'cuda' but no CUDA GPU is visible to this process; use train.device=cpu or auto."
+        )
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
@@ -63,7 +65,9 @@ def choose_device(cfg: TrainConfig) -> str:
 def choose_backend(cfg: TrainConfig, device: str) -> str:
     """train.backend, or nccl for cuda and gloo for cpu."""
     if cfg.backend == "nccl" and device != "cuda":
-        raise TrainError("train.backend is 'nccl' but the device is cpu; nccl needs GPUs (use train.backend=gloo or auto).")
+        raise TrainError(
+            "train.backend is 'nccl' but the device is cpu; nccl needs GPUs (use train.backend=gloo or auto)."
+        )
     if cfg.backend == "auto":
         return "nccl" if device == "cuda" else "gloo"
     return cfg.backend
@@ -96,7 +100,9 @@ def separate_extension_cache_per_ninja() -> None:
     if ninja is None:
         return
     try:
-        version = subprocess.run([ninja, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        version = subprocess.run(
+            [ninja, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return
     if version:
@@ -137,7 +143,9 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 
-    deepspeed_logger.setLevel(logging.WARNING)  # our own lines say what matters; DeepSpeed's warnings still show
+    deepspeed_logger.setLevel(
+        logging.WARNING
+    )  # our own lines say what matters; DeepSpeed's warnings still show
     # DeepSpeed's ZeRO calls torch.distributed APIs that torch marks deprecated; the warning is not ours to fix.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     if device_type == "cpu":
@@ -146,13 +154,25 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     world_size = torch.distributed.get_world_size()
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE, Slurm SLURM_NTASKS_PER_NODE.
-    local_world_size = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
-                             if os.environ.get(k, "").isdigit()), None)
+    local_world_size = next(
+        (
+            int(os.environ[k])
+            for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+            if os.environ.get(k, "").isdigit()
+        ),
+        None,
+    )
     if local_world_size is None:
-        local_world_size = min(world_size, max(1, torch.cuda.device_count())) if device_type == "cuda" else world_size
+        local_world_size = (
+            min(world_size, max(1, torch.cuda.device_count())) if device_type == "cuda" else world_size
+        )
     return DistInfo(
-        rank=torch.distributed.get_rank(), world_size=world_size, local_rank=local_rank,
-        local_world_size=local_world_size, device=device, backend=backend,
+        rank=torch.distributed.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        device=device,
+        backend=backend,
     )
 
 

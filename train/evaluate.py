@@ -29,8 +29,9 @@ def bits_per_byte(loss_nats_per_token: float, bytes_per_token: Optional[float]) 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: List[Batch], device: torch.device,
-             bytes_per_token: Optional[float]) -> Dict[str, Optional[float]]:
+def evaluate(
+    model: torch.nn.Module, batches: List[Batch], device: torch.device, bytes_per_token: Optional[float]
+) -> Dict[str, Optional[float]]:
     """{"val_loss", "val_ppl", "val_bpb" (when bytes_per_token is known)} averaged over every rank's fixed batches (collective call)."""
     was_training = model.training
     model.eval()

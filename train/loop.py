@@ -104,7 +104,9 @@ class TrainingLoop:
         for micro in range(accum):
             waited = time.perf_counter()
             batch = next(train_iter)
-            self.data_seconds += time.perf_counter() - waited  # the data wait, reported as a share of the step
+            self.data_seconds += (
+                time.perf_counter() - waited
+            )  # the data wait, reported as a share of the step
             loss = batch_loss(engine, to_device(batch, self.device))
             if inject_nan_at == number:
                 loss = loss * float("nan")  # fault injection (SLM_INJECT_NAN_AT_STEP)
@@ -121,16 +123,32 @@ class TrainingLoop:
         elapsed = now - self.run.started
         out_of_time = self.train.max_time is not None and elapsed >= self.train.max_time
         seconds_per_step = (now - self.loop_started) / (self.steps_taken + 1)
-        clock = [float(stop_requested), float(out_of_time), float(decay_due(elapsed, self.train)), elapsed,
-                 seconds_per_step]
-        status = torch.cat([torch.stack([loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum)]),
-                            torch.tensor(clock, device=self.device)])
+        clock = [
+            float(stop_requested),
+            float(out_of_time),
+            float(decay_due(elapsed, self.train)),
+            elapsed,
+            seconds_per_step,
+        ]
+        status = torch.cat(
+            [
+                torch.stack([loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum)]),
+                torch.tensor(clock, device=self.device),
+            ]
+        )
         world = self.run.dist_info.world_size
         if world > 1:
             dist.all_reduce(status)
         loss, nonfinite, stop, timeout, due, elapsed_sum, pace_sum = status.tolist()
-        return StepStatus(loss / world, int(nonfinite), stop > 0, timeout > 0, due > 0, elapsed_sum / world,
-                          pace_sum / world)
+        return StepStatus(
+            loss / world,
+            int(nonfinite),
+            stop > 0,
+            timeout > 0,
+            due > 0,
+            elapsed_sum / world,
+            pace_sum / world,
+        )
 
     def decide_decay(self, status: StepStatus, number: int) -> None:
         """wsd_time: start the decay after this step once due, sized from the agreed pace (every rank alike)."""
@@ -138,9 +156,11 @@ class TrainingLoop:
         if progress.timed_decay is not None or not status.decay_due:
             return
         progress.timed_decay = plan_time_decay(number, status.elapsed, status.seconds_per_step, self.train)
-        self.run.say(f"step {number}: {status.elapsed:.1f} s of train.max_time={self.train.max_time:g} s spent; "
-                     f"lr decays to min_lr over the next {progress.timed_decay.steps} steps "
-                     f"(at {status.seconds_per_step:.3f} s per step)")
+        self.run.say(
+            f"step {number}: {status.elapsed:.1f} s of train.max_time={self.train.max_time:g} s spent; "
+            f"lr decays to min_lr over the next {progress.timed_decay.steps} steps "
+            f"(at {status.seconds_per_step:.3f} s per step)"
+        )
 
     def handle_nonfinite(self, status: StepStatus, number: int) -> None:
         """train.on_nonfinite: raise (nothing is saved), or make the coming engine.step() a no-op and count it."""
@@ -160,8 +180,10 @@ class TrainingLoop:
             for param in run.engine.module.parameters():
                 param.grad = None
         run.progress.skipped_steps += 1
-        run.say(f"step {number}: non-finite loss or gradient, step skipped "
-                f"({run.progress.skipped_steps} skipped so far)")
+        run.say(
+            f"step {number}: non-finite loss or gradient, step skipped "
+            f"({run.progress.skipped_steps} skipped so far)"
+        )
 
     def set_lr(self, lr: float) -> None:
         for group in self.run.engine.optimizer.param_groups:
@@ -177,8 +199,15 @@ class TrainingLoop:
         status = self.agree(self.forward_backward(train_iter, number), stop_request.requested)
         self.decide_decay(status, number)
         finished = number >= run.last_step
-        event = StepEvent(number, lr, status.mean_loss, status.nonfinite_ranks > 0, finished,
-                          status.out_of_time and not finished, status.stop_requested)
+        event = StepEvent(
+            number,
+            lr,
+            status.mean_loss,
+            status.nonfinite_ranks > 0,
+            finished,
+            status.out_of_time and not finished,
+            status.stop_requested,
+        )
         if event.nonfinite:
             self.handle_nonfinite(status, number)
         for component in self.components:
@@ -187,7 +216,9 @@ class TrainingLoop:
         run.progress.step = number
         run.progress.tokens_seen += run.plan.tokens_per_step
         self.steps_taken += 1
-        event = dataclasses.replace(event, seconds=time.perf_counter() - step_started, data_seconds=self.data_seconds)
+        event = dataclasses.replace(
+            event, seconds=time.perf_counter() - step_started, data_seconds=self.data_seconds
+        )
         for component in self.components:
             component.after_step(run, event)
         return event
@@ -223,12 +254,16 @@ class TrainingLoop:
             event = self.step(train_iter, stop_request)
             if event.stop_requested:
                 self.end("stopped")
-                run.say(f"stopped by signal after step {event.number}; exit code {EXIT_PREEMPTED} "
-                        "(start the same command again to resume)")
+                run.say(
+                    f"stopped by signal after step {event.number}; exit code {EXIT_PREEMPTED} "
+                    "(start the same command again to resume)"
+                )
                 return EXIT_PREEMPTED
             if event.timed_out:
                 self.end("timed_out")
-                run.say(f"train.max_time ({self.train.max_time} s) spent: stopped cleanly after step {event.number}")
+                run.say(
+                    f"train.max_time ({self.train.max_time} s) spent: stopped cleanly after step {event.number}"
+                )
                 return 0
         self.end("finished")
         run.say(f"finished {run.progress.step} steps ({run.progress.tokens_seen:,} tokens)")

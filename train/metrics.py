@@ -72,16 +72,26 @@ def _fmt(key: str, value: Any) -> str:
 
 # Console labels, in print order; other keys of the row follow as key=value.
 _CONSOLE_KEYS = (
-    ("loss", "loss"), ("val_loss", "val_loss"), ("val_ppl", "val_ppl"), ("val_bpb", "val_bpb"),
-    ("lr", "lr"), ("grad_norm", "gnorm"), ("tokens_per_second", "tok/s"), ("tokens", "tokens"),
-    ("mfu", "mfu"), ("step_ms", "step_ms"), ("data_wait", "data"),
+    ("loss", "loss"),
+    ("val_loss", "val_loss"),
+    ("val_ppl", "val_ppl"),
+    ("val_bpb", "val_bpb"),
+    ("lr", "lr"),
+    ("grad_norm", "gnorm"),
+    ("tokens_per_second", "tok/s"),
+    ("tokens", "tokens"),
+    ("mfu", "mfu"),
+    ("step_ms", "step_ms"),
+    ("data_wait", "data"),
 )
 _NOT_PRINTED = {"step", "time", "kind"}
 
 
 def format_row(row: Dict[str, Any]) -> str:
     """One compact console line with only the keys the row has, e.g. `step 100 | loss 2.3456 | lr 3.00e-04`."""
-    parts = [f"{row.get('kind', 'train')} step {row['step']}" if "step" in row else str(row.get("kind", "train"))]
+    parts = [
+        f"{row.get('kind', 'train')} step {row['step']}" if "step" in row else str(row.get("kind", "train"))
+    ]
     known = {key for key, _ in _CONSOLE_KEYS} | _NOT_PRINTED
     parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if key in row]
     parts += [f"{key} {_fmt(key, value)}" for key, value in row.items() if key not in known]
@@ -150,10 +160,18 @@ class MetricsLogger:
         name = wcfg.name or self.run_dir.resolve().name
         try:
             return wandb.init(
-                project=wcfg.project, name=name, tags=list(wcfg.tags), mode=wcfg.mode, dir=str(self.run_dir),
-                config=to_dict(cfg), id=run_id, resume="allow",
+                project=wcfg.project,
+                name=name,
+                tags=list(wcfg.tags),
+                mode=wcfg.mode,
+                dir=str(self.run_dir),
+                config=to_dict(cfg),
+                id=run_id,
+                resume="allow",
             )
-        except Exception as err:  # wandb raises many types (UsageError, CommError, ...); all mean "not started"
+        except (
+            Exception
+        ) as err:  # wandb raises many types (UsageError, CommError, ...); all mean "not started"
             message = " ".join(str(err).split())
             raise TrainError(
                 f"wandb could not start (log.wandb.mode={wcfg.mode}, project={wcfg.project!r}, id {run_id} from "
@@ -174,10 +192,19 @@ class MetricsLogger:
         if self.console:
             print(format_row(row), file=self.stream or sys.stdout, flush=True)
         if self._wandb_run is not None:
-            values = {key: value for key, value in row.items()
-                      if key not in _NOT_PRINTED and isinstance(value, (int, float)) and not isinstance(value, bool)}
-            if isinstance(row.get("task"), str):  # per-task rows (downstream): one wandb key per task and metric
-                values = {f"{row['kind']}/{row['task']}/{key}": value for key, value in values.items() if key != "tokens"}
+            values = {
+                key: value
+                for key, value in row.items()
+                if key not in _NOT_PRINTED and isinstance(value, (int, float)) and not isinstance(value, bool)
+            }
+            if isinstance(
+                row.get("task"), str
+            ):  # per-task rows (downstream): one wandb key per task and metric
+                values = {
+                    f"{row['kind']}/{row['task']}/{key}": value
+                    for key, value in values.items()
+                    if key != "tokens"
+                }
             step = row.get("step")
             self._wandb_run.log(values, step=int(step) if step is not None else None)
 

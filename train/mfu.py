@@ -69,15 +69,26 @@ PEAK_FLOPS: Tuple[Tuple[str, Dict[str, float]], ...] = (
 )
 
 _PRECISION_NAMES = {
-    "bf16": "bf16", "bfloat16": "bf16", torch.bfloat16: "bf16",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16", torch.float16: "fp16",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32", torch.float32: "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    torch.bfloat16: "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    torch.float16: "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
+    torch.float32: "fp32",
 }
 
 
 def _matches(pattern: str, device_name: str) -> bool:
     """Whole-word, case-insensitive: 'A10' must not match 'A100', nor 'L4' match 'L40S'."""
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(pattern)}(?![A-Za-z0-9])", device_name, re.IGNORECASE) is not None
+    return (
+        re.search(rf"(?<![A-Za-z0-9]){re.escape(pattern)}(?![A-Za-z0-9])", device_name, re.IGNORECASE)
+        is not None
+    )
 
 
 def peak_flops_per_device(device_name: str, precision: Union[str, torch.dtype] = "bf16") -> Optional[float]:
@@ -91,8 +102,9 @@ def peak_flops_per_device(device_name: str, precision: Union[str, torch.dtype] =
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: Optional[float],
-        n_devices: int) -> Optional[float]:
+def mfu(
+    flops_per_token: float, tokens_per_second: float, peak_flops: Optional[float], n_devices: int
+) -> Optional[float]:
     """Achieved model FLOP/s over the peak of all `n_devices`, as a fraction (0.4 = 40%); None without a peak."""
     if peak_flops is None or peak_flops <= 0 or n_devices <= 0:
         return None
@@ -104,9 +116,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.bfloat16, size: int = 1024, seconds: float = 1.0,
-                        device: Union[str, torch.device, None] = None,
-                        clock: Callable[[], float] = time.perf_counter) -> float:
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.bfloat16,
+    size: int = 1024,
+    seconds: float = 1.0,
+    device: Union[str, torch.device, None] = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """This machine's achieved FLOP/s on square `size` matmuls of `dtype` (2*size^3 FLOPs each), timed for ~`seconds`.
 
     The honest ceiling for a CPU (no vendor table applies) and a sanity check of a GPU's table entry.

@@ -59,7 +59,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optional[torch.
     if cfg.optimizer == "muon":
         return None
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+        param_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.adam_eps,
     )
 
 
@@ -67,10 +70,20 @@ def deepspeed_optimizer_block(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     """The `optimizer` entry of the generated DeepSpeed config: only for Muon (AdamW is passed as an object)."""
     if cfg.optimizer != "muon":
         return None
-    return {"type": "muon", "params": {
-        "lr": cfg.lr, "adam_lr": cfg.lr, "muon_lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
-        "betas": [cfg.beta1, cfg.beta2], "eps": cfg.adam_eps, "weight_decay": cfg.weight_decay,
-        "torch_adam": True, "ns_method": cfg.muon_ns_method}}
+    return {
+        "type": "muon",
+        "params": {
+            "lr": cfg.lr,
+            "adam_lr": cfg.lr,
+            "muon_lr": cfg.muon_lr,
+            "momentum": cfg.muon_momentum,
+            "betas": [cfg.beta1, cfg.beta2],
+            "eps": cfg.adam_eps,
+            "weight_decay": cfg.weight_decay,
+            "torch_adam": True,
+            "ns_method": cfg.muon_ns_method,
+        },
+    }
 
 
 def set_compile_stance(device: torch.device, compile_model: bool) -> None:
@@ -86,11 +99,15 @@ def describe_muon(model: torch.nn.Module, cfg: TrainConfig) -> str:
     named = list(model.named_parameters())
     muon = [name for name, param in named if getattr(param, "use_muon", False)]
     if not muon:
-        raise TrainError("train.optimizer=muon but DeepSpeed tagged no parameter for Muon (use_muon); expected the "
-                         "attention and MLP matrices. This DeepSpeed may not support optimizer type 'muon'.")
-    return (f"optimizer: Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, {cfg.muon_ns_method} Newton-Schulz) "
-            f"for {len(muon)} matrices, AdamW (lr {cfg.lr:g}) for the other {len(named) - len(muon)} parameters "
-            "(embeddings, norms, head)")
+        raise TrainError(
+            "train.optimizer=muon but DeepSpeed tagged no parameter for Muon (use_muon); expected the "
+            "attention and MLP matrices. This DeepSpeed may not support optimizer type 'muon'."
+        )
+    return (
+        f"optimizer: Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, {cfg.muon_ns_method} Newton-Schulz) "
+        f"for {len(muon)} matrices, AdamW (lr {cfg.lr:g}) for the other {len(named) - len(muon)} parameters "
+        "(embeddings, norms, head)"
+    )
 
 
 def group_lr(group: Mapping[str, Any], lr: float, cfg: TrainConfig) -> float:

@@ -54,7 +54,9 @@ def plan_batches(train: TrainConfig, world_size: int, seq_len: int) -> BatchPlan
     max_steps = train.max_steps
     if train.max_tokens is not None:
         if train.max_tokens <= 0:
-            raise TrainError(f"train.max_tokens is {train.max_tokens}; expected a positive token budget or null.")
+            raise TrainError(
+                f"train.max_tokens is {train.max_tokens}; expected a positive token budget or null."
+            )
         max_steps = math.ceil(train.max_tokens / (global_batch * seq_len))
     return BatchPlan(train.micro_batch_size, train.grad_accum_steps, world_size, seq_len, max_steps)
 
@@ -82,7 +84,9 @@ def memory_budget_per_rank(dist_info: DistInfo) -> tuple[Optional[int], str]:
     return available // share, f"host MemAvailable / {share} rank(s) on this node"
 
 
-def check_memory(estimate_bytes: float, budget_bytes: Optional[int], source: str, train: TrainConfig, world_size: int) -> None:
+def check_memory(
+    estimate_bytes: float, budget_bytes: Optional[int], source: str, train: TrainConfig, world_size: int
+) -> None:
     if budget_bytes is None or estimate_bytes <= budget_bytes:
         return
     hints = []
@@ -91,16 +95,26 @@ def check_memory(estimate_bytes: float, budget_bytes: Optional[int], source: str
     if not train.activation_checkpointing:
         hints.append("train.activation_checkpointing=true")
     if train.micro_batch_size > 1:
-        hints.append(f"a smaller train.micro_batch_size (now {train.micro_batch_size}) with more train.grad_accum_steps")
+        hints.append(
+            f"a smaller train.micro_batch_size (now {train.micro_batch_size}) with more train.grad_accum_steps"
+        )
     hints.append(f"more ranks (now {world_size})")
     raise TrainError(
         f"Preflight: the estimated training memory per rank is {estimate_bytes / GIB:.1f} GiB but only "
-        f"{budget_bytes / GIB:.1f} GiB is available ({source}); the run would not fit. Try " + ", ".join(hints) + "."
+        f"{budget_bytes / GIB:.1f} GiB is available ({source}); the run would not fit. Try "
+        + ", ".join(hints)
+        + "."
     )
 
 
-def summary_lines(plan: BatchPlan, dist_info: DistInfo, train: TrainConfig, memory: dict, budget_bytes: Optional[int],
-                  source: str) -> List[str]:
+def summary_lines(
+    plan: BatchPlan,
+    dist_info: DistInfo,
+    train: TrainConfig,
+    memory: dict,
+    budget_bytes: Optional[int],
+    source: str,
+) -> List[str]:
     budget = f"{budget_bytes / GIB:.1f} GiB ({source})" if budget_bytes is not None else source
     return [
         f"world size {dist_info.world_size} on {dist_info.n_nodes} node(s), {dist_info.device.type}/{dist_info.backend}, "
@@ -118,7 +132,11 @@ def preflight(model_cfg, train: TrainConfig, plan: BatchPlan, dist_info: DistInf
     from model.stats import training_memory_per_rank
 
     memory = training_memory_per_rank(
-        model_cfg, train.zero_stage, dist_info.world_size, train.micro_batch_size, plan.seq_len,
+        model_cfg,
+        train.zero_stage,
+        dist_info.world_size,
+        train.micro_batch_size,
+        plan.seq_len,
         activation_checkpointing=train.activation_checkpointing,
     )
     budget, source = memory_budget_per_rank(dist_info)

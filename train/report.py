@@ -43,7 +43,9 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     """Parse RUN_DIR/metrics.jsonl; TrainError naming the file (and line) if missing, empty or garbled."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise TrainError(f"No metrics file at '{path}': expected a run dir written by `slm train` (it holds metrics.jsonl).")
+        raise TrainError(
+            f"No metrics file at '{path}': expected a run dir written by `slm train` (it holds metrics.jsonl)."
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -59,9 +61,17 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise TrainError(f"Metrics file '{path}' line {number} is not valid JSON ({err.msg}): {line[:80]!r}.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
-            raise TrainError(f"Metrics file '{path}' line {number} is not a metrics row: expected a JSON object with an integer 'step', got {line[:80]!r}.")
+            raise TrainError(
+                f"Metrics file '{path}' line {number} is not valid JSON ({err.msg}): {line[:80]!r}."
+            ) from None
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("step"), int)
+            or isinstance(row.get("step"), bool)
+        ):
+            raise TrainError(
+                f"Metrics file '{path}' line {number} is not a metrics row: expected a JSON object with an integer 'step', got {line[:80]!r}."
+            )
         step = row["step"]
         is_eval = row.get("kind") == "eval" or (row.get("kind") is None and "val_loss" in row)
         if is_eval:
@@ -80,9 +90,12 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         train[step] = row
     if not train and not evals:
         raise TrainError(f"Metrics file '{path}' holds no metrics rows: the run has not logged a step yet.")
-    return RunMetrics(train=[train[s] for s in sorted(train)], eval=[evals[s] for s in sorted(evals)],
-                      first_of_segment=first_of_segment,
-                      downstream={task: [rows[s] for s in sorted(rows)] for task, rows in sorted(downstream.items())})
+    return RunMetrics(
+        train=[train[s] for s in sorted(train)],
+        eval=[evals[s] for s in sorted(evals)],
+        first_of_segment=first_of_segment,
+        downstream={task: [rows[s] for s in sorted(rows)] for task, rows in sorted(downstream.items())},
+    )
 
 
 def _series(rows: List[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
@@ -122,8 +135,10 @@ def summarize(metrics: RunMetrics) -> Dict[str, Any]:
         "best_val_bpb_step": best_bpb_step,
         "mean_tokens_per_second": sum(throughput) / len(throughput) if throughput else None,
         "final_train_loss": losses[-1] if losses else None,
-        "downstream": {task: {key: rows[-1][key] for key in ("step", "acc", "acc_norm") if key in rows[-1]}
-                       for task, rows in metrics.downstream.items()},
+        "downstream": {
+            task: {key: rows[-1][key] for key in ("step", "acc", "acc_norm") if key in rows[-1]}
+            for task, rows in metrics.downstream.items()
+        },
     }
 
 
@@ -143,7 +158,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
         ("final train loss", show(summary["final_train_loss"], ".4f")),
     ]
     for task, last in summary.get("downstream", {}).items():  # the latest downstream score of each task
-        scores = ", ".join(f"{key} {show(last.get(key), '.4f')}" for key in ("acc", "acc_norm") if key in last)
+        scores = ", ".join(
+            f"{key} {show(last.get(key), '.4f')}" for key in ("acc", "acc_norm") if key in last
+        )
         rows.append((f"downstream {task}", scores + at(last.get("step"))))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -156,8 +173,15 @@ def draw_downstream(ax: Any, downstream: Dict[str, List[Dict[str, Any]]]) -> Non
         for key, style in (("acc_norm", "-"), ("acc", "--")):
             steps, values = _series(rows, key)
             if values:
-                ax.plot(steps, values, style, color=color, marker="o" if len(values) < 30 else None, markersize=3,
-                        label=f"{task} {key}")
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=color,
+                    marker="o" if len(values) < 30 else None,
+                    markersize=3,
+                    label=f"{task} {key}",
+                )
     ax.legend(fontsize="small", ncol=2)
     ax.set_ylabel("accuracy")
 
@@ -173,7 +197,11 @@ def draw(metrics: RunMetrics, title: str = "") -> Any:
     fig = plt.figure(figsize=(12, 4 * rows), dpi=100)
     grid = fig.add_gridspec(rows, 2)
     panels = (
-        (fig.add_subplot(grid[0, 0]), "loss", ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss"))),
+        (
+            fig.add_subplot(grid[0, 0]),
+            "loss",
+            ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss")),
+        ),
         (fig.add_subplot(grid[0, 1]), "learning rate", ((metrics.train, "lr", "lr"),)),
         (fig.add_subplot(grid[1, 0]), "tokens/s", ((metrics.train, "tokens_per_second", "tokens/s"),)),
         (fig.add_subplot(grid[1, 1]), "val bits per byte", ((metrics.eval, "val_bpb", "val bpb"),)),
@@ -186,7 +214,9 @@ def draw(metrics: RunMetrics, title: str = "") -> Any:
                 ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3, label=label)
                 drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5, 0.5, f"no {name} logged", ha="center", va="center", transform=ax.transAxes, color="gray"
+            )
         elif len(curves) > 1:
             ax.legend()
     axes = [ax for ax, _, _ in panels]

@@ -55,7 +55,9 @@ def intact_resume(train: TrainConfig, run_dir: Path, chosen: Optional[Path]) -> 
         return None
     hashes = train.verify_checkpoint_hashes
     if str(train.resume).strip().lower() in RESUME_AUTO:
-        candidates = [p for p in reversed(complete_checkpoints(run_dir / CHECKPOINTS)) if step_of(p) <= step_of(chosen)]
+        candidates = [
+            p for p in reversed(complete_checkpoints(run_dir / CHECKPOINTS)) if step_of(p) <= step_of(chosen)
+        ]
         return newest_intact(candidates, read_meta, hashes, _say)
     verify_checkpoint(chosen, read_meta(chosen), hashes)
     return chosen
@@ -77,40 +79,65 @@ def load_mode(meta: Dict[str, Any], world_size: int, zero_stage: int) -> str:
     return "refuse"
 
 
-def differences(meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str, manifest_sha256: Optional[str],
-                world_size: int) -> List[str]:
+def differences(
+    meta: Dict[str, Any],
+    config: Dict[str, Any],
+    tokenizer_sha256: str,
+    manifest_sha256: Optional[str],
+    world_size: int,
+) -> List[str]:
     """Human-readable reasons why the checkpoint cannot continue this run (empty when it can)."""
     found: List[str] = []
     for key, saved, wanted in shape_differences(meta["config"].get("model", {}), config.get("model", {})):
         found.append(f"model.{key} is {saved!r} in the checkpoint but {wanted!r} in this run")
     if meta["tokenizer_sha256"] != tokenizer_sha256:
-        found.append(f"the tokenizer differs (sha256 {str(meta['tokenizer_sha256'])[:12]}... in the checkpoint, "
-                     f"{tokenizer_sha256[:12]}... in data.dir)")
+        found.append(
+            f"the tokenizer differs (sha256 {str(meta['tokenizer_sha256'])[:12]}... in the checkpoint, "
+            f"{tokenizer_sha256[:12]}... in data.dir)"
+        )
     if manifest_sha256 is not None and meta["manifest_sha256"] != manifest_sha256:
-        found.append(f"the data manifest differs (sha256 {str(meta['manifest_sha256'])[:12]}... in the checkpoint, "
-                     f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data")
+        found.append(
+            f"the data manifest differs (sha256 {str(meta['manifest_sha256'])[:12]}... in the checkpoint, "
+            f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data"
+        )
     saved_train, wanted_train = meta["config"].get("train", {}), config.get("train", {})
     if saved_train.get("precision") != wanted_train.get("precision"):
-        found.append(f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
-                     f"{wanted_train.get('precision')!r} in this run")
-    saved_optimizer = saved_train.get("optimizer", "adamw")  # checkpoints from before train.optimizer were AdamW
+        found.append(
+            f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
+            f"{wanted_train.get('precision')!r} in this run"
+        )
+    saved_optimizer = saved_train.get(
+        "optimizer", "adamw"
+    )  # checkpoints from before train.optimizer were AdamW
     if saved_optimizer != wanted_train.get("optimizer", "adamw"):
-        found.append(f"train.optimizer is {saved_optimizer!r} in the checkpoint but {wanted_train.get('optimizer')!r} "
-                     "in this run (their optimizer states differ)")
+        found.append(
+            f"train.optimizer is {saved_optimizer!r} in the checkpoint but {wanted_train.get('optimizer')!r} "
+            "in this run (their optimizer states differ)"
+        )
     mode = load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1)))
-    layout = (f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
-              f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s)")
+    layout = (
+        f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
+        f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s)"
+    )
     if mode == "refuse":
         found.append(f"{layout}: DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
     if mode == "universal" and saved_train.get("optimizer") == "muon":
-        found.append(f"{layout}, which needs a universal checkpoint, and DeepSpeed 0.19.8's converter cannot convert "
-                     "Muon's optimizer state (it expects AdamW's exp_avg); to change the layout, start a cpt run "
-                     "from it (train.stage=cpt train.init_from=...: fresh optimizer)")
+        found.append(
+            f"{layout}, which needs a universal checkpoint, and DeepSpeed 0.19.8's converter cannot convert "
+            "Muon's optimizer state (it expects AdamW's exp_avg); to change the layout, start a cpt run "
+            "from it (train.stage=cpt train.init_from=...: fresh optimizer)"
+        )
     return found
 
 
-def check_resumable(step_dir: Path, meta: Dict[str, Any], config: Dict[str, Any], tokenizer_sha256: str,
-                    manifest_sha256: Optional[str], world_size: int) -> None:
+def check_resumable(
+    step_dir: Path,
+    meta: Dict[str, Any],
+    config: Dict[str, Any],
+    tokenizer_sha256: str,
+    manifest_sha256: Optional[str],
+    world_size: int,
+) -> None:
     """Raise a TrainError listing every difference between the checkpoint and this run."""
     found = differences(meta, config, tokenizer_sha256, manifest_sha256, world_size)
     if found:

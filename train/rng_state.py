@@ -16,7 +16,13 @@ def rng_state() -> Dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: Dict[str, Any] = {
         "python": [int(version), torch.tensor(mt, dtype=torch.int64), gauss],
-        "numpy": [str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "numpy": [
+            str(name),
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -32,6 +38,8 @@ def set_rng_state(state: Dict[str, Any], where: str = "the RNG file") -> None:
         np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
         torch.set_rng_state(state["torch"])
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise TrainError(f"{where} does not hold the RNG states slm train saves ({type(err).__name__}: {err}).") from None
+        raise TrainError(
+            f"{where} does not hold the RNG states slm train saves ({type(err).__name__}: {err})."
+        ) from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -58,8 +58,9 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
             "when unpickled, so slm-forge loads only tensors and plain types; load only checkpoints you wrote."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise TrainError(f"Could not read checkpoint file {path}: {type(err).__name__}: "
-                         f"{' '.join(str(err).split())[:300]}") from None
+        raise TrainError(
+            f"Could not read checkpoint file {path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from None
 
 
 def pickle_files(folder: Path) -> Iterable[Path]:

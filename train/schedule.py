@@ -69,11 +69,15 @@ def check_schedule(cfg: TrainConfig) -> None:
     if cfg.schedule not in SCHEDULES:
         raise TrainError(f"train.schedule is {cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}.")
     if cfg.decay_shape not in DECAY_SHAPES:
-        raise TrainError(f"train.decay_shape is {cfg.decay_shape!r}; expected one of {', '.join(DECAY_SHAPES)}.")
+        raise TrainError(
+            f"train.decay_shape is {cfg.decay_shape!r}; expected one of {', '.join(DECAY_SHAPES)}."
+        )
     if cfg.warmup_steps < 0:
         raise TrainError(f"train.warmup_steps is {cfg.warmup_steps}; expected 0 or a positive integer.")
     if cfg.schedule == "wsd_time" and not (cfg.max_time and cfg.max_time > 0):
-        raise TrainError(f"train.schedule is wsd_time but train.max_time is {cfg.max_time}; expected seconds > 0.")
+        raise TrainError(
+            f"train.schedule is wsd_time but train.max_time is {cfg.max_time}; expected seconds > 0."
+        )
     if cfg.max_steps <= 0:
         raise TrainError(f"train.max_steps is {cfg.max_steps}; expected a positive integer.")
     if not 0.0 <= cfg.decay_fraction <= 1.0:
@@ -82,10 +86,14 @@ def check_schedule(cfg: TrainConfig) -> None:
         if not math.isfinite(getattr(cfg, key)):
             raise TrainError(f"train.{key} is {getattr(cfg, key)}; expected a finite number.")
     if cfg.warmup_steps >= cfg.max_steps:
-        raise TrainError(f"train.warmup_steps ({cfg.warmup_steps}) is not below train.max_steps ({cfg.max_steps}): the run "
-                         "would end before the learning rate reaches its peak. Lower train.warmup_steps.")
+        raise TrainError(
+            f"train.warmup_steps ({cfg.warmup_steps}) is not below train.max_steps ({cfg.max_steps}): the run "
+            "would end before the learning rate reaches its peak. Lower train.warmup_steps."
+        )
     if cfg.lr <= 0 or cfg.min_lr < 0:
-        raise TrainError(f"train.lr is {cfg.lr} and train.min_lr is {cfg.min_lr}; expected lr > 0 and min_lr >= 0.")
+        raise TrainError(
+            f"train.lr is {cfg.lr} and train.min_lr is {cfg.min_lr}; expected lr > 0 and min_lr >= 0."
+        )
     if cfg.min_lr > cfg.lr:
         raise TrainError(f"train.min_lr ({cfg.min_lr}) is above train.lr ({cfg.lr}); expected min_lr <= lr.")
 

@@ -39,13 +39,21 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
-            print(f"[slm] second Ctrl-C: aborting now without a checkpoint (exit code {EXIT_ABORTED}); the newest "
-                  "complete checkpoint is unchanged", file=sys.stderr, flush=True)
+            print(
+                f"[slm] second Ctrl-C: aborting now without a checkpoint (exit code {EXIT_ABORTED}); the newest "
+                "complete checkpoint is unchanged",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(EXIT_ABORTED)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            print(f"[slm] received {self.signal_name}: finishing this step, then checkpointing and exiting "
-                  f"with code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            print(
+                f"[slm] received {self.signal_name}: finishing this step, then checkpointing and exiting "
+                f"with code {EXIT_PREEMPTED}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:

@@ -60,7 +60,9 @@ class TrainMetrics(Component):
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
-        return every(self.log_every, event.number) or event.last  # the last row too when time or a signal ends the run
+        return (
+            every(self.log_every, event.number) or event.last
+        )  # the last row too when time or a signal ends the run
 
     def on_start(self, run: LoopRun) -> None:
         from model.stats import flops_per_token
@@ -93,11 +95,15 @@ class TrainMetrics(Component):
             grad_norm = _as_float(run.engine.get_global_grad_norm())
         tokens_per_second = run.plan.tokens_per_step * self.steps / max(self.seconds, 1e-9)
         row = {
-            "step": event.number, "loss": self.loss_sum / self.finite_steps if self.finite_steps else float("nan"),
-            "lr": event.lr, "grad_norm": grad_norm, "tokens": run.progress.tokens_seen,
+            "step": event.number,
+            "loss": self.loss_sum / self.finite_steps if self.finite_steps else float("nan"),
+            "lr": event.lr,
+            "grad_norm": grad_norm,
+            "tokens": run.progress.tokens_seen,
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(self.flops_per_token, tokens_per_second, self.peak_flops, run.dist_info.world_size),
-            "step_ms": 1000 * self.seconds / self.steps, "data_wait": self.data_seconds / max(self.seconds, 1e-9),
+            "step_ms": 1000 * self.seconds / self.steps,
+            "data_wait": self.data_seconds / max(self.seconds, 1e-9),
             "skipped_steps": run.progress.skipped_steps,
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
@@ -164,7 +170,11 @@ class Exporter(Component):
 
         step_dir = run.checkpoints.ensure_saved(run.progress)
         out_dir = run.run_dir / "exports" / step_dir.name
-        on_main_then_share(run.dist_info, lambda: export(step_dir, out_dir, dtype=self.dtype, verify=False, force=True), "Export")
+        on_main_then_share(
+            run.dist_info,
+            lambda: export(step_dir, out_dir, dtype=self.dtype, verify=False, force=True),
+            "Export",
+        )
         run.say(f"exported {out_dir}")
 
 
@@ -192,8 +202,12 @@ class DoneMarker(Component):
 
 
 COMPONENTS: List[Callable[[Config], Optional[Component]]] = [
-    TrainMetrics.from_config, Evaluator.from_config, DownstreamEval.from_config, Checkpointer.from_config,
-    Exporter.from_config, DoneMarker.from_config,
+    TrainMetrics.from_config,
+    Evaluator.from_config,
+    DownstreamEval.from_config,
+    Checkpointer.from_config,
+    Exporter.from_config,
+    DoneMarker.from_config,
 ]
 """Factories of the standard components, in call order; a factory returns None when its config turns it off."""
 

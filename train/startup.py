@@ -88,11 +88,14 @@ def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
 
     data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
     if not data_dir.exists("manifest.json"):
+
         def prepare_data() -> None:
             from data_pipeline.prepare import prepare
 
-            print(f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
-                  flush=True)
+            print(
+                f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
+                flush=True,
+            )
             prepare(cfg.data, cfg.tokenizer)
 
         on_main_then_share(dist_info, prepare_data, "Preparing the data")
@@ -111,8 +114,14 @@ def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     tokenizer_path = local_copy(data_dir, "tokenizer.json", cfg.data.cache_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     bytes_per_token = load_manifest(data_dir).bytes_per_token("val") if cfg.train.stage != "ift" else None
-    return DataSetup(data_dir, tokenizer_path, tokenizer, file_sha256(tokenizer_path), manifest_sha256(data_dir),
-                     bytes_per_token)
+    return DataSetup(
+        data_dir,
+        tokenizer_path,
+        tokenizer,
+        file_sha256(tokenizer_path),
+        manifest_sha256(data_dir),
+        bytes_per_token,
+    )
 
 
 def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> tuple:
@@ -125,8 +134,9 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
         from data_pipeline.instruct import build_instruct_loader
 
         def instruct(split: str) -> Any:
-            return build_instruct_loader(cfg.ift, tokenizer, split, seq_len, micro, dist_info.rank,
-                                         dist_info.world_size, cfg.run.seed)
+            return build_instruct_loader(
+                cfg.ift, tokenizer, split, seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed
+            )
 
         return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
     from data_pipeline.documents import document_masked
@@ -136,14 +146,34 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
 
     weights = source_weights(cfg.data) if len(cfg.data.sources) > 1 else None
     train_loader = build_loader(
-        data_dir, "train", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
-        num_workers=cfg.data.num_workers, weights=weights, verify_checksums=cfg.data.verify_checksums,
-        cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit,
+        data_dir,
+        "train",
+        seq_len,
+        micro,
+        dist_info.rank,
+        dist_info.world_size,
+        cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+        weights=weights,
+        verify_checksums=cfg.data.verify_checksums,
+        cache_dir=cfg.data.cache_dir,
+        cache_limit=cfg.data.cache_limit,
     )
-    val_loader = build_loader(data_dir, "val", seq_len, micro, dist_info.rank, dist_info.world_size, cfg.run.seed,
-                              cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit)
+    val_loader = build_loader(
+        data_dir,
+        "val",
+        seq_len,
+        micro,
+        dist_info.rank,
+        dist_info.world_size,
+        cfg.run.seed,
+        cache_dir=cfg.data.cache_dir,
+        cache_limit=cfg.data.cache_limit,
+    )
     if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
-        return document_masked(train_loader, take_batches(val_loader, val_batches_per_rank), eot_id(tokenizer))
+        return document_masked(
+            train_loader, take_batches(val_loader, val_batches_per_rank), eot_id(tokenizer)
+        )
     return train_loader, take_batches(val_loader, val_batches_per_rank)
 
 
@@ -162,13 +192,17 @@ def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     return str(fetch_export(source, cfg.data.storage_options, cfg.data.cache_dir))
 
 
-def load_initial_weights(cfg: Config, dist_info: DistInfo, tokenizer_sha256: str) -> Optional[Dict[str, torch.Tensor]]:
+def load_initial_weights(
+    cfg: Config, dist_info: DistInfo, tokenizer_sha256: str
+) -> Optional[Dict[str, torch.Tensor]]:
     """cpt/ift: the weights of train.init_from, checked against this run's tokenizer and model shape."""
     if cfg.train.stage == "pretrain":
         return None
     if not cfg.train.init_from:
-        raise TrainError(f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
-                         "checkpoint or export whose weights this stage continues from.")
+        raise TrainError(
+            f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
+            "checkpoint or export whose weights this stage continues from."
+        )
     from train.handoff.init_from import load_init_weights
 
     state_dict, init_cfg, init_sha = load_init_weights(local_init_source(cfg, dist_info))
@@ -178,11 +212,16 @@ def load_initial_weights(cfg: Config, dist_info: DistInfo, tokenizer_sha256: str
             f"than {cfg.data.dir}/tokenizer.json ({tokenizer_sha256[:12]}...); the token ids would mean different "
             "things. Prepare the data with tokenizer.path set to the init source's tokenizer.json."
         )
-    diffs = [f"model.{key} is {saved!r} there but {wanted!r} here"
-             for key, saved, wanted in shape_differences(init_cfg, cfg.model, allow_seq_len_change=True)]
+    diffs = [
+        f"model.{key} is {saved!r} there but {wanted!r} here"
+        for key, saved, wanted in shape_differences(init_cfg, cfg.model, allow_seq_len_change=True)
+    ]
     if diffs:
-        raise TrainError(f"train.init_from '{cfg.train.init_from}' has another model shape: " + "; ".join(diffs)
-                         + ". Use the same model settings as the run it comes from.")
+        raise TrainError(
+            f"train.init_from '{cfg.train.init_from}' has another model shape: "
+            + "; ".join(diffs)
+            + ". Use the same model settings as the run it comes from."
+        )
     return state_dict
 
 
@@ -192,8 +231,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]],
-                 universal: bool) -> Any:
+def build_engine(
+    cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]], universal: bool
+) -> Any:
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
     import deepspeed
 
@@ -208,8 +248,10 @@ def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[s
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
         if missing or unexpected:
-            raise TrainError(f"train.init_from '{cfg.train.init_from}' does not fit the model: missing {missing}, "
-                             f"unexpected {unexpected}.")
+            raise TrainError(
+                f"train.init_from '{cfg.train.init_from}' does not fit the model: missing {missing}, "
+                f"unexpected {unexpected}."
+            )
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.train)
     ds_config = build_deepspeed_config(cfg.train, dist_info.world_size, cfg.deepspeed)
@@ -217,8 +259,9 @@ def build_engine(cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[s
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     validate_deepspeed_config(ds_config, cfg.deepspeed)
     if optimizer is None:  # Muon: DeepSpeed builds it from ds_config over our decay / no-decay groups
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                               config=ds_config)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
+        )
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.train.compile:
@@ -243,18 +286,25 @@ def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
 
     vocab = model_vocab_size(data.tokenizer)
     if vocab != cfg.model.vocab_size:
-        say(dist_info, f"note: model.vocab_size set to {vocab} from the tokenizer (config said {cfg.model.vocab_size})")
+        say(
+            dist_info,
+            f"note: model.vocab_size set to {vocab} from the tokenizer (config said {cfg.model.vocab_size})",
+        )
         cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
 
 
-def resume_into(engine: Any, train_loader: Any, resume_from: Path, universal_dir: Optional[Path],
-                dist_info: DistInfo) -> Progress:
+def resume_into(
+    engine: Any, train_loader: Any, resume_from: Path, universal_dir: Optional[Path], dist_info: DistInfo
+) -> Progress:
     """Load a checkpoint into the engine and the loader; the progress its record holds."""
     record = CheckpointRecord.from_meta(read_meta(resume_from), resume_from)
     load_checkpoint(engine, resume_from, dist_info.rank, universal_dir)
     train_loader.load_state_dict(record.loader)
     progress = record.progress
-    say(dist_info, f"resumed from {resume_from} at step {progress.step} ({progress.tokens_seen:,} tokens seen)")
+    say(
+        dist_info,
+        f"resumed from {resume_from} at step {progress.step} ({progress.tokens_seen:,} tokens seen)",
+    )
     return progress
 
 
@@ -262,28 +312,50 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     """Everything before the first step, in the order that fails fastest (config, data, memory, weights)."""
     started = time.time()
     if cfg.train.stage == "pretrain" and cfg.train.init_from:
-        raise TrainError("train.init_from is set but train.stage is pretrain; use train.stage=cpt (or ift) to start "
-                         "from those weights, or remove train.init_from.")
+        raise TrainError(
+            "train.init_from is set but train.stage is pretrain; use train.stage=cpt (or ift) to start "
+            "from those weights, or remove train.init_from."
+        )
     cfg, plan = settle_batches(cfg, dist_info)
     resume_from = resolve_resume(cfg.train.resume, Path(cfg.run.dir))
-    resume_from = on_main_then_share(dist_info, lambda: intact_resume(cfg.train, Path(cfg.run.dir), resume_from),
-                                     "Checking the checkpoint's files")
+    resume_from = on_main_then_share(
+        dist_info,
+        lambda: intact_resume(cfg.train, Path(cfg.run.dir), resume_from),
+        "Checking the checkpoint's files",
+    )
     data = load_data(cfg, dist_info)
     settle_vocab(cfg, dist_info, data)
-    for line in on_main_then_share(dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"):
+    for line in on_main_then_share(
+        dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"
+    ):
         say(dist_info, line)
     init_weights = load_initial_weights(cfg, dist_info, data.tokenizer_sha256)
 
-    identity = RunIdentity(to_dict(cfg), data.tokenizer_sha256, data.manifest_sha256, dist_info.world_size,
-                           cfg.train.zero_stage, cfg.train.precision)
+    identity = RunIdentity(
+        to_dict(cfg),
+        data.tokenizer_sha256,
+        data.manifest_sha256,
+        dist_info.world_size,
+        cfg.train.zero_stage,
+        cfg.train.precision,
+    )
     universal_dir = None
     if resume_from is not None:
         meta = read_meta(resume_from)
-        check_resumable(resume_from, meta, identity.config, data.tokenizer_sha256, data.manifest_sha256,
-                        dist_info.world_size)
+        check_resumable(
+            resume_from,
+            meta,
+            identity.config,
+            data.tokenizer_sha256,
+            data.manifest_sha256,
+            dist_info.world_size,
+        )
         if load_mode(meta, dist_info.world_size, cfg.train.zero_stage) == "universal":
-            universal_dir = on_main_then_share(dist_info, lambda: ensure_universal(resume_from),
-                                               "Converting the checkpoint to a universal checkpoint")
+            universal_dir = on_main_then_share(
+                dist_info,
+                lambda: ensure_universal(resume_from),
+                "Converting the checkpoint to a universal checkpoint",
+            )
 
     engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.train.optimizer == "muon":

@@ -38,14 +38,31 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
 
     setup = set_up_run(cfg, dist_info)
     cfg = setup.cfg
-    checkpoints = CheckpointSaver(setup.engine, Path(cfg.run.dir), setup.identity,
-                                  setup.train_loader, setup.data.tokenizer_path, cfg.train.keep_checkpoints, dist_info,
-                                  last_saved=setup.progress.step if setup.progress.step > 0 else None)
+    checkpoints = CheckpointSaver(
+        setup.engine,
+        Path(cfg.run.dir),
+        setup.identity,
+        setup.train_loader,
+        setup.data.tokenizer_path,
+        cfg.train.keep_checkpoints,
+        dist_info,
+        last_saved=setup.progress.step if setup.progress.step > 0 else None,
+    )
     logger = MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank)
     try:
-        run = LoopRun(cfg, dist_info, setup.plan, setup.engine, setup.progress, logger, checkpoints,
-                      setup.val_batches, setup.data.bytes_per_token, setup.started,
-                      plain_optimizer=cfg.train.zero_stage == 0 and cfg.train.precision == "fp32")
+        run = LoopRun(
+            cfg,
+            dist_info,
+            setup.plan,
+            setup.engine,
+            setup.progress,
+            logger,
+            checkpoints,
+            setup.val_batches,
+            setup.data.bytes_per_token,
+            setup.started,
+            plain_optimizer=cfg.train.zero_stage == 0 and cfg.train.precision == "fp32",
+        )
         components = standard_components(cfg) + list(extra_components)
         return TrainingLoop(run, setup.train_loader, components).run_steps()
     finally:

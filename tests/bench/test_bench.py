@@ -21,8 +21,13 @@ def load(name: str):
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_bench_without_cuda_exits_2_with_a_clear_message():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py")], capture_output=True, text=True,
-                          env=test_env(), cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py")],
+        capture_output=True,
+        text=True,
+        env=test_env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr and "make bench" in proc.stderr
 
@@ -32,12 +37,23 @@ def test_gpu_report_goes_below_the_suite_marker_and_keeps_the_cpu_tables(tmp_pat
     assert suite.GPU_MARKER == gpu.GPU_MARKER
     report = tmp_path / "benchmarks.md"
     bench = suite.BENCHES[0]
-    report.write_text(suite.render({"cpu": "test"}, [(bench, ("python x.py", "| a |\n|---|", 1.0))], True, 2.0,
-                                   suite.gpu_section(None)))
+    report.write_text(
+        suite.render(
+            {"cpu": "test"},
+            [(bench, ("python x.py", "| a |\n|---|", 1.0))],
+            True,
+            2.0,
+            suite.gpu_section(None),
+        )
+    )
     assert suite.NO_GPU_YET in report.read_text()
-    rows = [("125m", 4, 1024, {"tokens_per_second": 12345.0, "mfu": 0.5, "peak_memory": 3 * 2**30}),
-            ("1b", 8, 2048, "out of memory")]
-    section = gpu.render("1 x Test GPU", [("bf16", True, "ok"), ("NCCL", False, "RuntimeError: no")], rows, "cmd")
+    rows = [
+        ("125m", 4, 1024, {"tokens_per_second": 12345.0, "mfu": 0.5, "peak_memory": 3 * 2**30}),
+        ("1b", 8, 2048, "out of memory"),
+    ]
+    section = gpu.render(
+        "1 x Test GPU", [("bf16", True, "ok"), ("NCCL", False, "RuntimeError: no")], rows, "cmd"
+    )
     assert "| 125m | 4 x 1024 | 12,345 | 50.0% | 3.0 GiB |" in section and "| NCCL | FAIL |" in section
     gpu.append_report(report, section)
     gpu.append_report(report, section.replace("Test GPU", "Other GPU"))
@@ -51,8 +67,16 @@ def test_gpu_report_goes_below_the_suite_marker_and_keeps_the_cpu_tables(tmp_pat
 
 def test_quality_table_says_whether_the_target_is_met():
     quality = load("quality")
-    result = {"prepare_s": 3.0, "wall_s": 101.0, "val_bpb": 2.25, "val_loss": 4.3, "steps": 900, "tokens": 3_686_400,
-              "final_lr": 3e-4, "data_wait": 0.012}
+    result = {
+        "prepare_s": 3.0,
+        "wall_s": 101.0,
+        "val_bpb": 2.25,
+        "val_loss": 4.3,
+        "steps": 900,
+        "tokens": 3_686_400,
+        "final_lr": 3e-4,
+        "data_wait": 0.012,
+    }
     text = quality.table("configs/shakespeare-cpu.yaml", 100, [], result)
     assert "**2.250**" in text and "misses by 0.150 the target of 2.1" in text and "data wait 1.2%" in text
     assert "meets the target" in quality.table("c.yaml", 100, [], {**result, "val_bpb": 2.05})
@@ -61,13 +85,23 @@ def test_quality_table_says_whether_the_target_is_met():
 def test_distributed_tables_compare_layouts_and_memory_with_the_estimate():
     dist = load("distributed")
     rows = [{"tokens_per_second": t, "data_wait": 0.01} for t in (50.0, 1000.0, 1200.0)]
-    memory = [{"rank": r, "baseline": 100 * dist.MIB, "peak": 160 * dist.MIB,
-               "estimate": {"total": 30 * dist.MIB, "model_states": 20 * dist.MIB, "activations": 10 * dist.MIB}}
-              for r in (0, 1)]
-    results = {name: {"rows": rows, "memory": memory} for name in ("1 process x 2 threads", "ZeRO-0 x 2", "ZeRO-1 x 2",
-                                                                    "ZeRO-3 x 2")}
+    memory = [
+        {
+            "rank": r,
+            "baseline": 100 * dist.MIB,
+            "peak": 160 * dist.MIB,
+            "estimate": {"total": 30 * dist.MIB, "model_states": 20 * dist.MIB, "activations": 10 * dist.MIB},
+        }
+        for r in (0, 1)
+    ]
+    results = {
+        name: {"rows": rows, "memory": memory}
+        for name in ("1 process x 2 threads", "ZeRO-0 x 2", "ZeRO-1 x 2", "ZeRO-3 x 2")
+    }
     results["2 processes x 1 thread (ZeRO-2)"] = results["ZeRO-2 x 2"] = {
-        "rows": [{**r, "tokens_per_second": 2 * r["tokens_per_second"]} for r in rows], "memory": memory}
+        "rows": [{**r, "tokens_per_second": 2 * r["tokens_per_second"]} for r in rows],
+        "memory": memory,
+    }
     text = dist.tables(results, 4)
     assert "| 1 process x 2 threads | 1,100 | 1.00x | 1.0% |" in text  # the median after the warm-up row
     assert "| 2 processes x 1 thread (ZeRO-2) | 2,200 | 2.00x | 1.0% |" in text
@@ -85,9 +119,14 @@ def test_cpu_choices_table_compares_each_variant_with_bf16_adamw_eager():
 
 def test_recipe_sweep_table_marks_the_best_variant():
     sweep = load("recipe_sweep")
-    results = [("recipe", [], {"seconds_per_step": 0.5, "steps": 188, "tokens": 770_048, "val_bpb": 1.97}),
-               ("2 layers", ["model.n_layers=2"], {"seconds_per_step": 0.4, "steps": 235, "tokens": 962_560,
-                                                   "val_bpb": 1.99})]
+    results = [
+        ("recipe", [], {"seconds_per_step": 0.5, "steps": 188, "tokens": 770_048, "val_bpb": 1.97}),
+        (
+            "2 layers",
+            ["model.n_layers=2"],
+            {"seconds_per_step": 0.4, "steps": 235, "tokens": 962_560, "val_bpb": 1.99},
+        ),
+    ]
     text = sweep.table(results, 100)
     assert "| recipe | 0.500 | 188 | 770,048 | **1.970** |" in text
     assert "| 2 layers (`model.n_layers=2`) | 0.400 | 235 | 962,560 | 1.990 |" in text

@@ -30,13 +30,37 @@ def write(path: Path, data: bytes) -> str:
 
 BAD_CORPORA = [
     ("empty.txt", b"\n\n   \n\n", {"doc_boundary": "blank_line"}, r"empty\.txt holds no documents"),
-    ("latin1.txt", TEXT[:500].encode() + b"\n\ncaf\xe9 au lait\n", {"doc_boundary": "blank_line"},
-     r"latin1\.txt is not valid UTF-8.*data\.encoding_errors=replace"),
-    ("broken.jsonl", b'{"text": "one"}\n{"text": "two"\n{"text": "three"}\n', {}, r"broken\.jsonl:2: not valid JSON"),
+    (
+        "latin1.txt",
+        TEXT[:500].encode() + b"\n\ncaf\xe9 au lait\n",
+        {"doc_boundary": "blank_line"},
+        r"latin1\.txt is not valid UTF-8.*data\.encoding_errors=replace",
+    ),
+    (
+        "broken.jsonl",
+        b'{"text": "one"}\n{"text": "two"\n{"text": "three"}\n',
+        {},
+        r"broken\.jsonl:2: not valid JSON",
+    ),
     ("latin1.jsonl", b'{"text": "one"}\n\n{"text": "caf\xe9"}\n', {}, r"latin1\.jsonl:3: not valid UTF-8"),
-    ("fields.jsonl", b'{"text": "one"}\n\n{"body": "two"}\n', {}, r"fields\.jsonl:3: field 'text' is missing"),
-    ("other.jsonl", b'{"body": "one"}\n{"body": "two"}\n', {}, r"other\.jsonl:1: no field 'text' \(fields: body\)"),
-    ("numbers.jsonl", b'{"text": "one"}\n{"text": 2}\n', {}, r"numbers\.jsonl:2: field 'text' is of type int"),
+    (
+        "fields.jsonl",
+        b'{"text": "one"}\n\n{"body": "two"}\n',
+        {},
+        r"fields\.jsonl:3: field 'text' is missing",
+    ),
+    (
+        "other.jsonl",
+        b'{"body": "one"}\n{"body": "two"}\n',
+        {},
+        r"other\.jsonl:1: no field 'text' \(fields: body\)",
+    ),
+    (
+        "numbers.jsonl",
+        b'{"text": "one"}\n{"text": 2}\n',
+        {},
+        r"numbers\.jsonl:2: field 'text' is of type int",
+    ),
 ]
 
 
@@ -57,7 +81,10 @@ def test_path_or_glob_matching_nothing(tmp_path, pattern):
 
 def test_vocabulary_too_small_for_the_special_tokens(tmp_path):
     path = write(tmp_path / "ok.txt", TEXT.encode())
-    with pytest.raises(DataError, match=rf"vocab_size=200 is too small for the tokenizer {tmp_path / 'data' / 'tokenizer.json'}.*at least 260"):
+    with pytest.raises(
+        DataError,
+        match=rf"vocab_size=200 is too small for the tokenizer {tmp_path / 'data' / 'tokenizer.json'}.*at least 260",
+    ):
         prepare_source(tmp_path, SourceConfig(path=path), vocab_size=200)
 
 
@@ -66,27 +93,37 @@ def test_data_dir_prepared_with_another_tokenizer(tmp_path):
     prepare_source(tmp_path, SourceConfig(path=path, doc_boundary="blank_line"))
     other = train_tokenizer([TEXT[::-1]], vocab_size=280)
     other.save(str(tmp_path / "other.json"))
-    with pytest.raises(DataError, match=rf"{tmp_path / 'data' / 'manifest.json'} was made with another tokenizer"):
-        prepare_source(tmp_path, SourceConfig(path=path, doc_boundary="blank_line"), path=str(tmp_path / "other.json"))
+    with pytest.raises(
+        DataError, match=rf"{tmp_path / 'data' / 'manifest.json'} was made with another tokenizer"
+    ):
+        prepare_source(
+            tmp_path, SourceConfig(path=path, doc_boundary="blank_line"), path=str(tmp_path / "other.json")
+        )
 
 
 def test_tokenizer_without_the_special_tokens(tmp_path):
     path = write(tmp_path / "ok.txt", TEXT.encode())
     gpt2_like = Tokenizer(models.BPE())
     gpt2_like.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    gpt2_like.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
-                                                              show_progress=False))
+    gpt2_like.train_from_iterator(
+        [TEXT], trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"], show_progress=False)
+    )
     gpt2_like.save(str(tmp_path / "gpt2_like.json"))
-    with pytest.raises(DataError, match=rf"{tmp_path / 'gpt2_like.json'} lacks the special token\(s\) <\|im_start\|>, "
-                                        r"<\|im_end\|>, <\|pad\|>"):
+    with pytest.raises(
+        DataError,
+        match=rf"{tmp_path / 'gpt2_like.json'} lacks the special token\(s\) <\|im_start\|>, "
+        r"<\|im_end\|>, <\|pad\|>",
+    ):
         prepare_source(tmp_path, SourceConfig(path=path), path=str(tmp_path / "gpt2_like.json"))
 
 
 @pytest.mark.slow
 def test_cli_prints_one_line_without_traceback(tmp_path):
     missing = tmp_path / "nowhere" / "corpus.txt"
-    proc = run(slm_cmd(["prepare", TINY, f"data.dir={tmp_path / 'data'}", f"data.sources=[{{path: {missing}}}]"]),
-               check=False)
+    proc = run(
+        slm_cmd(["prepare", TINY, f"data.dir={tmp_path / 'data'}", f"data.sources=[{{path: {missing}}}]"]),
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr

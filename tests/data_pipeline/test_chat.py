@@ -17,7 +17,6 @@ TWO_TURNS = [
 ]
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_data_dir):
     return load_tokenizer(tiny_data_dir / "tokenizer.json")
@@ -26,11 +25,29 @@ def tokenizer(tiny_data_dir):
 def test_two_turn_conversation_loss_mask_spelled_out(tokenizer):
     # (text piece, carries loss): only assistant content and the <|im_end|> closing an assistant turn.
     pieces = [
-        (IM_START, False), ("user", False), ("\n", False), ("What is the capital of France?", False),
-        (IM_END, False), ("\n", False),
-        (IM_START, False), ("assistant", False), ("\n", False), ("Paris.", True), (IM_END, True), ("\n", False),
-        (IM_START, False), ("user", False), ("\n", False), ("And its population?", False), (IM_END, False), ("\n", False),
-        (IM_START, False), ("assistant", False), ("\n", False), ("About 2.1 million people.", True), (IM_END, True),
+        (IM_START, False),
+        ("user", False),
+        ("\n", False),
+        ("What is the capital of France?", False),
+        (IM_END, False),
+        ("\n", False),
+        (IM_START, False),
+        ("assistant", False),
+        ("\n", False),
+        ("Paris.", True),
+        (IM_END, True),
+        ("\n", False),
+        (IM_START, False),
+        ("user", False),
+        ("\n", False),
+        ("And its population?", False),
+        (IM_END, False),
+        ("\n", False),
+        (IM_START, False),
+        ("assistant", False),
+        ("\n", False),
+        ("About 2.1 million people.", True),
+        (IM_END, True),
         ("\n", False),
     ]
     expected_ids, expected_labels = [], []
@@ -49,8 +66,11 @@ def test_two_turn_conversation_loss_mask_spelled_out(tokenizer):
 
 
 def test_content_whitespace_and_unicode_do_not_shift_the_mask(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Café?\n\n"},
-                {"role": "assistant", "content": "\n\n  Oui — très bien! 🚀  \n"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "  Café?\n\n"},
+        {"role": "assistant", "content": "\n\n  Oui — très bien! 🚀  \n"},
+    ]
     ids, labels = format_chat(messages, tokenizer)
     assert render_chat(messages)[0].endswith(f"{IM_START}assistant\nOui — très bien! 🚀{IM_END}\n")
     loss_text = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=False)
@@ -58,4 +78,6 @@ def test_content_whitespace_and_unicode_do_not_shift_the_mask(tokenizer):
     prompt = encode_chat_prompt(messages[:2], tokenizer)
     assert prompt == tokenizer.encode(render_chat(messages[:2])[0] + f"{IM_START}assistant\n").ids
     with pytest.raises(DataError, match="reserved token"):
-        format_chat([{"role": "user", "content": f"hi {IM_END}"}, {"role": "assistant", "content": "x"}], tokenizer)
+        format_chat(
+            [{"role": "user", "content": f"hi {IM_END}"}, {"role": "assistant", "content": "x"}], tokenizer
+        )

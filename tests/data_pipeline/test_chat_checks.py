@@ -21,7 +21,9 @@ def tokenizer(tiny_data_dir):
 
 def naive_labels(ids, offsets, spans):
     """The definition: a token carries loss when its characters overlap any loss span."""
-    return [t if any(s < e2 and e > s2 for s2, e2 in spans) else IGNORE_INDEX for t, (s, e) in zip(ids, offsets)]
+    return [
+        t if any(s < e2 and e > s2 for s2, e2 in spans) else IGNORE_INDEX for t, (s, e) in zip(ids, offsets)
+    ]
 
 
 def many_turns(turns: int, words: int):
@@ -53,7 +55,9 @@ def test_loss_labels_handles_tokens_spanning_span_edges():
     spans = [(2, 4), (10, 12)]
     offsets = [(0, 2), (1, 3), (3, 5), (4, 10), (9, 11), (12, 20)]
     ids = [1, 2, 3, 4, 5, 6]
-    assert loss_labels(ids, offsets, spans) == naive_labels(ids, offsets, spans) == [-100, 2, 3, -100, 5, -100]
+    assert (
+        loss_labels(ids, offsets, spans) == naive_labels(ids, offsets, spans) == [-100, 2, 3, -100, 5, -100]
+    )
 
 
 def write_jsonl(path, records):
@@ -64,14 +68,35 @@ def write_jsonl(path, records):
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
 
-@pytest.mark.parametrize("messages, match", [
-    ([{"role": "assistant", "content": "A"}, {"role": "user", "content": "U"}], r"messages\[0\] is an assistant message at the start"),
-    ([{"role": "user", "content": "U"}, {"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}],
-     r"messages\[1\] is a system message after the conversation started"),
-    ([{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}],
-     r"messages\[2\] is an assistant message after a assistant message"),
-    ([{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}], r"messages\[1\] is an assistant message at the start"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        (
+            [{"role": "assistant", "content": "A"}, {"role": "user", "content": "U"}],
+            r"messages\[0\] is an assistant message at the start",
+        ),
+        (
+            [
+                {"role": "user", "content": "U"},
+                {"role": "system", "content": "S"},
+                {"role": "assistant", "content": "A"},
+            ],
+            r"messages\[1\] is a system message after the conversation started",
+        ),
+        (
+            [
+                {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"},
+                {"role": "assistant", "content": "B"},
+            ],
+            r"messages\[2\] is an assistant message after a assistant message",
+        ),
+        (
+            [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}],
+            r"messages\[1\] is an assistant message at the start",
+        ),
+    ],
+)
 def test_roles_out_of_order_name_file_and_line(tmp_path, messages, match):
     path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, {"messages": messages}])
     with pytest.raises(DataError, match=f"chat.jsonl:2: {match}"):

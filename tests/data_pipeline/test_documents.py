@@ -13,8 +13,7 @@ EOT = 0
 
 
 def test_positions_restart_and_documents_count_at_every_eot():
-    tokens = torch.tensor([[5, 6, EOT, 7, 8, 9, EOT, EOT, 4],
-                           [EOT, 1, 2, 3, 4, 5, 6, 7, 8]])
+    tokens = torch.tensor([[5, 6, EOT, 7, 8, 9, EOT, EOT, 4], [EOT, 1, 2, 3, 4, 5, 6, 7, 8]])
     position_ids, doc_ids = document_ids_from_eot(tokens, EOT)
     assert position_ids.tolist() == [[0, 1, 0, 1, 2, 3, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
     assert doc_ids.tolist() == [[0, 0, 1, 1, 1, 1, 2, 3, 3], [1] * 9]
@@ -22,8 +21,21 @@ def test_positions_restart_and_documents_count_at_every_eot():
 
 def test_a_document_in_a_packed_row_is_computed_as_if_alone():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=50,
-                                    max_seq_len=32, attention="sdpa")).double().eval()
+    model = (
+        Transformer(
+            ModelConfig(
+                n_layers=2,
+                d_model=64,
+                n_heads=4,
+                n_kv_heads=2,
+                vocab_size=50,
+                max_seq_len=32,
+                attention="sdpa",
+            )
+        )
+        .double()
+        .eval()
+    )
     gen = torch.Generator().manual_seed(1)
     tail, doc_a, doc_b = (torch.randint(1, 50, (n,), generator=gen) for n in (5, 9, 10))
     row = torch.cat((tail, torch.tensor([EOT]), doc_a, torch.tensor([EOT]), doc_b))[None]  # (1, 26)
@@ -43,7 +55,9 @@ def test_the_loader_wrapper_adds_ids_and_keeps_the_resume_state(tiny_data_dir):
     it = iter(wrapped)
     for _ in range(3):
         expected, got = next(plain), next(it)
-        assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(got["labels"], expected["labels"])
+        assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(
+            got["labels"], expected["labels"]
+        )
         position_ids, doc_ids = document_ids_from_eot(expected["input_ids"], eot)
         assert torch.equal(got["position_ids"], position_ids) and torch.equal(got["doc_ids"], doc_ids)
     assert wrapped.state_dict() == plain.state_dict()  # the trainer checkpoints the wrapped loader's cursor

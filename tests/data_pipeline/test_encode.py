@@ -15,7 +15,14 @@ def test_grouped_encoding_equals_per_document_encoding(tiny_data_dir):
     tokenizer_json = (tiny_data_dir / "tokenizer.json").read_text(encoding="utf-8")
     init_worker(tokenizer_json, "uint16")
     paragraphs = open(SHAKESPEARE, encoding="utf-8").read().split("\n\n")[:400]
-    awkward = [f"a {EOT} b", "ends with <|", f"{IM_START}user", "  leading spaces", "\u00e9t\u00e9 \U0001f680", "x" * 5000]
+    awkward = [
+        f"a {EOT} b",
+        "ends with <|",
+        f"{IM_START}user",
+        "  leading spaces",
+        "\u00e9t\u00e9 \U0001f680",
+        "x" * 5000,
+    ]
     texts = paragraphs[:150] + awkward + paragraphs[150:]
     is_val = [i % 19 == 18 for i in range(len(texts))]
     chunk = encode_chunk(texts, is_val)

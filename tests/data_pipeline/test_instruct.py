@@ -24,36 +24,67 @@ def tokenizer(tiny_data_dir):
 
 
 def write_jsonl(path: Path, records) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8"
+    )
     return str(path)
 
 
 def test_three_jsonl_formats(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]},
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-        {"instruction": "Say hi.", "output": "Hi!"},
-        "",
-        {"instruction": "Translate to French.", "instances": [{"input": "cat", "output": "chat"},
-                                                              {"input": "dog", "output": "chien"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "U"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "output": "Hi!"},
+            "",
+            {
+                "instruction": "Translate to French.",
+                "instances": [{"input": "cat", "output": "chat"}, {"input": "dog", "output": "chien"}],
+            },
+        ],
+    )
     conversations = read_conversations(path)
     assert len(conversations) == 5  # the self-instruct record gives one example per instance
     assert conversations[0][0] == {"role": "system", "content": "S"}
-    assert conversations[1] == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+    assert conversations[1] == [
+        {"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     assert conversations[2][0]["content"] == "Say hi."
-    assert conversations[4] == [{"role": "user", "content": "Translate to French.\n\ndog"}, {"role": "assistant", "content": "chien"}]
+    assert conversations[4] == [
+        {"role": "user", "content": "Translate to French.\n\ndog"},
+        {"role": "assistant", "content": "chien"},
+    ]
 
 
-@pytest.mark.parametrize("record, message", [
-    ("{not json", r"bad\.jsonl:2: not valid JSON"),
-    ({"prompt": "x", "completion": "y"}, r"bad\.jsonl:2: unrecognized record with keys \['completion', 'prompt'\]"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, r"bad\.jsonl:2: messages\[0\]\.role is 'bot'"),
-    ({"messages": [{"role": "user", "content": "x"}]}, r"bad\.jsonl:2: no assistant message"),
-    ({"instruction": "x", "instances": [{"input": "y"}]}, r"bad\.jsonl:2: instances\[0\]: missing field 'output'"),
-    ({"instruction": 3, "output": "y"}, r"bad\.jsonl:2: field 'instruction' is a int; expected a string"),
-    ({"instruction": "x", "output": "y<|endoftext|>"}, r"bad\.jsonl:2: the assistant message contains the reserved token"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        (
+            {"prompt": "x", "completion": "y"},
+            r"bad\.jsonl:2: unrecognized record with keys \['completion', 'prompt'\]",
+        ),
+        ({"messages": [{"role": "bot", "content": "x"}]}, r"bad\.jsonl:2: messages\[0\]\.role is 'bot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, r"bad\.jsonl:2: no assistant message"),
+        (
+            {"instruction": "x", "instances": [{"input": "y"}]},
+            r"bad\.jsonl:2: instances\[0\]: missing field 'output'",
+        ),
+        ({"instruction": 3, "output": "y"}, r"bad\.jsonl:2: field 'instruction' is a int; expected a string"),
+        (
+            {"instruction": "x", "output": "y<|endoftext|>"},
+            r"bad\.jsonl:2: the assistant message contains the reserved token",
+        ),
+    ],
+)
 def test_bad_records_name_file_and_line(tmp_path, record, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "fine"}, record])
     with pytest.raises(DataError, match=message):
@@ -97,7 +128,9 @@ def test_packing_keeps_examples_apart():
                 assert set(targets) == {IGNORE_INDEX}
                 continue
             original = next(e for e in examples if e[0][0] == inputs[0])
-            assert inputs == original[0][:-1] and targets == original[1][1:]  # shifted inside the example only
+            assert (
+                inputs == original[0][:-1] and targets == original[1][1:]
+            )  # shifted inside the example only
             seen.append(inputs[0])
     assert sorted(seen) == [100, 200, 300, 400]
     assert stats.loss_tokens == 4 + 2 + 6 + 4  # every answer token is a target (the prompts are not)
@@ -124,13 +157,18 @@ def test_overlong_examples_truncated_or_dropped_and_counted():
     with pytest.raises(DataError, match="No instruction example fits"):
         build_rows(examples[1:], seq_len=8, packing=True, overlong="drop", pad_id=3, seed=0)
     assert "WARNING: 2 of 3 examples lost answer tokens or were dropped" in stats.summary("train", 8, True)
-    _, stats = build_rows(examples + [_example(2, 3, 100)] * 7, seq_len=8, packing=True, overlong="drop", pad_id=3, seed=0)
+    _, stats = build_rows(
+        examples + [_example(2, 3, 100)] * 7, seq_len=8, packing=True, overlong="drop", pad_id=3, seed=0
+    )
     assert "WARNING" not in stats.summary("train", 8, True)  # 2 of 10: not more than a quarter
 
 
 def test_loader_batches_resume_exactly_across_world_sizes(tokenizer, capsys):
     cfg = InstructConfig(paths=[SELF_INSTRUCT], packing=True, overlong="truncate", val_fraction=0.05)
-    make = lambda rank, world, batch: build_instruct_loader(cfg, tokenizer, "train", 64, batch, rank, world, seed=7)  # noqa: E731
+
+    def make(rank, world, batch):
+        return build_instruct_loader(cfg, tokenizer, "train", 64, batch, rank, world, seed=7)  # noqa: E731
+
     ranks = [make(0, 2, 3), make(1, 2, 3)]
     assert "ift train:" in capsys.readouterr().out  # counts reported (rank 0 only)
     single = make(0, 1, 6)
@@ -170,9 +208,14 @@ def test_packed_examples_cannot_attend_to_each_other(tokenizer):
     from model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=128,
-                                    init_std=0.1)).eval()
-    first = format_chat([{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}], tokenizer)
+    model = Transformer(
+        ModelConfig(
+            n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=128, init_std=0.1
+        )
+    ).eval()
+    first = format_chat(
+        [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello!"}], tokenizer
+    )
     second = format_chat(TWO_TURNS, tokenizer)
     rows, _ = build_rows([first, second], seq_len=128, packing=True, overlong="truncate", pad_id=3, seed=0)
     assert len(rows) == 1
@@ -185,7 +228,9 @@ def test_packed_examples_cannot_attend_to_each_other(tokenizer):
 
     base = logits_of(input_ids)
     perturbed_tokens = input_ids.clone()
-    perturbed_tokens[docs == 0] = torch.randint(10, 4000, (int((docs == 0).sum()),), generator=torch.Generator().manual_seed(1))
+    perturbed_tokens[docs == 0] = torch.randint(
+        10, 4000, (int((docs == 0).sum()),), generator=torch.Generator().manual_seed(1)
+    )
     perturbed = logits_of(perturbed_tokens)
     assert not torch.allclose(perturbed[docs == 0], base[docs == 0])
     torch.testing.assert_close(perturbed[docs == 1], base[docs == 1], rtol=0, atol=1e-5)

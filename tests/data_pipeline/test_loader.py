@@ -28,7 +28,9 @@ CORPUS = Path(SHAKESPEARE).read_text(encoding="utf-8")
 
 def stream_tokens(data_dir: Path, split: str, source: str) -> np.ndarray:
     manifest = load_manifest(data_dir)
-    return np.concatenate([np.asarray(open_shard(data_dir / s.file, s.dtype)) for s in manifest.shards_of(split, source)])
+    return np.concatenate(
+        [np.asarray(open_shard(data_dir / s.file, s.dtype)) for s in manifest.shards_of(split, source)]
+    )
 
 
 def all_windows(data_dir: Path, split: str, seq_len: int) -> Counter:
@@ -37,7 +39,7 @@ def all_windows(data_dir: Path, split: str, seq_len: int) -> Counter:
     for source in load_manifest(data_dir).source_names():
         tokens = stream_tokens(data_dir, split, source).astype(np.int64)
         for w in range((len(tokens) - 1) // seq_len):
-            windows[tokens[w * seq_len: w * seq_len + seq_len + 1].tobytes()] += 1
+            windows[tokens[w * seq_len : w * seq_len + seq_len + 1].tobytes()] += 1
     return windows
 
 
@@ -58,18 +60,23 @@ def test_one_epoch_on_two_ranks_by_two_workers_yields_every_window_once(tiny_dat
     seq_len, batch = 128, 16
     expected = all_windows(tiny_data_dir, "train", seq_len)
     windows = sum(expected.values())
-    loaders = [build_loader(tiny_data_dir, "train", seq_len, batch, rank, 2, seed=7, num_workers=2) for rank in (0, 1)]
+    loaders = [
+        build_loader(tiny_data_dir, "train", seq_len, batch, rank, 2, seed=7, num_workers=2)
+        for rank in (0, 1)
+    ]
     assert loaders[0].windows_per_epoch == windows
     steps = math.ceil(2 * windows / (2 * batch))
     order = global_order(loaders, steps)
-    first, second = order[:windows], order[windows:2 * windows]
+    first, second = order[:windows], order[windows : 2 * windows]
     assert Counter(first) == expected
     assert Counter(second) == expected and second != first  # the next epoch reshuffles
     assert loaders[0].state_dict()["samples_seen"] == steps * 2 * batch
     assert 2.0 <= loaders[0].epoch < 2.1
 
     in_process = build_loader(tiny_data_dir, "train", seq_len, batch, 1, 2, seed=7, num_workers=0)
-    assert [w for _ in range(3) for w in rows(next(in_process))] == order[batch:2 * batch] + order[3 * batch:4 * batch] + order[5 * batch:6 * batch]
+    assert [w for _ in range(3) for w in rows(next(in_process))] == order[batch : 2 * batch] + order[
+        3 * batch : 4 * batch
+    ] + order[5 * batch : 6 * batch]
     other_seed = build_loader(tiny_data_dir, "train", seq_len, batch, 0, 2, seed=8)
     assert rows(next(other_seed)) != order[:batch]
 
@@ -124,10 +131,15 @@ def mixed_dir(tmp_path_factory) -> Path:
     rng = random.Random(0)
     numbers = "\n\n".join(" ".join(str(rng.randrange(10**6)) for _ in range(40)) for _ in range(40))
     (root / "digits.txt").write_text(numbers, encoding="utf-8")
-    cfg = DataConfig(dir=str(root / "data"), shard_tokens=4096, num_proc=1, sources=[
-        SourceConfig(path=str(root / "letters.txt"), doc_boundary="blank_line", weight=3),
-        SourceConfig(path=str(root / "digits.txt"), doc_boundary="blank_line", weight=1),
-    ])
+    cfg = DataConfig(
+        dir=str(root / "data"),
+        shard_tokens=4096,
+        num_proc=1,
+        sources=[
+            SourceConfig(path=str(root / "letters.txt"), doc_boundary="blank_line", weight=3),
+            SourceConfig(path=str(root / "digits.txt"), doc_boundary="blank_line", weight=1),
+        ],
+    )
     return prepare(cfg, TokenizerConfig(vocab_size=300))
 
 
@@ -142,7 +154,9 @@ def test_mixing_three_to_one(mixed_dir):
     report = loader.mixture_report()
     assert report["letters"]["samples"] + report["digits"]["samples"] == 1000
     assert abs(report["letters"]["fraction"] - 0.75) <= 0.002 and report["letters"]["target"] == 0.75
-    assert report["digits"]["samples"] == digits and report["digits"]["epochs"] > 1  # the small source repeats
+    assert (
+        report["digits"]["samples"] == digits and report["digits"]["epochs"] > 1
+    )  # the small source repeats
     natural = load_manifest(mixed_dir).tokens("train", "digits") / load_manifest(mixed_dir).tokens("train")
     assert natural < 0.2
 
@@ -151,8 +165,13 @@ def test_mixing_three_to_one(mixed_dir):
     resumed.load_state_dict(state)
     assert rows(next(resumed)) == rows(next(loader))
     with pytest.raises(DataError, match="mixing weights"):
-        build_loader(mixed_dir, "train", 64, 10, 0, 1, seed=11, weights={"letters": 1.0, "digits": 2.0}).load_state_dict(state)
-    with pytest.raises(DataError, match=r"name source\(s\) \['code'\] that .*manifest\.json does not hold and leave out source\(s\) \['digits'\]"):
+        build_loader(
+            mixed_dir, "train", 64, 10, 0, 1, seed=11, weights={"letters": 1.0, "digits": 2.0}
+        ).load_state_dict(state)
+    with pytest.raises(
+        DataError,
+        match=r"name source\(s\) \['code'\] that .*manifest\.json does not hold and leave out source\(s\) \['digits'\]",
+    ):
         build_loader(mixed_dir, "train", 64, 10, 0, 1, seed=11, weights={"letters": 1.0, "code": 1.0})
 
 
@@ -160,8 +179,12 @@ def test_mixing_three_to_one(mixed_dir):
 def small_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
     (root / "small.txt").write_text(CORPUS[:30_000], encoding="utf-8")
-    cfg = DataConfig(dir=str(root / "data"), shard_tokens=2048, num_proc=1,
-                     sources=[SourceConfig(path=str(root / "small.txt"), doc_boundary="blank_line")])
+    cfg = DataConfig(
+        dir=str(root / "data"),
+        shard_tokens=2048,
+        num_proc=1,
+        sources=[SourceConfig(path=str(root / "small.txt"), doc_boundary="blank_line")],
+    )
     return prepare(cfg, TokenizerConfig(vocab_size=300))
 
 
@@ -180,19 +203,39 @@ def corrupt_bytes(path: Path) -> None:
 
 SHARD = "small-train-00001.bin"
 CORRUPTIONS = {
-    "missing shard": (lambda d: (d / SHARD).unlink(), rf"{SHARD} listed in manifest .*manifest\.json is missing"),
-    "truncated shard": (lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes()[:-2]), rf"{SHARD} is truncated: 4094 bytes"),
-    "grown shard": (lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes() + b"\0\0"), rf"{SHARD} is larger than recorded"),
-    "other tokenizer": (lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text() + " "),
-                        r"tokenizer\.json has sha256 .* but manifest .*manifest\.json was made with tokenizer sha256"),
+    "missing shard": (
+        lambda d: (d / SHARD).unlink(),
+        rf"{SHARD} listed in manifest .*manifest\.json is missing",
+    ),
+    "truncated shard": (
+        lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes()[:-2]),
+        rf"{SHARD} is truncated: 4094 bytes",
+    ),
+    "grown shard": (
+        lambda d: (d / SHARD).write_bytes((d / SHARD).read_bytes() + b"\0\0"),
+        rf"{SHARD} is larger than recorded",
+    ),
+    "other tokenizer": (
+        lambda d: (d / "tokenizer.json").write_text((d / "tokenizer.json").read_text() + " "),
+        r"tokenizer\.json has sha256 .* but manifest .*manifest\.json was made with tokenizer sha256",
+    ),
     "missing tokenizer": (lambda d: (d / "tokenizer.json").unlink(), r"tokenizer\.json is missing"),
-    "escaping path": (lambda d: edit_manifest(d, lambda m: m["shards"][0].update(file="../../outside.bin")),
-                      r"manifest\.json lists shard file '\.\./\.\./outside\.bin', which lies outside the dataset folder"),
-    "shard dtype": (lambda d: edit_manifest(d, lambda m: m["shards"][1].update(dtype="uint32")),
-                    rf"{SHARD} is recorded as uint32 but manifest .*manifest\.json declares uint16"),
-    "manifest dtype": (lambda d: edit_manifest(d, lambda m: m.update(dtype="int8")), r"manifest\.json declares dtype 'int8'"),
-    "dtype too small": (lambda d: edit_manifest(d, lambda m: m.update(vocab_size=70_000)),
-                        r"manifest\.json declares dtype uint16 but its tokenizer has 70000 tokens, which needs uint32"),
+    "escaping path": (
+        lambda d: edit_manifest(d, lambda m: m["shards"][0].update(file="../../outside.bin")),
+        r"manifest\.json lists shard file '\.\./\.\./outside\.bin', which lies outside the dataset folder",
+    ),
+    "shard dtype": (
+        lambda d: edit_manifest(d, lambda m: m["shards"][1].update(dtype="uint32")),
+        rf"{SHARD} is recorded as uint32 but manifest .*manifest\.json declares uint16",
+    ),
+    "manifest dtype": (
+        lambda d: edit_manifest(d, lambda m: m.update(dtype="int8")),
+        r"manifest\.json declares dtype 'int8'",
+    ),
+    "dtype too small": (
+        lambda d: edit_manifest(d, lambda m: m.update(vocab_size=70_000)),
+        r"manifest\.json declares dtype uint16 but its tokenizer has 70000 tokens, which needs uint32",
+    ),
     "no manifest": (lambda d: (d / "manifest.json").unlink(), r"No manifest\.json in .*data"),
 }
 
@@ -218,5 +261,7 @@ def test_checksums_are_verified_on_request(small_dir, tmp_path):
 
 
 def test_sequence_longer_than_the_split(small_dir):
-    with pytest.raises(DataError, match=r"Split 'val' of .*manifest\.json has no window of seq_len \+ 1 = 100001 tokens"):
+    with pytest.raises(
+        DataError, match=r"Split 'val' of .*manifest\.json has no window of seq_len \+ 1 = 100001 tokens"
+    ):
         build_loader(small_dir, "val", 100_000, 1, 0, 1, seed=0)

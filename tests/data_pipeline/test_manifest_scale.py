@@ -26,17 +26,36 @@ def write_many_shards(data_dir: Path, tokenizer: Path) -> np.ndarray:
     stream = np.random.default_rng(0).integers(0, 4000, SHARDS * TOKENS).astype("<u2")
     records = []
     for index in range(SHARDS):
-        data = stream[index * TOKENS:(index + 1) * TOKENS].tobytes()
+        data = stream[index * TOKENS : (index + 1) * TOKENS].tobytes()
         name = f"many-train-{index:06d}.bin"
         fd = os.open(data_dir / name, os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, data)
         os.close(fd)
-        records.append({"file": name, "split": "train", "source": "many", "index": index, "dtype": "uint16",
-                        "tokens": TOKENS, "documents": 0, "text_bytes": TOKENS, "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"format_version": FORMAT_VERSION, "dtype": "uint16",
-                "tokenizer_sha256": hashlib.sha256((data_dir / "tokenizer.json").read_bytes()).hexdigest(),
-                "vocab_size": 4096, "eot_id": 0, "val_fraction": 0.0, "shard_tokens": TOKENS,
-                "sources": [{"name": "many", "documents": 0}], "shards": records, "prepared_from": {}}
+        records.append(
+            {
+                "file": name,
+                "split": "train",
+                "source": "many",
+                "index": index,
+                "dtype": "uint16",
+                "tokens": TOKENS,
+                "documents": 0,
+                "text_bytes": TOKENS,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "tokenizer_sha256": hashlib.sha256((data_dir / "tokenizer.json").read_bytes()).hexdigest(),
+        "vocab_size": 4096,
+        "eot_id": 0,
+        "val_fraction": 0.0,
+        "shard_tokens": TOKENS,
+        "sources": [{"name": "many", "documents": 0}],
+        "shards": records,
+        "prepared_from": {},
+    }
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
     return stream.astype(np.int64)
 

@@ -11,22 +11,30 @@ from data_pipeline.splits import tail_split, validation_mask
 from data_pipeline.tokenizer import model_vocab_size, token_dtype, train_tokenizer
 
 
-@pytest.mark.parametrize("source, name", [
-    (SourceConfig(path="data/tinyshakespeare.txt"), "tinyshakespeare"),
-    (SourceConfig(path="corpora/wiki/*.jsonl"), "wiki"),
-    (SourceConfig(path="corpora/web/"), "web"),
-    (SourceConfig(path="roneneldan/TinyStories"), "TinyStories"),
-    (SourceConfig(path="x.txt", name="my code!"), "my_code"),
-])
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        (SourceConfig(path="data/tinyshakespeare.txt"), "tinyshakespeare"),
+        (SourceConfig(path="corpora/wiki/*.jsonl"), "wiki"),
+        (SourceConfig(path="corpora/web/"), "web"),
+        (SourceConfig(path="roneneldan/TinyStories"), "TinyStories"),
+        (SourceConfig(path="x.txt", name="my code!"), "my_code"),
+    ],
+)
 def test_source_names(source, name):
     assert source_name(source) == name
 
 
 def test_source_weights_match_manifest_names_and_refuse_duplicates():
-    cfg = DataConfig(sources=[SourceConfig(path="a/books.txt", weight=3), SourceConfig(path="b/web.jsonl", weight=1)])
+    cfg = DataConfig(
+        sources=[SourceConfig(path="a/books.txt", weight=3), SourceConfig(path="b/web.jsonl", weight=1)]
+    )
     assert source_weights(cfg) == {"books": 3.0, "web": 1.0}
     cfg.sources.append(SourceConfig(path="c/books.parquet"))
-    with pytest.raises(DataError, match=r"data\.sources\[0\] \(a/books\.txt\) and data\.sources\[2\] \(c/books\.parquet\) are both named 'books'"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.sources\[0\] \(a/books\.txt\) and data\.sources\[2\] \(c/books\.parquet\) are both named 'books'",
+    ):
         source_weights(cfg)
 
 

@@ -47,8 +47,10 @@ def test_epochs_seeds_and_streams_give_other_orders():
 def test_same_order_in_another_process():
     n = 12_345
     here = shuffle(np.arange(0, n, 7), n, round_keys(2**62 + 5, 3, 11))
-    code = ("import numpy as np, sys; from data_pipeline.order import round_keys, shuffle; "
-            "sys.stdout.write(shuffle(np.arange(0, 12345, 7), 12345, round_keys(2**62 + 5, 3, 11)).tobytes().hex())")
+    code = (
+        "import numpy as np, sys; from data_pipeline.order import round_keys, shuffle; "
+        "sys.stdout.write(shuffle(np.arange(0, 12345, 7), 12345, round_keys(2**62 + 5, 3, 11)).tobytes().hex())"
+    )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert bytes.fromhex(there) == here.tobytes()
 
@@ -64,5 +66,7 @@ def test_an_old_loader_state_is_refused(tiny_data_dir):
     loader = build_loader(tiny_data_dir, "train", 64, 4, 0, 1, seed=3)
     next(loader)
     state = {**loader.state_dict(), "version": 1}
-    with pytest.raises(DataError, match=r"saved loader state has version 1 .* writes version 2.*sample order"):
+    with pytest.raises(
+        DataError, match=r"saved loader state has version 1 .* writes version 2.*sample order"
+    ):
         build_loader(tiny_data_dir, "train", 64, 4, 0, 1, seed=3).load_state_dict(state)

@@ -16,20 +16,41 @@ from data_pipeline.instruct import read_conversations
 from data_pipeline.loader import build_loader
 
 TEXT = st.text(max_size=12)
-JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), TEXT),
-                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
-                    max_leaves=8)
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "bot", 3]),
-                                 "content": st.one_of(TEXT, st.none(), st.integers())})
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-5, 5), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)),
+    max_leaves=8,
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "bot", 3]),
+        "content": st.one_of(TEXT, st.none(), st.integers()),
+    }
+)
 RECORD = st.one_of(
     JSON,
     st.fixed_dictionaries({"messages": st.lists(MESSAGE, max_size=4)}),
-    st.fixed_dictionaries({"instruction": st.one_of(TEXT, st.integers()), "output": st.one_of(TEXT, st.none())}),
-    st.fixed_dictionaries({"instruction": TEXT, "instances": st.lists(
-        st.fixed_dictionaries({"input": st.one_of(TEXT, st.none()), "output": st.one_of(TEXT, st.integers())}), max_size=3)}),
+    st.fixed_dictionaries(
+        {"instruction": st.one_of(TEXT, st.integers()), "output": st.one_of(TEXT, st.none())}
+    ),
+    st.fixed_dictionaries(
+        {
+            "instruction": TEXT,
+            "instances": st.lists(
+                st.fixed_dictionaries(
+                    {"input": st.one_of(TEXT, st.none()), "output": st.one_of(TEXT, st.integers())}
+                ),
+                max_size=3,
+            ),
+        }
+    ),
 )
 LINE = st.one_of(RECORD.map(json.dumps), st.text(max_size=20))
-FUZZ = settings(max_examples=int(os.environ.get("SLM_FUZZ_EXAMPLES", "40")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("SLM_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ
@@ -47,12 +68,49 @@ def test_random_instruction_files_parse_or_name_the_problem(tmp_path, lines):
         assert all(isinstance(m["content"], str) for m in conversation)
 
 
-EDITS = st.lists(st.tuples(
-    st.sampled_from(["dtype", "vocab_size", "eot_id", "format_version", "shard_tokens", "tokenizer_sha256",
-                     "shard.file", "shard.tokens", "shard.dtype", "shard.split", "shard.source", "shard.index",
-                     "shard.sha256", "drop_shard", "drop_key", "sources"]),
-    st.one_of(JSON, st.sampled_from(["../outside.bin", "/etc/passwd", "uint8", "uint32", -1, 0, 10**12, "val",
-                                     "../../x", "sub/../../y"]))), min_size=1, max_size=3)
+EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "dtype",
+                "vocab_size",
+                "eot_id",
+                "format_version",
+                "shard_tokens",
+                "tokenizer_sha256",
+                "shard.file",
+                "shard.tokens",
+                "shard.dtype",
+                "shard.split",
+                "shard.source",
+                "shard.index",
+                "shard.sha256",
+                "drop_shard",
+                "drop_key",
+                "sources",
+            ]
+        ),
+        st.one_of(
+            JSON,
+            st.sampled_from(
+                [
+                    "../outside.bin",
+                    "/etc/passwd",
+                    "uint8",
+                    "uint32",
+                    -1,
+                    0,
+                    10**12,
+                    "val",
+                    "../../x",
+                    "sub/../../y",
+                ]
+            ),
+        ),
+    ),
+    min_size=1,
+    max_size=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +127,9 @@ def apply(manifest: dict, key: str, value) -> None:
     if key == "drop_shard" and shards:
         shards.pop(0)
     elif key == "drop_key":
-        manifest.pop(str(value), None) if not isinstance(value, (dict, list)) else manifest.pop("sources", None)
+        manifest.pop(str(value), None) if not isinstance(value, (dict, list)) else manifest.pop(
+            "sources", None
+        )
     elif key.startswith("shard.") and shards:
         shards[0][key[6:]] = value
     else:

@@ -64,8 +64,13 @@ def source_documents(data_dir: Path, source: str) -> List[str]:
 
 
 def data_config(data_dir: Path, sources: List[SourceConfig], **kwargs) -> DataConfig:
-    return DataConfig(dir=str(data_dir), sources=sources, shard_tokens=kwargs.pop("shard_tokens", 4096),
-                      num_proc=kwargs.pop("num_proc", 1), **kwargs)
+    return DataConfig(
+        dir=str(data_dir),
+        sources=sources,
+        shard_tokens=kwargs.pop("shard_tokens", 4096),
+        num_proc=kwargs.pop("num_proc", 1),
+        **kwargs,
+    )
 
 
 def shard_hashes(data_dir: Path) -> Dict[str, str]:
@@ -122,8 +127,14 @@ def corpus_files(tmp_path_factory) -> Dict[str, Path]:
     (lines / "a.txt").write_text("\n".join(text_lines[:400]) + "\n", encoding="utf-8")
     (lines / "b.txt").write_text("\n".join(text_lines[400:]) + "\n", encoding="utf-8")
     (root / "single.txt").write_text(CORPUS[200_000:260_000], encoding="utf-8")
-    return {"jsonl": jsonl, "parquet": parquet, "lines": lines, "single": root / "single.txt",
-            "paragraphs": paragraphs, "text_lines": text_lines}
+    return {
+        "jsonl": jsonl,
+        "parquet": parquet,
+        "lines": lines,
+        "single": root / "single.txt",
+        "paragraphs": paragraphs,
+        "text_lines": text_lines,
+    }
 
 
 @pytest.mark.slow
@@ -145,7 +156,9 @@ def test_jsonl_parquet_glob_and_single_document(tmp_path, corpus_files):
     single = next(s for s in manifest.sources if s["name"] == "single")
     assert single["val_rule"] == "tail" and single["documents"] == 1
     assert source_documents(tmp_path / "data", "single") == [CORPUS[200_000:260_000]]
-    val_share = manifest.tokens("val", "single") / (manifest.tokens("train", "single") + manifest.tokens("val", "single"))
+    val_share = manifest.tokens("val", "single") / (
+        manifest.tokens("train", "single") + manifest.tokens("val", "single")
+    )
     assert 0.05 < val_share < 0.15
     counts = {s["name"]: s["val_documents"] for s in manifest.sources}
     assert counts["plays"] == 30 and counts["more"] == 30
@@ -154,9 +167,15 @@ def test_jsonl_parquet_glob_and_single_document(tmp_path, corpus_files):
 def test_special_token_text_stays_text_and_bad_bytes_are_counted(tmp_path):
     """A document spelling <|endoftext|> is not split by it; data.encoding_errors=replace counts bad bytes."""
     corpus = tmp_path / "odd.txt"
-    corpus.write_bytes(CORPUS[:20_000].encode() + b"\n\nA line with <|endoftext|> inside.\n\nbad \xff\xfe bytes\n")
-    cfg = data_config(tmp_path / "data", [SourceConfig(path=str(corpus), doc_boundary="blank_line")],
-                      encoding_errors="replace", val_fraction=0.0)
+    corpus.write_bytes(
+        CORPUS[:20_000].encode() + b"\n\nA line with <|endoftext|> inside.\n\nbad \xff\xfe bytes\n"
+    )
+    cfg = data_config(
+        tmp_path / "data",
+        [SourceConfig(path=str(corpus), doc_boundary="blank_line")],
+        encoding_errors="replace",
+        val_fraction=0.0,
+    )
     prepare(cfg, TokenizerConfig(vocab_size=300))
     manifest = load_manifest(tmp_path / "data")
     documents = source_documents(tmp_path / "data", "odd")
@@ -202,16 +221,26 @@ def test_killed_prepare_resumes_without_loss_or_duplication(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
     tokenizer_dir = tmp_path / "tokenizer"
-    prepare(data_config(tokenizer_dir, [SourceConfig(path=str(corpus), doc_boundary="line")]),
-            TokenizerConfig(vocab_size=512, max_train_docs=2000))
+    prepare(
+        data_config(tokenizer_dir, [SourceConfig(path=str(corpus), doc_boundary="line")]),
+        TokenizerConfig(vocab_size=512, max_train_docs=2000),
+    )
     tokenizer = str(tokenizer_dir / "tokenizer.json")
 
     killed = tmp_path / "killed"
-    args = ["prepare", str(REPO / "configs" / "tiny.yaml"), f"data.dir={killed}", "data.num_proc=1",
-            "data.shard_tokens=16384", f"tokenizer.path={tokenizer}",
-            f"data.sources=[{{path: {corpus}, doc_boundary: line}}]"]
+    args = [
+        "prepare",
+        str(REPO / "configs" / "tiny.yaml"),
+        f"data.dir={killed}",
+        "data.num_proc=1",
+        "data.shard_tokens=16384",
+        f"tokenizer.path={tokenizer}",
+        f"data.sources=[{{path: {corpus}, doc_boundary: line}}]",
+    ]
     env = subprocess_env({"SLM_PREPARE_CHUNK_BYTES": "16384", "SLM_PREPARE_COMMIT_SECONDS": "0"})
-    proc = subprocess.Popen(slm_cmd(args), env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        slm_cmd(args), env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     state = killed / ".prepare" / "state.json"
     deadline = time.time() + 120
     try:
@@ -228,8 +257,9 @@ def test_killed_prepare_resumes_without_loss_or_duplication(tmp_path, capsys):
     committed = json.loads(state.read_text())["source"]["documents"]
     assert 0 < committed
 
-    resumed_cfg = data_config(killed, [SourceConfig(path=str(corpus), doc_boundary="line")],
-                              shard_tokens=16384, num_proc=2)
+    resumed_cfg = data_config(
+        killed, [SourceConfig(path=str(corpus), doc_boundary="line")], shard_tokens=16384, num_proc=2
+    )
     capsys.readouterr()
     prepare(resumed_cfg, TokenizerConfig(path=tokenizer))
     out = capsys.readouterr().out
@@ -238,8 +268,12 @@ def test_killed_prepare_resumes_without_loss_or_duplication(tmp_path, capsys):
     assert "already complete" in capsys.readouterr().out
 
     reference = tmp_path / "reference"
-    prepare(data_config(reference, [SourceConfig(path=str(corpus), doc_boundary="line")], shard_tokens=16384,
-                        num_proc=2), TokenizerConfig(path=tokenizer))
+    prepare(
+        data_config(
+            reference, [SourceConfig(path=str(corpus), doc_boundary="line")], shard_tokens=16384, num_proc=2
+        ),
+        TokenizerConfig(path=tokenizer),
+    )
     assert shard_hashes(killed) == shard_hashes(reference)
     assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in reference.iterdir())
     documents = source_documents(killed, "corpus")
@@ -255,7 +289,9 @@ def test_shard_writer_returns_to_its_last_commit(tmp_path, dtype):
     lengths = np.ones(32, dtype=np.int64)
 
     def writer(index: int = 0) -> ShardWriter:
-        return ShardWriter(data_dir, work_dir, "src", "train", dtype, 10, eot_id=0, byte_lengths=lengths, index=index)
+        return ShardWriter(
+            data_dir, work_dir, "src", "train", dtype, 10, eot_id=0, byte_lengths=lengths, index=index
+        )
 
     first = writer()
     sealed = first.append(np.arange(1, 13).astype(dtype))
@@ -286,8 +322,12 @@ def test_tokenizer_of_a_single_document_never_sees_its_validation_tail(tmp_path)
         text = CORPUS[:100_000] + filler if word_in == "tail" else filler + CORPUS[:100_000]
         path = tmp_path / f"{name}.txt"
         path.write_text(text, encoding="utf-8")
-        cfg = data_config(tmp_path / f"data_{name}", [SourceConfig(path=str(path), doc_boundary="file")],
-                          num_proc=1, val_fraction=0.1)
+        cfg = data_config(
+            tmp_path / f"data_{name}",
+            [SourceConfig(path=str(path), doc_boundary="file")],
+            num_proc=1,
+            val_fraction=0.1,
+        )
         prepare(cfg, TokenizerConfig(vocab_size=1024))
         tokens = load_tokenizer(tmp_path / f"data_{name}" / "tokenizer.json").encode(" Qwzxjvk").ids
         if word_in == "tail":

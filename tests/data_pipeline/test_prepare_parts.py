@@ -32,8 +32,11 @@ def sources(tmp_path_factory):
     endings = ["\n", "\r\n", "\n\n", "\r", " \u2028 é\n"]
     big = "".join(line + endings[i % len(endings)] for i, line in enumerate(lines[:3000]))
     (root / "big.txt").write_bytes(big.encode("utf-8"))
-    return [SourceConfig(path=str(folder), doc_boundary="line"), SourceConfig(path=str(root / "tail.txt"), doc_boundary="blank_line"),
-            SourceConfig(path=str(root / "big.txt"), doc_boundary="line")]
+    return [
+        SourceConfig(path=str(folder), doc_boundary="line"),
+        SourceConfig(path=str(root / "tail.txt"), doc_boundary="blank_line"),
+        SourceConfig(path=str(root / "big.txt"), doc_boundary="line"),
+    ]
 
 
 def config(data_dir: Path, sources) -> DataConfig:
@@ -51,15 +54,24 @@ def test_parts_and_merge_equal_a_single_prepare(tmp_path, sources):
     prepare(single, tokenizer)
     parted = config(tmp_path / "parted", sources)
     prepare(parted, tokenizer, tokenizer_only=True)
-    assert (tmp_path / "parted" / "tokenizer.json").read_bytes() == (tmp_path / "single" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "parted" / "tokenizer.json").read_bytes() == (
+        tmp_path / "single" / "tokenizer.json"
+    ).read_bytes()
     for k in (3, 1):
         prepare(parted, tokenizer, part=f"{k}/3")
     with pytest.raises(DataError, match=r"part\(s\) 2 of 3 are not done"):
         prepare(parted, tokenizer, merge=True)
     prepare(parted, tokenizer, part="2/3")
     prepare(parted, tokenizer, merge=True)
-    (single_files, single_manifest), (parted_files, parted_manifest) = contents(tmp_path / "single"), contents(tmp_path / "parted")
-    assert len(single_manifest["shards"]) > 10 and {s["source"] for s in single_manifest["shards"]} == {"plays", "tail", "big"}
+    (single_files, single_manifest), (parted_files, parted_manifest) = (
+        contents(tmp_path / "single"),
+        contents(tmp_path / "parted"),
+    )
+    assert len(single_manifest["shards"]) > 10 and {s["source"] for s in single_manifest["shards"]} == {
+        "plays",
+        "tail",
+        "big",
+    }
     assert parted_manifest == single_manifest  # shard sha256, counts, sources, fingerprint: all equal
     assert parted_files == single_files  # every shard byte for byte, and the tokenizer
     assert not (tmp_path / "parted" / ".parts").exists()
@@ -68,8 +80,15 @@ def test_parts_and_merge_equal_a_single_prepare(tmp_path, sources):
 def test_parts_through_the_cli(tmp_path, sources):
     """The same through `slm prepare` (2 parts), ending in a dataset a second plain prepare finds complete."""
     data_dir = tmp_path / "data"
-    over = [f"data.dir={data_dir}", "data.num_proc=1", "data.shard_tokens=5000", "tokenizer.vocab_size=400",
-            "data.sources=[" + ", ".join(f"{{path: {s.path}, doc_boundary: {s.doc_boundary}}}" for s in sources) + "]"]
+    over = [
+        f"data.dir={data_dir}",
+        "data.num_proc=1",
+        "data.shard_tokens=5000",
+        "tokenizer.vocab_size=400",
+        "data.sources=["
+        + ", ".join(f"{{path: {s.path}, doc_boundary: {s.doc_boundary}}}" for s in sources)
+        + "]",
+    ]
     base = ["prepare", str(REPO / "configs" / "tiny.yaml"), *over]
     run(slm_cmd([*base, "--tokenizer-only"]))
     for k in (1, 2):
@@ -85,7 +104,9 @@ def test_a_big_line_file_is_cut_on_line_boundaries(sources):
     big = sources[2]
     whole = [d.text for d in iter_documents(big)]  # what a single prepare reads (through `datasets`)
     cut = [part_slices(big, k, 3) for k in (1, 2, 3)]
-    assert all(len(s) == 1 and s[0][0] == 0 for s in cut) and cut[0][0][2] == cut[1][0][1] > 0  # 3 ranges of one file
+    assert (
+        all(len(s) == 1 and s[0][0] == 0 for s in cut) and cut[0][0][2] == cut[1][0][1] > 0
+    )  # 3 ranges of one file
     assert [t for s in cut for t in slice_documents(big, s, "strict")] == whole
 
 
@@ -93,5 +114,7 @@ def test_bad_part_is_refused(tmp_path, sources):
     cfg = config(tmp_path / "d", sources)
     with pytest.raises(DataError, match=r"--part '4/3': expected K/N with 1 <= K <= N"):
         prepare(cfg, TokenizerConfig(vocab_size=400), part="4/3")
-    with pytest.raises(DataError, match=r"tokenizer\.json does not exist: run `slm prepare CONFIG --tokenizer-only`"):
+    with pytest.raises(
+        DataError, match=r"tokenizer\.json does not exist: run `slm prepare CONFIG --tokenizer-only`"
+    ):
         prepare(replace(cfg, dir=str(tmp_path / "e")), TokenizerConfig(vocab_size=400), part="1/3")

@@ -11,7 +11,9 @@ from tests.helpers import SHAKESPEARE, TINY
 
 
 def config(data_dir):
-    return load_config(TINY, [f"data.dir={data_dir}", "data.num_proc=1", f"data.sources=[{{path: {SHAKESPEARE}}}]"])
+    return load_config(
+        TINY, [f"data.dir={data_dir}", "data.num_proc=1", f"data.sources=[{{path: {SHAKESPEARE}}}]"]
+    )
 
 
 @pytest.mark.parametrize("names", [["notes.txt"], ["tinyshakespeare-train-00003.bin"], ["tokenizer.json"]])
@@ -21,7 +23,9 @@ def test_a_fresh_prepare_refuses_a_folder_holding_other_files(tmp_path, names):
     for name in names:
         (data_dir / name).write_text("mine")
     cfg = config(data_dir)
-    with pytest.raises(DataError, match=f"already holds files that `slm prepare` did not write \\({names[0]}"):
+    with pytest.raises(
+        DataError, match=f"already holds files that `slm prepare` did not write \\({names[0]}"
+    ):
         prepare(cfg.data, cfg.tokenizer)
     for name in names:
         assert (data_dir / name).read_text() == "mine"

@@ -36,7 +36,10 @@ def batches(loader, n):
 
 
 def same(a, b) -> bool:
-    return all(torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+    return all(
+        torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+        for x, y in zip(a, b)
+    )
 
 
 def test_s3_batches_equal_local_ones_and_resume(s3_data, tiny_data_dir, tmp_path):
@@ -48,7 +51,9 @@ def test_s3_batches_equal_local_ones_and_resume(s3_data, tiny_data_dir, tmp_path
     want = batches(local, 30)
     assert same(batches(remote, 20), want[:20])
     state = remote.state_dict()
-    resumed = build_loader(url, "train", 64, 4, 1, 2, seed=9, cache_dir=str(tmp_path / "cache"), num_workers=2)
+    resumed = build_loader(
+        url, "train", 64, 4, 1, 2, seed=9, cache_dir=str(tmp_path / "cache"), num_workers=2
+    )
     resumed.load_state_dict(state)
     assert same(batches(resumed, 10), want[20:])
     cached = sorted(p.name for p in (tmp_path / "cache").rglob("*.bin"))
@@ -56,11 +61,15 @@ def test_s3_batches_equal_local_ones_and_resume(s3_data, tiny_data_dir, tmp_path
     assert sorted(fs.find(url)) == remote_before  # nothing on the server was deleted or added
 
 
-def test_cache_smaller_than_a_shard_reads_ranges_and_says_so(s3_data, tiny_data_dir, tmp_path, caplog, capsys):
+def test_cache_smaller_than_a_shard_reads_ranges_and_says_so(
+    s3_data, tiny_data_dir, tmp_path, caplog, capsys
+):
     url, _ = s3_data
     local = build_loader(tiny_data_dir, "train", 64, 4, 0, 1, seed=2)
     with caplog.at_level(logging.WARNING):
-        remote = build_loader(url, "train", 64, 4, 0, 1, seed=2, cache_dir=str(tmp_path / "c"), cache_limit=1000)
+        remote = build_loader(
+            url, "train", 64, 4, 0, 1, seed=2, cache_dir=str(tmp_path / "c"), cache_limit=1000
+        )
         assert same(batches(remote, 8), batches(local, 8))
     assert "ranged requests" in caplog.text and "data.cache_limit=1000 bytes" in capsys.readouterr().out
     assert not list((tmp_path / "c").rglob("*.bin"))  # nothing cached: the bound holds
@@ -70,7 +79,9 @@ def test_cache_bound_of_two_shards_evicts_and_stays_exact(s3_data, tiny_data_dir
     url, _ = s3_data
     shard_bytes = max(s.tokens for s in load_manifest(tiny_data_dir).shards) * 2
     local = build_loader(tiny_data_dir, "val", 32, 2, 0, 1, seed=4)
-    remote = build_loader(url, "val", 32, 2, 0, 1, seed=4, cache_dir=str(tmp_path / "c"), cache_limit=2 * shard_bytes)
+    remote = build_loader(
+        url, "val", 32, 2, 0, 1, seed=4, cache_dir=str(tmp_path / "c"), cache_limit=2 * shard_bytes
+    )
     assert same(batches(remote, 40), batches(local, 40))
     assert sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.bin")) <= 2 * shard_bytes
 
@@ -83,6 +94,8 @@ def test_shard_changed_on_the_server_is_refused_by_name(s3_data, tiny_data_dir, 
     data = bytearray(fs.cat_file(f"{url}/{victim}"))
     data[0] ^= 0xFF
     fs.pipe(f"{url}/{victim}", bytes(data))  # same size: only the checksum can tell
-    loader = build_loader(url, "train", 64, 64, 0, 1, seed=0, cache_dir=str(tmp_path / "c"), cache_limit=limit)
+    loader = build_loader(
+        url, "train", 64, 64, 0, 1, seed=0, cache_dir=str(tmp_path / "c"), cache_limit=limit
+    )
     with pytest.raises(DataError, match=rf"Shard s3://.*/{victim} has sha256 .* but its manifest records"):
         batches(loader, 20)

@@ -32,7 +32,9 @@ def damaged(tmp_path, tiny_data_dir):
 def test_the_loader_names_shard_and_offset_of_an_out_of_vocab_id(damaged):
     data_dir, path, _, _ = damaged
     loader = build_loader(data_dir, "val", 32, 4, 0, 1, seed=0)
-    with pytest.raises(DataError, match=rf"Shard {path} holds token id \d+ at token offset {BAD_OFFSET}, outside"):
+    with pytest.raises(
+        DataError, match=rf"Shard {path} holds token id \d+ at token offset {BAD_OFFSET}, outside"
+    ):
         for _ in range(loader.windows_per_epoch):
             next(loader)
 

@@ -25,10 +25,16 @@ def test_every_preset_loads_and_validates(preset: Path):
 
 
 def test_overrides_nested_and_lists():
-    cfg = load_config(TINY, [
-        "model.n_layers=3", "train.lr=1e-4", "train.min_lr=1e-5", "log.wandb.tags=[a,b]",
-        "data.sources=[{path: x.txt, weight: 3}, {path: y.jsonl, weight: 1, text_field: body}]",
-    ])
+    cfg = load_config(
+        TINY,
+        [
+            "model.n_layers=3",
+            "train.lr=1e-4",
+            "train.min_lr=1e-5",
+            "log.wandb.tags=[a,b]",
+            "data.sources=[{path: x.txt, weight: 3}, {path: y.jsonl, weight: 1, text_field: body}]",
+        ],
+    )
     assert cfg.model.n_layers == 3
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.log.wandb.tags == ["a", "b"]
@@ -44,9 +50,21 @@ def test_round_trip_through_dict_and_yaml():
 
 def test_schema_keys_named_by_the_docs():
     keys = set(valid_keys())
-    for key in ("run.dir", "run.seed", "model.n_layers", "model.d_model", "model.n_heads", "model.n_kv_heads",
-                "model.ffn_hidden", "model.vocab_size", "model.max_seq_len", "model.rope_theta", "model.norm_eps",
-                "model.tie_embeddings", "model.init_std"):
+    for key in (
+        "run.dir",
+        "run.seed",
+        "model.n_layers",
+        "model.d_model",
+        "model.n_heads",
+        "model.n_kv_heads",
+        "model.ffn_hidden",
+        "model.vocab_size",
+        "model.max_seq_len",
+        "model.rope_theta",
+        "model.norm_eps",
+        "model.tie_embeddings",
+        "model.init_std",
+    ):
         assert key in keys
 
 
@@ -67,7 +85,9 @@ def test_every_field_has_a_docstring():
             for i, stmt in enumerate(body):
                 if isinstance(stmt, ast.AnnAssign):
                     nxt = body[i + 1] if i + 1 < len(body) else None
-                    has_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    has_doc = isinstance(nxt, ast.Expr) and isinstance(
+                        getattr(nxt, "value", None), ast.Constant
+                    )
                     assert has_doc, f"{module.__name__}.{node.name}.{stmt.target.id} has no docstring"
 
 
@@ -105,7 +125,11 @@ def test_bad_key_in_yaml_names_the_file(tmp_path):
     bad.write_text("model:\n  n_layer: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(str(bad))
-    assert str(bad) in str(err.value) and "model.n_layer" in str(err.value) and "model.n_layers" in str(err.value)
+    assert (
+        str(bad) in str(err.value)
+        and "model.n_layer" in str(err.value)
+        and "model.n_layers" in str(err.value)
+    )
 
 
 def test_wrong_type_in_yaml_names_file_and_key(tmp_path):

@@ -11,27 +11,39 @@ from train.errors import TrainError
 from train.handoff.generate import generate_cli
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.lr=nan"], "'train.lr' is nan; expected a finite number"),
-    (["train.lr=inf"], "'train.lr' is inf; expected a finite number"),
-    (["train.min_lr=-inf"], "'train.min_lr' is -inf"),
-    (["model.rope_theta=nan"], "'model.rope_theta' is nan"),
-    (["data.val_fraction=nan"], "'data.val_fraction' is nan"),
-    (["data.sources=[{path: a.txt, weight: .inf}]"], r"'data.sources\[0\].weight' is inf"),
-    (["train.warmup_steps=300"], r"'train.warmup_steps' \(300\) is not below 'train.max_steps' \(300\)"),
-    (["train.warmup_steps=20", "train.max_steps=10"], r"'train.warmup_steps' \(20\) is not below"),
-    (["train.min_lr=0.01"], r"'train.min_lr' \(0.01\) is above 'train.lr' \(0.003\)"),
-    (["train.lr=0"], "'train.lr' is 0.0; expected a positive learning rate"),
-    (["train.max_time=nan"], "'train.max_time' is nan"), (["train.max_time=-1"], "'train.max_time' is -1.0"),
-    (["train.optimizer=sgd"], "'train.optimizer' is 'sgd'"), (["train.muon_lr=0"], "'train.muon_lr' is 0.0"),
-    (["train.muon_momentum=1"], r"'train.muon_momentum' is 1.0; expected a number in \[0, 1\)"),
-    (["train.muon_ns_method=svd"], "'train.muon_ns_method' is 'svd'"),
-    (["train.optimizer=muon", "train.on_nonfinite=skip", "train.zero_stage=0", "train.precision=fp32"],
-     "a step cannot be skipped there"),
-    (["train.optimizer=muon", "train.zero_stage=2"], r"'train.grad_clip' is 1.0 with train.optimizer=muon at ZeRO 2.*#8439"),
-    (["train.optimizer=muon", "train.zero_stage=3", "train.grad_clip=0", "train.grad_accum_steps=2"],
-     r"'train.grad_accum_steps' is 2 with train.optimizer=muon at ZeRO 3.*#8443"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr=nan"], "'train.lr' is nan; expected a finite number"),
+        (["train.lr=inf"], "'train.lr' is inf; expected a finite number"),
+        (["train.min_lr=-inf"], "'train.min_lr' is -inf"),
+        (["model.rope_theta=nan"], "'model.rope_theta' is nan"),
+        (["data.val_fraction=nan"], "'data.val_fraction' is nan"),
+        (["data.sources=[{path: a.txt, weight: .inf}]"], r"'data.sources\[0\].weight' is inf"),
+        (["train.warmup_steps=300"], r"'train.warmup_steps' \(300\) is not below 'train.max_steps' \(300\)"),
+        (["train.warmup_steps=20", "train.max_steps=10"], r"'train.warmup_steps' \(20\) is not below"),
+        (["train.min_lr=0.01"], r"'train.min_lr' \(0.01\) is above 'train.lr' \(0.003\)"),
+        (["train.lr=0"], "'train.lr' is 0.0; expected a positive learning rate"),
+        (["train.max_time=nan"], "'train.max_time' is nan"),
+        (["train.max_time=-1"], "'train.max_time' is -1.0"),
+        (["train.optimizer=sgd"], "'train.optimizer' is 'sgd'"),
+        (["train.muon_lr=0"], "'train.muon_lr' is 0.0"),
+        (["train.muon_momentum=1"], r"'train.muon_momentum' is 1.0; expected a number in \[0, 1\)"),
+        (["train.muon_ns_method=svd"], "'train.muon_ns_method' is 'svd'"),
+        (
+            ["train.optimizer=muon", "train.on_nonfinite=skip", "train.zero_stage=0", "train.precision=fp32"],
+            "a step cannot be skipped there",
+        ),
+        (
+            ["train.optimizer=muon", "train.zero_stage=2"],
+            r"'train.grad_clip' is 1.0 with train.optimizer=muon at ZeRO 2.*#8439",
+        ),
+        (
+            ["train.optimizer=muon", "train.zero_stage=3", "train.grad_clip=0", "train.grad_accum_steps=2"],
+            r"'train.grad_accum_steps' is 2 with train.optimizer=muon at ZeRO 3.*#8443",
+        ),
+    ],
+)
 def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
     with pytest.raises(ConfigError, match=message):
         load_config(TINY, overrides)
@@ -41,17 +53,25 @@ def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
 
 
 def test_token_budget_runs_are_not_refused_for_their_max_steps():
-    cfg = load_config(TINY, ["train.max_steps=1", "train.max_tokens=1000000"])  # max_steps comes from the budget
+    cfg = load_config(
+        TINY, ["train.max_steps=1", "train.max_tokens=1000000"]
+    )  # max_steps comes from the budget
     assert cfg.train.max_tokens == 1000000
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("model: 5\n", "config key 'model' is 5 \\(type int\\); expected a mapping of model settings"),
-    ("train: [1, 2]\n", "config key 'train' is \\[1, 2\\] \\(type list\\); expected a mapping"),
-    ("data:\n  sources: oops\n", "config key 'data.sources' is 'oops' \\(type str\\); expected a list of mappings"),
-    ("data:\n  sources: [3]\n", "config key 'data.sources\\[0\\]' is 3"),
-    ("log:\n  wandb: off\n", "config key 'log.wandb'"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("model: 5\n", "config key 'model' is 5 \\(type int\\); expected a mapping of model settings"),
+        ("train: [1, 2]\n", "config key 'train' is \\[1, 2\\] \\(type list\\); expected a mapping"),
+        (
+            "data:\n  sources: oops\n",
+            "config key 'data.sources' is 'oops' \\(type str\\); expected a list of mappings",
+        ),
+        ("data:\n  sources: [3]\n", "config key 'data.sources\\[0\\]' is 3"),
+        ("log:\n  wandb: off\n", "config key 'log.wandb'"),
+    ],
+)
 def test_a_section_that_is_not_a_mapping_is_named(tmp_path, yaml_text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)

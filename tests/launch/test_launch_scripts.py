@@ -16,8 +16,15 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 12
 SMALL = [
-    "model.n_layers=2", "model.d_model=64", "model.max_seq_len=32", "train.micro_batch_size=4",
-    f"train.max_steps={MAX_STEPS}", "train.warmup_steps=2", "train.log_every=1", "train.ckpt_every=6", "train.eval_every=1000",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    f"train.max_steps={MAX_STEPS}",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.ckpt_every=6",
+    "train.eval_every=1000",
     "train.eval_batches=2",
 ]
 
@@ -29,7 +36,9 @@ def run_nodes(script: str, node_envs: List[Dict[str, str]], run_dir: Path, data_
     for i, extra in enumerate(node_envs):
         env = test_env({"PATH": f"{BIN}:{test_env()['PATH']}", **extra})
         log = open(run_dir.parent / f"{run_dir.name}-node{i}.log", "w+")
-        procs.append((subprocess.Popen(args, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (subprocess.Popen(args, env=env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT), log)
+        )
     codes = []
     try:
         for proc, _ in procs:
@@ -43,7 +52,9 @@ def run_nodes(script: str, node_envs: List[Dict[str, str]], run_dir: Path, data_
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    joined = "\n".join(f"--- node {i} (exit {c}) ---\n{out[-5000:]}" for i, (c, out) in enumerate(zip(codes, outputs)))
+    joined = "\n".join(
+        f"--- node {i} (exit {c}) ---\n{out[-5000:]}" for i, (c, out) in enumerate(zip(codes, outputs))
+    )
     assert codes == [0] * len(node_envs), joined
     return joined
 
@@ -61,8 +72,13 @@ def check_finished(run_dir: Path) -> None:
 
 def test_torchrun_two_nodes_with_c10d_rendezvous(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "torchrun_run"
-    node = {"NNODES": "2", "NPROC": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "RDZV_ID": f"test-{tmp_path.name}"}
+    node = {
+        "NNODES": "2",
+        "NPROC": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RDZV_ID": f"test-{tmp_path.name}",
+    }
     out = run_nodes("torchrun.sh", [node, dict(node)], run_dir, tiny_data_dir)
     assert "world size 2 on 2 node(s)" in out
     check_finished(run_dir)
@@ -73,6 +89,8 @@ def test_deepspeed_two_nodes_without_ssh(tiny_data_dir, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two "nodes"
     node = {"HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    out = run_nodes("deepspeed.sh", [{**node, "NODE_RANK": "0"}, {**node, "NODE_RANK": "1"}], run_dir, tiny_data_dir)
+    out = run_nodes(
+        "deepspeed.sh", [{**node, "NODE_RANK": "0"}, {**node, "NODE_RANK": "1"}], run_dir, tiny_data_dir
+    )
     assert "nnodes=2, num_local_procs=1, node_rank=1" in out
     check_finished(run_dir)

@@ -25,23 +25,42 @@ pytestmark = pytest.mark.slow
 CLUSTER_SCRIPT = REPO / "tests" / "launch" / "slurm_localhost.sh"
 MAX_STEPS = 100
 SMALL = [
-    "model.n_layers=2", "model.d_model=64", "model.max_seq_len=32", "train.micro_batch_size=4",
-    f"train.max_steps={MAX_STEPS}", "train.log_every=1", "train.ckpt_every=40", "train.eval_every=1000",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    f"train.max_steps={MAX_STEPS}",
+    "train.log_every=1",
+    "train.ckpt_every=40",
+    "train.eval_every=1000",
     "train.eval_batches=2",
 ]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def slurm_is_up() -> bool:
-    return shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+    return (
+        shutil.which("sinfo") is not None and subprocess.run(["sinfo"], capture_output=True).returncode == 0
+    )
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
     """A running local Slurm; started (and installed) here when needed, stopped afterwards if we started it."""
     if os.geteuid() != 0:
-        pytest.skip("a local Slurm needs root: slurm_localhost.sh installs slurm-wlm/munge and starts daemons")
+        pytest.skip(
+            "a local Slurm needs root: slurm_localhost.sh installs slurm-wlm/munge and starts daemons"
+        )
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("slurm-wlm is not installed and apt-get is not available to install it")
     was_up = slurm_is_up()
@@ -75,14 +94,30 @@ def train_steps(run_dir: Path) -> List[int]:
 
 def logs_of(run_dir: Path) -> str:
     """Every file under run.dir/slurm, for failure messages."""
-    parts = [f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}" for p in sorted((run_dir / "slurm").glob("*"))]
+    parts = [
+        f"--- {p.name} ---\n{p.read_text(errors='replace')[-4000:]}"
+        for p in sorted((run_dir / "slurm").glob("*"))
+    ]
     return "\n".join(parts)
 
 
 def submit(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
     """`slm slurm --submit` for the tiny run (CPU, 1 node, 2 torchrun processes); the job ids it printed."""
-    args = ["slurm", TINY, "--nodes", "1", "--nproc-per-node", "2", "--cpus-per-task", "2", "--submit", *extra,
-            f"run.dir={run_dir}", f"data.dir={data_dir}", *SMALL]
+    args = [
+        "slurm",
+        TINY,
+        "--nodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--cpus-per-task",
+        "2",
+        "--submit",
+        *extra,
+        f"run.dir={run_dir}",
+        f"data.dir={data_dir}",
+        *SMALL,
+    ]
     out = run(slm_cmd(args), timeout=60).stdout
     return re.findall(r"^submitted job (\d+) ", out, flags=re.M)
 
@@ -91,8 +126,10 @@ def wait_for(condition, timeout: float, what: str, run_dir: Path, job_id: str) -
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job {job_info(job_id)}\n"
-                                 f"{logs_of(run_dir)}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}; job {job_info(job_id)}\n"
+                f"{logs_of(run_dir)}"
+            )
         time.sleep(0.2)
 
 
@@ -104,7 +141,9 @@ def preempted_run(slurm_cluster, tiny_data_dir, tmp_path_factory) -> Dict:
     try:
         wait_for(lambda: len(train_steps(run_dir)) >= 2, 240, "the first training steps", run_dir, job_id)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
-        wait_for(lambda: job_info(job_id).get("JobState") in FINAL_STATES, 300, "the job to end", run_dir, job_id)
+        wait_for(
+            lambda: job_info(job_id).get("JobState") in FINAL_STATES, 300, "the job to end", run_dir, job_id
+        )
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
     return {"job_id": job_id, "run_dir": run_dir, "info": job_info(job_id)}
@@ -138,7 +177,9 @@ def test_resumed_from_the_preemption_checkpoint_with_an_exact_step_sequence(pree
     # ... and the second attempt picked up exactly there.
     assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step} " in second
     assert min(int(s) for s in re.findall(r"^train step (\d+) ", second, flags=re.M)) == step + 1
-    assert train_steps(run_dir) == list(range(1, MAX_STEPS + 1)), "a step repeated or missing in metrics.jsonl"
+    assert train_steps(run_dir) == list(range(1, MAX_STEPS + 1)), (
+        "a step repeated or missing in metrics.jsonl"
+    )
 
 
 def test_final_checkpoint_is_complete(preempted_run):
@@ -156,13 +197,23 @@ def test_segments_of_a_finished_run_exit_at_once(preempted_run, tiny_data_dir):
     first, second = submit(run_dir, tiny_data_dir, "--segments", "2")
     dependency = job_info(second).get("Dependency", "")
     for job_id in (first, second):
-        wait_for(lambda j=job_id: job_info(j).get("JobState") in FINAL_STATES, 120, f"job {job_id}", run_dir, job_id)
+        wait_for(
+            lambda j=job_id: job_info(j).get("JobState") in FINAL_STATES,
+            120,
+            f"job {job_id}",
+            run_dir,
+            job_id,
+        )
     infos = {j: job_info(j) for j in (first, second)}
-    if f"afterany:{first}" not in dependency:  # already satisfied when we looked: it must have waited for `first`
+    if (
+        f"afterany:{first}" not in dependency
+    ):  # already satisfied when we looked: it must have waited for `first`
         assert infos[second]["StartTime"] >= infos[first]["EndTime"], (dependency, infos)
     for segment, job_id in enumerate((first, second), start=1):
         assert infos[job_id]["JobState"] == "COMPLETED" and infos[job_id]["Restarts"] == "0"
         out = (run_dir / "slurm" / f"slm-{run_dir.name}-{job_id}.out").read_text()
         assert f"job {job_id} segment {segment}/2: {run_dir}/DONE exists" in out
-        assert not (run_dir / "slurm" / f"train-{job_id}-attempt0.log").exists(), "a finished run trains no more"
+        assert not (run_dir / "slurm" / f"train-{job_id}-attempt0.log").exists(), (
+            "a finished run trains no more"
+        )
     assert train_steps(run_dir) == list(range(1, MAX_STEPS + 1))

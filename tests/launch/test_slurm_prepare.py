@@ -28,12 +28,19 @@ def corpus(root: Path) -> Path:
 
 
 def overrides(data_dir: Path, folder: Path):
-    return [f"data.dir={data_dir}", "data.num_proc=1", "data.shard_tokens=5000", "tokenizer.vocab_size=400",
-            f"data.sources=[{{path: {folder}, doc_boundary: line}}]"]
+    return [
+        f"data.dir={data_dir}",
+        "data.num_proc=1",
+        "data.shard_tokens=5000",
+        "tokenizer.vocab_size=400",
+        f"data.sources=[{{path: {folder}, doc_boundary: line}}]",
+    ]
 
 
 def test_scripts_chain_tokenizer_array_and_merge(tmp_path):
-    out = run(slm_cmd(["slurm", TINY, "--prepare", "3", "--partition", "cpu", *overrides(tmp_path / "d", tmp_path)])).stdout
+    out = run(
+        slm_cmd(["slurm", TINY, "--prepare", "3", "--partition", "cpu", *overrides(tmp_path / "d", tmp_path)])
+    ).stdout
     parts = (tmp_path / "d" / ".slurm" / "parts.sbatch").read_text()
     assert "#SBATCH --array=1-3" in parts and "#SBATCH --partition=cpu" in parts
     assert '--part "$SLURM_ARRAY_TASK_ID/3"' in parts
@@ -46,7 +53,9 @@ def test_scripts_chain_tokenizer_array_and_merge(tmp_path):
 def test_prepare_as_slurm_jobs_equals_a_single_prepare(slurm_cluster, tmp_path):  # noqa: F811
     folder = corpus(tmp_path)
     data_dir = tmp_path / "slurm_data"
-    out = run(slm_cmd(["slurm", TINY, "--prepare", "2", "--submit", *overrides(data_dir, folder)]), timeout=60).stdout
+    out = run(
+        slm_cmd(["slurm", TINY, "--prepare", "2", "--submit", *overrides(data_dir, folder)]), timeout=60
+    ).stdout
     ids = re.findall(r"^submitted job (\d+) \((\w+)\)", out, flags=re.M)
     assert [step for _, step in ids] == ["tokenizer", "parts", "merge"]
     merge_id = ids[-1][0]
@@ -57,7 +66,9 @@ def test_prepare_as_slurm_jobs_equals_a_single_prepare(slurm_cluster, tmp_path):
             time.sleep(1)
     finally:
         subprocess.run(["scancel", *[i for i, _ in ids]], capture_output=True)
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted((data_dir / ".slurm").glob("*.out")))
+    logs = "\n".join(
+        p.read_text(errors="replace")[-3000:] for p in sorted((data_dir / ".slurm").glob("*.out"))
+    )
     assert job_info(merge_id).get("JobState") in ("COMPLETED", ""), logs
     assert "part 1/2 wrote" in logs and "part 2/2 wrote" in logs and "merged 2 parts" in logs
     single = tmp_path / "single"

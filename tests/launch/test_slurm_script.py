@@ -28,13 +28,35 @@ def sbatch_options(script: str) -> List[str]:
 
 def test_cpu_job_script(tmp_path):
     run_dir = tmp_path / "run"
-    script = script_for(run_dir, "--nodes", "2", "--nproc-per-node", "2", "--time", "1:00:00",
-                        "--signal-seconds", "90", "--partition", "debug", "model.n_layers=2", "train.max_steps=70")
+    script = script_for(
+        run_dir,
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--time",
+        "1:00:00",
+        "--signal-seconds",
+        "90",
+        "--partition",
+        "debug",
+        "model.n_layers=2",
+        "train.max_steps=70",
+    )
     options = sbatch_options(script)
     assert options == [
-        "--job-name=slm-run", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--partition=debug",
-        "--time=1:00:00", "--signal=B:USR1@90", "--requeue", "--open-mode=append", f"--chdir={Path.cwd()}",
-        f"--output={run_dir}/slurm/%x-%j.out", f"--error={run_dir}/slurm/%x-%j.out",
+        "--job-name=slm-run",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--partition=debug",
+        "--time=1:00:00",
+        "--signal=B:USR1@90",
+        "--requeue",
+        "--open-mode=append",
+        f"--chdir={Path.cwd()}",
+        f"--output={run_dir}/slurm/%x-%j.out",
+        f"--error={run_dir}/slurm/%x-%j.out",
     ]
     assert not any(o.startswith("--gpus") for o in options), "a CPU job must not request GPUs"
     body = script.split("set -euo pipefail", 1)
@@ -43,11 +65,16 @@ def test_cpu_job_script(tmp_path):
     assert 'BASE_PORT="${SLM_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 2000 * 10))}"' in script
     assert "MASTER_PORT=$((BASE_PORT + ATTEMPT % 10))" in script
     # One task per node, torchrun with c10d rendezvous on the first node, the config and overrides verbatim.
-    launch = script[script.index("srun --kill-on-bad-exit=1"):script.index("srun_pid=$!")]
-    assert '--ntasks-per-node=1' in launch and "trap \"\" USR1; exec \"$@\"" in launch
+    launch = script[script.index("srun --kill-on-bad-exit=1") : script.index("srun_pid=$!")]
+    assert "--ntasks-per-node=1" in launch and 'trap "" USR1; exec "$@"' in launch
     assert '--nnodes "$SLURM_NNODES" --nproc_per_node 2' in launch
-    assert '--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in launch
-    assert f"-m launch train {Path(TINY).resolve()} model.n_layers=2 train.max_steps=70 run.dir={run_dir}" in launch
+    assert (
+        '--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"' in launch
+    )
+    assert (
+        f"-m launch train {Path(TINY).resolve()} model.n_layers=2 train.max_steps=70 run.dir={run_dir}"
+        in launch
+    )
     assert launch.rstrip().endswith('>> "$LOG" 2>&1 &')
     assert 'LOG="$RUN_DIR/slurm/train-$SLURM_JOB_ID-attempt$ATTEMPT.log"' in script
     # USR1 and TERM are trapped and forwarded; a checkpointed stop requeues, DONE never does.
@@ -56,21 +83,34 @@ def test_cpu_job_script(tmp_path):
     done_check = script.index('if [[ -f "$RUN_DIR/DONE" ]]', script.index("srun_pid=$!"))
     assert done_check < script.index('scontrol requeue "$SLURM_JOB_ID"')
     assert '"$status" == 3' in script
-    assert "NCCL_SOCKET_IFNAME" in script and "export OMP_NUM_THREADS=\"${OMP_NUM_THREADS:-1}\"" in script
+    assert "NCCL_SOCKET_IFNAME" in script and 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"' in script
 
 
 def test_gpu_job_with_deepspeed_launcher(tmp_path):
-    script = script_for(tmp_path / "big", "--nodes", "4", "--gpus-per-node", "8", "--cpus-per-task", "64",
-                        "--account", "proj", "--launcher", "deepspeed")
+    script = script_for(
+        tmp_path / "big",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "64",
+        "--account",
+        "proj",
+        "--launcher",
+        "deepspeed",
+    )
     options = sbatch_options(script)
     assert "--gpus-per-node=8" in options and "--cpus-per-task=64" in options and "--account=proj" in options
     assert "--nodes=4" in options and not any(o.startswith("--time") for o in options)
     assert 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"' in script  # 64 CPUs shared by 8 processes
     assert 'sed "s/$/ slots=8/" > "$HOSTFILE"' in script
-    launch = script[script.index("srun --kill-on-bad-exit=1"):script.index("srun_pid=$!")]
-    for piece in ('deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID"',
-                  '--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank',
-                  "--module launch train \"$@\"' deepspeed"):
+    launch = script[script.index("srun --kill-on-bad-exit=1") : script.index("srun_pid=$!")]
+    for piece in (
+        'deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID"',
+        '--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank',
+        '--module launch train "$@"\' deepspeed',
+    ):
         assert piece in launch
     assert "torchrun" not in launch
 
@@ -91,7 +131,9 @@ def test_overrides_are_shell_quoted(tmp_path):
 
 def test_cli_writes_job_sbatch_and_prints_it(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    code = main(["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=50"])
+    code = main(
+        ["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=50"]
+    )
     assert code == 0
     written = (run_dir / "slurm" / "job.sbatch").read_text()
     assert capsys.readouterr().out == written
@@ -103,14 +145,21 @@ def test_submit_without_sbatch_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
     code = main(["slurm", TINY, "--submit", f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
-    assert code == 2 and "'sbatch' was not found" in err and str(tmp_path / "run" / "slurm" / "job.sbatch") in err
+    assert (
+        code == 2
+        and "'sbatch' was not found" in err
+        and str(tmp_path / "run" / "slurm" / "job.sbatch") in err
+    )
 
 
 @pytest.mark.parametrize(
     "args, needle",
     [
         (["--nodes", "0"], "--nodes must be at least 1, got 0"),
-        (["--gpus-per-node", "4", "--nproc-per-node", "8"], "--nproc-per-node 8 is more than --gpus-per-node 4"),
+        (
+            ["--gpus-per-node", "4", "--nproc-per-node", "8"],
+            "--nproc-per-node 8 is more than --gpus-per-node 4",
+        ),
         (["--time", "90 minutes"], "--time '90 minutes' is not a Slurm time limit"),
         (["--time", "2", "--signal-seconds", "120"], "--signal-seconds 120 is not shorter than --time 2"),
         (["--segments", "0"], "--segments must be at least 1"),

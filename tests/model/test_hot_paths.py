@@ -20,7 +20,9 @@ def small_model(**overrides) -> Transformer:
 
 
 def tokens_of(batch: int, length: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def loss_and_grads(model: Transformer, **inputs) -> tuple:

@@ -45,7 +45,9 @@ def test_flops_per_token_matches_counted_matmuls():
         cfg = load_config(TINY, [f"model.tie_embeddings={tie}"]).model
         model = Transformer(cfg)
         batch, seq_len = 2, 64
-        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+        tokens = torch.randint(
+            0, cfg.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)
+        )
         counter = FlopCounterMode(display=False)
         with sdpa_kernel(SDPBackend.MATH), counter:
             _, loss = model(tokens, targets=tokens)
@@ -62,13 +64,16 @@ def test_zero_model_states_follow_the_zero_paper():
     psi = param_counts(cfg)["total"]
     states = {
         (stage, n): training_memory_per_rank(cfg, stage, n, 8, 128)["model_states"]
-        for stage in range(4) for n in (1, 8)
+        for stage in range(4)
+        for n in (1, 8)
     }
     assert states[0, 8] == 16 * psi
     assert states[1, 8] == pytest.approx(4 * psi + 12 * psi / 8)
     assert states[2, 8] == pytest.approx(2 * psi + 14 * psi / 8)
     assert states[3, 8] == pytest.approx(16 * psi / 8)
-    assert all(states[stage, 1] == pytest.approx(16 * psi) for stage in range(4))  # nothing to shard with one rank
+    assert all(
+        states[stage, 1] == pytest.approx(16 * psi) for stage in range(4)
+    )  # nothing to shard with one rank
     memory = training_memory_per_rank(cfg, 2, 8, 8, 128, activation_checkpointing=True)
     assert memory["total"] == memory["model_states"] + memory["activations"]
     with pytest.raises(ValueError, match="zero_stage"):
@@ -112,6 +117,7 @@ def test_activation_estimate_matches_what_autograd_saves_in_bf16(loss_chunk_toke
     assert estimate - one_layer == pytest.approx(measured_checkpointed, rel=0.15)
     assert measured_checkpointed < 0.7 * measured
     per_token = activation_bytes(cfg, 2 * batch, seq_len) - activation_bytes(cfg, batch, seq_len)
-    weight_gradient = 2 * cfg.vocab_size * cfg.d_model if loss_chunk_tokens else 0  # per micro-batch, not per token
+    weight_gradient = (
+        2 * cfg.vocab_size * cfg.d_model if loss_chunk_tokens else 0
+    )  # per micro-batch, not per token
     assert activation_bytes(cfg, batch, seq_len) == per_token + weight_gradient
-

@@ -23,9 +23,13 @@ def test_summary_reports_parameters_near_the_preset_name(preset, nominal, capsys
     assert "non-embedding" in out and "GFLOP" in out and "world size 4" in out
     rows = re.findall(r"^\s*([0-3])\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.MULTILINE)
     assert [int(r[0]) for r in rows] == [0, 1, 2, 3]
-    assert float(rows[0][1]) == pytest.approx(16 * total / 1024**3, abs=0.001)  # stage 0: 16 bytes per parameter
+    assert float(rows[0][1]) == pytest.approx(
+        16 * total / 1024**3, abs=0.001
+    )  # stage 0: 16 bytes per parameter
     states = [float(r[1]) for r in rows]
-    assert states == sorted(states, reverse=True) and states[3] < states[0] / 3  # ZeRO shards more at each stage
+    assert (
+        states == sorted(states, reverse=True) and states[3] < states[0] / 3
+    )  # ZeRO shards more at each stage
 
 
 def test_summary_follows_overrides_and_rejects_a_bad_world_size(capsys):

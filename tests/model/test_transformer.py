@@ -71,7 +71,10 @@ def reference_attention(attn, x: torch.Tensor) -> torch.Tensor:
         half = hd // 2
         freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
         angle = torch.arange(T, dtype=torch.float64)[:, None] * freqs  # (T, half)
-        z = torch.complex(t[..., :half], t[..., half:]) * torch.polar(torch.ones_like(angle), angle)[None, :, None]
+        z = (
+            torch.complex(t[..., :half], t[..., half:])
+            * torch.polar(torch.ones_like(angle), angle)[None, :, None]
+        )
         return torch.cat((z.real, z.imag), dim=-1)
 
     q, k = rope(q), rope(k)
@@ -131,8 +134,16 @@ def test_tied_and_untied_embeddings():
 
 def test_initialization_statistics():
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, ffn_hidden=512, vocab_size=1024,
-                      init_std=0.02, tie_embeddings=False)
+    cfg = ModelConfig(
+        n_layers=4,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_hidden=512,
+        vocab_size=1024,
+        init_std=0.02,
+        tie_embeddings=False,
+    )
     model = Transformer(cfg)
     residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     checked = 0
@@ -157,7 +168,9 @@ def test_doc_ids_isolate_documents_and_position_ids_restart():
     a_len, b_len = 7, 9
     tokens = random_tokens(2, a_len + b_len)
     doc_ids = torch.tensor([[0] * a_len + [1] * b_len, [5] * (a_len + b_len)])  # row 1 is one document
-    positions = torch.stack((torch.cat((torch.arange(a_len), torch.arange(b_len))), torch.arange(a_len + b_len)))
+    positions = torch.stack(
+        (torch.cat((torch.arange(a_len), torch.arange(b_len))), torch.arange(a_len + b_len))
+    )
     logits = model(tokens, position_ids=positions, doc_ids=doc_ids)[0]
 
     perturbed = tokens.clone()
@@ -178,12 +191,16 @@ def test_position_ids_are_used_relatively():
     tokens = random_tokens(2, 10)
     base = model(tokens)[0]
     shifted = model(tokens, position_ids=torch.arange(10).expand(2, 10) + 13)[0]
-    torch.testing.assert_close(shifted, base, rtol=0, atol=1e-6)  # RoPE: only differences matter (float32 angles)
+    torch.testing.assert_close(
+        shifted, base, rtol=0, atol=1e-6
+    )  # RoPE: only differences matter (float32 angles)
     stretched = model(tokens, position_ids=torch.arange(10).expand(2, 10) * 2)[0]
     assert (stretched[:, 1:] - base[:, 1:]).abs().amax() > 1e-3
 
 
-@pytest.mark.parametrize("loss_chunk_tokens", [0, 5])  # full logits; chunked loss (5 does not divide 24 tokens)
+@pytest.mark.parametrize(
+    "loss_chunk_tokens", [0, 5]
+)  # full logits; chunked loss (5 does not divide 24 tokens)
 def test_targets_minus_100_are_ignored(loss_chunk_tokens):
     model = small_model(loss_chunk_tokens=loss_chunk_tokens)
     tokens = random_tokens(2, 12)
@@ -236,7 +253,9 @@ def test_kv_cache_with_several_new_tokens_matches_full_forward():
     assert cache.length == 10
 
 
-@pytest.mark.parametrize("prompt_len, new_tokens", [(5, 20), (5, 45)])  # the second slides past max_seq_len 32
+@pytest.mark.parametrize(
+    "prompt_len, new_tokens", [(5, 20), (5, 45)]
+)  # the second slides past max_seq_len 32
 def test_greedy_generation_is_the_same_with_and_without_the_cache(prompt_len, new_tokens):
     model = small_model()
     prompt = random_tokens(2, prompt_len)
@@ -247,7 +266,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_cache(prompt_len, ne
     assert torch.equal(cached, uncached)
     # Greedy is the argmax of a plain forward over the (cropped) context.
     for t in (prompt_len, prompt_len + new_tokens - 1):
-        context = cached[:, max(0, t - SMALL["max_seq_len"]):t]
+        context = cached[:, max(0, t - SMALL["max_seq_len"]) : t]
         assert torch.equal(cached[:, t], model(context)[0][:, -1].argmax(-1))
 
 
@@ -258,8 +277,14 @@ def test_sampling_top_k_and_eos():
     assert torch.equal(model.generate(prompt, 12, temperature=1.0, top_k=1), greedy)
 
     def sample(use_cache: bool, seed: int) -> torch.Tensor:
-        return model.generate(prompt, 12, temperature=1.5, top_k=20, use_cache=use_cache,
-                              generator=torch.Generator().manual_seed(seed))
+        return model.generate(
+            prompt,
+            12,
+            temperature=1.5,
+            top_k=20,
+            use_cache=use_cache,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert torch.equal(sample(True, 3), sample(True, 3))
     assert torch.equal(sample(True, 3), sample(False, 3))
@@ -268,8 +293,8 @@ def test_sampling_top_k_and_eos():
     eos = int(greedy[0, 4 + 3])  # the 4th token row 0 generates
     stopped = model.generate(prompt, 12, temperature=0, eos_id=eos)
     first_eos = int((stopped[0, 4:] == eos).nonzero()[0])
-    assert (stopped[0, 4 + first_eos:] == eos).all()
-    assert torch.equal(stopped[:, :4 + first_eos + 1], greedy[:, :4 + first_eos + 1])
+    assert (stopped[0, 4 + first_eos :] == eos).all()
+    assert torch.equal(stopped[:, : 4 + first_eos + 1], greedy[:, : 4 + first_eos + 1])
     both_eos = model.generate(torch.stack((prompt[0], prompt[0])), 12, temperature=0, eos_id=eos)
     assert both_eos.shape[1] == 4 + first_eos + 1  # every row finished: decoding stopped early
 
@@ -282,7 +307,7 @@ def test_tiny_model_overfits_one_batch_of_real_text():
     with open(SHAKESPEARE, "rb") as f:
         data = torch.tensor(list(f.read(4 * 64 + 1)), dtype=torch.long)
     assert int(data.max()) < cfg.vocab_size
-    batch = torch.stack([data[i * 64:(i + 1) * 64 + 1] for i in range(4)])  # (4, 65)
+    batch = torch.stack([data[i * 64 : (i + 1) * 64 + 1] for i in range(4)])  # (4, 65)
     inputs, targets = batch[:, :-1], batch[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []

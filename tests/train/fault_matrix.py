@@ -25,15 +25,28 @@ from train.safe_load import safe_load
 
 CKPT_EVERY = 2
 SHRINK = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=2",
-    "train.log_every=1", "train.eval_batches=2", "train.eval_every=4", f"train.ckpt_every={CKPT_EVERY}",
-    "data.num_workers=0", "train.keep_checkpoints=2",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "train.eval_every=4",
+    f"train.ckpt_every={CKPT_EVERY}",
+    "data.num_workers=0",
+    "train.keep_checkpoints=2",
 ]
 
 
 def command(run_dir: Path, data_dir: Path, steps: int) -> List[str]:
-    return slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK, f"train.max_steps={steps}"])
+    return slm_cmd(
+        ["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK, f"train.max_steps={steps}"]
+    )
 
 
 def kill_points(seed: int, count: int, steps: int) -> List[Tuple[int, str]]:
@@ -61,7 +74,9 @@ def kill_at(cmd: List[str], step: int, where: str, timeout: float) -> str:
     """Start the run, SIGKILL it at the point; the output seen ("" markers missed if it finished first)."""
     env = make_env({"SLM_SLEEP_IN_SAVE": f"{step}:600"} if where == "save" else None)
     marker = f"inside the save of step_{step:08d}" if where == "save" else f"train step {step} "
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO)
+    )
     watchdog = threading.Timer(timeout, proc.kill)
     watchdog.start()
     seen = []
@@ -77,7 +92,9 @@ def kill_at(cmd: List[str], step: int, where: str, timeout: float) -> str:
     return "".join(seen)
 
 
-def run_matrix(work_dir: Path, data_dir: Path, seed: int, count: int, steps: int, timeout: float = 1200) -> dict:
+def run_matrix(
+    work_dir: Path, data_dir: Path, seed: int, count: int, steps: int, timeout: float = 1200
+) -> dict:
     """The reference run, then the killed run; the comparison, as a dict."""
     reference, faulted = work_dir / "reference", work_dir / "faulted"
     run(command(reference, data_dir, steps), timeout=timeout)
@@ -89,8 +106,11 @@ def run_matrix(work_dir: Path, data_dir: Path, seed: int, count: int, steps: int
     ref_rows, got_rows = train_rows(reference), train_rows(faulted)
     ref_params, got_params = final_params(reference), final_params(faulted)
     return {
-        "seed": seed, "points": points, "steps": steps,
-        "losses_equal": [(r["step"], r["loss"]) for r in ref_rows] == [(r["step"], r["loss"]) for r in got_rows],
+        "seed": seed,
+        "points": points,
+        "steps": steps,
+        "losses_equal": [(r["step"], r["loss"]) for r in ref_rows]
+        == [(r["step"], r["loss"]) for r in got_rows],
         "steps_once": [r["step"] for r in got_rows] == list(range(1, steps + 1)),
         "params_equal": ref_params.keys() == got_params.keys()
         and all(torch.equal(ref_params[k], got_params[k]) for k in ref_params),

@@ -41,6 +41,8 @@ def test_latest_is_read_back_and_a_stale_one_is_reported(tmp_path, capsys):
     # A save killed between its rename and the pointer update: the highest complete step still wins, said aloud.
     (ckpt / "latest").write_text("step_00000002\n")
     assert read_latest(ckpt) == older and find_checkpoint(ckpt.parent) == newest
-    assert "names step_00000002 but the newest complete checkpoint is step_00000004" in capsys.readouterr().err
+    assert (
+        "names step_00000002 but the newest complete checkpoint is step_00000004" in capsys.readouterr().err
+    )
     (ckpt / "latest").write_text("step_00000009\n")  # names no complete folder
     assert read_latest(ckpt) is None

@@ -29,8 +29,16 @@ def make_checkpoint(ckpt_dir: Path, step: int) -> Path:
     (step_dir / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 200)
     (step_dir / "rng_rank00000.pt").write_bytes(b"r" * 100)
     (step_dir / "tokenizer.json").write_bytes(TOKENIZER)
-    meta = {"step": step, "tokens_seen": 0, "config": {}, "tokenizer_sha256": hashlib.sha256(TOKENIZER).hexdigest(),
-            "manifest_sha256": "m", "world_size": 1, "zero_stage": 0, **record_files(step_dir)}
+    meta = {
+        "step": step,
+        "tokens_seen": 0,
+        "config": {},
+        "tokenizer_sha256": hashlib.sha256(TOKENIZER).hexdigest(),
+        "manifest_sha256": "m",
+        "world_size": 1,
+        "zero_stage": 0,
+        **record_files(step_dir),
+    }
     (step_dir / "meta.json").write_text(json.dumps(meta))
     (step_dir / COMPLETE).write_text("x")
     return step_dir
@@ -46,7 +54,10 @@ def test_record_names_every_file_and_verification_names_the_damaged_one(tmp_path
     data[1000:1100] = b"\x00" * 100  # same size, other bytes
     weights.write_bytes(bytes(data))
     verify_files(step_dir, meta, hashes=False)  # sizes only: not seen
-    with pytest.raises(CheckpointDamaged, match="mp_rank_00_model_states.pt has xxh3_128|mp_rank_00_model_states.pt has sha256"):
+    with pytest.raises(
+        CheckpointDamaged,
+        match="mp_rank_00_model_states.pt has xxh3_128|mp_rank_00_model_states.pt has sha256",
+    ):
         verify_files(step_dir, meta)
     weights.write_bytes(bytes(data[:-10]))
     with pytest.raises(CheckpointDamaged, match="mp_rank_00_model_states.pt has 51190 bytes"):
@@ -60,7 +71,10 @@ def test_unrecorded_pickle_and_swapped_tokenizer_are_refused(tmp_path):
     step_dir = make_checkpoint(tmp_path, 4)
     meta = read_meta(step_dir)
     (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
-    with pytest.raises(CheckpointDamaged, match="zero_pp_rank_1_mp_rank_00_optim_states.pt, which its meta.json does not list"):
+    with pytest.raises(
+        CheckpointDamaged,
+        match="zero_pp_rank_1_mp_rank_00_optim_states.pt, which its meta.json does not list",
+    ):
         verify_files(step_dir, meta)
     (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     (step_dir / "tokenizer.json").write_bytes(TOKENIZER.replace(b"fake", b"swap"))  # same size
@@ -79,8 +93,12 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
     out = capsys.readouterr().out
     assert "mp_rank_00_model_states.pt is missing" in out and "rng_rank00000.pt has" in out
     assert "resuming from step_00000002 instead of the damaged step_00000006, step_00000004" in out
-    with pytest.raises(CheckpointDamaged, match="step_00000006 is incomplete"):  # an explicit path is not replaced
-        intact_resume(TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006")
+    with pytest.raises(
+        CheckpointDamaged, match="step_00000006 is incomplete"
+    ):  # an explicit path is not replaced
+        intact_resume(
+            TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006"
+        )
     (ckpt_dir / "step_00000002" / "tokenizer.json").unlink()
     with pytest.raises(CheckpointDamaged, match="Every complete checkpoint is damaged"):
         newest_intact(reversed(complete_checkpoints(ckpt_dir)), read_meta, True, print)

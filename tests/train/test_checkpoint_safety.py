@@ -20,9 +20,20 @@ from train.checkpoint_files import record_files
 pytestmark = pytest.mark.slow
 
 SHRINK = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=1",
-    "train.log_every=1", "train.eval_batches=2", "train.eval_every=100", "train.ckpt_every=2", "data.num_workers=0",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "train.eval_every=100",
+    "train.ckpt_every=2",
+    "data.num_workers=0",
 ]
 
 
@@ -32,8 +43,17 @@ def go(cmd, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def train_cmd(run_dir: Path, data_dir: Path, steps: int, *extra: str):
-    return slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK, f"train.max_steps={steps}",
-                    *extra])
+    return slm_cmd(
+        [
+            "train",
+            TINY,
+            f"run.dir={run_dir}",
+            f"data.dir={data_dir}",
+            *SHRINK,
+            f"train.max_steps={steps}",
+            *extra,
+        ]
+    )
 
 
 class CreatesAFile:
@@ -77,12 +97,17 @@ def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_pa
     target = tmp_path / "pwned"
     craft(step(run_copy, 4) / "rng_rank00000.pt", target)
     out = go(train_cmd(run_copy, tiny_data_dir, 6))  # the record catches it: back to step 2
-    assert "rng_rank00000.pt has" in out.stdout and "resuming from step_00000002 instead of the damaged step_00000004" in out.stdout
+    assert (
+        "rng_rank00000.pt has" in out.stdout
+        and "resuming from step_00000002 instead of the damaged step_00000004" in out.stdout
+    )
     assert not target.exists()
     craft(step(run_copy, 6) / "rng_rank00000.pt", target)
     forge_record(step(run_copy, 6))  # the record agrees: the weights_only load refuses it
     failed = go(train_cmd(run_copy, tiny_data_dir, 8), check=False)
-    assert failed.returncode == 2 and "Refusing to load" in failed.stderr and "rng_rank00000.pt" in failed.stderr
+    assert (
+        failed.returncode == 2 and "Refusing to load" in failed.stderr and "rng_rank00000.pt" in failed.stderr
+    )
     assert "Traceback" not in failed.stderr and not target.exists()
 
 
@@ -102,15 +127,18 @@ def test_damaged_weights_are_named_and_resume_falls_back(run_copy, tiny_data_dir
     model_states = step(run_copy, 4) / "mp_rank_00_model_states.pt"
     data = bytearray(model_states.read_bytes())
     start = len(data) // 2
-    data[start:start + 40_000] = torch.full((10_000,), 0.5).numpy().tobytes()  # 40 KB of weights set to 0.5
+    data[start : start + 40_000] = torch.full((10_000,), 0.5).numpy().tobytes()  # 40 KB of weights set to 0.5
     model_states.write_bytes(bytes(data))
     explicit = go(train_cmd(run_copy, tiny_data_dir, 6, f"train.resume={step(run_copy, 4)}"), check=False)
     assert explicit.returncode == 2 and "is damaged: mp_rank_00_model_states.pt has" in explicit.stderr
     resumed = go(train_cmd(run_copy, tiny_data_dir, 6))
     assert "resuming from step_00000002 instead of the damaged step_00000004" in resumed.stdout
     assert "resumed from" in resumed.stdout and "at step 2 " in resumed.stdout
-    steps = [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_copy / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == list(range(1, 7))
 
 
@@ -127,12 +155,18 @@ def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tm
     tokenizer.write_text(json.dumps(text))
     forge_record(step(run_copy, 4))  # even with a matching file record, meta.json's tokenizer sha256 differs
     out = go(slm_cmd(["export", str(run_copy), str(tmp_path / "out")]), check=False)
-    assert out.returncode == 2 and "tokenizer.json has sha256" in out.stderr and not (tmp_path / "out").exists()
+    assert (
+        out.returncode == 2 and "tokenizer.json has sha256" in out.stderr and not (tmp_path / "out").exists()
+    )
 
 
 def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path):
     before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
-    for src, out in ((run_copy, run_copy), (step(run_copy, 4), run_copy / "checkpoints"), (run_copy, run_copy / "hf")):
+    for src, out in (
+        (run_copy, run_copy),
+        (step(run_copy, 4), run_copy / "checkpoints"),
+        (run_copy, run_copy / "hf"),
+    ):
         proc = go(slm_cmd(["export", str(src), str(out)]), check=False)
         assert proc.returncode == 2 and "Refusing to export" in proc.stderr, proc.stderr
     assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == before
@@ -153,8 +187,14 @@ def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path):
 
 def test_ctrl_c_checkpoints_and_exits_3(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(run_dir, tiny_data_dir, 400, "train.ckpt_every=1000"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=make_env(), cwd=str(REPO))
+    proc = subprocess.Popen(
+        train_cmd(run_dir, tiny_data_dir, 400, "train.ckpt_every=1000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=make_env(),
+        cwd=str(REPO),
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)

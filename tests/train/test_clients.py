@@ -30,8 +30,16 @@ SEQ_LEN = 128
 def trained(tiny_data_dir):
     """A 2-layer model trained 30 steps on tinyshakespeare (so its predictions are not uniform)."""
     tokenizer_path = tiny_data_dir / "tokenizer.json"
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=SEQ_LEN,
-                      vocab_size=model_vocab_size(load_tokenizer(tokenizer_path)), init_std=0.05)
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        max_seq_len=SEQ_LEN,
+        vocab_size=model_vocab_size(load_tokenizer(tokenizer_path)),
+        init_std=0.05,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -49,8 +57,12 @@ def trained(tiny_data_dir):
 def exports(trained, tmp_path_factory):
     model, cfg, tokenizer_path = trained
     out = tmp_path_factory.mktemp("client_exports")
-    return {kind: export_from_model(model.state_dict(), cfg, tokenizer_path, out / kind, dtype="fp32",
-                                    chat=kind == "chat") for kind in ("base", "chat")}
+    return {
+        kind: export_from_model(
+            model.state_dict(), cfg, tokenizer_path, out / kind, dtype="fp32", chat=kind == "chat"
+        )
+        for kind in ("base", "chat")
+    }
 
 
 def conversations(n):
@@ -66,7 +78,7 @@ def greedy(model, tokenizer, prompts, n=8):
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return [row[inputs["input_ids"].shape[1]:].tolist() for row in out]
+    return [row[inputs["input_ids"].shape[1] :].tolist() for row in out]
 
 
 def test_transformers_generate_batch_pipeline_and_save_pretrained(exports, tmp_path):
@@ -81,7 +93,9 @@ def test_transformers_generate_batch_pipeline_and_save_pretrained(exports, tmp_p
     reply = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"]
     assert reply[:-1] == messages and reply[-1]["role"] == "assistant"
     ours = load_tokenizer(exports["chat"] / "tokenizer.json")
-    prompt = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    prompt = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     assert list(prompt) == encode_chat_prompt(messages, ours)
     model.save_pretrained(str(tmp_path / "resaved"))
     tokenizer.save_pretrained(str(tmp_path / "resaved"))
@@ -118,8 +132,12 @@ def transformers4_python(request):
     python = venv / "bin" / "python"
     if not (venv / "ready").is_file():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==4.57.*"],
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==4.57.*"],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if proc.returncode != 0:
             pytest.skip(f"pip could not install transformers 4.57 here: {proc.stderr[-500:]}")
         (venv / "ready").write_text("ok\n")
@@ -129,8 +147,13 @@ def transformers4_python(request):
 def test_transformers_4_loads_and_generates(exports, transformers4_python, tmp_path):
     script = tmp_path / "t4.py"
     script.write_text(TRANSFORMERS_4)
-    proc = subprocess.run([str(transformers4_python), str(script), str(exports["base"]), str(exports["chat"])],
-                          capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [str(transformers4_python), str(script), str(exports["base"]), str(exports["chat"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["version"].startswith("4.57")
@@ -149,7 +172,9 @@ def test_transformers_4_loads_and_generates(exports, transformers4_python, tmp_p
 def test_peft_lora_trains_saves_reloads_and_merges(exports, tmp_path, targets):
     peft = pytest.importorskip("peft")
     model, tokenizer = load(exports["base"])
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    )
     batch = tokenizer(["ROMEO: But soft! what light through yonder window breaks?"] * 2, return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -177,11 +202,25 @@ def test_trl_sft_assistant_only_loss_masks_what_ift_trains_on(exports, tmp_path)
 
     data = conversations(12)
     _, tokenizer = load(exports["base"])
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2,
-                         assistant_only_loss=True, max_length=SEQ_LEN, report_to=[], save_strategy="no",
-                         logging_steps=1, learning_rate=1e-3, use_cpu=True, dataloader_num_workers=0)
-    trainer = trl.SFTTrainer(model=str(exports["base"]), args=args, processing_class=tokenizer,
-                             train_dataset=Dataset.from_list([{"messages": m} for m in data]))
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        assistant_only_loss=True,
+        max_length=SEQ_LEN,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = trl.SFTTrainer(
+        model=str(exports["base"]),
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"messages": m} for m in data]),
+    )
     ours = load_tokenizer(exports["base"] / "tokenizer.json")
     expected = [(ids[:SEQ_LEN], labels[:SEQ_LEN]) for ids, labels in (format_chat(m, ours) for m in data)]
     expected = [(ids, labels) for ids, labels in expected if any(x != IGNORE_INDEX for x in labels)]
@@ -193,21 +232,36 @@ def test_trl_sft_assistant_only_loss_masks_what_ift_trains_on(exports, tmp_path)
     trainer.save_model(str(tmp_path / "sft_model"))
     saved = json.loads((tmp_path / "sft_model" / "generation_config.json").read_text())
     ids = {t: ours.token_to_id(t) for t in (EOT, IM_END)}
-    assert ids[IM_END] in saved["eos_token_id"] and ids[EOT] in saved["eos_token_id"]  # stops at an answer's end
+    assert (
+        ids[IM_END] in saved["eos_token_id"] and ids[EOT] in saved["eos_token_id"]
+    )  # stops at an answer's end
 
 
 def test_trl_dpo_trains(exports, tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    rows = [{"prompt": [m[0]], "chosen": [m[1]], "rejected": [{"role": "assistant", "content": "I don't know."}]}
-            for m in conversations(8)]
+    rows = [
+        {"prompt": [m[0]], "chosen": [m[1]], "rejected": [{"role": "assistant", "content": "I don't know."}]}
+        for m in conversations(8)
+    ]
     model, tokenizer = load(exports["chat"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=2, per_device_train_batch_size=2,
-                         max_length=SEQ_LEN, report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3,
-                         use_cpu=True, dataloader_num_workers=0)
-    trainer = trl.DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows))
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=SEQ_LEN,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = trl.DPOTrainer(
+        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(rows)
+    )
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses and all(math.isfinite(x) for x in losses)
@@ -242,9 +296,21 @@ metric_list:
     higher_is_better: false
 """
 MC_DOCS = [
-    {"question": "ROMEO: But soft! what light through yonder", "choices": ["window breaks?", "cheese melts.", "dog"], "answer": 0},
-    {"question": "First Citizen:\nBefore we proceed any further, hear me", "choices": ["speak.", "run fast", "eat"], "answer": 0},
-    {"question": "KING RICHARD III:\nNow is the winter of our", "choices": ["lunch", "discontent", "the car"], "answer": 1},
+    {
+        "question": "ROMEO: But soft! what light through yonder",
+        "choices": ["window breaks?", "cheese melts.", "dog"],
+        "answer": 0,
+    },
+    {
+        "question": "First Citizen:\nBefore we proceed any further, hear me",
+        "choices": ["speak.", "run fast", "eat"],
+        "answer": 0,
+    },
+    {
+        "question": "KING RICHARD III:\nNow is the winter of our",
+        "choices": ["lunch", "discontent", "the car"],
+        "answer": 1,
+    },
 ]
 
 
@@ -252,9 +318,11 @@ def held_out_text(tokenizer, windows=3):
     """A held-out tinyshakespeare passage of exactly `windows` * SEQ_LEN tokens (so fixed rows cover it exactly)."""
     text = open(SHAKESPEARE, encoding="utf-8").read()[-6000:]
     n = windows * SEQ_LEN
-    for start in [i + 1 for i, ch in enumerate(text) if ch == "\n"][:50]:  # cut after n tokens of a line start
+    for start in [i + 1 for i, ch in enumerate(text) if ch == "\n"][
+        :50
+    ]:  # cut after n tokens of a line start
         passage = text[start:]
-        cut = passage[:tokenizer.encode(passage).offsets[n - 1][1]]
+        cut = passage[: tokenizer.encode(passage).offsets[n - 1][1]]
         if len(tokenizer.encode(cut).ids) == n:
             return cut
     raise AssertionError("no cut of the passage has the wanted token count")
@@ -281,8 +349,12 @@ def test_lm_eval_multiple_choice_and_rolling_bits_per_byte_equal_ours(trained, e
     (tmp_path / "mc.yaml").write_text(MC_TASK.format(data=tmp_path / "mc.jsonl"))
     (tmp_path / "rolling.yaml").write_text(ROLLING_TASK.format(data=tmp_path / "rolling.jsonl"))
     lm = HFLM(pretrained=str(exports["base"]), batch_size=1, max_length=SEQ_LEN, device="cpu")
-    results = simple_evaluate(model=lm, tasks=["slm_mc", "slm_rolling"], log_samples=True,
-                              task_manager=TaskManager(include_path=str(tmp_path)))
+    results = simple_evaluate(
+        model=lm,
+        tasks=["slm_mc", "slm_rolling"],
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     # Multiple choice: lm-eval's per-choice log-likelihoods are our model's.
     for sample in results["samples"]["slm_mc"]:
         doc = sample["doc"]
@@ -292,9 +364,11 @@ def test_lm_eval_multiple_choice_and_rolling_bits_per_byte_equal_ours(trained, e
             assert loglik == pytest.approx(our_loglik(model, whole, len(context)), abs=1e-4)
     # Rolling log-likelihood: bits per byte over the passage == our val_bpb on the same tokens, in fixed rows.
     tokens = torch.tensor([ours.token_to_id(EOT)] + ours.encode(text).ids)
-    rows = torch.stack([tokens[i * SEQ_LEN:(i + 1) * SEQ_LEN + 1] for i in range(3)])
+    rows = torch.stack([tokens[i * SEQ_LEN : (i + 1) * SEQ_LEN + 1] for i in range(3)])
     bytes_per_token = len(text.encode("utf-8")) / (len(tokens) - 1)
-    val = evaluate(model, [{"input_ids": rows[:, :-1], "labels": rows[:, 1:]}], torch.device("cpu"), bytes_per_token)
+    val = evaluate(
+        model, [{"input_ids": rows[:, :-1], "labels": rows[:, 1:]}], torch.device("cpu"), bytes_per_token
+    )
     assert val["val_bpb"] == pytest.approx(bits_per_byte(val["val_loss"], bytes_per_token))
     assert results["results"]["slm_rolling"]["bits_per_byte,none"] == pytest.approx(val["val_bpb"], abs=1e-3)
     assert abs(results["results"]["slm_rolling"]["bits_per_byte,none"] - val["val_bpb"]) < 1e-4
@@ -310,12 +384,17 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_pat
     from train.handoff.gguf_export import gguf_name
 
     model, cfg, tokenizer_path = trained
-    out = export_from_model(model.state_dict(), cfg, tokenizer_path, tmp_path / "export", dtype="fp32", gguf=True)
+    out = export_from_model(
+        model.state_dict(), cfg, tokenizer_path, tmp_path / "export", dtype="fp32", gguf=True
+    )
     reader = gguf.GGUFReader(str(out / "model.gguf"))
 
     def field(name):
         f = reader.fields[name]
-        return [bytes(f.parts[i]).decode() if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i][0] for i in f.data]
+        return [
+            bytes(f.parts[i]).decode() if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i][0]
+            for i in f.data
+        ]
 
     assert field("general.architecture") == ["llama"] and field("tokenizer.ggml.pre") == ["gpt-2"]
     ours = load_tokenizer(tokenizer_path)
@@ -342,7 +421,9 @@ def test_gguf_export_reads_back_with_the_same_logits_and_tokens(trained, tmp_pat
     rebuilt.lm_head.weight = rebuilt.embed_tokens.weight
     ids = ours.encode("ROMEO: But soft! what light through yonder window breaks?").ids
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt.eval()(torch.tensor([ids]))[0], model(torch.tensor([ids]))[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            rebuilt.eval()(torch.tensor([ids]))[0], model(torch.tensor([ids]))[0], rtol=0, atol=0
+        )
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -371,6 +452,8 @@ def test_slm_export_gguf_command_writes_a_bf16_chat_gguf(exports, tmp_path):
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.BF16
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     eos = reader.fields["tokenizer.ggml.eos_token_id"]
-    assert int(eos.parts[eos.data[0]][0]) == load_tokenizer(tmp_path / "re" / "tokenizer.json").token_to_id(IM_END)
+    assert int(eos.parts[eos.data[0]][0]) == load_tokenizer(tmp_path / "re" / "tokenizer.json").token_to_id(
+        IM_END
+    )
     assert "endgeneration" not in bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
     assert "Instruction-tuned chat" in (tmp_path / "re" / "README.md").read_text()

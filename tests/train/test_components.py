@@ -21,10 +21,22 @@ pytestmark = pytest.mark.slow
 
 STEPS = 6
 SHRINK = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.zero_stage=0",
-    "train.warmup_steps=2", "train.log_every=1", "train.eval_batches=2", f"train.max_steps={STEPS}",
-    "train.eval_every=3", "train.ckpt_every=3", "data.num_workers=0",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.zero_stage=0",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    f"train.max_steps={STEPS}",
+    "train.eval_every=3",
+    "train.ckpt_every=3",
+    "data.num_workers=0",
 ]
 
 
@@ -71,13 +83,20 @@ def restore_environ():
     os.environ.update(saved)
 
 
-def test_a_component_defined_here_runs_at_its_points_without_a_loop_edit(tiny_data_dir, tmp_path, restore_environ):
+def test_a_component_defined_here_runs_at_its_points_without_a_loop_edit(
+    tiny_data_dir, tmp_path, restore_environ
+):
     run_dir = tmp_path / "run"
     cfg = load_config(TINY, [f"run.dir={run_dir}", f"data.dir={tiny_data_dir}", *SHRINK])
     logger = GradNormLogger(GradNormConfig(every=2))
     assert run_training(cfg, extra_components=[logger]) == 0
 
-    assert logger.calls == ["start@0", *[f"after@{n}" for n in range(1, STEPS)], f"after@{STEPS}(last)", "end:finished"]
+    assert logger.calls == [
+        "start@0",
+        *[f"after@{n}" for n in range(1, STEPS)],
+        f"after@{STEPS}(last)",
+        "end:finished",
+    ]
     assert [n for n, _ in logger.norms] == [2, 4, 6]
     # The norm it saw before the optimizer step is the one the standard train rows report for that step
     # (ZeRO 0 in fp32 computes it the same way, at the same point), so the hook saw the live gradients.
@@ -86,18 +105,32 @@ def test_a_component_defined_here_runs_at_its_points_without_a_loop_edit(tiny_da
     for number, norm in logger.norms:
         assert norm == pytest.approx(logged[number], rel=1e-6) and norm > 0
     # The standard components did their work on their own cadences.
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000003",
+        "step_00000006",
+    ]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
     assert (run_dir / "DONE").is_file()
 
 
 def test_standard_components_follow_their_config_fields():
     cfg = load_config(TINY, ["train.export_every=0"])
-    assert [c.name for c in standard_components(cfg)] == ["train_metrics", "evaluator", "checkpointer", "done_marker"]
-    cfg = load_config(TINY, ["train.export_every=5", "train.eval_every=7", "train.ckpt_every=9", "train.log_every=3"])
+    assert [c.name for c in standard_components(cfg)] == [
+        "train_metrics",
+        "evaluator",
+        "checkpointer",
+        "done_marker",
+    ]
+    cfg = load_config(
+        TINY, ["train.export_every=5", "train.eval_every=7", "train.ckpt_every=9", "train.log_every=3"]
+    )
     components = {c.name: c for c in standard_components(cfg)}
     assert list(components) == ["train_metrics", "evaluator", "checkpointer", "exporter", "done_marker"]
-    assert (components["train_metrics"].log_every, components["evaluator"].eval_every,
-            components["checkpointer"].ckpt_every, components["exporter"].export_every) == (3, 7, 9, 5)
+    assert (
+        components["train_metrics"].log_every,
+        components["evaluator"].eval_every,
+        components["checkpointer"].ckpt_every,
+        components["exporter"].export_every,
+    ) == (3, 7, 9, 5)
     assert len(COMPONENTS) == 6  # and DownstreamEval (eval.downstream), off here
     assert every(3, 6) and not every(3, 7) and not every(0, 6)

@@ -13,7 +13,9 @@ from train.errors import TrainError
 
 def test_deepspeed_config_from_typed_config_and_passthrough():
     train = TrainConfig(zero_stage=3, precision="fp16", micro_batch_size=4, grad_accum_steps=3, grad_clip=0.5)
-    ds = build_deepspeed_config(train, 2, {"zero_optimization": {"reduce_bucket_size": 1000}, "comms_logger": {}})
+    ds = build_deepspeed_config(
+        train, 2, {"zero_optimization": {"reduce_bucket_size": 1000}, "comms_logger": {}}
+    )
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}  # deep-merged, stage kept
@@ -26,11 +28,18 @@ def test_deepspeed_config_from_typed_config_and_passthrough():
 
 
 def test_muon_is_built_by_deepspeed_from_the_typed_keys():
-    train = TrainConfig(optimizer="muon", lr=2e-3, muon_lr=0.05, muon_momentum=0.9, weight_decay=0.2, beta2=0.99)
+    train = TrainConfig(
+        optimizer="muon", lr=2e-3, muon_lr=0.05, muon_momentum=0.9, weight_decay=0.2, beta2=0.99
+    )
     optimizer = build_deepspeed_config(train, 1)["optimizer"]
     assert optimizer["type"] == "muon"
     params = optimizer["params"]
-    assert (params["muon_lr"], params["adam_lr"], params["momentum"], params["weight_decay"]) == (0.05, 2e-3, 0.9, 0.2)
+    assert (params["muon_lr"], params["adam_lr"], params["momentum"], params["weight_decay"]) == (
+        0.05,
+        2e-3,
+        0.9,
+        0.2,
+    )
     assert params["betas"] == [0.9, 0.99] and params["torch_adam"] and params["ns_method"] == "standard"
     with pytest.raises(TrainError, match=r"'optimizer'.*train.optimizer"):
         build_deepspeed_config(train, 1, {"optimizer": {"type": "Adam"}})
@@ -49,4 +58,6 @@ def test_deepspeed_validation_error_is_one_clear_paragraph():
         validate_deepspeed_config(ds, extra)
     message = str(err.value)
     assert "reduce_bucket_sise" in message and "deepspeed: block" in message and "\n" not in message
-    validate_deepspeed_config(build_deepspeed_config(TrainConfig(), 1, None), None)  # the generated one is valid
+    validate_deepspeed_config(
+        build_deepspeed_config(TrainConfig(), 1, None), None
+    )  # the generated one is valid

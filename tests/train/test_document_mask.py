@@ -11,10 +11,24 @@ from tests.helpers import TINY, run, slm_cmd
 
 pytestmark = pytest.mark.slow
 
-SHRINK = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-          "model.max_seq_len=64", "train.micro_batch_size=4", "train.precision=fp32", "train.zero_stage=0",
-          "train.max_steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2", "train.ckpt_every=2",
-          "train.eval_batches=2", "data.num_workers=0"]
+SHRINK = [
+    "model.n_layers=1",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=64",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.zero_stage=0",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.ckpt_every=2",
+    "train.eval_batches=2",
+    "data.num_workers=0",
+]
 
 
 def first_loss_and_val(run_dir: Path) -> tuple:
@@ -28,8 +42,19 @@ def test_document_mask_changes_what_the_model_sees(tmp_path, tiny_data_dir):
     results = {}
     for masked in (False, True):
         run_dir = tmp_path / f"masked_{masked}"
-        run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={tiny_data_dir}", *SHRINK,
-                     f"data.document_mask={str(masked).lower()}"]), timeout=600)
+        run(
+            slm_cmd(
+                [
+                    "train",
+                    TINY,
+                    f"run.dir={run_dir}",
+                    f"data.dir={tiny_data_dir}",
+                    *SHRINK,
+                    f"data.document_mask={str(masked).lower()}",
+                ]
+            ),
+            timeout=600,
+        )
         results[masked] = first_loss_and_val(run_dir)
     # Same weights, same batches (blank-line documents, so every window holds EOTs): only attention and
     # positions differ, so the very first loss already differs, and validation is masked as well.

@@ -22,8 +22,19 @@ from train.handoff.init_from import build_model, load_init_weights
 
 lm_eval = pytest.importorskip("lm_eval")
 
-BUNDLE_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "sciq", "openbookqa", "boolq", "copa",
-                "commonsense_qa", "social_iqa")
+BUNDLE_TASKS = (
+    "hellaswag",
+    "arc_easy",
+    "arc_challenge",
+    "piqa",
+    "winogrande",
+    "sciq",
+    "openbookqa",
+    "boolq",
+    "copa",
+    "commonsense_qa",
+    "social_iqa",
+)
 
 
 @pytest.fixture(scope="session")
@@ -61,10 +72,21 @@ def tiny_export(tiny_data_dir, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     # init_std 0.05 spreads the choices' log-likelihoods apart (no near-ties); 512 positions fit every PIQA choice.
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=4096,
-                      max_seq_len=512, init_std=0.05)
+    cfg = ModelConfig(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=128,
+        vocab_size=4096,
+        max_seq_len=512,
+        init_std=0.05,
+    )
     out = tmp_path_factory.mktemp("downstream_export") / "export"
-    return export_from_model(Transformer(cfg).state_dict(), cfg, tiny_data_dir / "tokenizer.json", out, dtype="fp32")
+    return export_from_model(
+        Transformer(cfg).state_dict(), cfg, tiny_data_dir / "tokenizer.json", out, dtype="fp32"
+    )
+
 
 AGREEMENT_TASKS = ("hellaswag", "arc_easy", "piqa", "winogrande")
 """The acceptance test's tasks, 50 examples each; LAMBADA (local passages) rides along with 30."""
@@ -76,7 +98,9 @@ def harness_tasks(names, data_dir, tmp_path):
     from train.downstream.harness import write_harness_tasks
 
     mapping = write_harness_tasks(names, str(data_dir), tmp_path / "harness_tasks")
-    task_dict = get_task_dict(list(mapping.values()), TaskManager(include_path=str(tmp_path / "harness_tasks")))
+    task_dict = get_task_dict(
+        list(mapping.values()), TaskManager(include_path=str(tmp_path / "harness_tasks"))
+    )
     return mapping, task_dict
 
 
@@ -106,14 +130,22 @@ def test_slm_eval_agrees_with_lm_eval_on_every_example(tiny_export, eval_data_di
     out = tmp_path / "ours.json"
     base = ["eval", str(tiny_export), "--data-dir", str(eval_data_dir), "--batch-size", "16"]
     assert slm_main([*base, "--tasks", ",".join(AGREEMENT_TASKS), "--limit", "50", "--output", str(out)]) == 0
-    assert slm_main([*base, "--tasks", "lambada_openai", "--limit", "30", "--output", str(tmp_path / "lambada.json")]) == 0
+    assert (
+        slm_main(
+            [*base, "--tasks", "lambada_openai", "--limit", "30", "--output", str(tmp_path / "lambada.json")]
+        )
+        == 0
+    )
     ours = json.loads(out.read_text())
     lambada = json.loads((tmp_path / "lambada.json").read_text())
     mapping, task_dict = harness_tasks([*AGREEMENT_TASKS, "lambada_openai"], eval_data_dir, tmp_path)
     model = HFLM(pretrained=str(tiny_export), dtype="float32", batch_size=16, device="cpu")
-    samples = {mapping[name]: list(range(50)) for name in AGREEMENT_TASKS} | {mapping["lambada_openai"]: list(range(30))}
-    theirs = lm_eval.simple_evaluate(model=model, tasks=list(task_dict.values()), num_fewshot=0, log_samples=True,
-                                     samples=samples)
+    samples = {mapping[name]: list(range(50)) for name in AGREEMENT_TASKS} | {
+        mapping["lambada_openai"]: list(range(30))
+    }
+    theirs = lm_eval.simple_evaluate(
+        model=model, tasks=list(task_dict.values()), num_fewshot=0, log_samples=True, samples=samples
+    )
     for name in AGREEMENT_TASKS:
         samples, mine = theirs["samples"][mapping[name]], choice_scores(ours["examples"], name)
         assert len(samples) == len(mine) == 50
@@ -122,24 +154,48 @@ def test_slm_eval_agrees_with_lm_eval_on_every_example(tiny_export, eval_data_di
             lls = np.array(example["loglikelihoods"])
             assert float(lls.argmax() == example["gold"]) == sample["acc"], (name, sample["doc_id"])
             if "acc_norm" in sample:
-                assert float((lls / np.array(example["choice_lengths"])).argmax() == example["gold"]) == sample["acc_norm"]
-            for (their_ll, their_greedy), our_ll, our_greedy in zip([r[0] for r in sample["resps"]], lls, example["greedy"]):
+                assert (
+                    float((lls / np.array(example["choice_lengths"])).argmax() == example["gold"])
+                    == sample["acc_norm"]
+                )
+            for (their_ll, their_greedy), our_ll, our_greedy in zip(
+                [r[0] for r in sample["resps"]], lls, example["greedy"]
+            ):
                 # 1e-4, or two float32 steps at the harness's own (float32) sum for the longest PIQA choices
-                assert abs(their_ll - our_ll) <= max(1e-4, 2 * abs(np.spacing(np.float32(their_ll)))), (name, sample["doc_id"])
+                assert abs(their_ll - our_ll) <= max(1e-4, 2 * abs(np.spacing(np.float32(their_ll)))), (
+                    name,
+                    sample["doc_id"],
+                )
                 assert their_greedy == our_greedy
         harness_metrics = theirs["results"][mapping[name]]
         for metric in ("acc", "acc_norm") if name != "winogrande" else ("acc",):
             assert ours["tasks"][name][metric] == pytest.approx(harness_metrics[f"{metric},none"], abs=1e-12)
-            assert ours["tasks"][name][f"{metric}_stderr"] == pytest.approx(harness_metrics[f"{metric}_stderr,none"], rel=1e-9)
+            assert ours["tasks"][name][f"{metric}_stderr"] == pytest.approx(
+                harness_metrics[f"{metric}_stderr,none"], rel=1e-9
+            )
     harness_lambada = theirs["results"][mapping["lambada_openai"]]
     assert lambada["tasks"]["lambada_openai"]["acc"] == pytest.approx(harness_lambada["acc,none"], abs=1e-12)
-    assert lambada["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(harness_lambada["perplexity,none"], rel=1e-6)
+    assert lambada["tasks"]["lambada_openai"]["perplexity"] == pytest.approx(
+        harness_lambada["perplexity,none"], rel=1e-6
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_score_like_one(tiny_export, eval_data_dir, tmp_path):
-    args = ["eval", str(tiny_export), "--tasks", "hellaswag,winogrande,lambada", "--limit", "21", "--seed", "7",
-            "--data-dir", str(eval_data_dir), "--batch-size", "8"]
+    args = [
+        "eval",
+        str(tiny_export),
+        "--tasks",
+        "hellaswag,winogrande,lambada",
+        "--limit",
+        "21",
+        "--seed",
+        "7",
+        "--data-dir",
+        str(eval_data_dir),
+        "--batch-size",
+        "8",
+    ]
     run(slm_cmd([*args, "--output", str(tmp_path / "one.json")]))
     proc = run(slm_cmd([*args, "--output", str(tmp_path / "two.json")], nproc=2))
     assert "(2 process(es), cpu" in proc.stdout and proc.stdout.count("examples/s") == 1  # rank 0 prints once
@@ -150,8 +206,12 @@ def test_two_processes_score_like_one(tiny_export, eval_data_dir, tmp_path):
         for key in ("acc", "acc_norm", "acc_stderr"):
             if key in metrics_one:
                 assert metrics_one[key] == metrics_two[key], (name, key)
-    assert [(e["task"], e["index"]) for e in one["examples"]] == [(e["task"], e["index"]) for e in two["examples"]]
-    assert [e["index"] for e in one["examples"] if e["task"] == "hellaswag"] != list(range(21))  # the seeded subset
+    assert [(e["task"], e["index"]) for e in one["examples"]] == [
+        (e["task"], e["index"]) for e in two["examples"]
+    ]
+    assert [e["index"] for e in one["examples"] if e["task"] == "hellaswag"] != list(
+        range(21)
+    )  # the seeded subset
     for a, b in zip(one["examples"], two["examples"]):
         np.testing.assert_allclose(a["loglikelihoods"], b["loglikelihoods"], rtol=0, atol=1e-5)
 
@@ -176,7 +236,9 @@ def test_padded_batches_score_like_single_sequences(tiny_export, eval_data_dir):
 def test_example_subsets_and_fewshot_prompts_are_fixed_by_seed(eval_data_dir):
     assert select_examples(100, 10, None, "piqa") == list(range(10))  # as lm_eval --limit
     subset = select_examples(100, 10, 3, "piqa")
-    assert subset == select_examples(100, 10, 3, "piqa") and subset == sorted(set(subset)) and len(subset) == 10
+    assert (
+        subset == select_examples(100, 10, 3, "piqa") and subset == sorted(set(subset)) and len(subset) == 10
+    )
     assert subset != select_examples(100, 10, 4, "piqa") and subset != select_examples(100, 10, 3, "copa")
     assert select_examples(5, 10, 3, "piqa") == list(range(5))
     task = get_task("copa")
@@ -184,11 +246,17 @@ def test_example_subsets_and_fewshot_prompts_are_fixed_by_seed(eval_data_dir):
     from train.downstream.requests import fewshot_prefix, solved_example
 
     prefix = fewshot_prefix(task, 5, 3, 11, rows, same_split=True)
-    assert prefix == fewshot_prefix(task, 5, 3, 11, rows, same_split=True) != fewshot_prefix(task, 5, 3, 12, rows, True)
+    assert (
+        prefix
+        == fewshot_prefix(task, 5, 3, 11, rows, same_split=True)
+        != fewshot_prefix(task, 5, 3, 12, rows, True)
+    )
     shots = [solved_example(task, row) for row in rows]
     assert prefix.count("\n\n") == 3 and all(s.endswith("\n\n") for s in shots)
     assert sum(prefix.count(s) for s in shots) == 3 and shots[5] not in prefix  # never its own answer
-    assert build_requests(task, rows[5], 5, prefix).pairs == [(prefix + c, x) for c, x in build_requests(task, rows[5], 5).pairs]
+    assert build_requests(task, rows[5], 5, prefix).pairs == [
+        (prefix + c, x) for c, x in build_requests(task, rows[5], 5).pairs
+    ]
     with pytest.raises(ValueError, match="only"):
         fewshot_prefix(task, 0, len(rows), 1, rows, same_split=True)
 
@@ -218,7 +286,9 @@ def test_bad_inputs_get_clear_errors(eval_data_dir, tmp_path, tiny_export, capsy
 
     with pytest.raises(ValueError, match="known tasks: hellaswag"):
         get_task("hellaswagg")
-    with pytest.raises(TrainError, match=r"(?s)No lambada_openai data for split 'test'.*lambada_openai/default/test.jsonl"):
+    with pytest.raises(
+        TrainError, match=r"(?s)No lambada_openai data for split 'test'.*lambada_openai/default/test.jsonl"
+    ):
         load_task_split(get_task("lambada"), str(tmp_path), quiet=True)
     with pytest.raises(TrainError, match="does not exist"):
         load_task_split(get_task("piqa"), str(tmp_path / "missing"))
@@ -230,7 +300,11 @@ def test_bad_inputs_get_clear_errors(eval_data_dir, tmp_path, tiny_export, capsy
     assert "Unknown downstream task 'nope'" in capsys.readouterr().err
     assert set(TASKS) >= set(BUNDLE_TASKS) | {"lambada_openai"}
     weights, cfg, _ = load_init_weights(tiny_export)
-    requests = build_task_requests(["piqa"], load_tokenizer(tiny_export / "tokenizer.json"), limit=3,
-                                   data_dir=str(eval_data_dir))
-    with pytest.raises(TrainError, match="piqa: row 0 of its validation split has a .*-token choice, longer than the model's 8-token"):
+    requests = build_task_requests(
+        ["piqa"], load_tokenizer(tiny_export / "tokenizer.json"), limit=3, data_dir=str(eval_data_dir)
+    )
+    with pytest.raises(
+        TrainError,
+        match="piqa: row 0 of its validation split has a .*-token choice, longer than the model's 8-token",
+    ):
         score_tasks(build_model(weights, cfg), requests, max_len=8)

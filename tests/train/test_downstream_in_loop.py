@@ -17,12 +17,29 @@ LIMIT = 20
 STEPS = 6
 EVERY = 3
 SHRINK = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=64", "model.init_std=0.05", "train.micro_batch_size=4", "train.precision=fp32",
-    "train.warmup_steps=2", "train.log_every=3", "train.eval_batches=1", f"train.max_steps={STEPS}",
-    "train.eval_every=6", "train.ckpt_every=6", f"train.export_every={STEPS}", "train.export_dtype=fp32", "data.num_workers=0",
-    f"eval.downstream.tasks=[{','.join(TASKS)}]", f"eval.downstream.every={EVERY}", f"eval.downstream.limit={LIMIT}",
-    "eval.downstream.seed=7", "eval.downstream.batch_size=16",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=64",
+    "model.init_std=0.05",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.warmup_steps=2",
+    "train.log_every=3",
+    "train.eval_batches=1",
+    f"train.max_steps={STEPS}",
+    "train.eval_every=6",
+    "train.ckpt_every=6",
+    f"train.export_every={STEPS}",
+    "train.export_dtype=fp32",
+    "data.num_workers=0",
+    f"eval.downstream.tasks=[{','.join(TASKS)}]",
+    f"eval.downstream.every={EVERY}",
+    f"eval.downstream.limit={LIMIT}",
+    "eval.downstream.seed=7",
+    "eval.downstream.batch_size=16",
 ]
 
 
@@ -40,9 +57,22 @@ def eval_data(tmp_path_factory) -> Path:
 def train_run(root: Path, data_dir: Path, eval_data: Path, nproc: int, zero_stage: int) -> Path:
     run_dir = root / f"run_{nproc}p_zero{zero_stage}"
     accum = 2 // nproc  # the same global batch (8) on 1 and 2 processes
-    run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK,
-                 f"train.grad_accum_steps={accum}", f"train.zero_stage={zero_stage}",
-                 f"eval.downstream.data_dir={eval_data}"], nproc=nproc), timeout=600)
+    run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={run_dir}",
+                f"data.dir={data_dir}",
+                *SHRINK,
+                f"train.grad_accum_steps={accum}",
+                f"train.zero_stage={zero_stage}",
+                f"eval.downstream.data_dir={eval_data}",
+            ],
+            nproc=nproc,
+        ),
+        timeout=600,
+    )
     return run_dir
 
 
@@ -50,7 +80,10 @@ def train_run(root: Path, data_dir: Path, eval_data: Path, nproc: int, zero_stag
 def runs(tmp_path_factory, tiny_data_dir, eval_data) -> Dict[str, Path]:
     """One process under ZeRO 2, two processes under ZeRO 3 (each run used by several tests)."""
     root = tmp_path_factory.mktemp("downstream_runs")
-    return {"1p": train_run(root, tiny_data_dir, eval_data, 1, 2), "2p": train_run(root, tiny_data_dir, eval_data, 2, 3)}
+    return {
+        "1p": train_run(root, tiny_data_dir, eval_data, 1, 2),
+        "2p": train_run(root, tiny_data_dir, eval_data, 2, 3),
+    }
 
 
 def downstream_rows(run_dir: Path) -> Dict[Tuple[int, str], dict]:
@@ -68,7 +101,10 @@ def test_training_logs_one_downstream_row_per_task_and_evaluation(runs):
         assert 0.0 <= row["acc"] <= 1.0 and 0.0 <= row["acc_norm"] <= 1.0
         assert row["acc_stderr"] > 0 and isinstance(row["tokens"], int)
     train_rows = [json.loads(line) for line in (runs["1p"] / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train_rows if r["kind"] == "train"] == [3, 6]  # downstream rows leave train rows alone
+    assert [r["step"] for r in train_rows if r["kind"] == "train"] == [
+        3,
+        6,
+    ]  # downstream rows leave train rows alone
 
 
 @pytest.mark.slow
@@ -76,14 +112,37 @@ def test_final_step_score_equals_slm_eval_on_that_steps_export(runs, eval_data, 
     export_dir = runs["1p"] / "exports" / f"step_{STEPS:08d}"
     assert export_dir.is_dir(), sorted(p.name for p in (runs["1p"] / "exports").iterdir())
     out = tmp_path / "eval.json"
-    run(slm_cmd(["eval", str(export_dir), "--tasks", ",".join(TASKS), "--limit", str(LIMIT), "--seed", "7",
-                 "--data-dir", str(eval_data), "--device", "cpu", "--batch-size", "16", "--output", str(out)]))
+    run(
+        slm_cmd(
+            [
+                "eval",
+                str(export_dir),
+                "--tasks",
+                ",".join(TASKS),
+                "--limit",
+                str(LIMIT),
+                "--seed",
+                "7",
+                "--data-dir",
+                str(eval_data),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "16",
+                "--output",
+                str(out),
+            ]
+        )
+    )
     offline = json.loads(out.read_text())["tasks"]
     rows = downstream_rows(runs["1p"])
     for task in TASKS:
         in_loop = rows[(STEPS, task)]
         assert (in_loop["acc"], in_loop["acc_norm"], in_loop["examples"]) == (
-            offline[task]["acc"], offline[task]["acc_norm"], offline[task]["examples"]), task
+            offline[task]["acc"],
+            offline[task]["acc_norm"],
+            offline[task]["examples"],
+        ), task
     # The export's model card shows the latest downstream rows (those of its step), not every evaluation's.
     card = (export_dir / "README.md").read_text(encoding="utf-8")
     for task in TASKS:
@@ -108,27 +167,51 @@ def test_report_draws_the_downstream_panel(runs, capsys):
     fig = draw(metrics)
     panel = [ax for ax in fig.axes if ax.get_title() == "downstream accuracy"]
     assert len(panel) == 1
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in panel[0].get_lines()}
+    lines = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in panel[0].get_lines()
+    }
     rows = downstream_rows(runs["2p"])
     for task in TASKS:
         for key in ("acc", "acc_norm"):
             assert lines[f"{task} {key}"] == ([3, 6], [rows[(3, task)][key], rows[(6, task)][key]])
     summary = report(runs["2p"])
     assert (runs["2p"] / "report.png").stat().st_size > 20_000
-    assert summary["downstream"]["winogrande"] == {"step": 6, "acc": rows[(6, "winogrande")]["acc"],
-                                                   "acc_norm": rows[(6, "winogrande")]["acc_norm"]}
-    printed = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in capsys.readouterr().out.splitlines()
-               if line.startswith("downstream ")}
+    assert summary["downstream"]["winogrande"] == {
+        "step": 6,
+        "acc": rows[(6, "winogrande")]["acc"],
+        "acc_norm": rows[(6, "winogrande")]["acc_norm"],
+    }
+    printed = {
+        line.split("  ")[0]: line.split("  ", 1)[1].strip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("downstream ")
+    }
     last = rows[(6, "arc_easy")]
-    assert printed["downstream arc_easy"] == f"acc {last['acc']:.4f}, acc_norm {last['acc_norm']:.4f} (step 6)"
+    assert (
+        printed["downstream arc_easy"] == f"acc {last['acc']:.4f}, acc_norm {last['acc_norm']:.4f} (step 6)"
+    )
 
 
 @pytest.mark.slow
-def test_a_choice_longer_than_the_window_stops_the_run_before_the_first_step(tiny_data_dir, eval_data, tmp_path):
+def test_a_choice_longer_than_the_window_stops_the_run_before_the_first_step(
+    tiny_data_dir, eval_data, tmp_path
+):
     run_dir = tmp_path / "run"
-    out = run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={tiny_data_dir}", *SHRINK,
-                       "model.max_seq_len=4", "eval.downstream.tasks=[winogrande]",
-                       f"eval.downstream.data_dir={eval_data}"]), check=False)
+    out = run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={run_dir}",
+                f"data.dir={tiny_data_dir}",
+                *SHRINK,
+                "model.max_seq_len=4",
+                "eval.downstream.tasks=[winogrande]",
+                f"eval.downstream.data_dir={eval_data}",
+            ]
+        ),
+        check=False,
+    )
     assert out.returncode != 0
     assert "eval.downstream.tasks: winogrande: row" in out.stderr and "model's 4-token window" in out.stderr
     assert "Traceback" not in out.stderr
@@ -163,7 +246,12 @@ def test_downstream_component_follows_its_config():
     assert "downstream" not in names(["eval.downstream.tasks=[piqa]", "eval.downstream.every=0"])
     assert "downstream" not in names(["eval.downstream.every=50"])  # no tasks
     assert names(["eval.downstream.tasks=[piqa]", "eval.downstream.every=50"]) == [
-        "train_metrics", "evaluator", "downstream", "checkpointer", "done_marker"]
+        "train_metrics",
+        "evaluator",
+        "downstream",
+        "checkpointer",
+        "done_marker",
+    ]
 
 
 def test_report_reads_downstream_rows_per_task_and_skips_other_kinds(tmp_path):
@@ -173,12 +261,20 @@ def test_report_reads_downstream_rows_per_task_and_skips_other_kinds(tmp_path):
         {"kind": "train", "step": 5, "loss": 3.0, "lr": 1e-3},
         {"kind": "downstream", "step": 5, "task": "piqa", "acc": 0.5, "acc_norm": 0.55},
         {"kind": "downstream", "step": 5, "task": "arc_easy", "acc": 0.3, "acc_norm": 0.35},
-        {"kind": "downstream", "step": 5, "task": "piqa", "acc": 0.52, "acc_norm": 0.56},  # resumed: last wins
+        {
+            "kind": "downstream",
+            "step": 5,
+            "task": "piqa",
+            "acc": 0.52,
+            "acc_norm": 0.56,
+        },  # resumed: last wins
         {"kind": "something_else", "step": 5, "value": 1.0},
         {"kind": "downstream", "step": 10, "task": "piqa", "acc": 0.6, "acc_norm": 0.61},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = read_metrics(tmp_path)
-    assert [r["loss"] for r in metrics.train] == [3.0]  # neither downstream nor unknown rows become train rows
+    assert [r["loss"] for r in metrics.train] == [
+        3.0
+    ]  # neither downstream nor unknown rows become train rows
     assert list(metrics.downstream) == ["arc_easy", "piqa"]
     assert [(r["step"], r["acc"]) for r in metrics.downstream["piqa"]] == [(5, 0.52), (10, 0.6)]

@@ -69,9 +69,21 @@ def test_zero3_export_matches_the_live_engine_in_transformers(checkpoints, expor
 
 @pytest.mark.slow
 def test_export_files_and_config(checkpoints, exports, tokenizer_path):
-    tied, untied, bf16_run = exports["zero3_tied_gqa"], exports["zero3_untied_mha"], exports["zero2_bf16_untied_gqa"]
-    expected_files = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                      "tokenizer_config.json", "special_tokens_map.json", "README.md", "slm_export.json"}
+    tied, untied, bf16_run = (
+        exports["zero3_tied_gqa"],
+        exports["zero3_untied_mha"],
+        exports["zero2_bf16_untied_gqa"],
+    )
+    expected_files = {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+        "slm_export.json",
+    }
     for folder in exports.values():
         assert {p.name for p in folder.iterdir()} == expected_files  # no pickle, no leftovers
     assert not list(tied.parent.glob(".*tmp"))  # the atomic temp folders are gone
@@ -79,7 +91,11 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     ids = special_ids(tokenizer_path)
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
     assert (config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]) == (64, 96, 2)
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (4, 2, 4096)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (
+        4,
+        2,
+        4096,
+    )
     assert config["torch_dtype"] == "float32" and config["max_position_embeddings"] == 64
     assert (config["bos_token_id"], config["eos_token_id"]) == (ids[EOT], ids[EOT])
     assert "lm_head.weight" not in load_file(str(tied / "model.safetensors"))  # tied: stored once, like HF
@@ -94,7 +110,10 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     assert "optimizer steps: 2" in card and "tokens trained: 256" in card and "Base (pretrained)" in card
     assert "Instruction-tuned chat" in (untied / "README.md").read_text()
     tokenizer_cfg = json.loads((tied / "tokenizer_config.json").read_text())
-    assert tokenizer_cfg["model_input_names"] == ["input_ids", "attention_mask"] and tokenizer_cfg["padding_side"] == "left"
+    assert (
+        tokenizer_cfg["model_input_names"] == ["input_ids", "attention_mask"]
+        and tokenizer_cfg["padding_side"] == "left"
+    )
     # zero_to_fp32 recovers the fp32 master weights of a bf16 ZeRO-2 run; the export holds exactly those.
     masters = consolidate_checkpoint(step_dir(checkpoints, "zero2_bf16_untied_gqa"))
     exported, _, sha = load_init_weights(bf16_run)
@@ -102,7 +121,9 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     assert masters["embed_tokens.weight"].dtype == torch.float32
     assert not torch.equal(masters["embed_tokens.weight"], masters["embed_tokens.weight"].bfloat16().float())
     reference = load_file(str(checkpoints / "zero2_bf16_untied_gqa" / "reference.safetensors"))
-    torch.testing.assert_close(hf_logits(bf16_run, reference["tokens"][:, :-1]), reference["logits"], rtol=0, atol=0.1)
+    torch.testing.assert_close(
+        hf_logits(bf16_run, reference["tokens"][:, :-1]), reference["logits"], rtol=0, atol=0.1
+    )
 
 
 @pytest.mark.slow
@@ -112,7 +133,10 @@ def test_sharded_bf16_export_round_trips(checkpoints, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and sorted(p.name for p in out.glob("*.safetensors")) == shards
-    assert "lm_head.weight" in index["weight_map"] and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (
+        "lm_head.weight" in index["weight_map"]
+        and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    )
     weights, cfg, sha = load_init_weights(out)
     original, original_cfg, original_sha = load_init_weights(src)
     assert cfg.ffn_hidden_size == original_cfg.ffn_hidden_size and cfg.n_kv_heads == 4 and sha == original_sha
@@ -142,18 +166,30 @@ def test_exported_tokenizer_and_chat_template_match_ours(tokenizer_path, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(ids, 128, chat=True)))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ours = load_tokenizer(tokenizer_path)
-    sample = (f"{EOT}First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:  Speak, speak. 123 "
-              f"naïve café 🚀\t{IM_START}user\nhi{IM_END}\n{PAD}")
+    sample = (
+        f"{EOT}First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:  Speak, speak. 123 "
+        f"naïve café 🚀\t{IM_START}user\nhi{IM_END}\n{PAD}"
+    )
     expected = ours.encode(sample, add_special_tokens=False).ids
     assert theirs(sample)["input_ids"] == expected  # add_special_tokens=True adds nothing either
     assert [i for i in expected if i in ids.values()] == [ids[EOT], ids[IM_START], ids[IM_END], ids[PAD]]
     assert (theirs.eos_token, theirs.pad_token, theirs.eos_token_id) == (IM_END, PAD, ids[IM_END])
     assert theirs.chat_template == CHAT_TEMPLATE
     conversations = [
-        [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."},
-         {"role": "user", "content": "And its population?"}, {"role": "assistant", "content": "About 2.1 million."}],
-        [{"role": "system", "content": "Answer in verse.\n"}, {"role": "user", "content": "  Why is the sky blue?\n\n"},
-         {"role": "assistant", "content": "\nThe air scatters blue light more than red —\nso blue is overhead.  "}],
+        [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And its population?"},
+            {"role": "assistant", "content": "About 2.1 million."},
+        ],
+        [
+            {"role": "system", "content": "Answer in verse.\n"},
+            {"role": "user", "content": "  Why is the sky blue?\n\n"},
+            {
+                "role": "assistant",
+                "content": "\nThe air scatters blue light more than red —\nso blue is overhead.  ",
+            },
+        ],
     ]
     for conversation in conversations:
         text = theirs.apply_chat_template(conversation, tokenize=False)
@@ -176,8 +212,13 @@ def test_verification_fails_loudly_on_a_wrong_conversion(checkpoints, exports, t
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(TrainError, match="logits differ from ours"):
         verify_export(broken, state_dict, cfg, tiny_data_dir / "tokenizer.json")
-    other_tokenizer = tmp_path / "other_tokenizer.json"  # the export's tokenizer is not the one of these weights
-    save_tokenizer(train_tokenizer(["ROMEO: But soft! what light through yonder window breaks?"] * 20, 300), other_tokenizer)
+    other_tokenizer = (
+        tmp_path / "other_tokenizer.json"
+    )  # the export's tokenizer is not the one of these weights
+    save_tokenizer(
+        train_tokenizer(["ROMEO: But soft! what light through yonder window breaks?"] * 20, 300),
+        other_tokenizer,
+    )
     with pytest.raises(TrainError, match="tokenizer"):
         verify_export(exports["zero3_tied_gqa"], state_dict, cfg, other_tokenizer)
 
@@ -193,9 +234,20 @@ def test_bad_sources_are_clear_errors(tmp_path, capsys):
     assert err.startswith("error: ") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     (tmp_path / "pickled").mkdir()
-    (tmp_path / "pickled" / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4,
-        "num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 96, "vocab_size": 64,
-        "max_position_embeddings": 32, "rms_norm_eps": 1e-5}))
+    (tmp_path / "pickled" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "num_attention_heads": 4,
+                "num_hidden_layers": 1,
+                "hidden_size": 64,
+                "intermediate_size": 96,
+                "vocab_size": 64,
+                "max_position_embeddings": 32,
+                "rms_norm_eps": 1e-5,
+            }
+        )
+    )
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(TrainError, match="pickled weights are refused"):
         load_init_weights(tmp_path / "pickled")

@@ -22,13 +22,16 @@ def run_dir(tmp_path) -> Path:
     return run
 
 
-@pytest.mark.parametrize("out, match", [
-    ("run", "is or holds the source"),
-    ("run/checkpoints", "inside the source"),
-    ("run/checkpoints/step_00000004", "inside the source"),
-    ("run/checkpoints/step_00000004/hf", "inside the source"),
-    ("run/somewhere", "inside the source"),
-])
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        ("run", "is or holds the source"),
+        ("run/checkpoints", "inside the source"),
+        ("run/checkpoints/step_00000004", "inside the source"),
+        ("run/checkpoints/step_00000004/hf", "inside the source"),
+        ("run/somewhere", "inside the source"),
+    ],
+)
 def test_export_into_its_own_run_or_checkpoint_is_refused(tmp_path, run_dir, out, match):
     with pytest.raises(TrainError, match=match):
         check_export_target(tmp_path / out, run_dir)

@@ -20,4 +20,6 @@ def test_points_are_seeded_and_include_a_save():
 
 def test_kill_9_at_random_points_resumes_bitwise(tiny_data_dir, tmp_path):
     result = run_matrix(tmp_path, tiny_data_dir, SEED, POINTS, STEPS)
-    assert result["losses_equal"] and result["steps_once"] and result["params_equal"] and result["done"], result
+    assert result["losses_equal"] and result["steps_once"] and result["params_equal"] and result["done"], (
+        result
+    )

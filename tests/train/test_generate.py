@@ -31,11 +31,18 @@ def test_greedy_matches_transformers_generate(sources):
     prompt = tokenizer.encode("ROMEO: But soft, what light").ids
     state_dict, cfg, _ = load_init_weights(sources["run"])
     eot = tokenizer.token_to_id(EOT)
-    ours = generate_ids(build_model(state_dict, cfg), prompt, 16, temperature=0, top_k=None, eos_id=eot, seed=0)
+    ours = generate_ids(
+        build_model(state_dict, cfg), prompt, 16, temperature=0, top_k=None, eos_id=eot, seed=0
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(sources["export"]), dtype=torch.float32)
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eot,
-                      pad_token_id=tokenizer.token_to_id(PAD))
-    theirs = out[0, len(prompt):].tolist()
+    out = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=16,
+        do_sample=False,
+        eos_token_id=eot,
+        pad_token_id=tokenizer.token_to_id(PAD),
+    )
+    theirs = out[0, len(prompt) :].tolist()
     assert ours == (theirs[: theirs.index(eot)] if eot in theirs else theirs) and len(ours) > 0
 
 
@@ -56,21 +63,39 @@ def test_cli_prints_prompt_and_continuation_from_every_kind_of_source(sources, c
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1]  # seeded
     # The real command line, in its own process, prints the same greedy text.
-    proc = run(slm_cmd(["generate", str(sources["export"]), "--prompt", "ROMEO:", "--max-new-tokens", "8",
-                        "--temperature", "0"]))
+    proc = run(
+        slm_cmd(
+            [
+                "generate",
+                str(sources["export"]),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0",
+            ]
+        )
+    )
     assert proc.stdout.endswith(outputs[0])
 
 
 def test_generation_stops_at_the_stop_token():
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, vocab_size=128, max_seq_len=32,
-                                    init_std=0.5)).eval()
+    model = Transformer(
+        ModelConfig(
+            n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, vocab_size=128, max_seq_len=32, init_std=0.5
+        )
+    ).eval()
     prompt = [5, 6, 7]
     greedy = generate_ids(model, prompt, 6, temperature=0, top_k=None, eos_id=127, seed=0)
     assert len(greedy) == 6 or greedy[-1] != 127  # the stop token itself is never returned
     assert generate_ids(model, prompt, 6, temperature=0, top_k=None, eos_id=greedy[0], seed=0) == []
     stop = greedy[2]
-    assert generate_ids(model, prompt, 6, temperature=0, top_k=None, eos_id=stop, seed=0) == greedy[: greedy.index(stop)]
+    assert (
+        generate_ids(model, prompt, 6, temperature=0, top_k=None, eos_id=stop, seed=0)
+        == greedy[: greedy.index(stop)]
+    )
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):

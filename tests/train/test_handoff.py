@@ -24,10 +24,24 @@ SEQ_LEN = 64
 MICRO_BATCH = 2
 # The shapes of the zero3_tied_gqa checkpoint (tests/train/zero_checkpoints.py), fp32 so losses compare exactly.
 COMMON = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
-    f"model.max_seq_len={SEQ_LEN}", "model.tie_embeddings=true", "train.precision=fp32", "train.zero_stage=1",
-    f"train.micro_batch_size={MICRO_BATCH}", "train.max_steps=2", "train.warmup_steps=1", "train.lr=1e-3",
-    "train.min_lr=1e-4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1", "train.ckpt_every=2",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=96",
+    f"model.max_seq_len={SEQ_LEN}",
+    "model.tie_embeddings=true",
+    "train.precision=fp32",
+    "train.zero_stage=1",
+    f"train.micro_batch_size={MICRO_BATCH}",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.ckpt_every=2",
     f"run.seed={SEED}",
 ]
 
@@ -41,8 +55,12 @@ def loss_of(source, batch) -> float:
     state_dict, cfg, _ = load_init_weights(source)
     model = build_model(state_dict, cfg)
     with torch.no_grad():
-        _, loss = model(batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids"),
-                        doc_ids=batch.get("doc_ids"))
+        _, loss = model(
+            batch["input_ids"],
+            batch["labels"],
+            position_ids=batch.get("position_ids"),
+            doc_ids=batch.get("doc_ids"),
+        )
     return loss.item()
 
 
@@ -53,12 +71,43 @@ def chain(tmp_path_factory, tiny_data_dir):
     pretrain = build_checkpoints(tmp_path_factory, tiny_data_dir / "tokenizer.json") / "zero3_tied_gqa"
     pretrain_export = export(pretrain, root / "pretrain_export", dtype="fp32")
     cpt, ift = root / "cpt", root / "ift"
-    run(slm_cmd(["train", TINY, f"run.dir={cpt}", f"data.dir={tiny_data_dir}", "train.stage=cpt",
-                 f"train.init_from={pretrain_export}", *COMMON]), timeout=300)
-    run(slm_cmd(["train", TINY, f"run.dir={ift}", f"data.dir={tiny_data_dir}", "train.stage=ift",
-                 f"train.init_from={cpt}", f"ift.paths=[{SELF_INSTRUCT}]", *COMMON]), timeout=300)
+    run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={cpt}",
+                f"data.dir={tiny_data_dir}",
+                "train.stage=cpt",
+                f"train.init_from={pretrain_export}",
+                *COMMON,
+            ]
+        ),
+        timeout=300,
+    )
+    run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={ift}",
+                f"data.dir={tiny_data_dir}",
+                "train.stage=ift",
+                f"train.init_from={cpt}",
+                f"ift.paths=[{SELF_INSTRUCT}]",
+                *COMMON,
+            ]
+        ),
+        timeout=300,
+    )
     ift_export = export(ift, root / "ift_export", dtype="fp32")
-    return {"pretrain": pretrain, "pretrain_export": pretrain_export, "cpt": cpt, "ift": ift, "ift_export": ift_export}
+    return {
+        "pretrain": pretrain,
+        "pretrain_export": pretrain_export,
+        "cpt": cpt,
+        "ift": ift,
+        "ift_export": ift_export,
+    }
 
 
 @pytest.mark.slow
@@ -68,7 +117,9 @@ def test_cpt_from_export_starts_at_the_source_loss(chain, tiny_data_dir):
     assert first_logged_loss(chain["cpt"]) == pytest.approx(source_loss, abs=1e-5)
     assert source_loss == pytest.approx(loss_of(chain["pretrain_export"], batch), abs=1e-6)
     meta = json.loads(next((chain["cpt"] / "checkpoints").glob("step_*/meta.json")).read_text())
-    assert meta["step"] == 2 and meta["config"]["train"]["stage"] == "cpt"  # weights only: the step count restarted
+    assert (
+        meta["step"] == 2 and meta["config"]["train"]["stage"] == "cpt"
+    )  # weights only: the step count restarted
 
 
 @pytest.mark.slow
@@ -94,8 +145,12 @@ def test_ift_export_is_a_chat_model_for_transformers(chain):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     messages = [{"role": "user", "content": "Give me three tips for a good night's sleep."}]
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    assert inputs["input_ids"][0].tolist() == encode_chat_prompt(messages, load_tokenizer(folder / "tokenizer.json"))
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    assert inputs["input_ids"][0].tolist() == encode_chat_prompt(
+        messages, load_tokenizer(folder / "tokenizer.json")
+    )
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     assert tokenizer.eos_token == IM_END and model.config.eos_token_id == tokenizer.eos_token_id

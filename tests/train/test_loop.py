@@ -7,7 +7,9 @@ import torch
 from model import ModelConfig, Transformer
 from train.loop import NonfiniteWatch
 
-SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16)
+SMALL = ModelConfig(
+    n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16
+)
 
 
 def test_nonfinite_watch_sees_a_nan_gradient_with_a_finite_loss():

@@ -25,8 +25,17 @@ def make_cfg(run_dir: Path, wandb_mode: str = "disabled", console: bool = True) 
     return cfg
 
 
-TRAIN_ROW = dict(step=10, loss=torch.tensor(2.5), lr=3e-4, tokens=20480, grad_norm=0.75,
-                 tokens_per_second=12345.0, mfu=0.412, step_ms=83.2, data_wait=0.034)
+TRAIN_ROW = dict(
+    step=10,
+    loss=torch.tensor(2.5),
+    lr=3e-4,
+    tokens=20480,
+    grad_norm=0.75,
+    tokens_per_second=12345.0,
+    mfu=0.412,
+    step_ms=83.2,
+    data_wait=0.034,
+)
 EVAL_ROW = dict(step=10, val_loss=2.25, val_ppl=math.exp(2.25), val_bpb=1.3)
 
 
@@ -52,8 +61,10 @@ def test_rows_console_and_resume(tmp_path):
     logger.log(dict(step=20, loss=float("nan"), lr=2e-4, tokens=40960, kind="train"))
     logger.close()
     lines = console.getvalue().splitlines()
-    assert lines[0] == ("train step 10 | loss 2.5000 | lr 3.00e-04 | gnorm 0.7500 | tok/s 12.35k | tokens 20.48k"
-                        " | mfu 41.2% | step_ms 83 | data 3.4%")
+    assert lines[0] == (
+        "train step 10 | loss 2.5000 | lr 3.00e-04 | gnorm 0.7500 | tok/s 12.35k | tokens 20.48k"
+        " | mfu 41.2% | step_ms 83 | data 3.4%"
+    )
     assert lines[1] == "eval step 10 | val_loss 2.2500 | val_ppl 9.4877 | val_bpb 1.3000"
     assert lines[2] == "train step 20 | loss nan | lr 2.00e-04 | tokens 40.96k"
 
@@ -79,8 +90,14 @@ def test_other_ranks_write_nothing(tmp_path):
 
 def test_format_row_shows_only_present_keys_and_extras():
     assert format_row(dict(step=5, loss=3.0)) == "train step 5 | loss 3.0000"
-    assert format_row(dict(step=5, loss=3.0, skipped_steps=2, kind="train")) == "train step 5 | loss 3.0000 | skipped_steps 2"
-    assert format_row(dict(step=7, tokens=3_200_000_000, tokens_per_second=950.0)) == "train step 7 | tok/s 950 | tokens 3.20B"
+    assert (
+        format_row(dict(step=5, loss=3.0, skipped_steps=2, kind="train"))
+        == "train step 5 | loss 3.0000 | skipped_steps 2"
+    )
+    assert (
+        format_row(dict(step=7, tokens=3_200_000_000, tokens_per_second=950.0))
+        == "train step 7 | tok/s 950 | tokens 3.20B"
+    )
 
 
 def wandb_records(path: Path) -> list:
@@ -95,8 +112,8 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         parts.append(payload)
@@ -115,7 +132,9 @@ def items(update) -> dict:
 
 def offline_history(run_folder: Path) -> list:
     (wandb_file,) = run_folder.glob("run-*.wandb")
-    return [items(r.history.item) for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "history"]
+    return [
+        items(r.history.item) for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
@@ -134,9 +153,15 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}*")
     history = offline_history(folder)
     assert [h["_step"] for h in history] == [10, 20]  # the train and eval rows of step 10 merge into one
-    assert history[0]["loss"] == 2.5 and history[0]["val_bpb"] == 1.3 and history[0]["mfu"] == pytest.approx(0.412)
+    assert (
+        history[0]["loss"] == 2.5
+        and history[0]["val_bpb"] == 1.3
+        and history[0]["mfu"] == pytest.approx(0.412)
+    )
     assert history[1]["loss"] == 2.0
-    run_records = [r.run for r in wandb_records(next(folder.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
+    run_records = [
+        r.run for r in wandb_records(next(folder.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"
+    ]
     assert run_records[0].display_name == "pretrain-tiny"  # default name: the run dir's basename
     assert list(run_records[0].tags) == ["test", "tiny"] and run_records[0].project == "slm-forge-tests"
     config = items(run_records[0].config.update)

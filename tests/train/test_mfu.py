@@ -8,23 +8,26 @@ import torch
 from train.mfu import measure_matmul_peak, mfu, peak_flops_per_device
 
 
-@pytest.mark.parametrize("device_name, peak", [
-    # Names as torch.cuda.get_device_name() prints them.
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA GH200 480GB", 989e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA A100 80GB PCIe", 312e12),
-    ("NVIDIA A10G", 70e12),
-    ("NVIDIA A10", 125e12),
-    ("NVIDIA L4", 121e12),
-    ("NVIDIA L40S", 362e12),
-    ("NVIDIA GeForce RTX 4090", 165.2e12),
-    ("AMD Instinct MI250X/MI250", 383e12),
-    ("AMD Instinct MI300X", 1307.4e12),
-])
+@pytest.mark.parametrize(
+    "device_name, peak",
+    [
+        # Names as torch.cuda.get_device_name() prints them.
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA A10G", 70e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("AMD Instinct MI250X/MI250", 383e12),
+        ("AMD Instinct MI300X", 1307.4e12),
+    ],
+)
 def test_known_gpus_bf16(device_name, peak):
     assert peak_flops_per_device(device_name, "bf16") == peak
     assert peak_flops_per_device(device_name.lower(), torch.bfloat16) == peak  # case and dtype forms
@@ -60,8 +63,9 @@ def test_measure_matmul_peak_reports_the_flops_it_executed_per_second():
     ticks = count()
     size, seconds = 32, 20.0
     with FlopCounterMode(display=False) as counter:
-        flops = measure_matmul_peak(dtype=torch.float32, size=size, seconds=seconds, device="cpu",
-                                    clock=lambda: float(next(ticks)))
+        flops = measure_matmul_peak(
+            dtype=torch.float32, size=size, seconds=seconds, device="cpu", clock=lambda: float(next(ticks))
+        )
     untimed = 2 * (2 * size**3)  # the warm-up and the calibration matmul
     timed_seconds = next(ticks) - 3  # readings: calibration start/end, loop start ... last loop reading
     assert counter.get_total_flops() > untimed

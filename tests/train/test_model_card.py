@@ -9,7 +9,9 @@ from train.handoff.model_card import CardFacts, model_card, parameter_counts
 
 
 def tiny_model():
-    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=4096, max_seq_len=128)
+    cfg = ModelConfig(
+        n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=4096, max_seq_len=128
+    )
     return cfg, Transformer(cfg).state_dict()
 
 
@@ -22,11 +24,24 @@ def test_card_reports_run_facts_data_and_scores(tiny_data_dir, tmp_path):
         {"kind": "downstream", "step": 20, "task": "hellaswag", "acc": 0.2512, "acc_norm": 0.26},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
-    config = {"train": {"stage": "pretrain", "lr": 0.003, "zero_stage": 2, "precision": "bf16"},
-              "data": {"dir": str(tiny_data_dir), "sources": [{"path": "data/tinyshakespeare.txt", "weight": 1.0}]}}
-    card = model_card(cfg, state_dict, "bf16", chat=False, facts=CardFacts(
-        stage="pretrain", step=20, tokens_seen=40960, source="runs/x/checkpoints/step_00000020", config=config,
-        run_dir=tmp_path))
+    config = {
+        "train": {"stage": "pretrain", "lr": 0.003, "zero_stage": 2, "precision": "bf16"},
+        "data": {"dir": str(tiny_data_dir), "sources": [{"path": "data/tinyshakespeare.txt", "weight": 1.0}]},
+    }
+    card = model_card(
+        cfg,
+        state_dict,
+        "bf16",
+        chat=False,
+        facts=CardFacts(
+            stage="pretrain",
+            step=20,
+            tokens_seen=40960,
+            source="runs/x/checkpoints/step_00000020",
+            config=config,
+            run_dir=tmp_path,
+        ),
+    )
     total, embedding = parameter_counts(state_dict)
     assert total == sum(p.numel() for p in Transformer(cfg).parameters())  # tied head counted once
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")

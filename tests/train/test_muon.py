@@ -44,11 +44,16 @@ def muon_runs(tmp_path_factory, tiny_data_dir) -> MuonRuns:
 def test_muon_takes_the_matrices_and_learns_otherwise_than_adamw(muon_runs, single_run):
     run_dir, out = muon_runs(0, 1)
     # 2 layers x (q, k, v, o, gate, up, down); the tied embedding and the norms get AdamW.
-    assert "optimizer: Muon (lr 0.02, momentum 0.95, standard Newton-Schulz) for 14 matrices, AdamW (lr 0.003)" in out
+    assert (
+        "optimizer: Muon (lr 0.02, momentum 0.95, standard Newton-Schulz) for 14 matrices, AdamW (lr 0.003)"
+        in out
+    )
     muon, adamw = losses(run_dir), losses(single_run)
     assert sorted(muon) == list(range(1, STEPS + 1))
     assert sum(muon[s] for s in (10, 11, 12)) / 3 < sum(muon[s] for s in (1, 2, 3)) / 3 - 0.3, muon
-    assert muon[1] == pytest.approx(adamw[1], rel=1e-5)  # same init and batch: the optimizers part after step 1
+    assert muon[1] == pytest.approx(
+        adamw[1], rel=1e-5
+    )  # same init and batch: the optimizers part after step 1
     assert abs(muon[STEPS] - adamw[STEPS]) > 0.01, (muon, adamw)
 
 
@@ -65,8 +70,18 @@ def test_two_processes_follow_the_whole_matrix_curve(muon_runs, stage):
 def test_muon_resume_is_bitwise_exact(muon_runs, tmp_path, tiny_data_dir):
     full, _ = muon_runs(2, 2)
     resumed = tmp_path / "resumed"
-    out = run(slm_cmd(train_args(resumed, tiny_data_dir, *MUON, "train.zero_stage=2",
-                                 f"train.resume={full / 'checkpoints' / 'step_00000006'}"), nproc=2))
+    out = run(
+        slm_cmd(
+            train_args(
+                resumed,
+                tiny_data_dir,
+                *MUON,
+                "train.zero_stage=2",
+                f"train.resume={full / 'checkpoints' / 'step_00000006'}",
+            ),
+            nproc=2,
+        )
+    )
     assert "at step 6" in out.stdout
     again, reference = losses(resumed), losses(full)
     assert sorted(again) == list(range(7, STEPS + 1))
@@ -76,8 +91,19 @@ def test_muon_resume_is_bitwise_exact(muon_runs, tmp_path, tiny_data_dir):
 def test_muon_world_size_change_is_refused_before_the_converter_fails(muon_runs, tmp_path, tiny_data_dir):
     """2 ranks -> 1 rank needs a universal checkpoint, whose converter knows only AdamW's state."""
     source, _ = muon_runs(2, 2)
-    out = run(slm_cmd(train_args(tmp_path / "run", tiny_data_dir, *MUON, *ONE_PROC, "train.zero_stage=2",
-                                 f"train.resume={source / 'checkpoints' / 'step_00000006'}")), check=False)
+    out = run(
+        slm_cmd(
+            train_args(
+                tmp_path / "run",
+                tiny_data_dir,
+                *MUON,
+                *ONE_PROC,
+                "train.zero_stage=2",
+                f"train.resume={source / 'checkpoints' / 'step_00000006'}",
+            )
+        ),
+        check=False,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "cannot convert Muon's optimizer state" in out.stderr and "Traceback" not in out.stderr
     assert not (source / "checkpoints" / "step_00000006" / "tmp.universal").exists()

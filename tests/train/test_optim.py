@@ -9,7 +9,9 @@ from model import ModelConfig, Transformer
 from train.config import TrainConfig
 from train.optim import build_optimizer, group_lr, param_groups, split_decay
 
-SMALL = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16)
+SMALL = ModelConfig(
+    n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16
+)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -27,7 +29,9 @@ def test_weight_decay_only_on_attention_and_mlp_matrices(tie):
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, TrainConfig(lr=1e-3, beta1=0.8, beta2=0.9, adam_eps=1e-6))
     assert isinstance(optimizer, torch.optim.AdamW)
-    assert optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert (
+        optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[1]["weight_decay"] == 0.0
+    )
 
 
 def test_decay_leaves_norms_and_embeddings_untouched():
@@ -44,10 +48,10 @@ def test_decay_leaves_norms_and_embeddings_untouched():
     assert all(torch.allclose(params[n], before[n] * (1 - 0.1 * 0.5)) for n in decay)
 
 
-
-
 def test_muon_is_left_to_deepspeed_and_its_half_follows_the_schedule_at_muon_lr():
     cfg = TrainConfig(optimizer="muon", lr=4e-3, muon_lr=0.02)
-    assert build_optimizer(Transformer(SMALL), cfg) is None  # DeepSpeed builds MuonWithAuxAdam from its config
+    assert (
+        build_optimizer(Transformer(SMALL), cfg) is None
+    )  # DeepSpeed builds MuonWithAuxAdam from its config
     assert group_lr({"use_muon": True}, 2e-3, cfg) == pytest.approx(0.01)  # half the peak: half of muon_lr
     assert group_lr({"use_muon": False}, 2e-3, cfg) == 2e-3 and group_lr({}, 2e-3, cfg) == 2e-3

@@ -17,7 +17,9 @@ from train.preflight import check_memory, plan_batches, preflight
 
 
 def test_batch_arithmetic_and_global_batch_check():
-    plan = plan_batches(TrainConfig(micro_batch_size=4, grad_accum_steps=2, max_steps=7), world_size=2, seq_len=32)
+    plan = plan_batches(
+        TrainConfig(micro_batch_size=4, grad_accum_steps=2, max_steps=7), world_size=2, seq_len=32
+    )
     assert (plan.global_batch_size, plan.tokens_per_step, plan.max_steps) == (16, 512, 7)
     budget = plan_batches(TrainConfig(micro_batch_size=4, grad_accum_steps=2, max_tokens=5000), 2, 32)
     assert budget.max_steps == math.ceil(5000 / 512)
@@ -28,8 +30,14 @@ def test_batch_arithmetic_and_global_batch_check():
 
 
 def _cpu_rank(world_size: int = 1) -> DistInfo:
-    return DistInfo(rank=0, world_size=world_size, local_rank=0, local_world_size=world_size,
-                    device=torch.device("cpu"), backend="gloo")
+    return DistInfo(
+        rank=0,
+        world_size=world_size,
+        local_rank=0,
+        local_world_size=world_size,
+        device=torch.device("cpu"),
+        backend="gloo",
+    )
 
 
 def test_preflight_refuses_what_cannot_fit_without_allocating():
@@ -42,7 +50,9 @@ def test_preflight_refuses_what_cannot_fit_without_allocating():
     assert "estimated training memory per rank" in message and "GiB" in message
     assert "train.zero_stage" in message and "train.micro_batch_size" in message
     tiny = load_config(TINY, [])
-    lines = preflight(tiny.model, tiny.train, plan_batches(tiny.train, 1, tiny.model.max_seq_len), _cpu_rank())
+    lines = preflight(
+        tiny.model, tiny.train, plan_batches(tiny.train, 1, tiny.model.max_seq_len), _cpu_rank()
+    )
     assert any("global batch 8" in line and "tokens per step" in line for line in lines)
     assert any("memory per rank" in line for line in lines)
     check_memory(10.0, None, "unknown", train, 1)  # an unknown budget never refuses

@@ -21,11 +21,29 @@ from train.handoff.export import export_from_model
 from train.handoff.init_from import build_model, load_init_weights
 from train.handoff.remote_export import fetch_export
 
-SHAPE = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=96",
-         "model.max_seq_len=64", "model.vocab_size=4096"]
-RUN = ["train.precision=fp32", "train.zero_stage=1", "train.micro_batch_size=2", "train.max_steps=2",
-       "train.warmup_steps=1", "train.lr=1e-3", "train.min_lr=1e-4", "train.log_every=1", "train.eval_every=2",
-       "train.eval_batches=1", "train.ckpt_every=2", "run.seed=1337"]
+SHAPE = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=96",
+    "model.max_seq_len=64",
+    "model.vocab_size=4096",
+]
+RUN = [
+    "train.precision=fp32",
+    "train.zero_stage=1",
+    "train.micro_batch_size=2",
+    "train.max_steps=2",
+    "train.warmup_steps=1",
+    "train.lr=1e-3",
+    "train.min_lr=1e-4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.ckpt_every=2",
+    "run.seed=1337",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +51,14 @@ def s3_export(s3_server, tiny_data_dir, tmp_path_factory):
     """A freshly initialised tiny model exported (fp32) locally and uploaded to s3://."""
     cfg = load_config(TINY, SHAPE)
     torch.manual_seed(0)
-    local = export_from_model(Transformer(cfg.model).state_dict(), cfg.model, tiny_data_dir / "tokenizer.json",
-                              tmp_path_factory.mktemp("export") / "tiny", dtype="fp32", verify=False)
+    local = export_from_model(
+        Transformer(cfg.model).state_dict(),
+        cfg.model,
+        tiny_data_dir / "tokenizer.json",
+        tmp_path_factory.mktemp("export") / "tiny",
+        dtype="fp32",
+        verify=False,
+    )
     prefix = f"{BUCKET}/exports-{uuid.uuid4().hex[:8]}"
     fs = s3_server.filesystem()
     for path in local.iterdir():
@@ -68,11 +92,28 @@ def test_a_url_that_is_not_an_export_is_refused(s3_export, s3_env, tmp_path):
 def test_cpt_from_an_export_url_starts_at_its_loss(s3_export, s3_server, tiny_data_dir, tmp_path):
     local, url, _, _ = s3_export
     run_dir = tmp_path / "cpt"
-    run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={tiny_data_dir}", "train.stage=cpt",
-                 f"train.init_from={url}", f"data.cache_dir={tmp_path / 'cache'}", *SHAPE, *RUN]),
-        env=make_env(s3_server.env), timeout=300)
-    first = next(json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                 if '"loss"' in line and json.loads(line).get("step") == 1)
+    run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={run_dir}",
+                f"data.dir={tiny_data_dir}",
+                "train.stage=cpt",
+                f"train.init_from={url}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                *SHAPE,
+                *RUN,
+            ]
+        ),
+        env=make_env(s3_server.env),
+        timeout=300,
+    )
+    first = next(
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in line and json.loads(line).get("step") == 1
+    )
     batch = next(iter(build_loader(tiny_data_dir, "train", 64, 2, 0, 1, 1337)))
     state_dict, cfg, _ = load_init_weights(local)
     with torch.no_grad():

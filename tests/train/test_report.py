@@ -17,12 +17,24 @@ TOKENS_PER_STEP = 2048
 
 
 def train_row(step: int, loss: float, tokens_per_second: float, time: float) -> dict:
-    return dict(step=step, loss=loss, lr=3e-3 * min(1.0, step / 20), tokens=step * TOKENS_PER_STEP, grad_norm=0.8,
-                tokens_per_second=tokens_per_second, mfu=None, step_ms=40.0, time=time, kind="train")
+    return dict(
+        step=step,
+        loss=loss,
+        lr=3e-3 * min(1.0, step / 20),
+        tokens=step * TOKENS_PER_STEP,
+        grad_norm=0.8,
+        tokens_per_second=tokens_per_second,
+        mfu=None,
+        step_ms=40.0,
+        time=time,
+        kind="train",
+    )
 
 
 def eval_row(step: int, val_loss: float, val_bpb: float, time: float) -> dict:
-    return dict(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss), val_bpb=val_bpb, time=time, kind="eval")
+    return dict(
+        step=step, val_loss=val_loss, val_ppl=math.exp(val_loss), val_bpb=val_bpb, time=time, kind="eval"
+    )
 
 
 def write_resumed_run(run_dir: Path) -> None:
@@ -32,12 +44,22 @@ def write_resumed_run(run_dir: Path) -> None:
     segment (steps 10 and 50 of the resumed run) has start-up throughput and is left out of the mean.
     """
     rows = [
-        train_row(10, 6.0, 1000.0, 1), train_row(20, 5.0, 5000.0, 2), eval_row(20, 5.2, 2.50, 2),
-        train_row(30, 4.0, 5200.0, 3), train_row(40, 3.5, 5400.0, 4), eval_row(40, 3.9, 1.90, 4),
-        train_row(50, 3.3, 5600.0, 5), train_row(60, 3.2, 5800.0, 6), eval_row(60, 3.6, 1.80, 6),
+        train_row(10, 6.0, 1000.0, 1),
+        train_row(20, 5.0, 5000.0, 2),
+        eval_row(20, 5.2, 2.50, 2),
+        train_row(30, 4.0, 5200.0, 3),
+        train_row(40, 3.5, 5400.0, 4),
+        eval_row(40, 3.9, 1.90, 4),
+        train_row(50, 3.3, 5600.0, 5),
+        train_row(60, 3.2, 5800.0, 6),
+        eval_row(60, 3.6, 1.80, 6),
         # resumed from the step-40 checkpoint:
-        train_row(50, 3.31, 900.0, 10), train_row(60, 3.21, 6000.0, 11), eval_row(60, 3.55, 1.75, 11),
-        train_row(70, 3.0, 6100.0, 12), train_row(80, 2.9, 6200.0, 13), eval_row(80, 3.58, 1.74, 13),
+        train_row(50, 3.31, 900.0, 10),
+        train_row(60, 3.21, 6000.0, 11),
+        eval_row(60, 3.55, 1.75, 11),
+        train_row(70, 3.0, 6100.0, 12),
+        train_row(80, 2.9, 6200.0, 13),
+        eval_row(80, 3.58, 1.74, 13),
     ]
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
@@ -62,7 +84,11 @@ def test_report_resumed_run_through_the_cli(tmp_path, capsys):
     assert (run_dir / "report.png").stat().st_size > 20_000  # four drawn panels, not a blank canvas
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
-    lines = {line.split("  ")[0].strip(): line.split("  ", 1)[1].strip() for line in out.splitlines() if "  " in line}
+    lines = {
+        line.split("  ")[0].strip(): line.split("  ", 1)[1].strip()
+        for line in out.splitlines()
+        if "  " in line
+    }
     assert lines["steps"] == "80"
     assert lines["tokens seen"] == f"{80 * TOKENS_PER_STEP:,}"
     assert lines["best val loss"] == "3.5500 (step 60)"  # the resumed value of step 60, not 3.6
@@ -86,12 +112,18 @@ def test_train_rows_only(tmp_path, capsys):
     png_size(run_dir / "report.png")
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "No metrics file at"),
-    ("", "holds no metrics rows"),
-    ('{"step": 10, "loss": 3.0}\n{"step": 20, "loss": \n{"step": 30, "loss": 2.0}\n', "line 2 is not valid JSON"),
-    ('{"step": 10, "loss": 3.0}\n[1, 2]\n', "line 2 is not a metrics row"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "No metrics file at"),
+        ("", "holds no metrics rows"),
+        (
+            '{"step": 10, "loss": 3.0}\n{"step": 20, "loss": \n{"step": 30, "loss": 2.0}\n',
+            "line 2 is not valid JSON",
+        ),
+        ('{"step": 10, "loss": 3.0}\n[1, 2]\n', "line 2 is not a metrics row"),
+    ],
+)
 def test_bad_metrics_files(tmp_path, capsys, content, message):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

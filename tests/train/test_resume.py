@@ -19,7 +19,10 @@ def test_resume_setting_and_metrics_rewind(tmp_path):
     run = tmp_path / "run"
     assert resolve_resume("auto", run) is None and resolve_resume("false", run) is None
     newest = fake_step(run / "checkpoints", 3)
-    assert resolve_resume("auto", run) == newest and resolve_resume(str(newest), tmp_path / "elsewhere") == newest
+    assert (
+        resolve_resume("auto", run) == newest
+        and resolve_resume(str(newest), tmp_path / "elsewhere") == newest
+    )
     with pytest.raises(TrainError, match="train.resume is false"):
         resolve_resume("False", run)
     with pytest.raises(TrainError, match="no complete checkpoint"):
@@ -33,8 +36,15 @@ def test_resume_setting_and_metrics_rewind(tmp_path):
 
 def test_meta_and_compatibility_report_what_differs(tmp_path):
     cfg = to_dict(load_config(TINY, []))
-    meta = {"step": 4, "tokens_seen": 10, "config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64,
-            "world_size": 2, "zero_stage": 2}
+    meta = {
+        "step": 4,
+        "tokens_seen": 10,
+        "config": cfg,
+        "tokenizer_sha256": "a" * 64,
+        "manifest_sha256": "b" * 64,
+        "world_size": 2,
+        "zero_stage": 2,
+    }
     folder = fake_step(tmp_path / "checkpoints", 4)
     with pytest.raises(TrainError, match="no meta.json"):
         read_meta(folder)
@@ -51,7 +61,11 @@ def test_meta_and_compatibility_report_what_differs(tmp_path):
     with pytest.raises(TrainError) as err:
         check_resumable(folder, meta, other, "c" * 64, "d" * 64, 2)
     assert str(err.value).startswith(f"Refusing to resume from checkpoint '{folder}'")
-    assert load_mode(meta, 2, 2) == "plain" and load_mode(meta, 1, 2) == "universal" and load_mode(meta, 4, 3) == "universal"
+    assert (
+        load_mode(meta, 2, 2) == "plain"
+        and load_mode(meta, 1, 2) == "universal"
+        and load_mode(meta, 4, 3) == "universal"
+    )
     assert load_mode({**meta, "zero_stage": 0}, 1, 0) == "plain"
     assert load_mode(meta, 2, 0) == "refuse"
     zero_switch = json.loads(json.dumps(cfg))
@@ -61,18 +75,35 @@ def test_meta_and_compatibility_report_what_differs(tmp_path):
 
 def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
     cfg = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
-    meta = {"config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64, "world_size": 2, "zero_stage": 2}
+    meta = {
+        "config": cfg,
+        "tokenizer_sha256": "a" * 64,
+        "manifest_sha256": "b" * 64,
+        "world_size": 2,
+        "zero_stage": 2,
+    }
     assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []  # same layout: a plain load
     found = differences(meta, cfg, "a" * 64, "b" * 64, world_size=1)
-    assert len(found) == 1 and "cannot convert Muon's optimizer state" in found[0] and "train.stage=cpt" in found[0]
+    assert (
+        len(found) == 1
+        and "cannot convert Muon's optimizer state" in found[0]
+        and "train.stage=cpt" in found[0]
+    )
 
 
 def test_an_optimizer_change_is_a_difference():
     cfg = to_dict(load_config(TINY, []))
-    meta = {"config": cfg, "tokenizer_sha256": "a" * 64, "manifest_sha256": "b" * 64, "world_size": 2, "zero_stage": 2}
+    meta = {
+        "config": cfg,
+        "tokenizer_sha256": "a" * 64,
+        "manifest_sha256": "b" * 64,
+        "world_size": 2,
+        "zero_stage": 2,
+    }
     muon = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
     assert differences(meta, muon, "a" * 64, "b" * 64, world_size=2) == [
-        "train.optimizer is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"]
+        "train.optimizer is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"
+    ]
     older = json.loads(json.dumps(cfg))
     del older["train"]["optimizer"]  # a checkpoint written before train.optimizer existed
     assert differences({**meta, "config": older}, cfg, "a" * 64, "b" * 64, world_size=2) == []

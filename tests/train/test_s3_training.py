@@ -34,10 +34,23 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
     fs, prefix = s3_server.filesystem(), f"{BUCKET}/train-{uuid.uuid4().hex[:8]}"
     fs.put_file(str(tiny_data_dir / "tokenizer.json"), f"{prefix}/tok/tokenizer.json")
     url, cache = f"s3://{prefix}/data", tmp_path_factory.mktemp("prep_cache")
-    args = ["prepare", TINY, f"data.dir={url}", "data.num_proc=1", SOURCES, f"data.cache_dir={cache}",
-            f"tokenizer.path=s3://{prefix}/tok/tokenizer.json"]
-    env = make_env({**s3_server.env, "SLM_PREPARE_CHUNK_BYTES": "4096", "SLM_PREPARE_COMMIT_SECONDS": "0",
-                    "SLM_PREPARE_REMOTE_COMMIT_SECONDS": "0"})
+    args = [
+        "prepare",
+        TINY,
+        f"data.dir={url}",
+        "data.num_proc=1",
+        SOURCES,
+        f"data.cache_dir={cache}",
+        f"tokenizer.path=s3://{prefix}/tok/tokenizer.json",
+    ]
+    env = make_env(
+        {
+            **s3_server.env,
+            "SLM_PREPARE_CHUNK_BYTES": "4096",
+            "SLM_PREPARE_COMMIT_SECONDS": "0",
+            "SLM_PREPARE_REMOTE_COMMIT_SECONDS": "0",
+        }
+    )
     proc = start(slm_cmd(args), env=env)
     # Kill the first prepare once a shard is on the server: the rerun resumes from its last commit.
     while not fs.exists(f"{prefix}/data/tinyshakespeare-train-00001.bin") and proc.poll() is None:
@@ -49,7 +62,10 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
     assert not fs.exists(f"{prefix}/data/manifest.json")
     # Resume on "another machine": a fresh cache_dir, so the staging folder is gone; the remote snapshot remains.
     other = str(tmp_path_factory.mktemp("other_node_cache"))
-    resumed = run(slm_cmd([a if not a.startswith("data.cache_dir=") else f"data.cache_dir={other}" for a in args]), env=env)
+    resumed = run(
+        slm_cmd([a if not a.startswith("data.cache_dir=") else f"data.cache_dir={other}" for a in args]),
+        env=env,
+    )
     return url, fs, prefix, resumed.stdout
 
 
@@ -58,17 +74,31 @@ def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_
     assert "restored the interrupted prepare's last commit from s3://" in output
     assert "resuming an interrupted prepare" in output
     remote, local = load_manifest(url), load_manifest(tiny_data_dir)
-    assert [(s.file, s.tokens, s.sha256) for s in remote.shards] == [(s.file, s.tokens, s.sha256) for s in local.shards]
+    assert [(s.file, s.tokens, s.sha256) for s in remote.shards] == [
+        (s.file, s.tokens, s.sha256) for s in local.shards
+    ]
     assert remote.tokenizer_sha256 == local.tokenizer_sha256
     for shard in local.shards[:3]:
         assert fs.cat_file(f"{prefix}/data/{shard.file}") == (tiny_data_dir / shard.file).read_bytes()
-    again = run(slm_cmd(["prepare", TINY, f"data.dir={url}", "data.num_proc=1", SOURCES,
-                         f"tokenizer.path=s3://{prefix}/tok/tokenizer.json"]), env=make_env(s3_env.env))
+    again = run(
+        slm_cmd(
+            [
+                "prepare",
+                TINY,
+                f"data.dir={url}",
+                "data.num_proc=1",
+                SOURCES,
+                f"tokenizer.path=s3://{prefix}/tok/tokenizer.json",
+            ]
+        ),
+        env=make_env(s3_env.env),
+    )
     assert "is already complete" in again.stdout
 
 
-def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(s3_dataset, single_run, s3_server,
-                                                                         tmp_path):
+def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(
+    s3_dataset, single_run, s3_server, tmp_path
+):
     url, fs, _, _ = s3_dataset
     run_dir = tmp_path / "run"
     cmd = slm_cmd(train_args(run_dir, url, *ONE_PROC, f"data.cache_dir={tmp_path / 'cache'}"))
@@ -79,8 +109,14 @@ def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(s3_data
     proc.wait(timeout=60)
     assert 6 <= max(r["step"] for r in rows(run_dir)) < 12
     before = sorted(fs.find(url))
-    resumed = run(slm_cmd(train_args(run_dir, url, *ONE_PROC, f"data.cache_dir={tmp_path / 'small'}",
-                                     "data.cache_limit=1000")), env=env)
+    resumed = run(
+        slm_cmd(
+            train_args(
+                run_dir, url, *ONE_PROC, f"data.cache_dir={tmp_path / 'small'}", "data.cache_limit=1000"
+            )
+        ),
+        env=env,
+    )
     assert "at step 6" in resumed.stdout and "ranged requests" in resumed.stdout
     assert losses(run_dir) == losses(single_run)  # every step, bitwise
     assert [r["step"] for r in rows(run_dir)][-6:] == list(range(7, 13))

@@ -55,8 +55,9 @@ def test_constant_stays_at_peak_beyond_max_steps():
     assert [lr_at(s, cfg) for s in (10, 60, 109, 110, 500)] == [1.0] * 5
 
 
-@pytest.mark.parametrize("shape, at_quarter", [("linear", 0.75), ("cosine", 0.5 * (1 + math.cos(math.pi / 4))),
-                                               ("sqrt", 0.5)])
+@pytest.mark.parametrize(
+    "shape, at_quarter", [("linear", 0.75), ("cosine", 0.5 * (1 + math.cos(math.pi / 4))), ("sqrt", 0.5)]
+)
 def test_wsd_stable_then_decay(shape, at_quarter):
     cfg = replace(BASE, schedule="wsd", decay_shape=shape, max_steps=100)  # decay over steps 80..100
     assert [lr_at(s, cfg) for s in (10, 50, 79, 80)] == [1.0] * 4
@@ -65,7 +66,11 @@ def test_wsd_stable_then_decay(shape, at_quarter):
     assert lr_at(150, cfg) == pytest.approx(0.1)
     # The three shapes share endpoints but differ inside: sqrt drops fastest, cosine slowest at first.
     if shape == "sqrt":
-        assert lr_at(81, cfg) < lr_at(81, replace(cfg, decay_shape="linear")) < lr_at(81, replace(cfg, decay_shape="cosine"))
+        assert (
+            lr_at(81, cfg)
+            < lr_at(81, replace(cfg, decay_shape="linear"))
+            < lr_at(81, replace(cfg, decay_shape="cosine"))
+        )
 
 
 @pytest.mark.parametrize("cfg", ALL, ids=lambda c: f"{c.schedule}-{c.decay_shape}")
@@ -102,12 +107,18 @@ def test_warmup_not_shorter_than_run_is_refused_and_cpt_rewarm():
     assert lr_at(50, cpt) == pytest.approx(0.03)
 
 
-@pytest.mark.parametrize("change, key", [
-    (dict(schedule="step"), "train.schedule"), (dict(decay_shape="exp"), "train.decay_shape"),
-    (dict(decay_fraction=1.5), "train.decay_fraction"), (dict(min_lr=2.0), "train.min_lr"),
-    (dict(warmup_steps=-1), "train.warmup_steps"), (dict(lr=float("nan")), "train.lr"),
-    (dict(min_lr=float("inf")), "train.min_lr"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(schedule="step"), "train.schedule"),
+        (dict(decay_shape="exp"), "train.decay_shape"),
+        (dict(decay_fraction=1.5), "train.decay_fraction"),
+        (dict(min_lr=2.0), "train.min_lr"),
+        (dict(warmup_steps=-1), "train.warmup_steps"),
+        (dict(lr=float("nan")), "train.lr"),
+        (dict(min_lr=float("inf")), "train.min_lr"),
+    ],
+)
 def test_bad_settings_name_the_key(change, key):
     with pytest.raises(TrainError, match=key):
         lr_at(0, replace(BASE, **change))
@@ -122,7 +133,9 @@ def test_wsd_time_holds_until_decided_then_decays_to_min_lr_on_its_last_step():
     decay = TimedDecay(start_step=40, steps=20)
     assert decay.end_step == 60
     assert [lr_at(s, TIMED, decay) for s in (10, 39)] == [1.0, 1.0]
-    assert lr_at(40, TIMED, decay) == pytest.approx(0.1 + 0.9 * 19 / 20)  # the first decay step already lowers it
+    assert lr_at(40, TIMED, decay) == pytest.approx(
+        0.1 + 0.9 * 19 / 20
+    )  # the first decay step already lowers it
     assert lr_at(49, TIMED, decay) == pytest.approx(0.55)  # halfway
     assert lr_at(59, TIMED, decay) == pytest.approx(0.1)  # the run's last step (end_step 60) runs at min_lr
     assert lr_at(80, TIMED, decay) == pytest.approx(0.1)
@@ -138,7 +151,9 @@ def test_wsd_time_decision_from_the_clock():
     # 80.5 s spent of 100 at 0.25 s per step: 19.5 s left, of which 90% (17.55 s) fit 70 steps.
     assert plan_time_decay(321, 80.5, 0.25, TIMED) == TimedDecay(321, 70)
     assert plan_time_decay(321, 80.5, 0.25, replace(TIMED, decay_time_margin=0.5)) == TimedDecay(321, 39)
-    assert plan_time_decay(5, 150.0, 0.25, TIMED) == TimedDecay(5, 1)  # over budget already: one step to min_lr
+    assert plan_time_decay(5, 150.0, 0.25, TIMED) == TimedDecay(
+        5, 1
+    )  # over budget already: one step to min_lr
 
 
 def test_wsd_time_needs_a_time_budget():

@@ -38,8 +38,14 @@ def test_stop_request_catches_sigterm_and_sigusr1():
 
 
 def run_script(mode: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=test_env(),
-                          cwd=str(REPO), timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        env=test_env(),
+        cwd=str(REPO),
+        timeout=60,
+    )
 
 
 def test_first_ctrl_c_only_requests_a_stop():

@@ -18,11 +18,25 @@ pytestmark = pytest.mark.slow
 
 LR, MIN_LR, MAX_TIME = 3e-3, 3e-4, 20
 ARGS = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=2",
-    "train.log_every=1", "train.eval_batches=2", "train.eval_every=100000", "train.ckpt_every=5",
-    "train.keep_checkpoints=100000", "train.max_steps=100000", "data.num_workers=0", "train.schedule=wsd_time",
-    f"train.max_time={MAX_TIME}", "train.decay_fraction=0.4",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    "train.eval_every=100000",
+    "train.ckpt_every=5",
+    "train.keep_checkpoints=100000",
+    "train.max_steps=100000",
+    "data.num_workers=0",
+    "train.schedule=wsd_time",
+    f"train.max_time={MAX_TIME}",
+    "train.decay_fraction=0.4",
     "train.decay_time_margin=0.5",  # the decay ends by step count unless steps turn twice as slow after the decision f"train.lr={LR}", f"train.min_lr={MIN_LR}",
 ]
 
@@ -37,8 +51,10 @@ def by_step(run_dir: Path, key: str) -> Dict[int, float]:
 
 
 def train(run_dir: Path, data_dir: Path, *extra: str):
-    return run(slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *ARGS, *extra], nproc=2),
-               timeout=600)
+    return run(
+        slm_cmd(["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *ARGS, *extra], nproc=2),
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +73,9 @@ def test_lr_reaches_min_lr_on_the_last_step_within_the_time_budget(timed_run):
     assert last == start + steps, (decay, last)  # the run ended when the decay did, not by the clock
     assert (timed_run / "DONE").is_file()
     assert lrs[last] == pytest.approx(MIN_LR)
-    assert [lrs[n] for n in range(2, start + 1)] == [pytest.approx(LR)] * (start - 1)  # warmup over, then hold
+    assert [lrs[n] for n in range(2, start + 1)] == [pytest.approx(LR)] * (
+        start - 1
+    )  # warmup over, then hold
     decaying = [lrs[n] for n in range(start + 1, last + 1)]
     assert all(b < a for a, b in zip([LR] + decaying, decaying)), decaying  # strictly down to min_lr
 
@@ -78,5 +96,7 @@ def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, t
     assert sorted(again_lr) == list(range(from_step + 1, end + 1))
     assert all(again_lr[n] == reference_lr[n] for n in again_lr), (again_lr, reference_lr)
     reference_loss, again_loss = by_step(timed_run, "loss"), by_step(resumed, "loss")
-    assert all(again_loss[n] == reference_loss[n] for n in again_loss)  # bitwise: the same steps at the same lrs
+    assert all(
+        again_loss[n] == reference_loss[n] for n in again_loss
+    )  # bitwise: the same steps at the same lrs
     assert read_meta(find_checkpoint(resumed))["timed_decay"] == decay and (resumed / "DONE").is_file()

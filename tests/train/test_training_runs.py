@@ -27,10 +27,21 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 SHRINK = [
-    "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=32", "train.micro_batch_size=4", "train.precision=fp32", "train.warmup_steps=2",
-    "train.log_every=1", "train.eval_batches=2", f"train.max_steps={STEPS}", "train.eval_every=6",
-    "train.ckpt_every=6", "data.num_workers=0",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_batches=2",
+    f"train.max_steps={STEPS}",
+    "train.eval_every=6",
+    "train.ckpt_every=6",
+    "data.num_workers=0",
 ]
 ONE_PROC = ["train.grad_accum_steps=2"]  # the same global batch (8) as 2 processes x micro-batch 4
 
@@ -50,8 +61,9 @@ def losses(run_dir: Path) -> Dict[int, float]:
 
 def start(cmd: List[str], env=None) -> subprocess.Popen:
     """A training process whose stdout+stderr we read line by line."""
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or make_env(),
-                            cwd=str(REPO))
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or make_env(), cwd=str(REPO)
+    )
 
 
 def read_until(proc: subprocess.Popen, marker: str, seen: List[str], timeout: float = 240) -> None:
@@ -69,7 +81,9 @@ def read_until(proc: subprocess.Popen, marker: str, seen: List[str], timeout: fl
 
 
 # The ZeRO-1 run also covers bf16, activation checkpointing and gradient accumulation on 2 processes.
-STAGE_EXTRAS = {1: ["train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2"]}
+STAGE_EXTRAS = {
+    1: ["train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2"]
+}
 
 
 class TwoProcRuns:
@@ -136,12 +150,21 @@ def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
     full = two_proc_run(stage)
     step6 = full / "checkpoints" / "step_00000006"
     resumed = tmp_path / "resumed"
-    out = run(slm_cmd(train_args(resumed, two_proc_run.data_dir(stage), f"train.zero_stage={stage}",
-                                 f"train.resume={step6}"), nproc=2))
+    out = run(
+        slm_cmd(
+            train_args(
+                resumed, two_proc_run.data_dir(stage), f"train.zero_stage={stage}", f"train.resume={step6}"
+            ),
+            nproc=2,
+        )
+    )
     assert "resumed from" in out.stdout and "at step 6" in out.stdout
     again, reference = losses(resumed), losses(full)
     assert sorted(again) == list(range(7, STEPS + 1))
-    assert all(again[s] == reference[s] for s in again), (again, reference)  # bitwise: floats from the same bits
+    assert all(again[s] == reference[s] for s in again), (
+        again,
+        reference,
+    )  # bitwise: floats from the same bits
 
 
 def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_path):
@@ -156,8 +179,18 @@ def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_pat
 def test_metrics_config_and_checkpoint_layout(single_run):
     train_rows = rows(single_run)
     for row in train_rows:
-        for key in ("step", "loss", "lr", "tokens", "grad_norm", "tokens_per_second", "step_ms", "data_wait",
-                    "skipped_steps", "time"):
+        for key in (
+            "step",
+            "loss",
+            "lr",
+            "tokens",
+            "grad_norm",
+            "tokens_per_second",
+            "step_ms",
+            "data_wait",
+            "skipped_steps",
+            "time",
+        ):
             assert key in row, (key, row)
         assert 0 < row["data_wait"] < 1  # next(train_iter) takes some of the step, never all of it
         assert row["tokens"] == row["step"] * 8 * 32 and row["grad_norm"] > 0 and row["skipped_steps"] == 0
@@ -210,7 +243,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_da
     proc.kill()  # SIGKILL
     proc.wait(timeout=60)
     ckpt_dir = run_dir / "checkpoints"
-    assert (ckpt_dir / "tmp.step_00000004" / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed had written it
+    assert (
+        ckpt_dir / "tmp.step_00000004" / "mp_rank_00_model_states.pt"
+    ).is_file()  # DeepSpeed had written it
     assert not (ckpt_dir / "step_00000004").exists()
     assert (ckpt_dir / "latest").read_text().strip() == "step_00000002"
     assert find_checkpoint(run_dir) == ckpt_dir / "step_00000002"
@@ -223,8 +258,11 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_da
 
 def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    out = run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2")),
-              env=make_env({"SLM_INJECT_NAN_AT_STEP": "3"}), check=False)
+    out = run(
+        slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2")),
+        env=make_env({"SLM_INJECT_NAN_AT_STEP": "3"}),
+        check=False,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Non-finite loss or gradient at step 3" in out.stderr and "before the optimizer step" in out.stderr
     assert "Traceback" not in out.stderr
@@ -233,14 +271,25 @@ def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
     assert [r["step"] for r in rows(run_dir)] == [1, 2]
 
 
-def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_counts(two_proc_run, tiny_data_dir,
-                                                                                   tmp_path):
+def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_counts(
+    two_proc_run, tiny_data_dir, tmp_path
+):
     """2 ranks (ZeRO-2) -> 1 rank with the same global batch; a NaN at step 9 is skipped (on_nonfinite=skip)."""
     source = two_proc_run(2)
     run_dir = tmp_path / "run"
-    out = run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.on_nonfinite=skip", "train.export_every=12",
-                                 f"train.resume={source / 'checkpoints' / 'step_00000006'}")),
-              env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}))
+    out = run(
+        slm_cmd(
+            train_args(
+                run_dir,
+                tiny_data_dir,
+                *ONE_PROC,
+                "train.on_nonfinite=skip",
+                "train.export_every=12",
+                f"train.resume={source / 'checkpoints' / 'step_00000006'}",
+            )
+        ),
+        env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}),
+    )
     assert "universal checkpoint" in out.stdout and "at step 6" in out.stdout
     two, one = losses(source), losses(run_dir)
     for step in (7, 8):  # same weights, optimizer state and data, one rank instead of two
@@ -254,8 +303,14 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
 
 
 def test_mismatched_checkpoint_is_refused_naming_the_difference(single_run, tiny_data_dir, tmp_path):
-    out = run(slm_cmd(train_args(tmp_path / "run", tiny_data_dir, *ONE_PROC, "model.d_model=96",
-                                 f"train.resume={single_run}")), check=False)
+    out = run(
+        slm_cmd(
+            train_args(
+                tmp_path / "run", tiny_data_dir, *ONE_PROC, "model.d_model=96", f"train.resume={single_run}"
+            )
+        ),
+        check=False,
+    )
     assert out.returncode == 2
     assert "Refusing to resume" in out.stderr and "model.d_model is 64 in the checkpoint but 96" in out.stderr
     assert "Traceback" not in out.stderr
@@ -263,8 +318,18 @@ def test_mismatched_checkpoint_is_refused_naming_the_difference(single_run, tiny
 
 def test_preflight_refuses_a_run_that_cannot_fit_before_building_the_model(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    out = run(slm_cmd(["train", str(Path(TINY).parent / "1b.yaml"), f"run.dir={run_dir}", f"data.dir={tiny_data_dir}",
-                       "train.micro_batch_size=256"]), check=False)
+    out = run(
+        slm_cmd(
+            [
+                "train",
+                str(Path(TINY).parent / "1b.yaml"),
+                f"run.dir={run_dir}",
+                f"data.dir={tiny_data_dir}",
+                "train.micro_batch_size=256",
+            ]
+        ),
+        check=False,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Preflight" in out.stderr and "would not fit" in out.stderr
     assert not (run_dir / "config.yaml").exists()  # stopped before the engine (and the model) existed
@@ -275,8 +340,20 @@ def test_cpt_refuses_an_init_source_trained_with_another_tokenizer(single_run, t
     shutil.copytree(tiny_data_dir, other)
     tokenizer = other / "tokenizer.json"
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))  # same tokens, other bytes
-    out = run(slm_cmd(["train", TINY, f"run.dir={tmp_path / 'run'}", f"data.dir={other}", *SHRINK, "train.stage=cpt",
-                       f"train.init_from={single_run}"]), check=False)
+    out = run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                f"run.dir={tmp_path / 'run'}",
+                f"data.dir={other}",
+                *SHRINK,
+                "train.stage=cpt",
+                f"train.init_from={single_run}",
+            ]
+        ),
+        check=False,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "was trained with another tokenizer" in out.stderr and "Traceback" not in out.stderr
 

@@ -40,9 +40,23 @@ def build_checkpoints(tmp_path_factory, tokenizer_path: Path) -> Path:
     key = str(tokenizer_path)
     if key not in _BUILT:
         out_dir = tmp_path_factory.mktemp("zero_checkpoints")
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(free_port()), str(REPO / "tests" / "train" / "zero_checkpoints.py"), str(out_dir),
-             str(tokenizer_path)], timeout=300)
+        run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                str(REPO / "tests" / "train" / "zero_checkpoints.py"),
+                str(out_dir),
+                str(tokenizer_path),
+            ],
+            timeout=300,
+        )
         _BUILT[key] = out_dir
     return _BUILT[key]
 
@@ -66,14 +80,25 @@ def main() -> None:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     vocab_size = model_vocab_size(load_tokenizer(tokenizer_path))
     for name, (overrides, zero_stage, precision, stage) in VARIANTS.items():
-        cfg = ModelConfig(n_layers=2, d_model=64, ffn_hidden=96, vocab_size=vocab_size, max_seq_len=64, init_std=0.1,
-                          **overrides)
+        cfg = ModelConfig(
+            n_layers=2,
+            d_model=64,
+            ffn_hidden=96,
+            vocab_size=vocab_size,
+            max_seq_len=64,
+            init_std=0.1,
+            **overrides,
+        )
         torch.manual_seed(0)
         model = Transformer(cfg)
         ds_config = {
-            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2 * world_size,
-            "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 2**62,
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": 2 * world_size,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": precision == "bf16"},
+            "steps_per_print": 2**62,
         }
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -94,14 +119,22 @@ def main() -> None:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         dist.barrier()
         if rank == 0:
-            save_file({"tokens": tokens, "logits": logits.float().contiguous(), "loss": loss.float().reshape(1)},
-                      str(variant_dir / "reference.safetensors"))
+            save_file(
+                {"tokens": tokens, "logits": logits.float().contiguous(), "loss": loss.float().reshape(1)},
+                str(variant_dir / "reference.safetensors"),
+            )
             run_cfg = Config()
             run_cfg.model, run_cfg.train.zero_stage, run_cfg.train.precision = cfg, zero_stage, precision
             run_cfg.train.stage = stage
-            meta = {"step": STEPS, "tokens_seen": STEPS * 2 * world_size * 32, "config": to_dict(run_cfg),
-                    "tokenizer_sha256": file_sha256(tokenizer_path), "manifest_sha256": "none",
-                    "world_size": world_size, "zero_stage": zero_stage}
+            meta = {
+                "step": STEPS,
+                "tokens_seen": STEPS * 2 * world_size * 32,
+                "config": to_dict(run_cfg),
+                "tokenizer_sha256": file_sha256(tokenizer_path),
+                "manifest_sha256": "none",
+                "world_size": world_size,
+                "zero_stage": zero_stage,
+            }
             (ckpt_dir / tag / "meta.json").write_text(json.dumps(meta, indent=2))
             shutil.copyfile(tokenizer_path, ckpt_dir / tag / "tokenizer.json")
             (ckpt_dir / tag / "COMPLETE").write_text(tag + "\n")

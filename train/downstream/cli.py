@@ -36,35 +36,77 @@ def init_process_group(device: str) -> torch.device:
     return torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
 
 
-def format_table(result: DownstreamResult, task_requests: List[TaskRequests], processes: int, device: torch.device,
-                 shots: int) -> str:
+def format_table(
+    result: DownstreamResult,
+    task_requests: List[TaskRequests],
+    processes: int,
+    device: torch.device,
+    shots: int,
+) -> str:
     lines = [f"{'task':<16}{'metric':<12}{'value':>10}{'stderr':>10}{'examples':>10}  split", "-" * 66]
     for tr in task_requests:
         metrics = result.metrics[tr.task.name]
         for name in [m for m in metrics if not m.endswith("_stderr") and m != "examples"]:
             stderr = metrics.get(f"{name}_stderr")
             stderr_text = f"{stderr:.4f}" if stderr is not None else "-"
-            lines.append(f"{tr.task.name:<16}{name:<12}{metrics[name]:>10.4f}{stderr_text:>10}"
-                         f"{metrics['examples']:>10}  {tr.split}")
+            lines.append(
+                f"{tr.task.name:<16}{name:<12}{metrics[name]:>10.4f}{stderr_text:>10}"
+                f"{metrics['examples']:>10}  {tr.split}"
+            )
     lines.append("-" * 66)
-    lines.append(f"{len(result.examples)} examples in {result.seconds:.1f} s: {result.examples_per_second:.1f} "
-                 f"examples/s ({processes} process(es), {device.type}, {shots}-shot)")
+    lines.append(
+        f"{len(result.examples)} examples in {result.seconds:.1f} s: {result.examples_per_second:.1f} "
+        f"examples/s ({processes} process(es), {device.type}, {shots}-shot)"
+    )
     return "\n".join(lines)
 
 
-def result_json(model: str, result: DownstreamResult, task_requests: List[TaskRequests], settings: Dict[str, Any]) -> str:
-    tasks = {tr.task.name: {**result.metrics[tr.task.name], "split": tr.split, "source": tr.source,
-                            "harness_task": tr.task.harness_task} for tr in task_requests}
-    examples = [{"task": r.task, "index": r.index, "loglikelihoods": r.loglikelihoods, "greedy": r.greedy,
-                 "gold": r.gold, "choice_lengths": r.choice_lengths} for r in result.examples]
-    payload = {"model": model, "settings": settings, "tasks": tasks, "seconds": result.seconds,
-               "examples_per_second": result.examples_per_second, "examples": examples}
+def result_json(
+    model: str, result: DownstreamResult, task_requests: List[TaskRequests], settings: Dict[str, Any]
+) -> str:
+    tasks = {
+        tr.task.name: {
+            **result.metrics[tr.task.name],
+            "split": tr.split,
+            "source": tr.source,
+            "harness_task": tr.task.harness_task,
+        }
+        for tr in task_requests
+    }
+    examples = [
+        {
+            "task": r.task,
+            "index": r.index,
+            "loglikelihoods": r.loglikelihoods,
+            "greedy": r.greedy,
+            "gold": r.gold,
+            "choice_lengths": r.choice_lengths,
+        }
+        for r in result.examples
+    ]
+    payload = {
+        "model": model,
+        "settings": settings,
+        "tasks": tasks,
+        "seconds": result.seconds,
+        "examples_per_second": result.examples_per_second,
+        "examples": examples,
+    }
     return json.dumps(payload, indent=1) + "\n"
 
 
-def eval_cli(model: Optional[str], tasks: str, limit: Optional[int] = None, shots: int = 0, batch_size: int = 32,
-             output: Optional[str] = None, data_dir: Optional[str] = None, seed: Optional[int] = None,
-             device: str = "auto", fetch_data: bool = False) -> int:
+def eval_cli(
+    model: Optional[str],
+    tasks: str,
+    limit: Optional[int] = None,
+    shots: int = 0,
+    batch_size: int = 32,
+    output: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    seed: Optional[int] = None,
+    device: str = "auto",
+    fetch_data: bool = False,
+) -> int:
     """Fetch the data and/or evaluate; returns the exit code."""
     if fetch_data:
         where = fetch_eval_data(data_dir)
@@ -73,27 +115,40 @@ def eval_cli(model: Optional[str], tasks: str, limit: Optional[int] = None, shot
         if model is None:
             return 0
     if model is None:
-        raise TrainError("slm eval needs MODEL (a run dir, checkpoint or export) unless only --fetch-data is given.")
+        raise TrainError(
+            "slm eval needs MODEL (a run dir, checkpoint or export) unless only --fetch-data is given."
+        )
     for flag, value, low in (("--limit", limit, 1), ("--shots", shots, 0), ("--batch-size", batch_size, 1)):
         if value is not None and value < low:
             raise TrainError(f"{flag} is {value}; expected an integer >= {low}.")
     names = [name for name in tasks.split(",") if name.strip()]
     if not names:
-        raise TrainError("--tasks is empty; give comma-separated task names, e.g. --tasks hellaswag,arc_easy.")
+        raise TrainError(
+            "--tasks is empty; give comma-separated task names, e.g. --tasks hellaswag,arc_easy."
+        )
     torch_device = init_process_group(device)
     try:
         source = locate_weights(model)
         tokenizer = load_tokenizer(source.tokenizer_path)
         state_dict, cfg = load_weights(source)
         net = build_model(state_dict, cfg, torch.float32).to(torch_device)
-        task_requests = build_task_requests(names, tokenizer, limit=limit, seed=seed, shots=shots, data_dir=data_dir)
+        task_requests = build_task_requests(
+            names, tokenizer, limit=limit, seed=seed, shots=shots, data_dir=data_dir
+        )
         result = score_tasks(net, task_requests, batch_size=batch_size, device=torch_device)
         rank, world_size = world()
         if rank == 0:
             print(format_table(result, task_requests, world_size, torch_device, shots), flush=True)
             if output:
-                settings = {"limit": limit, "seed": seed, "shots": shots, "batch_size": batch_size,
-                            "data_dir": data_dir, "processes": world_size, "device": torch_device.type}
+                settings = {
+                    "limit": limit,
+                    "seed": seed,
+                    "shots": shots,
+                    "batch_size": batch_size,
+                    "data_dir": data_dir,
+                    "processes": world_size,
+                    "device": torch_device.type,
+                }
                 atomic_write_text(output, result_json(str(model), result, task_requests, settings))
                 print(f"wrote {output}", flush=True)
     finally:

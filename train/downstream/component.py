@@ -49,15 +49,20 @@ class DownstreamEval(Component):
         from data_pipeline.tokenizer import load_tokenizer
 
         c = self.config
-        tokenizer = load_tokenizer(Path(run.cfg.data.dir) / "tokenizer.json")  # the tokenizer the run trains with
+        tokenizer = load_tokenizer(
+            Path(run.cfg.data.dir) / "tokenizer.json"
+        )  # the tokenizer the run trains with
         error = None
         try:
-            self.requests = build_task_requests(c.tasks, tokenizer, limit=c.limit, seed=c.seed, shots=c.shots,
-                                                data_dir=c.data_dir)
+            self.requests = build_task_requests(
+                c.tasks, tokenizer, limit=c.limit, seed=c.seed, shots=c.shots, data_dir=c.data_dir
+            )
         except TrainError as err:  # every rank stops, none waits for the failed one in a collective
             error = str(err)
         if max_over_ranks([int(error is not None)], run.dist_info.device)[0]:
-            raise TrainError(error or "eval.downstream: another rank could not load the task data (see its message).")
+            raise TrainError(
+                error or "eval.downstream: another rank could not load the task data (see its message)."
+            )
         self.check_fits(run)
         total = sum(tr.total for tr in self.requests)
         run.say(f"downstream: {', '.join(c.tasks)} ({total} examples) every {c.every} steps and at the end")
@@ -69,17 +74,27 @@ class DownstreamEval(Component):
         flags = max_over_ranks([int(p is not None) for p in problems], run.dist_info.device)
         for tr, problem, flag in zip(self.requests, problems, flags):
             if flag:
-                elsewhere = (f"{tr.task.name}: a choice is longer than the model.max_seq_len={max_len} window "
-                             "(on another rank; see its message).")
+                elsewhere = (
+                    f"{tr.task.name}: a choice is longer than the model.max_seq_len={max_len} window "
+                    "(on another rank; see its message)."
+                )
                 raise TrainError(f"eval.downstream.tasks: {problem or elsewhere}")
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         due = event.finished or event.timed_out or every(self.config.every, event.number)
         if not due or event.stop_requested:  # a signal leaves little time: save, skip the evaluation
             return
-        result = score_tasks(run.engine.module, self.requests, batch_size=self.config.batch_size,
-                             device=run.dist_info.device)
+        result = score_tasks(
+            run.engine.module, self.requests, batch_size=self.config.batch_size, device=run.dist_info.device
+        )
         for tr in self.requests:
-            run.logger.log({"kind": KIND, "step": run.progress.step, "tokens": run.progress.tokens_seen,
-                            "task": tr.task.name, **result.metrics[tr.task.name]})
+            run.logger.log(
+                {
+                    "kind": KIND,
+                    "step": run.progress.step,
+                    "tokens": run.progress.tokens_seen,
+                    "task": tr.task.name,
+                    **result.metrics[tr.task.name],
+                }
+            )
         run.say(f"downstream at step {run.progress.step}: {result.examples_per_second:.1f} examples/s")

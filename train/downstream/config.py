@@ -36,7 +36,9 @@ class DownstreamConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.downstream.{key}={getattr(self, key)} must be >= 0.")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"eval.downstream.limit={self.limit} must be a positive number of examples or null.")
+            raise ValueError(
+                f"eval.downstream.limit={self.limit} must be a positive number of examples or null."
+            )
         if self.batch_size < 1:
             raise ValueError(f"eval.downstream.batch_size={self.batch_size} must be >= 1.")
 

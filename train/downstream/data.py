@@ -83,25 +83,33 @@ def load_hub(task: Task, split: str) -> TaskData:
     return TaskData(rows, split, f"hub:{task.dataset_path}")
 
 
-def load_task_split(task: Task, data_dir: Optional[str], split: Optional[str] = None, quiet: bool = False) -> TaskData:
+def load_task_split(
+    task: Task, data_dir: Optional[str], split: Optional[str] = None, quiet: bool = False
+) -> TaskData:
     """The rows of `split` (default: the harness's evaluation split) from data_dir, else from the hub."""
     split = split or task.eval_split
     if data_dir is None:
         return load_hub(task, split)
     root = Path(data_dir).expanduser()  # a config value may say ~/.cache/...
     if not root.is_dir():
-        raise TrainError(f"Downstream data dir {root} does not exist; expected a folder laid out "
-                         "<dataset name>/<config or none>/<split>/ (see `slm eval --fetch-data`).")
+        raise TrainError(
+            f"Downstream data dir {root} does not exist; expected a folder laid out "
+            "<dataset name>/<config or none>/<split>/ (see `slm eval --fetch-data`)."
+        )
     found = load_local(task, root, split)
     if found is None and split != FALLBACK_SPLIT and split == task.eval_split:
         found = load_local(task, root, FALLBACK_SPLIT)
         if found is not None and not quiet:
-            print(f"note: {task.name}: no '{split}' split under {root}; evaluating its '{FALLBACK_SPLIT}' split",
-                  file=sys.stderr)
+            print(
+                f"note: {task.name}: no '{split}' split under {root}; evaluating its '{FALLBACK_SPLIT}' split",
+                file=sys.stderr,
+            )
     if found is None:
         tried = "\n  ".join(str(p) for p in split_candidates(task, root, split))
-        raise TrainError(f"No {task.name} data for split '{split}' under {root}; looked for a save_to_disk folder "
-                         f"or parquet/jsonl files at:\n  {tried}")
+        raise TrainError(
+            f"No {task.name} data for split '{split}' under {root}; looked for a save_to_disk folder "
+            f"or parquet/jsonl files at:\n  {tried}"
+        )
     if not found.docs:
         raise TrainError(f"{found.source} holds no rows for {task.name}.")
     return found

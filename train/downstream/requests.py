@@ -45,16 +45,21 @@ def solved_example(task: Task, doc: Doc) -> str:
     return f"{text}{task.target_delimiter}{answer}{task.fewshot_delimiter}"
 
 
-def fewshot_prefix(task: Task, index: int, shots: int, seed: int, fewshot_docs: Optional[Sequence[Doc]],
-                   same_split: bool) -> str:
+def fewshot_prefix(
+    task: Task, index: int, shots: int, seed: int, fewshot_docs: Optional[Sequence[Doc]], same_split: bool
+) -> str:
     """The k demonstrations before example `index` ('' for zero-shot)."""
     if shots == 0:
         return ""
     if not fewshot_docs:
-        raise ValueError(f"{task.name}: {shots}-shot evaluation needs few-shot examples, but its few-shot split is empty.")
+        raise ValueError(
+            f"{task.name}: {shots}-shot evaluation needs few-shot examples, but its few-shot split is empty."
+        )
     pool = [i for i in range(len(fewshot_docs)) if not (same_split and i == index)]
     if len(pool) < shots:
-        raise ValueError(f"{task.name}: {shots} shots requested but the few-shot split has only {len(pool)} examples.")
+        raise ValueError(
+            f"{task.name}: {shots} shots requested but the few-shot split has only {len(pool)} examples."
+        )
     chosen = random.Random(f"{seed}:{task.name}:{index}").sample(pool, shots)
     return "".join(solved_example(task, fewshot_docs[i]) for i in chosen)
 
@@ -71,4 +76,6 @@ def build_requests(task: Task, doc: Doc, index: int, prefix: str = "") -> Exampl
         pairs = [(prefix + choice, continuation) for choice in choices]
     else:
         pairs = [(prefix + text, task.target_delimiter + choice) for choice in choices]
-    return ExampleRequests(task.name, index, pairs, [len(choice) for choice in choices], gold_index(task, doc))
+    return ExampleRequests(
+        task.name, index, pairs, [len(choice) for choice in choices], gold_index(task, doc)
+    )

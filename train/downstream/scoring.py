@@ -39,7 +39,7 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[Tuple[str, str]], prefix_
         if not context:  # the harness conditions on a prefix token (EOT) when there is no context
             out.append(([prefix_id], tokenizer.encode(continuation, add_special_tokens=False).ids))
         else:
-            out.append((head_enc.ids, whole_enc.ids[len(head_enc.ids):]))
+            out.append((head_enc.ids, whole_enc.ids[len(head_enc.ids) :]))
     return out
 
 
@@ -49,11 +49,15 @@ def model_window(pair: Pair, max_len: int) -> Tuple[List[int], int]:
     if not continuation:
         raise ValueError("A continuation encodes to no tokens; nothing to score.")
     if len(continuation) > max_len:
-        raise ValueError(f"A continuation of {len(continuation)} tokens does not fit the model's {max_len}-token window.")
-    return (context + continuation)[-(max_len + 1):][:-1], len(continuation)
+        raise ValueError(
+            f"A continuation of {len(continuation)} tokens does not fit the model's {max_len}-token window."
+        )
+    return (context + continuation)[-(max_len + 1) :][:-1], len(continuation)
 
 
-def plan_batches(groups: Sequence[Sequence[Pair]], batch_size: int, max_len: int) -> List[List[Tuple[int, int]]]:
+def plan_batches(
+    groups: Sequence[Sequence[Pair]], batch_size: int, max_len: int
+) -> List[List[Tuple[int, int]]]:
     """Batches of (group, choice) keys: groups longest first, a group's choices kept together when they fit."""
     lengths = [max(len(c) + len(x) for c, x in group) for group in groups]
     order = sorted(range(len(groups)), key=lambda g: (-min(lengths[g], max_len + 1), g))
@@ -70,8 +74,12 @@ def plan_batches(groups: Sequence[Sequence[Pair]], batch_size: int, max_len: int
 
 
 @torch.no_grad()
-def forward_scores(model: torch.nn.Module, windows: Sequence[Tuple[List[int], int]], targets: Sequence[List[int]],
-                   device: torch.device) -> List[Score]:
+def forward_scores(
+    model: torch.nn.Module,
+    windows: Sequence[Tuple[List[int], int]],
+    targets: Sequence[List[int]],
+    device: torch.device,
+) -> List[Score]:
     """One padded forward pass over these windows; the score of each window's continuation."""
     width = max(len(ids) for ids, _ in windows)
     tokens = torch.zeros(len(windows), width, dtype=torch.long)
@@ -91,13 +99,23 @@ def forward_scores(model: torch.nn.Module, windows: Sequence[Tuple[List[int], in
     token_ll = picked.gather(1, target_t[:, None]).squeeze(1)
     greedy = picked.argmax(dim=-1) == target_t
     owner_t = torch.tensor(owner, device=device)
-    sums = torch.zeros(len(windows), dtype=torch.float64, device=device).index_add_(0, owner_t, token_ll.double())
-    misses = torch.zeros(len(windows), dtype=torch.long, device=device).index_add_(0, owner_t, (~greedy).long())
+    sums = torch.zeros(len(windows), dtype=torch.float64, device=device).index_add_(
+        0, owner_t, token_ll.double()
+    )
+    misses = torch.zeros(len(windows), dtype=torch.long, device=device).index_add_(
+        0, owner_t, (~greedy).long()
+    )
     return [(float(s), int(m) == 0) for s, m in zip(sums.tolist(), misses.tolist())]
 
 
-def score_groups(model: torch.nn.Module, groups: Sequence[Sequence[Pair]], batch_size: int, max_len: int,
-                 device: torch.device, min_forwards: int = 0) -> List[List[Score]]:
+def score_groups(
+    model: torch.nn.Module,
+    groups: Sequence[Sequence[Pair]],
+    batch_size: int,
+    max_len: int,
+    device: torch.device,
+    min_forwards: int = 0,
+) -> List[List[Score]]:
     """Scores of every pair, grouped like the input. Runs at least `min_forwards` forward passes (extra ones on a
     one-token dummy), so that ranks holding fewer examples still join every pass of a ZeRO-3 model."""
     batches = plan_batches(groups, batch_size, max_len)

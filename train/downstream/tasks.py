@@ -65,13 +65,17 @@ class Task:
 
 def _label_index(strip: bool) -> Callable[[Doc], int]:
     """Gold index as `{{choices.label.index(answerKey)}}` (OpenBookQA's config strips the key first)."""
-    return lambda doc: list(doc["choices"]["label"]).index(doc["answerKey"].lstrip() if strip else doc["answerKey"])
+    return lambda doc: list(doc["choices"]["label"]).index(
+        doc["answerKey"].lstrip() if strip else doc["answerKey"]
+    )
 
 
 def _int_fields(*names: str) -> Callable[[Doc], Doc]:
     """Cast label-like fields to int (the hub's ClassLabel; local copies sometimes store strings)."""
+
     def fix(doc: Doc) -> Doc:
         return {**doc, **{name: int(doc[name]) for name in names if name in doc and doc[name] is not None}}
+
     return fix
 
 
@@ -88,8 +92,12 @@ def hellaswag_process_doc(doc: Doc) -> Doc:
     endings = doc["endings"]
     if isinstance(endings, str):  # a local copy that stored the list as its repr
         endings = ast.literal_eval(endings)
-    return {**doc, "query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
-            "choices": [hellaswag_preprocess(ending) for ending in endings], "gold": int(doc["label"])}
+    return {
+        **doc,
+        "query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
+        "choices": [hellaswag_preprocess(ending) for ending in endings],
+        "gold": int(doc["label"]),
+    }
 
 
 # WinoGrande (lm_eval/tasks/winogrande/preprocess_winogrande.py)
@@ -98,7 +106,7 @@ def winogrande_text(doc: Doc) -> int:
 
 
 def winogrande_target(doc: Doc) -> str:
-    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+    return doc["sentence"][doc["sentence"].index("_") + 1 :].strip()
 
 
 def winogrande_choices(doc: Doc) -> List[str]:
@@ -140,63 +148,197 @@ def commonsense_qa_text(doc: Doc) -> str:
 
 def arc_task(name: str, config: str) -> Task:
     return Task(
-        name=name, harness_task=f"arc/{name}.yaml", dataset_path="allenai/ai2_arc", dataset_name=config,
-        local_names=("ai2_arc",), local_configs=(), eval_split="test", fewshot_split="train", kind=MULTIPLE_CHOICE,
-        doc_to_text=lambda doc: f"Question: {doc['question']}\nAnswer:", doc_to_choice=lambda doc: list(doc["choices"]["text"]),
-        doc_to_target=_label_index(strip=False), metrics=("acc", "acc_norm"),
+        name=name,
+        harness_task=f"arc/{name}.yaml",
+        dataset_path="allenai/ai2_arc",
+        dataset_name=config,
+        local_names=("ai2_arc",),
+        local_configs=(),
+        eval_split="test",
+        fewshot_split="train",
+        kind=MULTIPLE_CHOICE,
+        doc_to_text=lambda doc: f"Question: {doc['question']}\nAnswer:",
+        doc_to_choice=lambda doc: list(doc["choices"]["text"]),
+        doc_to_target=_label_index(strip=False),
+        metrics=("acc", "acc_norm"),
     )
 
 
-TASKS: Dict[str, Task] = {task.name: task for task in (
-    Task(name="hellaswag", harness_task="hellaswag/hellaswag.yaml", dataset_path="Rowan/hellaswag", dataset_name=None,
-         local_names=("hellaswag",), local_configs=(), eval_split="validation", fewshot_split="train", kind=MULTIPLE_CHOICE,
-         doc_to_text=lambda doc: doc["query"], doc_to_choice=lambda doc: doc["choices"],
-         doc_to_target=lambda doc: int(doc["label"]), metrics=("acc", "acc_norm"), process_doc=hellaswag_process_doc),
-    arc_task("arc_easy", "ARC-Easy"),
-    arc_task("arc_challenge", "ARC-Challenge"),
-    Task(name="piqa", harness_task="piqa/piqa.yaml", dataset_path="baber/piqa", dataset_name=None,
-         local_names=("piqa", "ybisk/piqa"), local_configs=("plain_text",), eval_split="validation", fewshot_split="train", kind=MULTIPLE_CHOICE,
-         doc_to_text=lambda doc: f"Question: {doc['goal']}\nAnswer:", doc_to_choice=lambda doc: [doc["sol1"], doc["sol2"]],
-         doc_to_target=lambda doc: doc["label"], metrics=("acc", "acc_norm"), normalize=_int_fields("label")),
-    Task(name="winogrande", harness_task="winogrande/default.yaml", dataset_path="allenai/winogrande",
-         dataset_name="winogrande_xl", local_names=("winogrande",), local_configs=(), eval_split="validation", fewshot_split="train",
-         kind=PARTIAL, doc_to_text=winogrande_text, doc_to_choice=winogrande_choices, doc_to_target=winogrande_target,
-         metrics=("acc",)),
-    Task(name="sciq", harness_task="sciq/sciq.yaml", dataset_path="allenai/sciq", dataset_name=None,
-         local_names=("sciq",), local_configs=(), eval_split="test", fewshot_split="train", kind=MULTIPLE_CHOICE,
-         doc_to_text=lambda doc: f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:",
-         doc_to_choice=lambda doc: [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]],
-         doc_to_target=lambda doc: 3, metrics=("acc", "acc_norm")),
-    Task(name="openbookqa", harness_task="openbookqa/openbookqa.yaml", dataset_path="allenai/openbookqa",
-         dataset_name="main", local_names=("openbookqa",), local_configs=(), eval_split="test", fewshot_split="train",
-         kind=MULTIPLE_CHOICE, doc_to_text=lambda doc: doc["question_stem"],
-         doc_to_choice=lambda doc: list(doc["choices"]["text"]), doc_to_target=_label_index(strip=True),
-         metrics=("acc", "acc_norm")),
-    Task(name="boolq", harness_task="super_glue/boolq/default.yaml", dataset_path="aps/super_glue", dataset_name="boolq",
-         local_names=("super_glue", "boolq", "google/boolq"), local_configs=(), eval_split="validation", fewshot_split="train",
-         kind=MULTIPLE_CHOICE, doc_to_text=lambda doc: f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
-         doc_to_choice=lambda doc: ["no", "yes"], doc_to_target=lambda doc: doc["label"], metrics=("acc",),
-         normalize=boolq_normalize),
-    Task(name="copa", harness_task="super_glue/copa/default.yaml", dataset_path="aps/super_glue", dataset_name="copa",
-         local_names=("super_glue",), local_configs=(), eval_split="validation", fewshot_split="train", kind=MULTIPLE_CHOICE,
-         doc_to_text=copa_text, doc_to_choice=copa_choices, doc_to_target=copa_target, metrics=("acc",),
-         normalize=_int_fields("label", "idx")),
-    Task(name="commonsense_qa", harness_task="commonsense_qa/default.yaml", dataset_path="tau/commonsense_qa",
-         dataset_name=None, local_names=("commonsense_qa",), local_configs=(), eval_split="validation", fewshot_split="train",
-         kind=MULTIPLE_CHOICE, doc_to_text=commonsense_qa_text, doc_to_choice=lambda doc: ["A", "B", "C", "D", "E"],
-         doc_to_target=lambda doc: doc["answerKey"], metrics=("acc",)),
-    Task(name="social_iqa", harness_task="siqa/siqa.yaml", dataset_path="lighteval/siqa", dataset_name=None,
-         local_names=("social_i_qa", "allenai/social_i_qa", "siqa"), local_configs=(), eval_split="validation", fewshot_split="train",
-         kind=MULTIPLE_CHOICE, doc_to_text=lambda doc: f"Q: {doc['context']} {doc['question']}\nA:",
-         doc_to_choice=lambda doc: [doc["answerA"], doc["answerB"], doc["answerC"]],
-         doc_to_target=lambda doc: int(doc["label"]) - 1, metrics=("acc",)),
-    Task(name="lambada_openai", harness_task="lambada/lambada_openai.yaml", dataset_path="EleutherAI/lambada_openai",
-         dataset_name="default", local_names=("lambada_openai", "lambada"), local_configs=(), eval_split="test", fewshot_split=None,
-         kind=LOGLIKELIHOOD, doc_to_text=lambda doc: " ".join(doc["text"].split(" ")[:-1]), doc_to_choice=None,
-         doc_to_target=lambda doc: " " + doc["text"].split(" ")[-1], metrics=("perplexity", "acc")),
-)}
-ALIASES = {"lambada": "lambada_openai", "siqa": "social_iqa", "social_i_qa": "social_iqa", "csqa": "commonsense_qa",
-           "arc_e": "arc_easy", "arc_c": "arc_challenge", "obqa": "openbookqa"}
+TASKS: Dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="hellaswag",
+            harness_task="hellaswag/hellaswag.yaml",
+            dataset_path="Rowan/hellaswag",
+            dataset_name=None,
+            local_names=("hellaswag",),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: doc["query"],
+            doc_to_choice=lambda doc: doc["choices"],
+            doc_to_target=lambda doc: int(doc["label"]),
+            metrics=("acc", "acc_norm"),
+            process_doc=hellaswag_process_doc,
+        ),
+        arc_task("arc_easy", "ARC-Easy"),
+        arc_task("arc_challenge", "ARC-Challenge"),
+        Task(
+            name="piqa",
+            harness_task="piqa/piqa.yaml",
+            dataset_path="baber/piqa",
+            dataset_name=None,
+            local_names=("piqa", "ybisk/piqa"),
+            local_configs=("plain_text",),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: f"Question: {doc['goal']}\nAnswer:",
+            doc_to_choice=lambda doc: [doc["sol1"], doc["sol2"]],
+            doc_to_target=lambda doc: doc["label"],
+            metrics=("acc", "acc_norm"),
+            normalize=_int_fields("label"),
+        ),
+        Task(
+            name="winogrande",
+            harness_task="winogrande/default.yaml",
+            dataset_path="allenai/winogrande",
+            dataset_name="winogrande_xl",
+            local_names=("winogrande",),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=PARTIAL,
+            doc_to_text=winogrande_text,
+            doc_to_choice=winogrande_choices,
+            doc_to_target=winogrande_target,
+            metrics=("acc",),
+        ),
+        Task(
+            name="sciq",
+            harness_task="sciq/sciq.yaml",
+            dataset_path="allenai/sciq",
+            dataset_name=None,
+            local_names=("sciq",),
+            local_configs=(),
+            eval_split="test",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:",
+            doc_to_choice=lambda doc: [
+                doc["distractor1"],
+                doc["distractor2"],
+                doc["distractor3"],
+                doc["correct_answer"],
+            ],
+            doc_to_target=lambda doc: 3,
+            metrics=("acc", "acc_norm"),
+        ),
+        Task(
+            name="openbookqa",
+            harness_task="openbookqa/openbookqa.yaml",
+            dataset_path="allenai/openbookqa",
+            dataset_name="main",
+            local_names=("openbookqa",),
+            local_configs=(),
+            eval_split="test",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: doc["question_stem"],
+            doc_to_choice=lambda doc: list(doc["choices"]["text"]),
+            doc_to_target=_label_index(strip=True),
+            metrics=("acc", "acc_norm"),
+        ),
+        Task(
+            name="boolq",
+            harness_task="super_glue/boolq/default.yaml",
+            dataset_path="aps/super_glue",
+            dataset_name="boolq",
+            local_names=("super_glue", "boolq", "google/boolq"),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
+            doc_to_choice=lambda doc: ["no", "yes"],
+            doc_to_target=lambda doc: doc["label"],
+            metrics=("acc",),
+            normalize=boolq_normalize,
+        ),
+        Task(
+            name="copa",
+            harness_task="super_glue/copa/default.yaml",
+            dataset_path="aps/super_glue",
+            dataset_name="copa",
+            local_names=("super_glue",),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=copa_text,
+            doc_to_choice=copa_choices,
+            doc_to_target=copa_target,
+            metrics=("acc",),
+            normalize=_int_fields("label", "idx"),
+        ),
+        Task(
+            name="commonsense_qa",
+            harness_task="commonsense_qa/default.yaml",
+            dataset_path="tau/commonsense_qa",
+            dataset_name=None,
+            local_names=("commonsense_qa",),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=commonsense_qa_text,
+            doc_to_choice=lambda doc: ["A", "B", "C", "D", "E"],
+            doc_to_target=lambda doc: doc["answerKey"],
+            metrics=("acc",),
+        ),
+        Task(
+            name="social_iqa",
+            harness_task="siqa/siqa.yaml",
+            dataset_path="lighteval/siqa",
+            dataset_name=None,
+            local_names=("social_i_qa", "allenai/social_i_qa", "siqa"),
+            local_configs=(),
+            eval_split="validation",
+            fewshot_split="train",
+            kind=MULTIPLE_CHOICE,
+            doc_to_text=lambda doc: f"Q: {doc['context']} {doc['question']}\nA:",
+            doc_to_choice=lambda doc: [doc["answerA"], doc["answerB"], doc["answerC"]],
+            doc_to_target=lambda doc: int(doc["label"]) - 1,
+            metrics=("acc",),
+        ),
+        Task(
+            name="lambada_openai",
+            harness_task="lambada/lambada_openai.yaml",
+            dataset_path="EleutherAI/lambada_openai",
+            dataset_name="default",
+            local_names=("lambada_openai", "lambada"),
+            local_configs=(),
+            eval_split="test",
+            fewshot_split=None,
+            kind=LOGLIKELIHOOD,
+            doc_to_text=lambda doc: " ".join(doc["text"].split(" ")[:-1]),
+            doc_to_choice=None,
+            doc_to_target=lambda doc: " " + doc["text"].split(" ")[-1],
+            metrics=("perplexity", "acc"),
+        ),
+    )
+}
+ALIASES = {
+    "lambada": "lambada_openai",
+    "siqa": "social_iqa",
+    "social_i_qa": "social_iqa",
+    "csqa": "commonsense_qa",
+    "arc_e": "arc_easy",
+    "arc_c": "arc_challenge",
+    "obqa": "openbookqa",
+}
 """Other names users type for the same tasks."""
 
 
@@ -204,8 +346,10 @@ def get_task(name: str) -> Task:
     """The task called `name` (or an alias); ValueError naming the known ones otherwise."""
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in TASKS:
-        raise ValueError(f"Unknown downstream task {name!r}; known tasks: {', '.join(TASKS)} "
-                         f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())}).")
+        raise ValueError(
+            f"Unknown downstream task {name!r}; known tasks: {', '.join(TASKS)} "
+            f"(aliases: {', '.join(f'{a}={t}' for a, t in ALIASES.items())})."
+        )
     return TASKS[key]
 
 

@@ -59,8 +59,9 @@ CHAT_SAMPLE = [
 ]
 
 
-def write_safetensors(hf_state_dict: Dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int,
-                      metadata: Dict[str, str]) -> List[str]:
+def write_safetensors(
+    hf_state_dict: Dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int, metadata: Dict[str, str]
+) -> List[str]:
     """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes."""
     from safetensors.torch import save_file
 
@@ -82,7 +83,10 @@ def write_safetensors(hf_state_dict: Dict[str, torch.Tensor], out_dir: Path, max
         save_file(shard, str(out_dir / file_name), metadata=metadata)
         weight_map.update({name: file_name for name in shard})
     total = sum(t.numel() * t.element_size() for t in hf_state_dict.values())
-    write_json(out_dir / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(
+        out_dir / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
     return names
 
 
@@ -90,11 +94,19 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: ModelConfig, tokenizer_path: str | os.PathLike,
-                      out_dir: str | os.PathLike, dtype: str = "bf16", chat: bool = False,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True,
-                      provenance: Optional[Dict[str, Any]] = None, card: Optional[CardFacts] = None,
-                      gguf: bool = False) -> Path:
+def export_from_model(
+    model_state_dict: Dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    tokenizer_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "bf16",
+    chat: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    verify: bool = True,
+    provenance: Optional[Dict[str, Any]] = None,
+    card: Optional[CardFacts] = None,
+    gguf: bool = False,
+) -> Path:
     """Write (atomically) and verify a LlamaForCausalLM folder from our-named weights; returns OUT_DIR.
 
     `chat` makes <|im_end|> the tokenizer's and config's eos (for instruction-tuned models); `provenance`
@@ -105,10 +117,14 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
 
         require_gguf()  # before any work: a clear error if the optional package is missing
     if dtype not in TORCH_DTYPES:
-        raise TrainError(f"Export dtype {dtype!r} is not supported; expected one of {', '.join(TORCH_DTYPES)}.")
+        raise TrainError(
+            f"Export dtype {dtype!r} is not supported; expected one of {', '.join(TORCH_DTYPES)}."
+        )
     tokenizer_path = Path(tokenizer_path)
     load_tokenizer(tokenizer_path)  # clear error if missing or lacking the special tokens
-    state_dict = {name: tensor.detach().to("cpu", TORCH_DTYPES[dtype]) for name, tensor in model_state_dict.items()}
+    state_dict = {
+        name: tensor.detach().to("cpu", TORCH_DTYPES[dtype]) for name, tensor in model_state_dict.items()
+    }
     if model_cfg.tie_embeddings and "lm_head.weight" not in state_dict:
         state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
     check_state_dict(state_dict, model_cfg, "the model being exported")
@@ -134,9 +150,15 @@ def export_from_model(model_state_dict: Dict[str, torch.Tensor], model_cfg: Mode
     return out_dir
 
 
-def export(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bf16",
-           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, gguf: bool = False,
-           force: bool = False) -> Path:
+def export(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "bf16",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    verify: bool = True,
+    gguf: bool = False,
+    force: bool = False,
+) -> Path:
     """SRC: a run dir (its latest complete checkpoint), a checkpoint step folder, or an export (re-export).
 
     `force` lets the export replace a previous export at OUT_DIR; nothing else is ever replaced."""
@@ -149,12 +171,24 @@ def export(src: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "bf1
     if source.meta is not None:
         card = facts_from_meta(source.path, source.meta)
         stage = str(source.meta.get("config", {}).get("train", {}).get("stage", "pretrain"))
-        provenance.update(step=source.meta.get("step"), tokens_seen=source.meta.get("tokens_seen"), stage=stage)
+        provenance.update(
+            step=source.meta.get("step"), tokens_seen=source.meta.get("tokens_seen"), stage=stage
+        )
     chat = stage == "ift" or (source.kind == "export" and _export_is_chat(source.path))
     card.stage = "ift" if chat else card.stage
-    out = export_from_model(state_dict, cfg, source.tokenizer_path, out_dir, dtype=dtype, chat=chat,
-                            max_shard_bytes=max_shard_bytes, verify=verify, provenance=provenance, card=card,
-                            gguf=gguf)
+    out = export_from_model(
+        state_dict,
+        cfg,
+        source.tokenizer_path,
+        out_dir,
+        dtype=dtype,
+        chat=chat,
+        max_shard_bytes=max_shard_bytes,
+        verify=verify,
+        provenance=provenance,
+        card=card,
+        gguf=gguf,
+    )
     print(f"exported {source.path} -> {out} ({HF_DTYPE_NAMES[dtype]}, {'chat' if chat else 'base'} model)")
     return out
 
@@ -166,8 +200,14 @@ def _export_is_chat(folder: Path) -> bool:
         return False
 
 
-def verify_export(folder: Path, state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: Path,
-                  n_sequences: int = 3, seq_len: int = 64) -> None:
+def verify_export(
+    folder: Path,
+    state_dict: Dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tokenizer_path: Path,
+    n_sequences: int = 3,
+    seq_len: int = 64,
+) -> None:
     """Load `folder` with transformers; TrainError if its logits or tokenization differ from ours."""
     try:
         from transformers.utils import logging as hf_logging
@@ -185,8 +225,14 @@ def verify_export(folder: Path, state_dict: Dict[str, torch.Tensor], cfg: ModelC
             hf_logging.enable_progress_bar()
 
 
-def compare_with_transformers(folder: Path, state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: Path,
-                              n_sequences: int, seq_len: int) -> None:
+def compare_with_transformers(
+    folder: Path,
+    state_dict: Dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tokenizer_path: Path,
+    n_sequences: int,
+    seq_len: int,
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ours = load_tokenizer(tokenizer_path)
@@ -194,34 +240,53 @@ def compare_with_transformers(folder: Path, state_dict: Dict[str, torch.Tensor],
     expected = ours.encode(TOKENIZER_SAMPLE, add_special_tokens=False).ids
     got = theirs(TOKENIZER_SAMPLE, add_special_tokens=False)["input_ids"]
     if got != expected:
-        raise TrainError(f"Export check failed: transformers' tokenizer encodes the sample as {got[:24]}..., ours as "
-                         f"{expected[:24]}...; the exported tokenizer files are inconsistent with {tokenizer_path}.")
-    for prompt, expected in ((False, format_chat(CHAT_SAMPLE, ours)[0]), (True, encode_chat_prompt(CHAT_SAMPLE[:2], ours))):
-        got = _as_ids(theirs.apply_chat_template(CHAT_SAMPLE[:2] if prompt else CHAT_SAMPLE, add_generation_prompt=prompt))
+        raise TrainError(
+            f"Export check failed: transformers' tokenizer encodes the sample as {got[:24]}..., ours as "
+            f"{expected[:24]}...; the exported tokenizer files are inconsistent with {tokenizer_path}."
+        )
+    for prompt, expected in (
+        (False, format_chat(CHAT_SAMPLE, ours)[0]),
+        (True, encode_chat_prompt(CHAT_SAMPLE[:2], ours)),
+    ):
+        got = _as_ids(
+            theirs.apply_chat_template(
+                CHAT_SAMPLE[:2] if prompt else CHAT_SAMPLE, add_generation_prompt=prompt
+            )
+        )
         if got != expected:
-            raise TrainError(f"Export check failed: apply_chat_template gives {got[:24]}..., our chat formatting "
-                             f"{expected[:24]}... (add_generation_prompt={prompt}).")
+            raise TrainError(
+                f"Export check failed: apply_chat_template gives {got[:24]}..., our chat formatting "
+                f"{expected[:24]}... (add_generation_prompt={prompt})."
+            )
     rendered = theirs.apply_chat_template(CHAT_SAMPLE, return_dict=True, return_assistant_tokens_mask=True)
     expected_mask = [int(label != IGNORE_INDEX) for label in format_chat(CHAT_SAMPLE, ours)[1]]
     if list(rendered["assistant_masks"]) != expected_mask:
-        raise TrainError("Export check failed: the chat template's {% generation %} span is not the span our IFT "
-                         "stage puts loss on, so TRL's assistant_only_loss would train other tokens.")
+        raise TrainError(
+            "Export check failed: the chat template's {% generation %} span is not the span our IFT "
+            "stage puts loss on, so TRL's assistant_only_loss would train other tokens."
+        )
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).float().eval()
     our_model = build_model(state_dict, cfg, torch.float32)
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (n_sequences, min(seq_len, cfg.max_seq_len)), generator=generator)
+    tokens = torch.randint(
+        0, cfg.vocab_size, (n_sequences, min(seq_len, cfg.max_seq_len)), generator=generator
+    )
     with torch.no_grad():
         expected_logits, _ = our_model(tokens)
         hf_logits = hf_model(input_ids=tokens).logits.float()
     if hf_logits.shape != expected_logits.shape:
-        raise TrainError(f"Export check failed: transformers' logits have shape {tuple(hf_logits.shape)}, ours "
-                         f"{tuple(expected_logits.shape)}.")
+        raise TrainError(
+            f"Export check failed: transformers' logits have shape {tuple(hf_logits.shape)}, ours "
+            f"{tuple(expected_logits.shape)}."
+        )
     scale = expected_logits.std().item() + 1e-12
     diff = (hf_logits - expected_logits).abs().max().item()
     if not diff <= LOGITS_TOLERANCE * scale:
-        raise TrainError(f"Export check failed: transformers' logits differ from ours by up to {diff:.3g} "
-                         f"(logit std {scale:.3g}, allowed {LOGITS_TOLERANCE:g} x std); the conversion is wrong.")
+        raise TrainError(
+            f"Export check failed: transformers' logits differ from ours by up to {diff:.3g} "
+            f"(logit std {scale:.3g}, allowed {LOGITS_TOLERANCE:g} x std); the conversion is wrong."
+        )
 
 
 def _as_ids(encoded: Any) -> List[int]:

@@ -24,11 +24,17 @@ RUN_DIR_EXPORTS = "exports"
 
 
 def looks_like_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or ((path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file())
+    return (path / "checkpoints").is_dir() or (
+        (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
+    )
 
 
 def looks_like_checkpoint(path: Path) -> bool:
-    return (path / "COMPLETE").is_file() or (path / "meta.json").is_file() or any(path.glob("mp_rank_*_model_states.pt"))
+    return (
+        (path / "COMPLETE").is_file()
+        or (path / "meta.json").is_file()
+        or any(path.glob("mp_rank_*_model_states.pt"))
+    )
 
 
 def marker_files(folder: Path) -> Optional[List[str]]:
@@ -37,7 +43,11 @@ def marker_files(folder: Path) -> Optional[List[str]]:
         marker = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("written_by") != "slm-forge" or not isinstance(marker.get("files"), list):
+    if (
+        not isinstance(marker, dict)
+        or marker.get("written_by") != "slm-forge"
+        or not isinstance(marker.get("files"), list)
+    ):
         return None
     return [str(name) for name in marker["files"]]
 
@@ -45,8 +55,11 @@ def marker_files(folder: Path) -> Optional[List[str]]:
 def write_marker(folder: Path, provenance: Dict[str, object]) -> None:
     """Record (last, inside the temporary folder) every file of the export."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    payload = {"written_by": "slm-forge", "files": files + [EXPORT_MARKER],
-               "provenance": {key: str(value) for key, value in provenance.items()}}
+    payload = {
+        "written_by": "slm-forge",
+        "files": files + [EXPORT_MARKER],
+        "provenance": {key: str(value) for key, value in provenance.items()},
+    }
     (folder / EXPORT_MARKER).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
@@ -75,13 +88,17 @@ def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, forc
     out_real, source_real = Path(os.path.realpath(out)), Path(os.path.realpath(source))
     advice = "Choose a new or empty OUT_DIR."
     if out_real == source_real or source_real.is_relative_to(out_real):
-        raise TrainError(f"Refusing to export to {out_dir}: it is or holds the source {src}, which the export would "
-                         f"replace. {advice}")
+        raise TrainError(
+            f"Refusing to export to {out_dir}: it is or holds the source {src}, which the export would "
+            f"replace. {advice}"
+        )
     if out_real.is_relative_to(source_real) and not _in_run_exports(out_real, source_real):
         raise TrainError(f"Refusing to export to {out_dir}: it lies inside the source {src}. {advice}")
     conflict = _enclosing_conflict(out_real)
     if conflict:
-        raise TrainError(f"Refusing to export to {out_dir}: {conflict}; replacing it would delete training state. {advice}")
+        raise TrainError(
+            f"Refusing to export to {out_dir}: {conflict}; replacing it would delete training state. {advice}"
+        )
     if not os.path.lexists(out):
         return
     if not out.is_dir() or out.is_symlink():
@@ -92,11 +109,17 @@ def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, forc
     ours = marker_files(out)
     if ours is None:
         shown = ", ".join(present[:5]) + (" ..." if len(present) > 5 else "")
-        raise TrainError(f"Refusing to export to {out_dir}: it already holds files that are not an slm export "
-                         f"({shown or 'sub-folders'}), and an export replaces its folder. {advice}")
+        raise TrainError(
+            f"Refusing to export to {out_dir}: it already holds files that are not an slm export "
+            f"({shown or 'sub-folders'}), and an export replaces its folder. {advice}"
+        )
     foreign = sorted(set(present) - set(ours))
     if foreign:
-        raise TrainError(f"Refusing to replace the export {out_dir}: it also holds {', '.join(foreign[:5])}, which the "
-                         f"export did not write. Move them away or choose another OUT_DIR.")
+        raise TrainError(
+            f"Refusing to replace the export {out_dir}: it also holds {', '.join(foreign[:5])}, which the "
+            f"export did not write. Move them away or choose another OUT_DIR."
+        )
     if not force:
-        raise TrainError(f"{out_dir} already holds an export; pass --force to replace it, or choose another OUT_DIR.")
+        raise TrainError(
+            f"{out_dir} already holds an export; pass --force to replace it, or choose another OUT_DIR."
+        )

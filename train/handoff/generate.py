@@ -18,19 +18,35 @@ from train.errors import TrainError
 from train.handoff.init_from import build_model, load_weights, locate_weights
 
 
-def generate_ids(model: torch.nn.Module, prompt_ids: List[int], max_new_tokens: int, temperature: float,
-                 top_k: Optional[int], eos_id: int, seed: int) -> List[int]:
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: List[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    eos_id: int,
+    seed: int,
+) -> List[int]:
     """The new token ids after prompt_ids (the stop token itself left out)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id, generator=generator)
-    new = out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        tokens, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id, generator=generator
+    )
+    new = out[0, len(prompt_ids) :].tolist()
     return new[: new.index(eos_id)] if eos_id in new else new
 
 
-def generate_cli(model: str | os.PathLike, prompt: str, chat: bool = False, max_new_tokens: int = 64,
-                 temperature: float = 0.8, top_k: Optional[int] = None, seed: int = 0) -> int:
+def generate_cli(
+    model: str | os.PathLike,
+    prompt: str,
+    chat: bool = False,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Optional[int] = None,
+    seed: int = 0,
+) -> int:
     """Print the prompt and its continuation; returns the exit code."""
     if not math.isfinite(temperature) or temperature < 0:
         raise TrainError(f"--temperature is {temperature}; expected 0 (greedy) or a positive number.")
@@ -49,7 +65,9 @@ def generate_cli(model: str | os.PathLike, prompt: str, chat: bool = False, max_
     else:
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
         stop = EOT
-    new_ids = generate_ids(net, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.token_to_id(stop), seed)
+    new_ids = generate_ids(
+        net, prompt_ids, max_new_tokens, temperature, top_k, tokenizer.token_to_id(stop), seed
+    )
     continuation = tokenizer.decode(new_ids, skip_special_tokens=True)
     if chat:
         print(f"user: {prompt}\nassistant: {continuation.strip()}", flush=True)

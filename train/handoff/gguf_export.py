@@ -27,9 +27,15 @@ from train.errors import TrainError
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
 """gguf.TokenType values of ordinary, special and padding (never produced) tokens."""
 LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 """Our (= transformers') per-layer module names -> llama.cpp's blk.N.* names."""
 PLAIN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
@@ -40,8 +46,10 @@ def require_gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise TrainError("`slm export --gguf` needs the gguf package (ggml's GGUF writer): "
-                         "pip install 'slm-forge[gguf]' or pip install gguf.") from None
+        raise TrainError(
+            "`slm export --gguf` needs the gguf package (ggml's GGUF writer): "
+            "pip install 'slm-forge[gguf]' or pip install gguf."
+        ) from None
     return gguf
 
 
@@ -96,8 +104,9 @@ def vocabulary(tokenizer_json: Path, vocab_size: int) -> tuple[List[str], List[i
     return tokens, types, [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def write_gguf(export_dir: Path, path: Path, state_dict: Dict[str, torch.Tensor], cfg: ModelConfig,
-               verify: bool = True) -> Path:
+def write_gguf(
+    export_dir: Path, path: Path, state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, verify: bool = True
+) -> Path:
     """Write `path` from an export folder's config/tokenizer and our-named weights; check it by reading it back."""
     gguf = require_gguf()
     hf_config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
@@ -106,7 +115,9 @@ def write_gguf(export_dir: Path, path: Path, state_dict: Dict[str, torch.Tensor]
     tokens, types, merges = vocabulary(tokenizer_json, cfg.vocab_size)
     ids = {token: tokens.index(token) for token in (EOT, IM_END, PAD)}
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("slm-forge " + ("chat" if hf_config["eos_token_id"] == ids[IM_END] else "base") + " model")
+    writer.add_name(
+        "slm-forge " + ("chat" if hf_config["eos_token_id"] == ids[IM_END] else "base") + " model"
+    )
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layers)
@@ -156,8 +167,10 @@ def check_gguf(path: Path, expected: Dict[str, np.ndarray], tokens: List[str]) -
     reader = GGUFReader(str(path))
     found = {t.name: t for t in reader.tensors}
     if set(found) != set(expected):
-        raise TrainError(f"GGUF check failed: {path} holds tensors {sorted(set(found) ^ set(expected))[:6]} "
-                         "that differ from the ones written.")
+        raise TrainError(
+            f"GGUF check failed: {path} holds tensors {sorted(set(found) ^ set(expected))[:6]} "
+            "that differ from the ones written."
+        )
     for name, array in expected.items():
         data = np.asarray(found[name].data)
         if data.size != array.size or not np.array_equal(data.reshape(array.shape), array):

@@ -45,7 +45,7 @@ def from_hf_state_dict(hf_state_dict: Dict[str, torch.Tensor], cfg: ModelConfig)
         if name == HEAD:
             out[HEAD] = tensor
         elif name.startswith(HF_PREFIX):
-            out[name[len(HF_PREFIX):]] = tensor
+            out[name[len(HF_PREFIX) :]] = tensor
         elif not name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports carry; we recompute it
             out[name] = tensor
     if cfg.tie_embeddings and EMBED in out:
@@ -92,26 +92,37 @@ def hf_config(cfg: ModelConfig, ids: Dict[str, int], dtype: str, chat: bool) -> 
 def model_config_from_hf(config: Dict[str, Any], source: str) -> ModelConfig:
     """Our ModelConfig from a Llama config.json (refusing features our model does not have)."""
     if config.get("model_type") != "llama":
-        raise TrainError(f"{source}: model_type is {config.get('model_type')!r}; expected 'llama' (a LlamaForCausalLM export).")
+        raise TrainError(
+            f"{source}: model_type is {config.get('model_type')!r}; expected 'llama' (a LlamaForCausalLM export)."
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise TrainError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; expected default RoPE.")
+        raise TrainError(
+            f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported; expected default RoPE."
+        )
     if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
         raise TrainError(f"{source}: biases or a non-SiLU activation are not supported by our Llama model.")
     try:
         heads = int(config["num_attention_heads"])
         cfg = ModelConfig(
-            n_layers=int(config["num_hidden_layers"]), d_model=int(config["hidden_size"]), n_heads=heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or heads), ffn_hidden=int(config["intermediate_size"]),
-            vocab_size=int(config["vocab_size"]), max_seq_len=int(config["max_position_embeddings"]),
+            n_layers=int(config["num_hidden_layers"]),
+            d_model=int(config["hidden_size"]),
+            n_heads=heads,
+            n_kv_heads=int(config.get("num_key_value_heads") or heads),
+            ffn_hidden=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            max_seq_len=int(config["max_position_embeddings"]),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-            norm_eps=float(config["rms_norm_eps"]), tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+            norm_eps=float(config["rms_norm_eps"]),
+            tie_embeddings=bool(config.get("tie_word_embeddings", True)),
             init_std=float(config.get("initializer_range", 0.02)),
         )
     except KeyError as err:
         raise TrainError(f"{source}: config.json lacks the key {err.args[0]!r} of a Llama config.") from None
     if config.get("head_dim") not in (None, cfg.head_dim):
-        raise TrainError(f"{source}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads; not supported.")
+        raise TrainError(
+            f"{source}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads; not supported."
+        )
     try:
         cfg.validate()
     except ValueError as err:
@@ -127,8 +138,17 @@ def tokenizer_config(ids: Dict[str, int], max_len: int, chat: bool) -> Dict[str,
     messages trains our IFT format); a base export's eos stays <|endoftext|>, the token it was trained to end a
     document with, while generation_config.json stops at either (see docs/downstream.md).
     """
-    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for token, i in sorted(ids.items(), key=lambda kv: kv[1])}
+    added = {
+        str(i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for token, i in sorted(ids.items(), key=lambda kv: kv[1])
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": added,
@@ -148,8 +168,12 @@ def tokenizer_config(ids: Dict[str, int], max_len: int, chat: bool) -> Dict[str,
 
 
 def special_tokens_map(chat: bool) -> Dict[str, Any]:
-    return {"bos_token": EOT, "eos_token": IM_END if chat else EOT, "pad_token": PAD,
-            "additional_special_tokens": [IM_START, IM_END]}
+    return {
+        "bos_token": EOT,
+        "eos_token": IM_END if chat else EOT,
+        "pad_token": PAD,
+        "additional_special_tokens": [IM_START, IM_END],
+    }
 
 
 def generation_config(ids: Dict[str, int]) -> Dict[str, Any]:
@@ -170,7 +194,9 @@ def safetensors_files(folder: Path) -> Optional[List[Path]]:
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise TrainError(f"{index} has no weight_map; expected the index of a sharded safetensors export.")
+            raise TrainError(
+                f"{index} has no weight_map; expected the index of a sharded safetensors export."
+            )
         return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
@@ -185,12 +211,20 @@ def load_hf_folder(folder: Path) -> tuple[Dict[str, torch.Tensor], ModelConfig]:
     files = safetensors_files(folder)
     if files is None:
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
-        hint = f" It has {', '.join(pickled)}: pickled weights are refused (convert them to safetensors)." if pickled else ""
-        raise TrainError(f"{folder} has config.json but no model.safetensors or model.safetensors.index.json.{hint}")
+        hint = (
+            f" It has {', '.join(pickled)}: pickled weights are refused (convert them to safetensors)."
+            if pickled
+            else ""
+        )
+        raise TrainError(
+            f"{folder} has config.json but no model.safetensors or model.safetensors.index.json.{hint}"
+        )
     hf_state_dict: Dict[str, torch.Tensor] = {}
     for file in files:
         if not file.is_file():
-            raise TrainError(f"{file} is listed in {folder / 'model.safetensors.index.json'} but does not exist.")
+            raise TrainError(
+                f"{file} is listed in {folder / 'model.safetensors.index.json'} but does not exist."
+            )
         hf_state_dict.update(load_file(str(file)))
     state_dict = from_hf_state_dict(hf_state_dict, cfg)
     check_state_dict(state_dict, cfg, str(folder))

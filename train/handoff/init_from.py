@@ -54,7 +54,9 @@ def locate_weights(path: str | os.PathLike) -> WeightsSource:
     """Resolve a run dir, checkpoints dir, step folder or export folder; TrainError if none of these."""
     path = Path(path)
     if not path.exists():
-        raise TrainError(f"Model source {path} does not exist; expected a run dir, a checkpoint folder or a Hugging Face export.")
+        raise TrainError(
+            f"Model source {path} does not exist; expected a run dir, a checkpoint folder or a Hugging Face export."
+        )
     if is_hf_export(path):
         return WeightsSource("export", path, path / "tokenizer.json")
     from train.checkpoint import find_checkpoint, read_meta
@@ -71,7 +73,7 @@ def locate_weights(path: str | os.PathLike) -> WeightsSource:
 def strip_wrapper_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     for prefix in WRAPPER_PREFIXES:
         if state_dict and all(name.startswith(prefix) for name in state_dict):
-            state_dict = {name[len(prefix):]: tensor for name, tensor in state_dict.items()}
+            state_dict = {name[len(prefix) :]: tensor for name, tensor in state_dict.items()}
     return state_dict
 
 
@@ -81,7 +83,9 @@ def consolidate_checkpoint(step_dir: Path) -> Dict[str, torch.Tensor]:
 
     from train.safe_load import safe_load, scan_pickles
 
-    scan_pickles(step_dir)  # zero_to_fp32 unpickles with weights_only=False: refuse anything but plain types first
+    scan_pickles(
+        step_dir
+    )  # zero_to_fp32 unpickles with weights_only=False: refuse anything but plain types first
     state_dict = None
     if any(step_dir.glob("*_optim_states.pt")):  # ZeRO 1-3 partitions (bf16_zero_* too): exact fp32 masters
         try:
@@ -93,12 +97,18 @@ def consolidate_checkpoint(step_dir: Path) -> Dict[str, torch.Tensor]:
     if state_dict is None:  # ZeRO-0: rank 0 saved the whole module
         model_states = step_dir / "mp_rank_00_model_states.pt"
         if not model_states.is_file():
-            raise TrainError(f"{step_dir} holds neither ZeRO optimizer partitions nor {model_states.name}; "
-                             "expected a DeepSpeed checkpoint written by `slm train`.")
-        print(f"note: {step_dir} has no ZeRO partitions; using its module weights as saved (training precision).",
-              file=sys.stderr)
+            raise TrainError(
+                f"{step_dir} holds neither ZeRO optimizer partitions nor {model_states.name}; "
+                "expected a DeepSpeed checkpoint written by `slm train`."
+            )
+        print(
+            f"note: {step_dir} has no ZeRO partitions; using its module weights as saved (training precision).",
+            file=sys.stderr,
+        )
         state_dict = safe_load(model_states)["module"]
-    return {name: tensor.float().contiguous() for name, tensor in strip_wrapper_prefixes(dict(state_dict)).items()}
+    return {
+        name: tensor.float().contiguous() for name, tensor in strip_wrapper_prefixes(dict(state_dict)).items()
+    }
 
 
 def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelConfig]:
@@ -134,7 +144,9 @@ def load_init_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor],
     return state_dict, cfg, sha
 
 
-def build_model(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_model(
+    state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """An eval-mode Transformer holding these weights."""
     from model import Transformer
 

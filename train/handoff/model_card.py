@@ -44,9 +44,14 @@ class CardFacts:
 def facts_from_meta(step_dir: Path, meta: Dict[str, Any]) -> CardFacts:
     """CardFacts of a checkpoint step folder (run_dir/checkpoints/step_N) and its meta.json."""
     config = meta.get("config") or {}
-    return CardFacts(stage=str(config.get("train", {}).get("stage", "pretrain")), step=meta.get("step"),
-                     tokens_seen=meta.get("tokens_seen"), source=str(step_dir), config=config,
-                     run_dir=step_dir.parent.parent)
+    return CardFacts(
+        stage=str(config.get("train", {}).get("stage", "pretrain")),
+        step=meta.get("step"),
+        tokens_seen=meta.get("tokens_seen"),
+        source=str(step_dir),
+        config=config,
+        run_dir=step_dir.parent.parent,
+    )
 
 
 def read_metrics(run_dir: Optional[Path]) -> List[Dict[str, Any]]:
@@ -97,7 +102,11 @@ def data_section(facts: CardFacts) -> List[str]:
         paths = facts.config.get("ift", {}).get("paths") or []
         if not paths:
             return ["Not recorded."]
-        return ["Instruction data (ChatML, loss on assistant tokens only): " + ", ".join(f"`{p}`" for p in paths) + "."]
+        return [
+            "Instruction data (ChatML, loss on assistant tokens only): "
+            + ", ".join(f"`{p}`" for p in paths)
+            + "."
+        ]
     manifest = read_manifest(facts.config)
     if manifest is None:
         sources = facts.config.get("data", {}).get("sources") or []
@@ -106,13 +115,17 @@ def data_section(facts: CardFacts) -> List[str]:
     for shard in manifest.get("shards", []):
         key = (shard.get("source"), shard.get("split"))
         tokens[key] = tokens.get(key, 0) + int(shard.get("tokens", 0))
-    weights = {s.get("name") or Path(str(s.get("path"))).stem: s.get("weight", 1)
-               for s in facts.config.get("data", {}).get("sources") or []}
+    weights = {
+        s.get("name") or Path(str(s.get("path"))).stem: s.get("weight", 1)
+        for s in facts.config.get("data", {}).get("sources") or []
+    }
     lines = ["| source | documents | train tokens | val tokens | weight |", "|---|---:|---:|---:|---:|"]
     for source in manifest.get("sources", []):
         name = source.get("name")
-        lines.append(f"| {name} | {_number(source.get('documents', ''))} | {_number(tokens.get((name, 'train'), 0))} "
-                     f"| {_number(tokens.get((name, 'val'), 0))} | {weights.get(name, '')} |")
+        lines.append(
+            f"| {name} | {_number(source.get('documents', ''))} | {_number(tokens.get((name, 'train'), 0))} "
+            f"| {_number(tokens.get((name, 'val'), 0))} | {weights.get(name, '')} |"
+        )
     return lines
 
 
@@ -121,7 +134,9 @@ def evaluation_section(rows: List[Dict[str, Any]]) -> List[str]:
     evals = [r for r in rows if r.get("kind") == "eval" and r.get("val_loss") is not None]
     if evals:
         last = evals[-1]
-        scores = ", ".join(f"{key} {_number(last[key])}" for key in ("val_loss", "val_ppl", "val_bpb") if key in last)
+        scores = ", ".join(
+            f"{key} {_number(last[key])}" for key in ("val_loss", "val_ppl", "val_bpb") if key in last
+        )
         lines.append(f"Held-out validation split at step {last.get('step')}: {scores}.")
     downstream = [r for r in rows if r.get("kind") == "downstream"]
     if downstream:  # the latest evaluation's rows (eval.downstream logs one row per task every N steps)
@@ -135,49 +150,100 @@ def evaluation_section(rows: List[Dict[str, Any]]) -> List[str]:
     return lines or ["No evaluation was recorded for this run."]
 
 
-def model_card(cfg: ModelConfig, state_dict: Dict[str, torch.Tensor], dtype: str, chat: bool,
-               facts: Optional[CardFacts] = None) -> str:
+def model_card(
+    cfg: ModelConfig,
+    state_dict: Dict[str, torch.Tensor],
+    dtype: str,
+    chat: bool,
+    facts: Optional[CardFacts] = None,
+) -> str:
     """The README.md text (Hub YAML header + markdown)."""
     facts = facts or CardFacts(stage="ift" if chat else "pretrain")
     total, embedding = parameter_counts(state_dict)
     kind = "instruction-tuned chat" if chat else "base (pretrained)"
-    stage_names = {"pretrain": "pretraining", "cpt": "continued pretraining", "ift": "instruction fine-tuning"}
+    stage_names = {
+        "pretrain": "pretraining",
+        "cpt": "continued pretraining",
+        "ift": "instruction fine-tuning",
+    }
     init_from = facts.config.get("train", {}).get("init_from")
-    training = [f"- stage: {stage_names.get(facts.stage, facts.stage)}"
-                + (f", initialized from `{init_from}`" if init_from else "")]
+    training = [
+        f"- stage: {stage_names.get(facts.stage, facts.stage)}"
+        + (f", initialized from `{init_from}`" if init_from else "")
+    ]
     if facts.step is not None:
         training.append(f"- optimizer steps: {_number(facts.step)}")
     if facts.tokens_seen is not None:
-        training.append(f"- tokens trained: {_number(facts.tokens_seen)}" + (" (this stage)" if init_from else ""))
+        training.append(
+            f"- tokens trained: {_number(facts.tokens_seen)}" + (" (this stage)" if init_from else "")
+        )
     train_cfg = facts.config.get("train", {})
     if train_cfg:
-        training.append(f"- peak lr {train_cfg.get('lr')}, schedule {train_cfg.get('schedule', 'cosine')}, "
-                        f"ZeRO stage {train_cfg.get('zero_stage')}, precision {train_cfg.get('precision')}")
-    use = (["A chat model: prompt it with the ChatML template (`tokenizer.apply_chat_template(messages, "
-            "add_generation_prompt=True)`); it ends its answer with `<|im_end|>`."] if chat else
-           [f"A base model: it continues plain text and ends a document with `{EOT}`. It was never trained on the "
+        training.append(
+            f"- peak lr {train_cfg.get('lr')}, schedule {train_cfg.get('schedule', 'cosine')}, "
+            f"ZeRO stage {train_cfg.get('zero_stage')}, precision {train_cfg.get('precision')}"
+        )
+    use = (
+        [
+            "A chat model: prompt it with the ChatML template (`tokenizer.apply_chat_template(messages, "
+            "add_generation_prompt=True)`); it ends its answer with `<|im_end|>`."
+        ]
+        if chat
+        else [
+            f"A base model: it continues plain text and ends a document with `{EOT}`. It was never trained on the "
             f"ChatML template it carries; the template is there so that SFT on chat data (our `train.stage=ift`, or "
             f"TRL's SFTTrainer) trains the same format. Its eos is `{EOT}`; generation_config.json stops at "
-            f"`{EOT}` or `{IM_END}`, so a model fine-tuned from it stops at the end of an answer."])
-    use.append(f"At {total / 1e6:.1f}M parameters it is meant for research, teaching and as a starting point for "
-               "continued pretraining or fine-tuning, not for factual or safety-critical use.")
+            f"`{EOT}` or `{IM_END}`, so a model fine-tuned from it stops at the end of an answer."
+        ]
+    )
+    use.append(
+        f"At {total / 1e6:.1f}M parameters it is meant for research, teaching and as a starting point for "
+        "continued pretraining or fine-tuning, not for factual or safety-critical use."
+    )
     use.insert(1, "")
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- slm-forge", "- llama", "---", "",
-        f"# {kind.capitalize()} Llama model ({total / 1e6:.1f}M parameters) made with slm-forge", "",
-        "## Architecture", "",
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- slm-forge",
+        "- llama",
+        "---",
+        "",
+        f"# {kind.capitalize()} Llama model ({total / 1e6:.1f}M parameters) made with slm-forge",
+        "",
+        "## Architecture",
+        "",
         f"`LlamaForCausalLM`: {cfg.n_layers} layers, hidden size {cfg.d_model}, {cfg.n_heads} attention heads "
         f"({cfg.n_kv_heads} key/value heads, head dim {cfg.head_dim}), SwiGLU MLP {cfg.ffn_hidden_size}, RMSNorm, "
         f"RoPE (theta {cfg.rope_theta:g}), context {cfg.max_seq_len} tokens, vocabulary {cfg.vocab_size} "
         f"(byte-level BPE), {'tied' if cfg.tie_embeddings else 'untied'} embeddings; weights in "
-        f"{'bfloat16' if dtype == 'bf16' else 'float32'}.", "",
-        f"Parameters: {total:,} total, {total - embedding:,} non-embedding.", "",
-        "## Training", "", *training, "", "### Data", "", *data_section(facts), "",
-        "## Evaluation", "", *evaluation_section(read_metrics(facts.run_dir)), "",
-        "## How it was made", "",
+        f"{'bfloat16' if dtype == 'bf16' else 'float32'}.",
+        "",
+        f"Parameters: {total:,} total, {total - embedding:,} non-embedding.",
+        "",
+        "## Training",
+        "",
+        *training,
+        "",
+        "### Data",
+        "",
+        *data_section(facts),
+        "",
+        "## Evaluation",
+        "",
+        *evaluation_section(read_metrics(facts.run_dir)),
+        "",
+        "## How it was made",
+        "",
         f"Trained with slm-forge (DeepSpeed ZeRO) and exported from `{facts.source or 'model weights'}` by "
-        "`slm export`, which checked that transformers gives the same logits and token ids as the training code.", "",
-        "## Intended use", "", *use, "",
-        "See slm-forge's docs/downstream.md for transformers, PEFT, TRL, lm-evaluation-harness and llama.cpp.", "",
+        "`slm export`, which checked that transformers gives the same logits and token ids as the training code.",
+        "",
+        "## Intended use",
+        "",
+        *use,
+        "",
+        "See slm-forge's docs/downstream.md for transformers, PEFT, TRL, lm-evaluation-harness and llama.cpp.",
+        "",
     ]
     return "\n".join(lines)

@@ -26,7 +26,9 @@ def _sizes(folder: Path) -> Dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
-def fetch_export(url: str, storage_options: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None) -> Path:
+def fetch_export(
+    url: str, storage_options: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None
+) -> Path:
     """The local copy of the export at `url` (downloaded, or reused when it matches the store's listing)."""
     store = DataStore(url, storage_options)
     listing = store.listing()
@@ -49,8 +51,10 @@ def fetch_export(url: str, storage_options: Optional[Dict[str, Any]] = None, cac
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             store.download(name, tmp / name)
             if (tmp / name).stat().st_size != size:
-                raise TrainError(f"Download of {store.url(name)} gave {(tmp / name).stat().st_size} bytes, not the "
-                                 f"{size} the store lists; try again.")
+                raise TrainError(
+                    f"Download of {store.url(name)} gave {(tmp / name).stat().st_size} bytes, not the "
+                    f"{size} the store lists; try again."
+                )
         replace_dir(tmp, target)  # target is our own cache folder for this URL
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

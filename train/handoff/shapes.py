@@ -17,8 +17,17 @@ import torch
 from model.config import ModelConfig
 from train.errors import TrainError
 
-SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden_size", "vocab_size", "tie_embeddings",
-              "rope_theta", "norm_eps")
+SHAPE_KEYS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+)
 """What the weights' shapes and meaning depend on (ffn_hidden_size is the width actually used)."""
 SEQ_LEN_KEY = "max_seq_len"
 
@@ -33,12 +42,17 @@ def as_model_config(model: ModelLike) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in model.items() if k in names})
 
 
-def shape_differences(saved: ModelLike, wanted: ModelLike, allow_seq_len_change: bool = False) -> List[Tuple[str, Any, Any]]:
+def shape_differences(
+    saved: ModelLike, wanted: ModelLike, allow_seq_len_change: bool = False
+) -> List[Tuple[str, Any, Any]]:
     """(key, saved value, wanted value) for every shape key that differs; empty when the weights fit."""
     saved_cfg, wanted_cfg = as_model_config(saved), as_model_config(wanted)
     keys = SHAPE_KEYS if allow_seq_len_change else SHAPE_KEYS + (SEQ_LEN_KEY,)
-    return [(key, getattr(saved_cfg, key), getattr(wanted_cfg, key)) for key in keys
-            if getattr(saved_cfg, key) != getattr(wanted_cfg, key)]
+    return [
+        (key, getattr(saved_cfg, key), getattr(wanted_cfg, key))
+        for key in keys
+        if getattr(saved_cfg, key) != getattr(wanted_cfg, key)
+    ]
 
 
 def expected_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
@@ -55,12 +69,19 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, sour
     shapes = expected_shapes(cfg)
     missing = sorted(set(shapes) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(shapes))
-    wrong = [f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shapes[k])})"
-             for k in shapes if k in state_dict and state_dict[k].shape != shapes[k]]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shapes[k])})"
+        for k in shapes
+        if k in state_dict and state_dict[k].shape != shapes[k]
+    ]
     if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing {', '.join(missing[:6])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:6])}" if unexpected else "",
-            f"wrong shape {', '.join(wrong[:6])}" if wrong else "",
-        ) if part)
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing[:6])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:6])}" if unexpected else "",
+                f"wrong shape {', '.join(wrong[:6])}" if wrong else "",
+            )
+            if part
+        )
         raise TrainError(f"The weights in {source} do not fit the model config it records: {details}.")
