@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   creates .venv, installs the project, runs the whole pipeline on the tiny preset
 #   make test   the same set-up, then the whole test suite
-# On a GPU machine override the torch pin, e.g. `make demo TORCH_SPEC="torch==2.5.1"`.
+# On a GPU machine the pin installs PyPI's CUDA build; another torch (>= 2.6) with `make demo TORCH_SPEC="torch==2.X.Y"`.
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0

@@ -151,7 +151,18 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 means a CPU job (no GPUs requested)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument(
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help="CPUs per node task (default: --cpus-per-gpu x GPUs per node, or one per process on CPU)",
+    )
+    p.add_argument("--cpus-per-gpu", type=int, default=8, help="a GPU job's default CPUs per GPU (default 8)")
+    p.add_argument(
+        "--mem",
+        default=None,
+        help="memory per node, e.g. 500G (default: 0, all of it, for a GPU job; none: the site default)",
+    )
     p.add_argument(
         "--nproc-per-node",
         type=int,

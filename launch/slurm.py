@@ -23,6 +23,12 @@ from launch.config import ConfigError, load_config
 
 TEMPLATE = Path(__file__).with_name("slurm_template.sh")
 LAUNCHERS = ("torchrun", "deepspeed")
+CPUS_PER_GPU = 8
+"""A GPU job's default CPUs per GPU: each rank builds its fp32 model and runs its data workers on the host,
+and a site's default of one CPU per task would put every rank of a node on one core."""
+WHOLE_NODE_MEMORY = "0"
+"""A GPU job's default --mem: Slurm's 0 means all of each node's memory (the fp32 model is built on the host
+by every rank at once; a site default of a few GB per task is OOM-killed there)."""
 # Slurm's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 TIME_FORMAT = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+))?(?::(\d+))?|(\d+)(?::(\d+))?(?::(\d+))?)$")
 
@@ -53,6 +59,8 @@ class SlurmJob:
     """Training processes per node."""
     cpus_per_task: Optional[int]
     """CPUs per node task (shared by its processes); None leaves it to the site default."""
+    mem: Optional[str]
+    """--mem per node in Slurm's units ("0": the whole node's memory); None leaves it to the site default."""
     partition: Optional[str]
     """Slurm partition, or the default one."""
     account: Optional[str]
@@ -129,9 +137,10 @@ def job_from_args(args: argparse.Namespace, workdir: Optional[Path] = None) -> S
             f"slm slurm: --nproc-per-node {nproc} is more than --gpus-per-node {gpus}; each training process "
             "needs its own GPU (use --gpus-per-node 0 for a CPU job)."
         )
-    cpus = args.cpus_per_task if args.cpus_per_task is not None else (None if gpus else nproc)
-    if cpus is not None:
-        _at_least("--cpus-per-task", cpus, 1)
+    cpus_per_gpu = _at_least("--cpus-per-gpu", getattr(args, "cpus_per_gpu", CPUS_PER_GPU), 1)
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else (gpus * cpus_per_gpu if gpus else nproc)
+    _at_least("--cpus-per-task", cpus, 1)
+    mem = job_memory(getattr(args, "mem", None), gpus)
     if args.launcher not in LAUNCHERS:
         raise SlurmError(f"slm slurm: --launcher {args.launcher!r} is not one of {', '.join(LAUNCHERS)}.")
     signal_seconds = _at_least("--signal-seconds", args.signal_seconds, 0)
@@ -152,6 +161,7 @@ def job_from_args(args: argparse.Namespace, workdir: Optional[Path] = None) -> S
         gpus_per_node=gpus,
         nproc_per_node=nproc,
         cpus_per_task=cpus,
+        mem=mem,
         partition=args.partition,
         account=args.account,
         time=args.time,
@@ -159,6 +169,20 @@ def job_from_args(args: argparse.Namespace, workdir: Optional[Path] = None) -> S
         signal_seconds=signal_seconds,
         segments=_at_least("--segments", args.segments, 1),
     )
+
+
+def job_memory(mem: Optional[str], gpus: int) -> Optional[str]:
+    """--mem for the job: what the user gave ("none" drops the line), else the whole node for a GPU job."""
+    if mem is None:
+        return WHOLE_NODE_MEMORY if gpus else None
+    if mem.strip().lower() == "none":
+        return None
+    if not re.fullmatch(r"\d+[KMGT]?", mem.strip(), flags=re.I):
+        raise SlurmError(
+            f"slm slurm: --mem {mem!r} is not a Slurm memory size; expected a number with an optional K, M, G or "
+            "T suffix (0: all of each node's memory), or none to leave it to the site default."
+        )
+    return mem.strip()
 
 
 def queue_flags(partition: Optional[str], account: Optional[str], time: Optional[str]) -> List[str]:
@@ -179,6 +203,8 @@ def _sbatch_lines(job: SlurmJob) -> List[str]:
     ]
     if job.cpus_per_task is not None:
         lines.append(f"--cpus-per-task={job.cpus_per_task}")
+    if job.mem is not None:
+        lines.append(f"--mem={job.mem}")
     if job.gpus_per_node:
         lines.append(f"--gpus-per-node={job.gpus_per_node}")
     lines += queue_flags(job.partition, job.account, job.time)
@@ -194,7 +220,11 @@ def _sbatch_lines(job: SlurmJob) -> List[str]:
 
 
 def _train_args(job: SlurmJob) -> str:
-    return " ".join(shlex.quote(a) for a in (str(job.config_path), *job.overrides))
+    """The preset and overrides of `slm train`. A GPU job asks for train.device=cuda (before the user's
+    overrides, which may replace it): a CUDA build that cannot see its GPU then fails at once instead of
+    training on the CPU for the whole allocation."""
+    device = ("train.device=cuda",) if job.gpus_per_node else ()
+    return " ".join(shlex.quote(a) for a in (str(job.config_path), *device, *job.overrides))
 
 
 def _launch_lines(job: SlurmJob) -> Tuple[str, str]:

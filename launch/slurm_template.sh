@@ -32,6 +32,8 @@ MASTER_PORT=$((BASE_PORT + ATTEMPT % 10))
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-@OMP_THREADS@}"   # CPU threads per training process
 export TOKENIZERS_PARALLELISM=false
+# Compiler caches on node-local disk: a shared home would serialise every rank's torch.compile on file locks.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${SLURM_TMPDIR:-/tmp}/triton-$USER}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=@SHUTDOWN_SECONDS@   # seconds torchrun gives workers to checkpoint after a TERM
 # Interconnect (GPU clusters): uncomment what your fabric needs.
 # export NCCL_SOCKET_IFNAME=ib0             # interface NCCL bootstraps over (GLOO_SOCKET_IFNAME for gloo)

@@ -74,8 +74,13 @@ def choose_backend(cfg: TrainConfig, device: str) -> str:
 
 
 def ensure_launcher_env() -> None:
-    """Give a launcher-less process the env a launcher would have set (rank 0 of 1)."""
+    """Give a launcher-less process the env a launcher would have set: its place in an srun step of several
+    tasks (`srun python -m launch train`), or rank 0 of 1."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if step_tasks.isdigit() and int(step_tasks) > 1:
+        slurm_step_env(int(step_tasks))
         return
     os.environ["RANK"] = "0"
     os.environ["WORLD_SIZE"] = "1"
@@ -84,6 +89,26 @@ def ensure_launcher_env() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
+
+
+def slurm_step_env(tasks: int) -> None:
+    """RANK/WORLD_SIZE/LOCAL_RANK from srun's SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID. Without them
+    each of the step's tasks would start its own rank-0 run, all writing one run.dir."""
+    missing = [
+        k for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_LOCALID") if not os.environ.get(k)
+    ]
+    if missing:
+        raise TrainError(
+            f"slm train runs as one of {tasks} tasks of an srun step without a launcher, but {', '.join(missing)} "
+            "is not set: the tasks cannot find each other. Start it with `slm slurm` (torchrun or the deepspeed "
+            "launcher per node), or export MASTER_ADDR (the first node) and MASTER_PORT before srun."
+        )
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0]
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = str(tasks)
+    os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+    if per_node.isdigit():
+        os.environ["LOCAL_WORLD_SIZE"] = per_node
 
 
 def separate_extension_cache_per_ninja() -> None:

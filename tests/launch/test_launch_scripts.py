@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Dict, List
@@ -94,3 +95,14 @@ def test_deepspeed_two_nodes_without_ssh(tiny_data_dir, tmp_path):
     )
     assert "nnodes=2, num_local_procs=1, node_rank=1" in out
     check_finished(run_dir)
+
+
+def test_torch_floor_is_true_and_the_advice_meets_it():
+    """pyproject's torch floor admits only a torch with the APIs we call, and the README/Makefile pins meet it."""
+    floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert tuple(int(x) for x in floor.split(".")) >= (2, 6), (
+        "train/optim.py calls torch.compiler.set_stance (2.6)"
+    )
+    pins = re.findall(r'TORCH_SPEC \??= ?"?torch==([\d.]+)', (REPO / "Makefile").read_text())
+    assert pins and all(tuple(map(int, p.split(".")[:2])) >= (2, 6) for p in pins)
+    assert "torch==2.5" not in (REPO / "README.md").read_text()

@@ -115,6 +115,27 @@ def test_gpu_job_with_deepspeed_launcher(tmp_path):
     assert "torchrun" not in launch
 
 
+def test_gpu_job_defaults_to_cpus_per_gpu_whole_node_memory_and_cuda(tmp_path):
+    script = script_for(tmp_path / "gpu", "--nodes", "2", "--gpus-per-node", "4")
+    options = sbatch_options(script)
+    assert "--cpus-per-task=32" in options, "8 CPUs per GPU by default, not the site's one per task"
+    assert "--mem=0" in options, "a GPU job asks for the whole node's memory"
+    assert 'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"' in script
+    assert 'TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-${SLURM_TMPDIR:-/tmp}/triton-$USER}"' in script
+    launch = script[script.index("srun --kill-on-bad-exit=1") : script.index("srun_pid=$!")]
+    assert f"-m launch train {Path(TINY).resolve()} train.device=cuda run.dir=" in launch
+    script = script_for(tmp_path / "gpu", "--gpus-per-node", "4", "--cpus-per-gpu", "12", "--mem", "500G")
+    assert "--cpus-per-task=48" in sbatch_options(script) and "--mem=500G" in sbatch_options(script)
+    assert not any(
+        o.startswith("--mem")
+        for o in sbatch_options(script_for(tmp_path, "--gpus-per-node", "1", "--mem", "none"))
+    )
+    cpu = script_for(tmp_path / "cpu", "--nproc-per-node", "2")
+    assert not any(o.startswith("--mem") for o in sbatch_options(cpu)) and "train.device=cuda" not in cpu
+    with pytest.raises(SlurmError, match="--mem 'lots' is not a Slurm memory size"):
+        script_for(tmp_path, "--gpus-per-node", "1", "--mem", "lots")
+
+
 def test_scripts_are_valid_bash(tmp_path):
     for launcher in ("torchrun", "deepspeed"):
         path = tmp_path / f"{launcher}.sbatch"
