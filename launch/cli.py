@@ -7,7 +7,11 @@ import os
 import sys
 from typing import List, Optional
 
+from common.log import library_logs_to_stderr
 from launch.config import ConfigError, load_config, to_yaml
+
+LOADS_DEEPSPEED = ("train", "export", "generate", "eval")
+"""Commands that import DeepSpeed (directly or through its checkpoint readers)."""
 
 
 def _user_errors() -> tuple:
@@ -89,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shots=args.shots,
         batch_size=args.batch_size,
         output=args.output,
+        force=args.force,
         data_dir=args.data_dir,
         seed=args.seed,
         device=args.device,
@@ -130,7 +135,12 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    p.add_argument("--output", default=None, help="write metrics and per-example scores to this JSON file")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write metrics and per-example scores to this JSON file ('-': stdout, the table then on stderr)",
+    )
+    p.add_argument("--force", action="store_true", help="let --output replace a file slm eval did not write")
     p.add_argument(
         "--data-dir",
         default=None,
@@ -270,6 +280,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tokenizers_single_threaded()
     args = build_parser().parse_args(argv)
+    if args.command in LOADS_DEEPSPEED:
+        library_logs_to_stderr()  # DeepSpeed logs to stdout otherwise, mixed into the command's results
     try:
         code = args.func(args)
     except _user_errors() as err:

@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -183,10 +183,13 @@ class OutputHead(nn.Linear):
 def sample_next_token(
     logits: Tensor, temperature: float, top_k: Optional[int], generator: Optional[torch.Generator]
 ) -> Tensor:
-    """Pick one token per row from last-position logits (B, vocab): greedy at temperature 0, else sample."""
-    if temperature == 0:
+    """Pick one token per row from last-position logits (B, vocab): greedy at temperature 0 (or below float32's
+    smallest normal number), else sample."""
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that sampling is greedy anyway
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # Shifted so the best is 0 before dividing: any positive temperature, however small, stays finite.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature  # (B, vocab)
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -277,8 +280,10 @@ class Transformer(nn.Module):
         eos_id: Optional[int] = None,
         use_cache: bool = True,
         generator: Optional[torch.Generator] = None,
+        on_token: Optional[Callable[[Tensor], None]] = None,
     ) -> Tensor:
         """Append up to max_new_tokens tokens to the prompts tokens (B, T); returns (B, T + generated).
+        `on_token`, if given, sees each step's new tokens (B,) as they come (for streaming output).
 
         temperature 0 is greedy; top_k keeps only the k likeliest tokens. With eos_id, a row that emitted it
         keeps emitting it, and decoding stops once every row has. The context is the last max_seq_len tokens:
@@ -311,6 +316,8 @@ class Transformer(nn.Module):
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
             tokens = torch.cat((tokens, next_token[:, None]), dim=1)  # (B, T + 1)
+            if on_token is not None:
+                on_token(next_token)
             if eos_id is not None and bool(finished.all()):
                 break
         return tokens

@@ -196,10 +196,13 @@ def test_two_processes_score_like_one(tiny_export, eval_data_dir, tmp_path):
         "--batch-size",
         "8",
     ]
-    run(slm_cmd([*args, "--output", str(tmp_path / "one.json")]))
+    # --output -: the JSON alone on stdout (the table goes to stderr), parsed as it comes.
+    dashed = run(slm_cmd([*args, "--output", "-"]))
+    assert "(1 process(es), cpu" in dashed.stderr
+    one = json.loads(dashed.stdout)
     proc = run(slm_cmd([*args, "--output", str(tmp_path / "two.json")], nproc=2))
     assert "(2 process(es), cpu" in proc.stdout and proc.stdout.count("examples/s") == 1  # rank 0 prints once
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    two = json.loads((tmp_path / "two.json").read_text())
     for name in ("hellaswag", "winogrande", "lambada_openai"):
         metrics_one, metrics_two = one["tasks"][name], two["tasks"][name]
         assert metrics_one["examples"] == metrics_two["examples"] == 21

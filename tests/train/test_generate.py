@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,7 +79,15 @@ def test_cli_prints_prompt_and_continuation_from_every_kind_of_source(sources, c
             ]
         )
     )
-    assert proc.stdout.endswith(outputs[0])
+    assert proc.stdout == outputs[0], (
+        "stdout carries the generated text only (DeepSpeed's lines go to stderr)"
+    )
+    # A huge --max-new-tokens is capped at the model's context, said on stderr, and the text still streams.
+    assert generate_cli(sources["export"], "ROMEO:", max_new_tokens=10**9, temperature=1.0, seed=1) == 0
+    captured = capsys.readouterr()
+    context = json.loads((sources["export"] / "config.json").read_text())["max_position_embeddings"]
+    assert f"--max-new-tokens 1000000000 capped at the model's context, {context} tokens" in captured.err
+    assert captured.out.startswith("ROMEO:") and "[slm]" not in captured.out
 
 
 def test_generation_stops_at_the_stop_token():
@@ -96,6 +106,36 @@ def test_generation_stops_at_the_stop_token():
         generate_ids(model, prompt, 6, temperature=0, top_k=None, eos_id=stop, seed=0)
         == greedy[: greedy.index(stop)]
     )
+
+
+def test_tiny_temperatures_sample_the_best_token():
+    """A temperature as small as 1e-45 divides the logits into infinities: shifted first, it stays greedy."""
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(
+            n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, vocab_size=128, max_seq_len=32, init_std=0.5
+        )
+    ).eval()
+    greedy = generate_ids(model, [5, 6, 7], 6, temperature=0, top_k=None, eos_id=127, seed=0)
+    for temperature in (1e-45, 1e-30, 5e-324):
+        assert (
+            generate_ids(model, [5, 6, 7], 6, temperature=temperature, top_k=3, eos_id=127, seed=0) == greedy
+        )
+
+
+def test_streamed_text_is_the_decoded_text(tiny_data_dir, capsys):
+    """Tokens printed as they come add up to the decode of them all, a UTF-8 character split over tokens included."""
+    from train.handoff.generate import TextStream
+
+    tokenizer = load_tokenizer(tiny_data_dir / "tokenizer.json")
+    ids = tokenizer.encode("  Où est la café? ROMEO: ☃ done  ").ids
+    for strip in (False, True):
+        stream = TextStream(tokenizer, strip=strip)
+        for token_id in ids:
+            stream(token_id)
+        stream.finish()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        assert capsys.readouterr().out == (text.strip() if strip else text) + "\n"
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as torch_dist
 
 from common.atomic import atomic_write_text
+from common.log import say
 from data_pipeline.tokenizer import load_tokenizer
 from train.downstream.evaluate import DownstreamResult, TaskRequests, build_task_requests, score_tasks, world
 from train.downstream.fetch import fetch_eval_data
 from train.errors import TrainError
 from train.handoff.init_from import build_model, load_weights, locate_weights
+
+EVAL_OUTPUT_KEYS = ("model", "settings", "tasks", "seconds", "examples_per_second", "examples")
+"""The top-level keys of `slm eval --output` JSON (how an earlier result is recognised before replacing it)."""
 
 
 def init_process_group(device: str) -> torch.device:
@@ -84,7 +90,7 @@ def result_json(
         }
         for r in result.examples
     ]
-    payload = {
+    payload = {  # the keys are EVAL_OUTPUT_KEYS
         "model": model,
         "settings": settings,
         "tasks": tasks,
@@ -95,6 +101,47 @@ def result_json(
     return json.dumps(payload, indent=1) + "\n"
 
 
+def looks_like_eval_output(path: Path) -> bool:
+    """An earlier `slm eval --output` file: JSON with exactly our top-level keys."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(payload, dict) and set(payload) == set(EVAL_OUTPUT_KEYS)
+
+
+def inside_a_run_or_export(path: Path) -> Optional[Path]:
+    """The run dir (it holds metrics.jsonl) or export (config.json + model.safetensors) that holds `path`."""
+    for folder in path.resolve().parents:
+        if (folder / "metrics.jsonl").exists() or (
+            (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+        ):
+            return folder
+    return None
+
+
+def check_output(output: str, force: bool) -> None:
+    """--output may replace only an earlier slm eval result outside any run or export, unless --force."""
+    path = Path(output)
+    if path.is_dir():
+        raise TrainError(f"--output {output} is a directory; expected the path of a JSON file to write.")
+    if not path.parent.is_dir():
+        raise TrainError(f"--output {output}: the folder {path.parent} does not exist; create it first.")
+    if not path.exists() or force:
+        return
+    holder = inside_a_run_or_export(path)
+    if holder is not None:
+        raise TrainError(
+            f"--output {output} exists inside {holder} (a run or an export): slm eval does not replace files "
+            "there. Choose another path, or pass --force to replace it."
+        )
+    if not looks_like_eval_output(path):
+        raise TrainError(
+            f"--output {output} exists and is not an earlier slm eval result; refusing to overwrite it. Choose "
+            "another path, or pass --force to replace it."
+        )
+
+
 def eval_cli(
     model: Optional[str],
     tasks: str,
@@ -102,6 +149,7 @@ def eval_cli(
     shots: int = 0,
     batch_size: int = 32,
     output: Optional[str] = None,
+    force: bool = False,
     data_dir: Optional[str] = None,
     seed: Optional[int] = None,
     device: str = "auto",
@@ -110,7 +158,7 @@ def eval_cli(
     """Fetch the data and/or evaluate; returns the exit code."""
     if fetch_data:
         where = fetch_eval_data(data_dir)
-        print(f"eval data in {where} (use --data-dir {where})", flush=True)
+        say(f"eval data in {where} (use --data-dir {where})")
         data_dir = str(where)
         if model is None:
             return 0
@@ -121,6 +169,8 @@ def eval_cli(
     for flag, value, low in (("--limit", limit, 1), ("--shots", shots, 0), ("--batch-size", batch_size, 1)):
         if value is not None and value < low:
             raise TrainError(f"{flag} is {value}; expected an integer >= {low}.")
+    if output and output != "-":
+        check_output(output, force)
     names = [name for name in tasks.split(",") if name.strip()]
     if not names:
         raise TrainError(
@@ -138,7 +188,8 @@ def eval_cli(
         result = score_tasks(net, task_requests, batch_size=batch_size, device=torch_device)
         rank, world_size = world()
         if rank == 0:
-            print(format_table(result, task_requests, world_size, torch_device, shots), flush=True)
+            table = format_table(result, task_requests, world_size, torch_device, shots)
+            print(table, file=sys.stderr if output == "-" else sys.stdout, flush=True)
             if output:
                 settings = {
                     "limit": limit,
@@ -149,8 +200,13 @@ def eval_cli(
                     "processes": world_size,
                     "device": torch_device.type,
                 }
-                atomic_write_text(output, result_json(str(model), result, task_requests, settings))
-                print(f"wrote {output}", flush=True)
+                payload = result_json(str(model), result, task_requests, settings)
+                if output == "-":
+                    sys.stdout.write(payload)
+                    sys.stdout.flush()
+                else:
+                    atomic_write_text(output, payload)
+                    say(f"wrote {output}")
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()
