@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from launch.config_shape import check_override_key, check_sections
+from launch.yaml_strict import YamlConfigError, load_yaml
 from train.config import Config, from_dict, to_dict, to_yaml  # noqa: F401  (the CLI's and tests' entry point)
 
 
@@ -93,9 +94,11 @@ def _read_yaml(path: str) -> Any:
         )
     try:
         text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"Config file '{path}' could not be read: {err}.") from None
+    except YamlConfigError as err:
+        raise ConfigError(f"Config file '{path}' is refused: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}".replace("\n", " ")) from None
     if data is None:

@@ -160,3 +160,38 @@ def test_missing_and_unreadable_files(tmp_path):
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="model.n_layers"):
         load_config(TINY, ["model.n_layers"])
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  max_steps: 5\nmodel:\n  n_layers: 2\ntrain:\n  micro_batch_size: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping \(lines 1 and 5\)"):
+        load_config(str(path))
+    path.write_text("model:\n  n_layers: 2\n  n_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml' is refused: key 'n_layers' appears twice"):
+        load_config(str(path))
+
+
+def test_alias_bombs_and_deep_nesting_are_refused_quickly(tmp_path):
+    import time
+
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 7)]  # 10^7 leaves
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    with pytest.raises(
+        ConfigError, match="bomb.yaml' is refused: it uses more than 100 aliases or expands to"
+    ):
+        load_config(str(path))
+    assert time.monotonic() - started < 30, "the bomb must be refused before it is expanded"
+    path.write_text("x: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(str(path))
+
+
+def test_a_few_anchors_are_fine(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("model:\n  n_layers: &layers 3\nrun:\n  seed: *layers\n")
+    cfg = load_config(str(path))
+    assert (cfg.model.n_layers, cfg.run.seed) == (3, 3)
