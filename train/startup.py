@@ -21,9 +21,13 @@ from train.checkpoint import (
     CheckpointRecord,
     Progress,
     RunIdentity,
+    check_resumable,
     ensure_universal,
+    intact_resume,
     load_checkpoint,
-    read_meta,
+    load_mode,
+    read_record,
+    resolve_resume,
 )
 from train.config import Config, to_dict, to_yaml
 from train.distributed import DistInfo, barrier, on_main_then_share
@@ -31,7 +35,6 @@ from train.errors import TrainError
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
 from train.preflight import BatchPlan, plan_batches, preflight
-from train.resume import check_resumable, intact_resume, load_mode, resolve_resume
 
 
 def say(dist_info: DistInfo, message: str) -> None:
@@ -294,12 +297,17 @@ def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
 
 
 def resume_into(
-    engine: Any, train_loader: Any, resume_from: Path, universal_dir: Optional[Path], dist_info: DistInfo
+    engine: Any,
+    train_loader: Any,
+    resume_from: Path,
+    record: CheckpointRecord,
+    universal_dir: Optional[Path],
+    dist_info: DistInfo,
 ) -> Progress:
-    """Load a checkpoint into the engine and the loader; the progress its record holds."""
-    record = CheckpointRecord.from_meta(read_meta(resume_from), resume_from)
+    """Load a checkpoint (`record` is its meta.json) into the engine and the loader; the progress it holds."""
+    loader_state = record.loader_state()
     load_checkpoint(engine, resume_from, dist_info.rank, universal_dir)
-    train_loader.load_state_dict(record.loader)
+    train_loader.load_state_dict(loader_state)
     progress = record.progress
     say(
         dist_info,
@@ -339,18 +347,18 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         cfg.train.zero_stage,
         cfg.train.precision,
     )
-    universal_dir = None
+    universal_dir, record = None, None
     if resume_from is not None:
-        meta = read_meta(resume_from)
+        record = read_record(resume_from)
         check_resumable(
             resume_from,
-            meta,
+            record,
             identity.config,
             data.tokenizer_sha256,
             data.manifest_sha256,
             dist_info.world_size,
         )
-        if load_mode(meta, dist_info.world_size, cfg.train.zero_stage) == "universal":
+        if load_mode(record, dist_info.world_size, cfg.train.zero_stage) == "universal":
             universal_dir = on_main_then_share(
                 dist_info,
                 lambda: ensure_universal(resume_from),
@@ -364,8 +372,8 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         say(dist_info, describe_muon(engine.module, cfg.train))
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
-    if resume_from is not None:
-        progress = resume_into(engine, train_loader, resume_from, universal_dir, dist_info)
+    if resume_from is not None and record is not None:
+        progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
     write_run_dir(cfg, dist_info, progress)
     return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
 

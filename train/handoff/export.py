@@ -39,7 +39,7 @@ from train.handoff.hf_format import (
     tokenizer_config,
 )
 from train.handoff.init_from import build_model, load_weights, locate_weights
-from train.handoff.model_card import CardFacts, facts_from_meta, model_card
+from train.handoff.model_card import CardFacts, facts_from_record, model_card
 from train.handoff.shapes import check_state_dict
 
 DEFAULT_MAX_SHARD_BYTES = 2 * GIB
@@ -168,12 +168,10 @@ def export(
     state_dict, cfg = load_weights(source)
     stage, provenance = "pretrain", {"source": str(source.path)}
     card = CardFacts(source=str(source.path))
-    if source.meta is not None:
-        card = facts_from_meta(source.path, source.meta)
-        stage = str(source.meta.get("config", {}).get("train", {}).get("stage", "pretrain"))
-        provenance.update(
-            step=source.meta.get("step"), tokens_seen=source.meta.get("tokens_seen"), stage=stage
-        )
+    if source.record is not None:
+        card = facts_from_record(source.path, source.record)
+        stage = source.record.identity.stage
+        provenance.update(step=source.record.step, tokens_seen=source.record.tokens_seen, stage=stage)
     chat = stage == "ift" or (source.kind == "export" and _export_is_chat(source.path))
     card.stage = "ift" if chat else card.stage
     out = export_from_model(
