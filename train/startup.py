@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_write_text
+from common.files import file_sha256
+from model import Transformer
 from train.batch import Batch, take_batches
 from train.checkpoint import (
     CheckpointRecord,
@@ -30,11 +32,16 @@ from train.checkpoint import (
     resolve_resume,
 )
 from train.config import Config, to_dict, to_yaml
+from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
 from train.distributed import DistInfo, barrier, on_main_then_share
 from train.errors import TrainError
+from train.handoff.init_from import load_init_weights
+from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
+from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.preflight import BatchPlan, plan_batches, preflight
+from train.schedule import check_schedule
 
 
 def say(dist_info: DistInfo, message: str) -> None:
@@ -108,7 +115,6 @@ def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
 
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
-    from common.files import file_sha256
     from data_pipeline.manifest import load_manifest, manifest_sha256
     from data_pipeline.shard_cache import local_copy
     from data_pipeline.tokenizer import load_tokenizer
@@ -184,7 +190,6 @@ def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
     first rank (the others wait, then find the copy complete)."""
     from data_pipeline.storage import is_remote
-    from train.handoff.remote_export import fetch_export
 
     source = str(cfg.train.init_from)
     if not is_remote(source):
@@ -206,8 +211,6 @@ def load_initial_weights(
             f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
             "checkpoint or export whose weights this stage continues from."
         )
-    from train.handoff.init_from import load_init_weights
-
     state_dict, init_cfg, init_sha = load_init_weights(local_init_source(cfg, dist_info))
     if init_sha is not None and init_sha != tokenizer_sha256:
         raise TrainError(
@@ -238,11 +241,7 @@ def build_engine(
     cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]], universal: bool
 ) -> Any:
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
-    import deepspeed
-
-    from model import Transformer
-    from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
-    from train.optim import build_optimizer, param_groups, set_compile_stance
+    import deepspeed  # heavy: imported when an engine is built
 
     set_compile_stance(dist_info.device, cfg.train.compile)
     seed_everything(cfg.run.seed)
@@ -274,8 +273,6 @@ def build_engine(
 
 def settle_batches(cfg: Config, dist_info: DistInfo) -> tuple:
     """(the run's resolved copy of the config, its batch plan): max_steps from the token budget, schedule checked."""
-    from train.schedule import check_schedule
-
     cfg = dataclasses.replace(cfg)  # the resolved copy this run records
     plan = plan_batches(cfg.train, dist_info.world_size, cfg.model.max_seq_len)
     cfg.train = dataclasses.replace(cfg.train, max_steps=plan.max_steps)
@@ -367,8 +364,6 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
 
     engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.train.optimizer == "muon":
-        from train.optim import describe_muon
-
         say(dist_info, describe_muon(engine.module, cfg.train))
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
