@@ -11,6 +11,7 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import BIN, REPO, TINY, free_port, test_env
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +61,6 @@ def run_nodes(script: str, node_envs: List[Dict[str, str]], run_dir: Path, data_
 
 
 def check_finished(run_dir: Path) -> None:
-    from train.checkpoint import find_checkpoint, read_record
-
     assert (run_dir / "DONE").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("kind") == "train"] == list(range(1, MAX_STEPS + 1))

@@ -19,6 +19,7 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import REPO, TINY, run, slm_cmd
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -183,8 +184,6 @@ def test_resumed_from_the_preemption_checkpoint_with_an_exact_step_sequence(pree
 
 
 def test_final_checkpoint_is_complete(preempted_run):
-    from train.checkpoint import find_checkpoint, read_record
-
     step_dir = find_checkpoint(preempted_run["run_dir"])
     assert step_dir is not None and step_dir.name == f"step_{MAX_STEPS:08d}"
     record = read_record(step_dir)
