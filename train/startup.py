@@ -16,22 +16,32 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_write_text
+from common.files import file_sha256
+from model import Transformer
 from train.batch import Batch, take_batches
 from train.checkpoint import (
     CheckpointRecord,
     Progress,
     RunIdentity,
+    check_resumable,
     ensure_universal,
+    intact_resume,
     load_checkpoint,
-    read_meta,
+    load_mode,
+    read_record,
+    resolve_resume,
 )
 from train.config import Config, to_dict, to_yaml
+from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
 from train.distributed import DistInfo, barrier, on_main_then_share
 from train.errors import TrainError
+from train.handoff.init_from import load_init_weights
+from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
+from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.preflight import BatchPlan, plan_batches, preflight
-from train.resume import check_resumable, intact_resume, load_mode, resolve_resume
+from train.schedule import check_schedule
 
 
 def say(dist_info: DistInfo, message: str) -> None:
@@ -105,7 +115,6 @@ def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
 
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
-    from common.files import file_sha256
     from data_pipeline.manifest import load_manifest, manifest_sha256
     from data_pipeline.shard_cache import local_copy
     from data_pipeline.tokenizer import load_tokenizer
@@ -181,7 +190,6 @@ def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
     first rank (the others wait, then find the copy complete)."""
     from data_pipeline.storage import is_remote
-    from train.handoff.remote_export import fetch_export
 
     source = str(cfg.train.init_from)
     if not is_remote(source):
@@ -203,8 +211,6 @@ def load_initial_weights(
             f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
             "checkpoint or export whose weights this stage continues from."
         )
-    from train.handoff.init_from import load_init_weights
-
     state_dict, init_cfg, init_sha = load_init_weights(local_init_source(cfg, dist_info))
     if init_sha is not None and init_sha != tokenizer_sha256:
         raise TrainError(
@@ -235,11 +241,7 @@ def build_engine(
     cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]], universal: bool
 ) -> Any:
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
-    import deepspeed
-
-    from model import Transformer
-    from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
-    from train.optim import build_optimizer, param_groups, set_compile_stance
+    import deepspeed  # heavy: imported when an engine is built
 
     set_compile_stance(dist_info.device, cfg.train.compile)
     seed_everything(cfg.run.seed)
@@ -271,8 +273,6 @@ def build_engine(
 
 def settle_batches(cfg: Config, dist_info: DistInfo) -> tuple:
     """(the run's resolved copy of the config, its batch plan): max_steps from the token budget, schedule checked."""
-    from train.schedule import check_schedule
-
     cfg = dataclasses.replace(cfg)  # the resolved copy this run records
     plan = plan_batches(cfg.train, dist_info.world_size, cfg.model.max_seq_len)
     cfg.train = dataclasses.replace(cfg.train, max_steps=plan.max_steps)
@@ -294,12 +294,17 @@ def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
 
 
 def resume_into(
-    engine: Any, train_loader: Any, resume_from: Path, universal_dir: Optional[Path], dist_info: DistInfo
+    engine: Any,
+    train_loader: Any,
+    resume_from: Path,
+    record: CheckpointRecord,
+    universal_dir: Optional[Path],
+    dist_info: DistInfo,
 ) -> Progress:
-    """Load a checkpoint into the engine and the loader; the progress its record holds."""
-    record = CheckpointRecord.from_meta(read_meta(resume_from), resume_from)
+    """Load a checkpoint (`record` is its meta.json) into the engine and the loader; the progress it holds."""
+    loader_state = record.loader_state()
     load_checkpoint(engine, resume_from, dist_info.rank, universal_dir)
-    train_loader.load_state_dict(record.loader)
+    train_loader.load_state_dict(loader_state)
     progress = record.progress
     say(
         dist_info,
@@ -339,18 +344,18 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         cfg.train.zero_stage,
         cfg.train.precision,
     )
-    universal_dir = None
+    universal_dir, record = None, None
     if resume_from is not None:
-        meta = read_meta(resume_from)
+        record = read_record(resume_from)
         check_resumable(
             resume_from,
-            meta,
+            record,
             identity.config,
             data.tokenizer_sha256,
             data.manifest_sha256,
             dist_info.world_size,
         )
-        if load_mode(meta, dist_info.world_size, cfg.train.zero_stage) == "universal":
+        if load_mode(record, dist_info.world_size, cfg.train.zero_stage) == "universal":
             universal_dir = on_main_then_share(
                 dist_info,
                 lambda: ensure_universal(resume_from),
@@ -359,13 +364,11 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
 
     engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.train.optimizer == "muon":
-        from train.optim import describe_muon
-
         say(dist_info, describe_muon(engine.module, cfg.train))
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
-    if resume_from is not None:
-        progress = resume_into(engine, train_loader, resume_from, universal_dir, dist_info)
+    if resume_from is not None and record is not None:
+        progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
     write_run_dir(cfg, dist_info, progress)
     return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
 

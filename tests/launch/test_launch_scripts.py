@@ -12,6 +12,7 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import BIN, REPO, TINY, free_port, test_env
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +62,12 @@ def run_nodes(script: str, node_envs: List[Dict[str, str]], run_dir: Path, data_
 
 
 def check_finished(run_dir: Path) -> None:
-    from train.checkpoint import find_checkpoint, read_meta
-
     assert (run_dir / "DONE").is_file()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("kind") == "train"] == list(range(1, MAX_STEPS + 1))
     step_dir = find_checkpoint(run_dir)
     assert step_dir is not None and step_dir.name == f"step_{MAX_STEPS:08d}"
-    assert read_meta(step_dir)["world_size"] == 2
+    assert read_record(step_dir).world_size == 2
 
 
 def test_torchrun_two_nodes_with_c10d_rendezvous(tiny_data_dir, tmp_path):

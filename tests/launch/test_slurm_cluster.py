@@ -19,6 +19,7 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import REPO, TINY, run, slm_cmd
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -183,13 +184,11 @@ def test_resumed_from_the_preemption_checkpoint_with_an_exact_step_sequence(pree
 
 
 def test_final_checkpoint_is_complete(preempted_run):
-    from train.checkpoint import find_checkpoint, read_meta
-
     step_dir = find_checkpoint(preempted_run["run_dir"])
     assert step_dir is not None and step_dir.name == f"step_{MAX_STEPS:08d}"
-    meta = read_meta(step_dir)
-    assert meta["step"] == MAX_STEPS and meta["world_size"] == 2
-    assert meta["tokens_seen"] == MAX_STEPS * 4 * 2 * 32
+    record = read_record(step_dir)
+    assert record.step == MAX_STEPS and record.world_size == 2
+    assert record.tokens_seen == MAX_STEPS * 4 * 2 * 32
 
 
 def test_segments_of_a_finished_run_exit_at_once(preempted_run, tiny_data_dir):

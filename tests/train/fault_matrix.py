@@ -20,8 +20,7 @@ import torch
 
 from tests.helpers import REPO, TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
-from train.checkpoint import find_checkpoint
-from train.safe_load import safe_load
+from train.checkpoint import find_checkpoint, load_module_weights
 
 CKPT_EVERY = 2
 SHRINK = [
@@ -67,7 +66,7 @@ def train_rows(run_dir: Path) -> List[dict]:
 
 
 def final_params(run_dir: Path) -> Dict[str, torch.Tensor]:
-    return safe_load(find_checkpoint(run_dir) / "mp_rank_00_model_states.pt")["module"]
+    return load_module_weights(find_checkpoint(run_dir))
 
 
 def kill_at(cmd: List[str], step: int, where: str, timeout: float) -> str:

@@ -2,92 +2,98 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from train.checkpoint import COMPLETE, complete_checkpoints, prune_checkpoints, read_meta, step_tag
-from train.checkpoint_files import (
+from train.checkpoint import (
+    COMPLETE,
+    DS_MODEL_STATES,
+    META,
+    TOKENIZER,
     CheckpointDamaged,
-    newest_intact,
+    complete_checkpoints,
+    intact_resume,
+    prune_checkpoints,
+    read_record,
     record_files,
+    rng_file,
+    step_tag,
     verify_checkpoint,
-    verify_files,
 )
+from train.checkpoint.files import newest_intact, verify_files
 from train.config import TrainConfig
-from train.resume import intact_resume
 
-TOKENIZER = b'{"fake": "tokenizer"}'
+TOKENIZER_BYTES = b'{"fake": "tokenizer"}'
 
 
 def make_checkpoint(ckpt_dir: Path, step: int) -> Path:
-    import hashlib
-
     step_dir = ckpt_dir / step_tag(step)
     step_dir.mkdir(parents=True)
-    (step_dir / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 200)
-    (step_dir / "rng_rank00000.pt").write_bytes(b"r" * 100)
-    (step_dir / "tokenizer.json").write_bytes(TOKENIZER)
+    (step_dir / DS_MODEL_STATES).write_bytes(bytes(range(256)) * 200)
+    rng_file(step_dir, 0).write_bytes(b"r" * 100)
+    (step_dir / TOKENIZER).write_bytes(TOKENIZER_BYTES)
     meta = {
         "step": step,
         "tokens_seen": 0,
         "config": {},
-        "tokenizer_sha256": hashlib.sha256(TOKENIZER).hexdigest(),
+        "tokenizer_sha256": hashlib.sha256(TOKENIZER_BYTES).hexdigest(),
         "manifest_sha256": "m",
         "world_size": 1,
         "zero_stage": 0,
         **record_files(step_dir),
     }
-    (step_dir / "meta.json").write_text(json.dumps(meta))
+    (step_dir / META).write_text(json.dumps(meta))
     (step_dir / COMPLETE).write_text("x")
     return step_dir
 
 
 def test_record_names_every_file_and_verification_names_the_damaged_one(tmp_path):
     step_dir = make_checkpoint(tmp_path, 4)
-    meta = read_meta(step_dir)
-    assert set(meta["files"]) == {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "tokenizer.json"}
-    verify_checkpoint(step_dir, meta)
-    weights = step_dir / "mp_rank_00_model_states.pt"
+    record = read_record(step_dir)
+    assert set(record.files) == {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "tokenizer.json"}
+    verify_checkpoint(step_dir, record)
+    weights = step_dir / DS_MODEL_STATES
     data = bytearray(weights.read_bytes())
     data[1000:1100] = b"\x00" * 100  # same size, other bytes
     weights.write_bytes(bytes(data))
-    verify_files(step_dir, meta, hashes=False)  # sizes only: not seen
+    verify_files(step_dir, record, hashes=False)  # sizes only: not seen
     with pytest.raises(
         CheckpointDamaged,
         match="mp_rank_00_model_states.pt has xxh3_128|mp_rank_00_model_states.pt has sha256",
     ):
-        verify_files(step_dir, meta)
+        verify_files(step_dir, record)
     weights.write_bytes(bytes(data[:-10]))
     with pytest.raises(CheckpointDamaged, match="mp_rank_00_model_states.pt has 51190 bytes"):
-        verify_files(step_dir, meta, hashes=False)
+        verify_files(step_dir, record, hashes=False)
     weights.unlink()
     with pytest.raises(CheckpointDamaged, match="incomplete: mp_rank_00_model_states.pt is missing"):
-        verify_files(step_dir, meta, hashes=False)
+        verify_files(step_dir, record, hashes=False)
 
 
 def test_unrecorded_pickle_and_swapped_tokenizer_are_refused(tmp_path):
     step_dir = make_checkpoint(tmp_path, 4)
-    meta = read_meta(step_dir)
+    record = read_record(step_dir)
     (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
     with pytest.raises(
         CheckpointDamaged,
         match="zero_pp_rank_1_mp_rank_00_optim_states.pt, which its meta.json does not list",
     ):
-        verify_files(step_dir, meta)
+        verify_files(step_dir, record)
     (step_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    (step_dir / "tokenizer.json").write_bytes(TOKENIZER.replace(b"fake", b"swap"))  # same size
+    (step_dir / TOKENIZER).write_bytes(TOKENIZER_BYTES.replace(b"fake", b"swap"))  # same size
     with pytest.raises(CheckpointDamaged, match="tokenizer.json"):
-        verify_checkpoint(step_dir, meta, hashes=False)
+        verify_checkpoint(step_dir, record, hashes=False)
 
 
 def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, capsys):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     for step in (2, 4, 6):
         make_checkpoint(ckpt_dir, step)
-    (ckpt_dir / "step_00000006" / "mp_rank_00_model_states.pt").unlink()
-    (ckpt_dir / "step_00000004" / "rng_rank00000.pt").write_bytes(b"R" * 100)
+    (ckpt_dir / "step_00000006" / DS_MODEL_STATES).unlink()
+    rng_file(ckpt_dir / "step_00000004", 0).write_bytes(b"R" * 100)
     chosen = intact_resume(TrainConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
     assert chosen == ckpt_dir / "step_00000002"
     out = capsys.readouterr().out
@@ -99,9 +105,9 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
         intact_resume(
             TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006"
         )
-    (ckpt_dir / "step_00000002" / "tokenizer.json").unlink()
+    (ckpt_dir / "step_00000002" / TOKENIZER).unlink()
     with pytest.raises(CheckpointDamaged, match="Every complete checkpoint is damaged"):
-        newest_intact(reversed(complete_checkpoints(ckpt_dir)), read_meta, True, print)
+        newest_intact(reversed(complete_checkpoints(ckpt_dir)), True, print)
 
 
 def test_rotation_removes_only_our_old_checkpoints_and_temporary_folders(tmp_path):

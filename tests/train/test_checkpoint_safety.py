@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers import REPO, TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
-from train.checkpoint_files import record_files
+from train.checkpoint import META, record_files
 
 pytestmark = pytest.mark.slow
 
@@ -70,9 +70,9 @@ def craft(path: Path, target: Path) -> None:
 
 def forge_record(step_dir: Path) -> None:
     """What someone who can write the folder can do: make meta.json's file record match the crafted file."""
-    meta = json.loads((step_dir / "meta.json").read_text())
+    meta = json.loads((step_dir / META).read_text())
     meta.update(record_files(step_dir))
-    (step_dir / "meta.json").write_text(json.dumps(meta))
+    (step_dir / META).write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")

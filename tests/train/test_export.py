@@ -22,10 +22,11 @@ from data_pipeline.tokenizer import (
 )
 from launch.cli import main as slm_main
 from tests.train.zero_checkpoints import build_checkpoints, step_dir
+from train.checkpoint import consolidate_checkpoint
 from train.errors import TrainError
 from train.handoff.export import export, verify_export
 from train.handoff.hf_format import special_ids, tokenizer_config
-from train.handoff.init_from import consolidate_checkpoint, load_init_weights
+from train.handoff.init_from import load_init_weights
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,6 +16,7 @@ from data_pipeline.tokenizer import IM_END, load_tokenizer
 from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, TINY, run, slm_cmd
 from tests.train.zero_checkpoints import build_checkpoints
+from train.checkpoint import find_checkpoint, read_record
 from train.handoff.export import export
 from train.handoff.init_from import build_model, load_init_weights
 
@@ -116,10 +117,8 @@ def test_cpt_from_export_starts_at_the_source_loss(chain, tiny_data_dir):
     source_loss = loss_of(chain["pretrain"], batch)  # the DeepSpeed checkpoint itself, not the export
     assert first_logged_loss(chain["cpt"]) == pytest.approx(source_loss, abs=1e-5)
     assert source_loss == pytest.approx(loss_of(chain["pretrain_export"], batch), abs=1e-6)
-    meta = json.loads(next((chain["cpt"] / "checkpoints").glob("step_*/meta.json")).read_text())
-    assert (
-        meta["step"] == 2 and meta["config"]["train"]["stage"] == "cpt"
-    )  # weights only: the step count restarted
+    record = read_record(find_checkpoint(chain["cpt"]))
+    assert record.step == 2 and record.identity.stage == "cpt"  # weights only: the step count restarted
 
 
 @pytest.mark.slow

@@ -9,10 +9,10 @@ import pytest
 from launch.config import load_config, to_dict
 from tests.helpers import TINY
 from tests.train.test_checkpoint import fake_step
-from train.checkpoint import read_meta
+from train.checkpoint import META, CheckpointRecord, check_resumable, load_mode, read_record, resolve_resume
+from train.checkpoint.resume import differences
 from train.errors import TrainError
 from train.metrics import rewind_metrics
-from train.resume import check_resumable, differences, load_mode, resolve_resume
 
 
 def test_resume_setting_and_metrics_rewind(tmp_path):
@@ -47,43 +47,49 @@ def test_meta_and_compatibility_report_what_differs(tmp_path):
     }
     folder = fake_step(tmp_path / "checkpoints", 4)
     with pytest.raises(TrainError, match="no meta.json"):
-        read_meta(folder)
-    (folder / "meta.json").write_text(json.dumps(meta))
-    assert read_meta(folder)["step"] == 4
-    assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []
+        read_record(folder)
+    (folder / META).write_text(json.dumps(meta))
+    record = read_record(folder)
+    assert record.step == 4
+    assert differences(record, cfg, "a" * 64, "b" * 64, world_size=2) == []
     other = json.loads(json.dumps(cfg))
     other["model"]["d_model"] = 256
     other["train"]["precision"] = "fp32"
-    found = differences(meta, other, "c" * 64, "d" * 64, world_size=2)
+    found = differences(record, other, "c" * 64, "d" * 64, world_size=2)
     assert any("model.d_model is 128 in the checkpoint but 256" in f for f in found)
     assert any("tokenizer differs" in f for f in found) and any("manifest differs" in f for f in found)
     assert any("train.precision" in f for f in found)
     with pytest.raises(TrainError) as err:
-        check_resumable(folder, meta, other, "c" * 64, "d" * 64, 2)
+        check_resumable(folder, record, other, "c" * 64, "d" * 64, 2)
     assert str(err.value).startswith(f"Refusing to resume from checkpoint '{folder}'")
     assert (
-        load_mode(meta, 2, 2) == "plain"
-        and load_mode(meta, 1, 2) == "universal"
-        and load_mode(meta, 4, 3) == "universal"
+        load_mode(record, 2, 2) == "plain"
+        and load_mode(record, 1, 2) == "universal"
+        and load_mode(record, 4, 3) == "universal"
     )
-    assert load_mode({**meta, "zero_stage": 0}, 1, 0) == "plain"
-    assert load_mode(meta, 2, 0) == "refuse"
+    assert load_mode(CheckpointRecord.from_meta({**meta, "zero_stage": 0}), 1, 0) == "plain"
+    assert load_mode(record, 2, 0) == "refuse"
     zero_switch = json.loads(json.dumps(cfg))
     zero_switch["train"]["zero_stage"] = 0
-    assert any("DeepSpeed cannot convert" in f for f in differences(meta, zero_switch, "a" * 64, "b" * 64, 2))
+    assert any(
+        "DeepSpeed cannot convert" in f for f in differences(record, zero_switch, "a" * 64, "b" * 64, 2)
+    )
 
 
 def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
     cfg = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
     meta = {
+        "step": 4,
+        "tokens_seen": 10,
         "config": cfg,
         "tokenizer_sha256": "a" * 64,
         "manifest_sha256": "b" * 64,
         "world_size": 2,
         "zero_stage": 2,
     }
-    assert differences(meta, cfg, "a" * 64, "b" * 64, world_size=2) == []  # same layout: a plain load
-    found = differences(meta, cfg, "a" * 64, "b" * 64, world_size=1)
+    record = CheckpointRecord.from_meta(meta)
+    assert differences(record, cfg, "a" * 64, "b" * 64, world_size=2) == []  # same layout: a plain load
+    found = differences(record, cfg, "a" * 64, "b" * 64, world_size=1)
     assert (
         len(found) == 1
         and "cannot convert Muon's optimizer state" in found[0]
@@ -94,6 +100,8 @@ def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
 def test_an_optimizer_change_is_a_difference():
     cfg = to_dict(load_config(TINY, []))
     meta = {
+        "step": 4,
+        "tokens_seen": 10,
         "config": cfg,
         "tokenizer_sha256": "a" * 64,
         "manifest_sha256": "b" * 64,
@@ -101,9 +109,14 @@ def test_an_optimizer_change_is_a_difference():
         "zero_stage": 2,
     }
     muon = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
-    assert differences(meta, muon, "a" * 64, "b" * 64, world_size=2) == [
+    assert differences(CheckpointRecord.from_meta(meta), muon, "a" * 64, "b" * 64, world_size=2) == [
         "train.optimizer is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"
     ]
     older = json.loads(json.dumps(cfg))
     del older["train"]["optimizer"]  # a checkpoint written before train.optimizer existed
-    assert differences({**meta, "config": older}, cfg, "a" * 64, "b" * 64, world_size=2) == []
+    assert (
+        differences(
+            CheckpointRecord.from_meta({**meta, "config": older}), cfg, "a" * 64, "b" * 64, world_size=2
+        )
+        == []
+    )

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from train.checkpoint import ensure_universal
+from train.checkpoint.rng_state import rng_state, set_rng_state
+from train.checkpoint.safe_load import safe_load, scan_pickles
 from train.errors import TrainError
-from train.rng_state import rng_state, set_rng_state
-from train.safe_load import safe_load, scan_pickles
 
 
 class CreatesAFile:
@@ -64,8 +65,6 @@ def test_a_plain_tensor_file_passes_the_scan(tmp_path):
 
 
 def test_universal_conversion_scans_the_checkpoint_before_deepspeed_reads_it(tmp_path):
-    from train.checkpoint import ensure_universal
-
     step_dir = tmp_path / "step_00000002"
     step_dir.mkdir()
     target = tmp_path / "pwned"

@@ -12,7 +12,7 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import TINY, run, slm_cmd
-from train.checkpoint import find_checkpoint, read_meta
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,8 @@ def timed_run(tmp_path_factory, tiny_data_dir) -> Path:
 
 
 def test_lr_reaches_min_lr_on_the_last_step_within_the_time_budget(timed_run):
-    decay = read_meta(find_checkpoint(timed_run))["timed_decay"]
-    start, steps = decay["start_step"], decay["steps"]
+    decay = read_record(find_checkpoint(timed_run)).progress.timed_decay
+    start, steps = decay.start_step, decay.steps
     lrs = by_step(timed_run, "lr")  # step n (1-based) ran at lr_at(n - 1)
     last = max(lrs)
     assert last == start + steps, (decay, last)  # the run ended when the decay did, not by the clock
@@ -81,13 +81,13 @@ def test_lr_reaches_min_lr_on_the_last_step_within_the_time_budget(timed_run):
 
 
 def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, tiny_data_dir, tmp_path):
-    decay = read_meta(find_checkpoint(timed_run))["timed_decay"]
-    start, end = decay["start_step"], decay["start_step"] + decay["steps"]
+    decay = read_record(find_checkpoint(timed_run)).progress.timed_decay
+    start, end = decay.start_step, decay.start_step + decay.steps
     after = sorted(p for p in (timed_run / "checkpoints").glob("step_*") if start < int(p.name[5:]) < end)
     if not after:
         pytest.fail(f"no checkpoint between the decision (step {start}) and the end (step {end}): {decay}")
     resume_from = after[0]
-    assert read_meta(resume_from)["timed_decay"] == decay
+    assert read_record(resume_from).progress.timed_decay == decay
     resumed = tmp_path / "resumed"
     out = train(resumed, tiny_data_dir, f"train.resume={resume_from}")
     assert "lr decays to min_lr" not in out.stdout  # nothing is decided again: the record is replayed
@@ -99,4 +99,6 @@ def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, t
     assert all(
         again_loss[n] == reference_loss[n] for n in again_loss
     )  # bitwise: the same steps at the same lrs
-    assert read_meta(find_checkpoint(resumed))["timed_decay"] == decay and (resumed / "DONE").is_file()
+    assert (
+        read_record(find_checkpoint(resumed)).progress.timed_decay == decay and (resumed / "DONE").is_file()
+    )

@@ -21,7 +21,7 @@ import pytest
 
 from tests.helpers import REPO, TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
-from train.checkpoint import find_checkpoint, read_meta
+from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -124,8 +124,8 @@ def test_zero_stage_on_two_processes_learns(two_proc_run, stage):
     assert last < first - 0.3, curve
     evals = rows(run_dir, "eval")
     assert [r["step"] for r in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"]
-    meta = read_meta(find_checkpoint(run_dir))
-    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (STEPS, 2, stage)
+    record = read_record(find_checkpoint(run_dir))
+    assert (record.step, record.world_size, record.zero_stage) == (STEPS, 2, stage)
     assert (run_dir / "DONE").is_file()
     if stage == 0:
         assert "manifest.json not found: preparing the data now" in two_proc_run.outputs[0]
@@ -172,7 +172,7 @@ def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_pat
     out = run(slm_cmd(train_args(run_dir, tiny_data_dir, "train.max_time=0")))  # spent after the first step
     assert "train.max_time (0.0 s) spent: stopped cleanly after step 1" in out.stdout
     assert [r["step"] for r in rows(run_dir)] == [1] and [r["step"] for r in rows(run_dir, "eval")] == [1]
-    assert read_meta(find_checkpoint(run_dir))["step"] == 1
+    assert read_record(find_checkpoint(run_dir)).step == 1
     assert not (run_dir / "DONE").exists()  # max_steps not reached: a requeued job continues
 
 
@@ -209,9 +209,9 @@ def test_metrics_config_and_checkpoint_layout(single_run):
     assert newest == ckpt_dir / "step_00000012"
     for name in ("COMPLETE", "meta.json", "tokenizer.json", "rng_rank00000.pt", "mp_rank_00_model_states.pt"):
         assert (newest / name).is_file(), name
-    meta = read_meta(newest)
-    assert meta["tokens_seen"] == STEPS * 8 * 32 and meta["config"]["model"]["d_model"] == 64
-    assert len(meta["tokenizer_sha256"]) == 64 and len(meta["manifest_sha256"]) == 64
+    record = read_record(newest)
+    assert record.tokens_seen == STEPS * 8 * 32 and record.config["model"]["d_model"] == 64
+    assert len(record.tokenizer_sha256) == 64 and len(record.manifest_sha256) == 64
 
 
 def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_dir, tmp_path):
@@ -225,7 +225,7 @@ def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_d
     assert "received SIGTERM" in output
     stopped = find_checkpoint(run_dir)
     assert stopped is not None, output
-    stopped_at = read_meta(stopped)["step"]
+    stopped_at = read_record(stopped).step
     assert 2 <= stopped_at < STEPS and f"stopped by signal after step {stopped_at}" in output
     assert not (run_dir / "DONE").exists()
     resumed = run(cmd)
@@ -297,7 +297,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
     assert one[9] is None and all(one[s] is not None and one[s] < 9 for s in (10, 11, 12))
     assert [r["skipped_steps"] for r in rows(run_dir)] == [0, 0, 1, 1, 1, 1]
     assert rows(run_dir, "eval")[-1]["val_loss"] < 8.0
-    assert read_meta(find_checkpoint(run_dir))["world_size"] == 1
+    assert read_record(find_checkpoint(run_dir)).world_size == 1
     export = run_dir / "exports" / "step_00000012"  # train.export_every
     assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
 

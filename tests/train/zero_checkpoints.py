@@ -74,6 +74,7 @@ def main() -> None:
     from data_pipeline.tokenizer import load_tokenizer, model_vocab_size
     from launch.config import Config, to_dict
     from model import ModelConfig, Transformer
+    from train.checkpoint import COMPLETE, LATEST, META, step_tag, tokenizer_file
 
     out_dir, tokenizer_path = Path(sys.argv[1]), Path(sys.argv[2])
     deepspeed.init_distributed(dist_backend="gloo")
@@ -115,7 +116,7 @@ def main() -> None:
             loss = engine(tokens[:, :-1], tokens[:, 1:])[1]
         variant_dir = out_dir / name
         ckpt_dir = variant_dir / "checkpoints"
-        tag = f"step_{STEPS:08d}"
+        tag = step_tag(STEPS)
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         dist.barrier()
         if rank == 0:
@@ -135,10 +136,10 @@ def main() -> None:
                 "world_size": world_size,
                 "zero_stage": zero_stage,
             }
-            (ckpt_dir / tag / "meta.json").write_text(json.dumps(meta, indent=2))
-            shutil.copyfile(tokenizer_path, ckpt_dir / tag / "tokenizer.json")
-            (ckpt_dir / tag / "COMPLETE").write_text(tag + "\n")
-            (ckpt_dir / "latest").write_text(tag + "\n")
+            (ckpt_dir / tag / META).write_text(json.dumps(meta, indent=2))
+            shutil.copyfile(tokenizer_path, tokenizer_file(ckpt_dir / tag))
+            (ckpt_dir / tag / COMPLETE).write_text(tag + "\n")
+            (ckpt_dir / LATEST).write_text(tag + "\n")
         dist.barrier()
         engine.destroy()
     dist.destroy_process_group()

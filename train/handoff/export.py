@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from common.atomic import atomic_dir
 from common.files import GIB, file_sha256
@@ -28,6 +29,7 @@ from model.config import ModelConfig
 from model.loss import IGNORE_INDEX
 from train.errors import TrainError
 from train.handoff.export_target import check_export_target, write_marker
+from train.handoff.gguf_export import require_gguf, write_gguf
 from train.handoff.hf_format import (
     HF_DTYPE_NAMES,
     TORCH_DTYPES,
@@ -39,7 +41,7 @@ from train.handoff.hf_format import (
     tokenizer_config,
 )
 from train.handoff.init_from import build_model, load_weights, locate_weights
-from train.handoff.model_card import CardFacts, facts_from_meta, model_card
+from train.handoff.model_card import CardFacts, facts_from_record, model_card
 from train.handoff.shapes import check_state_dict
 
 DEFAULT_MAX_SHARD_BYTES = 2 * GIB
@@ -63,8 +65,6 @@ def write_safetensors(
     hf_state_dict: Dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int, metadata: Dict[str, str]
 ) -> List[str]:
     """model.safetensors, or shards + model.safetensors.index.json when larger than max_shard_bytes."""
-    from safetensors.torch import save_file
-
     shards: List[Dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in hf_state_dict.items():
@@ -113,8 +113,6 @@ def export_from_model(
     (step, source, ...) goes into the safetensors metadata; `card` feeds the model card; `gguf` adds model.gguf.
     """
     if gguf:
-        from train.handoff.gguf_export import require_gguf
-
         require_gguf()  # before any work: a clear error if the optional package is missing
     if dtype not in TORCH_DTYPES:
         raise TrainError(
@@ -143,8 +141,6 @@ def export_from_model(
         if verify:
             verify_export(tmp, state_dict, model_cfg, tokenizer_path)
         if gguf:
-            from train.handoff.gguf_export import write_gguf
-
             write_gguf(tmp, tmp / "model.gguf", state_dict, model_cfg, verify=verify)
         write_marker(tmp, metadata)  # last: it lists every file the export holds
     return out_dir
@@ -168,12 +164,10 @@ def export(
     state_dict, cfg = load_weights(source)
     stage, provenance = "pretrain", {"source": str(source.path)}
     card = CardFacts(source=str(source.path))
-    if source.meta is not None:
-        card = facts_from_meta(source.path, source.meta)
-        stage = str(source.meta.get("config", {}).get("train", {}).get("stage", "pretrain"))
-        provenance.update(
-            step=source.meta.get("step"), tokens_seen=source.meta.get("tokens_seen"), stage=stage
-        )
+    if source.record is not None:
+        card = facts_from_record(source.path, source.record)
+        stage = source.record.identity.stage
+        provenance.update(step=source.record.step, tokens_seen=source.record.tokens_seen, stage=stage)
     chat = stage == "ift" or (source.kind == "export" and _export_is_chat(source.path))
     card.stage = "ift" if chat else card.stage
     out = export_from_model(

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from train.checkpoint import CHECKPOINTS, looks_like_checkpoint
 from train.errors import TrainError
 
 EXPORT_MARKER = "slm_export.json"
@@ -24,16 +25,8 @@ RUN_DIR_EXPORTS = "exports"
 
 
 def looks_like_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() or (
+    return (path / CHECKPOINTS).is_dir() or (
         (path / "metrics.jsonl").is_file() and (path / "config.yaml").is_file()
-    )
-
-
-def looks_like_checkpoint(path: Path) -> bool:
-    return (
-        (path / "COMPLETE").is_file()
-        or (path / "meta.json").is_file()
-        or any(path.glob("mp_rank_*_model_states.pt"))
     )
 
 

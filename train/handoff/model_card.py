@@ -1,6 +1,6 @@
 """README.md of an export: the model card the Hugging Face Hub shows, written from what the run recorded.
 
-Facts come from the checkpoint's meta.json (config, step, tokens seen), the run's metrics.jsonl (the last eval
+Facts come from the checkpoint's record (train.checkpoint.CheckpointRecord: config, step, tokens seen), the run's metrics.jsonl (the last eval
 row; rows of kind "downstream" for benchmark scores) and the data manifest (sources, documents, tokens). A fact
 that is not available is left out, never guessed.
 """
@@ -17,6 +17,7 @@ import torch
 
 from data_pipeline.tokenizer import EOT, IM_END
 from model.config import ModelConfig
+from train.checkpoint import CheckpointRecord
 from train.metrics import METRICS_FILE
 
 NOT_METRICS = {"step", "time", "kind", "task", "name", "tokens"}
@@ -36,18 +37,18 @@ class CardFacts:
     source: str = ""
     """The checkpoint or export the weights came from."""
     config: Dict[str, Any] = field(default_factory=dict)
-    """The run's resolved config (meta.json "config")."""
+    """The run's resolved config (the checkpoint record's config)."""
     run_dir: Optional[Path] = None
     """The run folder holding metrics.jsonl."""
 
 
-def facts_from_meta(step_dir: Path, meta: Dict[str, Any]) -> CardFacts:
-    """CardFacts of a checkpoint step folder (run_dir/checkpoints/step_N) and its meta.json."""
-    config = meta.get("config") or {}
+def facts_from_record(step_dir: Path, record: CheckpointRecord) -> CardFacts:
+    """CardFacts of a checkpoint step folder (run_dir/checkpoints/step_N) and its record."""
+    config = record.config or {}
     return CardFacts(
-        stage=str(config.get("train", {}).get("stage", "pretrain")),
-        step=meta.get("step"),
-        tokens_seen=meta.get("tokens_seen"),
+        stage=record.identity.stage,
+        step=record.step,
+        tokens_seen=record.tokens_seen,
         source=str(step_dir),
         config=config,
         run_dir=step_dir.parent.parent,

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from train.checkpoint import CHECKPOINTS, complete_checkpoints, find_checkpoint, read_meta, step_of
-from train.checkpoint_files import newest_intact, verify_checkpoint
+from train.checkpoint.files import newest_intact, verify_checkpoint
+from train.checkpoint.folders import complete_checkpoints, find_checkpoint
+from train.checkpoint.layout import checkpoints_dir, step_of
+from train.checkpoint.record import CheckpointRecord, read_record
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.handoff.shapes import shape_differences
@@ -29,7 +31,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     if value.lower() in RESUME_AUTO:
         return find_checkpoint(run_dir)
     if value.lower() in RESUME_OFF:
-        leftovers = [p.name for p in (run_dir / "checkpoints", run_dir / METRICS_FILE) if p.exists()]
+        leftovers = [p.name for p in (checkpoints_dir(run_dir), run_dir / METRICS_FILE) if p.exists()]
         if leftovers:
             raise TrainError(
                 f"train.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
@@ -56,31 +58,33 @@ def intact_resume(train: TrainConfig, run_dir: Path, chosen: Optional[Path]) -> 
     hashes = train.verify_checkpoint_hashes
     if str(train.resume).strip().lower() in RESUME_AUTO:
         candidates = [
-            p for p in reversed(complete_checkpoints(run_dir / CHECKPOINTS)) if step_of(p) <= step_of(chosen)
+            p
+            for p in reversed(complete_checkpoints(checkpoints_dir(run_dir)))
+            if step_of(p) <= step_of(chosen)
         ]
-        return newest_intact(candidates, read_meta, hashes, _say)
-    verify_checkpoint(chosen, read_meta(chosen), hashes)
+        return newest_intact(candidates, hashes, _say)
+    verify_checkpoint(chosen, read_record(chosen), hashes)
     return chosen
 
 
-def load_mode(meta: Dict[str, Any], world_size: int, zero_stage: int) -> str:
+def load_mode(saved: CheckpointRecord, world_size: int, zero_stage: int) -> str:
     """How a checkpoint loads into a run with this layout: "plain", "universal" or "refuse".
 
     Same world size and ZeRO stage: plain. ZeRO 0 keeps the whole optimizer state in one file, so it
     loads plainly on any world size. ZeRO 1-3 shards it by rank: a different world size or stage goes
     through a DeepSpeed universal checkpoint. Between ZeRO 0 and 1-3 there is no conversion.
     """
-    if meta["world_size"] == world_size and meta["zero_stage"] == zero_stage:
+    if saved.world_size == world_size and saved.zero_stage == zero_stage:
         return "plain"
-    if meta["zero_stage"] == 0 and zero_stage == 0:
+    if saved.zero_stage == 0 and zero_stage == 0:
         return "plain"
-    if meta["zero_stage"] >= 1 and zero_stage >= 1:
+    if saved.zero_stage >= 1 and zero_stage >= 1:
         return "universal"
     return "refuse"
 
 
 def differences(
-    meta: Dict[str, Any],
+    saved: CheckpointRecord,
     config: Dict[str, Any],
     tokenizer_sha256: str,
     manifest_sha256: Optional[str],
@@ -88,40 +92,38 @@ def differences(
 ) -> List[str]:
     """Human-readable reasons why the checkpoint cannot continue this run (empty when it can)."""
     found: List[str] = []
-    for key, saved, wanted in shape_differences(meta["config"].get("model", {}), config.get("model", {})):
-        found.append(f"model.{key} is {saved!r} in the checkpoint but {wanted!r} in this run")
-    if meta["tokenizer_sha256"] != tokenizer_sha256:
+    for key, saved_value, wanted in shape_differences(saved.identity.model, config.get("model", {})):
+        found.append(f"model.{key} is {saved_value!r} in the checkpoint but {wanted!r} in this run")
+    if saved.tokenizer_sha256 != tokenizer_sha256:
         found.append(
-            f"the tokenizer differs (sha256 {str(meta['tokenizer_sha256'])[:12]}... in the checkpoint, "
+            f"the tokenizer differs (sha256 {str(saved.tokenizer_sha256)[:12]}... in the checkpoint, "
             f"{tokenizer_sha256[:12]}... in data.dir)"
         )
-    if manifest_sha256 is not None and meta["manifest_sha256"] != manifest_sha256:
+    if manifest_sha256 is not None and saved.manifest_sha256 != manifest_sha256:
         found.append(
-            f"the data manifest differs (sha256 {str(meta['manifest_sha256'])[:12]}... in the checkpoint, "
+            f"the data manifest differs (sha256 {str(saved.manifest_sha256)[:12]}... in the checkpoint, "
             f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data"
         )
-    saved_train, wanted_train = meta["config"].get("train", {}), config.get("train", {})
-    if saved_train.get("precision") != wanted_train.get("precision"):
+    wanted_train = config.get("train", {})
+    if saved.precision != wanted_train.get("precision"):
         found.append(
-            f"train.precision is {saved_train.get('precision')!r} in the checkpoint but "
+            f"train.precision is {saved.precision!r} in the checkpoint but "
             f"{wanted_train.get('precision')!r} in this run"
         )
-    saved_optimizer = saved_train.get(
-        "optimizer", "adamw"
-    )  # checkpoints from before train.optimizer were AdamW
+    saved_optimizer = saved.identity.optimizer
     if saved_optimizer != wanted_train.get("optimizer", "adamw"):
         found.append(
             f"train.optimizer is {saved_optimizer!r} in the checkpoint but {wanted_train.get('optimizer')!r} "
             "in this run (their optimizer states differ)"
         )
-    mode = load_mode(meta, world_size, int(wanted_train.get("zero_stage", -1)))
+    mode = load_mode(saved, world_size, int(wanted_train.get("zero_stage", -1)))
     layout = (
-        f"the checkpoint was written with ZeRO stage {meta['zero_stage']} on {meta['world_size']} rank(s) "
+        f"the checkpoint was written with ZeRO stage {saved.zero_stage} on {saved.world_size} rank(s) "
         f"and this run uses ZeRO stage {wanted_train.get('zero_stage')} on {world_size} rank(s)"
     )
     if mode == "refuse":
         found.append(f"{layout}: DeepSpeed cannot convert between ZeRO 0 and ZeRO 1-3 optimizer states")
-    if mode == "universal" and saved_train.get("optimizer") == "muon":
+    if mode == "universal" and saved_optimizer == "muon":
         found.append(
             f"{layout}, which needs a universal checkpoint, and DeepSpeed 0.19.8's converter cannot convert "
             "Muon's optimizer state (it expects AdamW's exp_avg); to change the layout, start a cpt run "
@@ -132,14 +134,14 @@ def differences(
 
 def check_resumable(
     step_dir: Path,
-    meta: Dict[str, Any],
+    saved: CheckpointRecord,
     config: Dict[str, Any],
     tokenizer_sha256: str,
     manifest_sha256: Optional[str],
     world_size: int,
 ) -> None:
     """Raise a TrainError listing every difference between the checkpoint and this run."""
-    found = differences(meta, config, tokenizer_sha256, manifest_sha256, world_size)
+    found = differences(saved, config, tokenizer_sha256, manifest_sha256, world_size)
     if found:
         raise TrainError(
             f"Refusing to resume from checkpoint '{step_dir}': " + "; ".join(found) + ". "

@@ -1,6 +1,6 @@
 """The per-file record of a checkpoint (size and hash of every file it holds) and its verification.
 
-A save adds `meta.json["files"]` (written before COMPLETE): for each file, relative to the step folder,
+A save adds `files` to meta.json (written before COMPLETE): for each file, relative to the step folder,
 its size and its xxh3-128 hash (sha256 where xxhash is not installed; the algorithm is recorded). A load
 checks sizes always and hashes unless `train.verify_checkpoint_hashes=false`, and refuses any `.pt`
 file the record does not list, so a damaged, truncated, swapped or smuggled-in file is named before
@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from common.files import file_sha256
+from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL, tokenizer_file
+from train.checkpoint.record import FILES_KEY, HASH_KEY, CheckpointRecord, read_record
 from train.errors import TrainError
 
-FILES_KEY = "files"
-HASH_KEY = "files_hash"
-NOT_RECORDED = ("meta.json", "COMPLETE")
+NOT_RECORDED = (META, COMPLETE)
 """meta.json holds the record; COMPLETE is written after it."""
 CHUNK = 8 * 1024 * 1024
 
@@ -58,7 +58,7 @@ def checkpoint_files(step_dir: Path) -> List[Path]:
         for p in step_dir.rglob("*")
         if p.is_file()
         and p.name not in NOT_RECORDED
-        and p.relative_to(step_dir).parts[0] not in ("universal", "tmp.universal")
+        and p.relative_to(step_dir).parts[0] not in (UNIVERSAL, TMP_PREFIX + UNIVERSAL)
     )
 
 
@@ -72,9 +72,9 @@ def record_files(step_dir: Path) -> Dict[str, Any]:
     return {FILES_KEY: files, HASH_KEY: algorithm}
 
 
-def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> bool:
+def verify_files(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = True) -> bool:
     """CheckpointDamaged naming the first bad file; False when the checkpoint predates the record."""
-    record = meta.get(FILES_KEY)
+    record = checkpoint.files
     if record is None:
         return False
     if not isinstance(record, dict):
@@ -105,7 +105,7 @@ def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> b
             "refusing files the save did not write."
         )
     if hashes:
-        algorithm = str(meta.get(HASH_KEY, "sha256"))
+        algorithm = checkpoint.files_hash
         for name, entry in sorted(record.items()):
             digest = file_digest(step_dir / name, algorithm)
             if digest != entry.get("hash"):
@@ -116,13 +116,13 @@ def verify_files(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> b
     return True
 
 
-def verify_tokenizer(step_dir: Path, meta: Dict[str, Any]) -> None:
+def verify_tokenizer(step_dir: Path, checkpoint: CheckpointRecord) -> None:
     """The checkpoint's tokenizer.json must be the one its meta.json names (sha256)."""
-    path = step_dir / "tokenizer.json"
-    expected = meta.get("tokenizer_sha256")
+    path = tokenizer_file(step_dir)
+    expected = checkpoint.tokenizer_sha256
     if not path.is_file():
         raise CheckpointDamaged(
-            f"Checkpoint {step_dir} has no tokenizer.json; expected the copy `slm train` saves."
+            f"Checkpoint {step_dir} has no {TOKENIZER}; expected the copy `slm train` saves."
         )
     actual = file_sha256(path)
     if expected and actual != expected:
@@ -133,23 +133,18 @@ def verify_tokenizer(step_dir: Path, meta: Dict[str, Any]) -> None:
         )
 
 
-def verify_checkpoint(step_dir: Path, meta: Dict[str, Any], hashes: bool = True) -> None:
+def verify_checkpoint(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = True) -> None:
     """Everything a load checks before any pickle is opened: the file record and the tokenizer copy."""
-    verify_files(step_dir, meta, hashes)
-    verify_tokenizer(step_dir, meta)
+    verify_files(step_dir, checkpoint, hashes)
+    verify_tokenizer(step_dir, checkpoint)
 
 
-def newest_intact(
-    candidates: Iterable[Path],
-    read_meta: Callable[[Path], Dict[str, Any]],
-    hashes: bool,
-    say: Callable[[str], None],
-) -> Optional[Path]:
+def newest_intact(candidates: Iterable[Path], hashes: bool, say: Callable[[str], None]) -> Optional[Path]:
     """The newest candidate (given newest first) whose files match its record; each skipped one is reported."""
     skipped: List[str] = []
     for step_dir in candidates:
         try:
-            verify_checkpoint(step_dir, read_meta(step_dir), hashes)
+            verify_checkpoint(step_dir, read_record(step_dir), hashes)
         except TrainError as err:
             skipped.append(step_dir.name)
             say(f"warning: {err} Falling back to the previous complete checkpoint.")
