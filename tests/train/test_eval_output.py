@@ -7,6 +7,7 @@ import json
 import pytest
 
 from launch.cli import main as slm_main
+from train.checkpoint.layout import COMPLETE
 from train.downstream.cli import EVAL_OUTPUT_KEYS, check_output
 from train.errors import TrainError
 
@@ -38,6 +39,12 @@ def test_output_never_replaces_a_file_inside_a_run_or_an_export(tmp_path):
     with pytest.raises(TrainError, match="a run or an export"):
         check_output(str(export / "config.json"), force=False)
     check_output(str(run_dir / "eval.json"), force=False)  # a new file beside them is fine
+    step = tmp_path / "copied_step"
+    step.mkdir()
+    (step / COMPLETE).write_text("")
+    (step / "notes.json").write_text(json.dumps({key: None for key in EVAL_OUTPUT_KEYS}))
+    with pytest.raises(TrainError, match="a run or an export"):  # a checkpoint outside any run dir
+        check_output(str(step / "notes.json"), force=False)
 
 
 def test_output_naming_a_folder_or_a_missing_folder_is_a_clear_error(tmp_path, capsys):

@@ -19,6 +19,7 @@ import torch.distributed as torch_dist
 from common.atomic import atomic_write_text
 from common.log import say
 from data_pipeline.tokenizer import load_tokenizer
+from train.checkpoint.layout import looks_like_checkpoint
 from train.downstream.evaluate import DownstreamResult, TaskRequests, build_task_requests, score_tasks, world
 from train.downstream.fetch import fetch_eval_data
 from train.errors import TrainError
@@ -111,10 +112,13 @@ def looks_like_eval_output(path: Path) -> bool:
 
 
 def inside_a_run_or_export(path: Path) -> Optional[Path]:
-    """The run dir (it holds metrics.jsonl) or export (config.json + model.safetensors) that holds `path`."""
+    """The run dir (it holds metrics.jsonl), checkpoint or export (config.json + model.safetensors) that holds
+    `path`."""
     for folder in path.resolve().parents:
-        if (folder / "metrics.jsonl").exists() or (
-            (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+        if (
+            (folder / "metrics.jsonl").exists()
+            or looks_like_checkpoint(folder)
+            or ((folder / "config.json").exists() and (folder / "model.safetensors").exists())
         ):
             return folder
     return None
