@@ -45,11 +45,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def replace_dir(finished: Path, path: Path) -> None:
-    """Put the finished folder at `path`; an existing one is moved aside first and removed after."""
+    """Put the finished folder at `path`; an existing one is moved aside first and removed after.
+
+    The aside name is a folder created exclusively here (mkdtemp), so no folder that happens to carry a
+    name like `.NAME.old` is ever removed."""
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old)  # onto the empty folder just made
         os.replace(finished, path)
         shutil.rmtree(old, ignore_errors=True)
     else:

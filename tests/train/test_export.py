@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.atomic import FILE_MODE
 from data_pipeline.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import (
     EOT,
@@ -87,6 +88,8 @@ def test_export_files_and_config(checkpoints, exports, tokenizer_path):
     }
     for folder in exports.values():
         assert {p.name for p in folder.iterdir()} == expected_files  # no pickle, no leftovers
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert set(modes.values()) == {FILE_MODE}, f"every file of an export has one mode: {modes}"
     assert not list(tied.parent.glob(".*tmp"))  # the atomic temp folders are gone
     config = json.loads((tied / "config.json").read_text())
     ids = special_ids(tokenizer_path)

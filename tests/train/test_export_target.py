@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from common.atomic import replace_dir
 from train.errors import TrainError
 from train.handoff.export_target import check_export_target, write_marker
 
@@ -88,3 +89,37 @@ def test_previous_export_is_replaced_only_with_force_and_only_if_untouched(tmp_p
     (export / "README.md").write_text("my notes")
     with pytest.raises(TrainError, match="README.md, which the export did not write"):
         check_export_target(export, run_dir, force=True)
+
+
+def test_a_link_the_user_added_to_an_export_keeps_it(tmp_path, run_dir):
+    """A link inside an export (to a folder or a file) is a file the export did not write: --force refuses."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    write_marker(export, {"step": 4})
+    data = tmp_path / "my_data"
+    data.mkdir()
+    (export / "data").symlink_to(data)
+    with pytest.raises(TrainError, match="also holds data, which the export did not write"):
+        check_export_target(export, run_dir, force=True)
+    (export / "data").unlink()
+    (export / "notes").symlink_to(tmp_path / "nowhere")  # a dangling link too
+    with pytest.raises(TrainError, match="also holds notes"):
+        check_export_target(export, run_dir, force=True)
+
+
+def test_replacing_a_folder_never_removes_a_folder_named_like_its_aside_copy(tmp_path):
+    """replace_dir moves the old folder aside into a name it created itself: a user's `.OUT.old` survives."""
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    users = tmp_path / ".OUT.old"
+    users.mkdir()
+    (users / "mine.txt").write_text("keep me")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "new.txt").write_text("new")
+    replace_dir(finished, out)
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert (users / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".OUT.old", "OUT"], "nothing left behind"

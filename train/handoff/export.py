@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import save_file
 
-from common.atomic import atomic_dir
+from common.atomic import FILE_MODE, atomic_dir
 from common.files import GIB, file_sha256
 from data_pipeline.chat import encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
@@ -76,11 +76,13 @@ def write_safetensors(
         shard_bytes += size
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
+        os.chmod(out_dir / "model.safetensors", FILE_MODE)  # safetensors writes 0600; the rest are 0644-ish
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(names, shards):
         save_file(shard, str(out_dir / file_name), metadata=metadata)
+        os.chmod(out_dir / file_name, FILE_MODE)
         weight_map.update({name: file_name for name in shard})
     total = sum(t.numel() * t.element_size() for t in hf_state_dict.values())
     write_json(

@@ -96,7 +96,10 @@ def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, forc
         return
     if not out.is_dir() or out.is_symlink():
         raise TrainError(f"Refusing to export to {out_dir}: it exists and is not a folder. {advice}")
-    present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+    # Links count as files (a link to a folder too): rmtree would remove a link the user added.
+    present = sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_symlink() or not p.is_dir()
+    )
     if not present and not any(out.iterdir()):
         return
     ours = marker_files(out)
