@@ -38,7 +38,7 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare.dispatch import prepare
 
     prepare(cfg.data, cfg.tokenizer, part=args.part, merge=args.merge, tokenizer_only=args.tokenizer_only)
     return 0

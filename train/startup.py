@@ -45,7 +45,7 @@ class DataSetup:
     """The prepared data a run trains on, and its identity."""
 
     dir: Any
-    """data.dir as a data_pipeline.storage.DataStore (local folder or URL) with manifest.json and tokenizer.json."""
+    """data.dir as a data_pipeline.storage.store.DataStore (local folder or URL) with manifest.json and tokenizer.json."""
     tokenizer_path: Path
     """A local path of data.dir's tokenizer.json (a fresh copy in data.cache_dir when data.dir is a URL)."""
     tokenizer: Any
@@ -84,13 +84,13 @@ class RunSetup:
 
 def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
     """data.dir (a DataStore: local folder or URL) with a manifest: prepared here by rank 0 (others wait) when missing."""
-    from data_pipeline.storage import DataStore
+    from data_pipeline.storage.store import DataStore
 
     data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
     if not data_dir.exists("manifest.json"):
 
         def prepare_data() -> None:
-            from data_pipeline.prepare import prepare
+            from data_pipeline.prepare.dispatch import prepare
 
             print(
                 f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
@@ -106,8 +106,8 @@ def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
     from common.files import file_sha256
-    from data_pipeline.manifest import load_manifest, manifest_sha256
-    from data_pipeline.shard_cache import local_copy
+    from data_pipeline.format.manifest import load_manifest, manifest_sha256
+    from data_pipeline.storage.cache import local_copy
     from data_pipeline.tokenizer import load_tokenizer
 
     data_dir = ensure_prepared(cfg, dist_info)
@@ -131,7 +131,7 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
     # world size the same validation samples (exactly, when the world size divides eval_batches).
     val_batches_per_rank = math.ceil(cfg.train.eval_batches / dist_info.world_size)
     if cfg.train.stage == "ift":
-        from data_pipeline.instruct import build_instruct_loader
+        from data_pipeline.instruct.data import build_instruct_loader
 
         def instruct(split: str) -> Any:
             return build_instruct_loader(
@@ -139,9 +139,9 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
             )
 
         return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
-    from data_pipeline.documents import document_masked
-    from data_pipeline.loader import build_loader
-    from data_pipeline.sources import source_weights
+    from data_pipeline.loading.documents import document_masked
+    from data_pipeline.loading.loader import build_loader
+    from data_pipeline.sources.corpus import source_weights
     from data_pipeline.tokenizer import eot_id
 
     weights = source_weights(cfg.data) if len(cfg.data.sources) > 1 else None
@@ -180,7 +180,7 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
 def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
     first rank (the others wait, then find the copy complete)."""
-    from data_pipeline.storage import is_remote
+    from data_pipeline.storage.store import is_remote
     from train.handoff.remote_export import fetch_export
 
     source = str(cfg.train.init_from)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipeline.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
+from data_pipeline.instruct.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import (
     EOT,
     IM_END,
