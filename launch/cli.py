@@ -46,8 +46,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from launch.prepare_missing import prepare_missing_data
     from train.trainer import run_training
 
+    prepare_missing_data(cfg)
     return run_training(cfg)
 
 

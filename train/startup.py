@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 from common.atomic import atomic_write_text
+from common.files import file_sha256
+from data_pipeline.errors import DataError
+from data_pipeline.format.manifest import load_manifest, manifest_sha256
+from data_pipeline.format.names import MANIFEST, TOKENIZER
+from data_pipeline.storage.cache import local_copy
+from data_pipeline.storage.store import DataStore
+from data_pipeline.tokenizer import load_tokenizer
 from train.batch import Batch, take_batches
 from train.checkpoint import (
     CheckpointRecord,
@@ -82,36 +89,16 @@ class RunSetup:
     """time.time() at the start of this invocation."""
 
 
-def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
-    """data.dir (a DataStore: local folder or URL) with a manifest: prepared here by rank 0 (others wait) when missing."""
-    from data_pipeline.storage.store import DataStore
-
-    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
-    if not data_dir.exists("manifest.json"):
-
-        def prepare_data() -> None:
-            from data_pipeline.prepare.dispatch import prepare
-
-            print(
-                f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
-                flush=True,
-            )
-            prepare(cfg.data, cfg.tokenizer)
-
-        on_main_then_share(dist_info, prepare_data, "Preparing the data")
-    barrier()
-    return data_dir
-
-
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
-    """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
-    from common.files import file_sha256
-    from data_pipeline.format.manifest import load_manifest, manifest_sha256
-    from data_pipeline.storage.cache import local_copy
-    from data_pipeline.tokenizer import load_tokenizer
-
-    data_dir = ensure_prepared(cfg, dist_info)
-    tokenizer_path = local_copy(data_dir, "tokenizer.json", cfg.data.cache_dir)
+    """Identify the prepared data: tokenizer, its sha256, the manifest's sha256 and bytes per token. data.dir
+    must hold prepared data (`slm prepare`, or `slm train`, which prepares a missing data.dir first)."""
+    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
+    if not data_dir.exists(MANIFEST):
+        raise DataError(
+            f"No {MANIFEST} in data.dir {data_dir}: it holds no prepared data. Run `slm prepare CONFIG` "
+            f"first (`slm train CONFIG` prepares a missing data.dir before it trains)."
+        )
+    tokenizer_path = local_copy(data_dir, TOKENIZER, cfg.data.cache_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     bytes_per_token = load_manifest(data_dir).bytes_per_token("val") if cfg.train.stage != "ift" else None
     return DataSetup(
