@@ -36,9 +36,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import torch  # noqa: E402
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig  # noqa: E402
-from data_pipeline.loader import build_loader  # noqa: E402
-from data_pipeline.manifest import load_manifest  # noqa: E402
-from data_pipeline.prepare import prepare, resolve_num_proc  # noqa: E402
+from data_pipeline.format.manifest import load_manifest  # noqa: E402
+from data_pipeline.loading.loader import build_loader  # noqa: E402
+from data_pipeline.prepare.common import resolve_num_proc  # noqa: E402
+from data_pipeline.prepare.dispatch import prepare  # noqa: E402
 from data_pipeline.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 from launch.config import load_config  # noqa: E402
 

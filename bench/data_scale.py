@@ -3,7 +3,7 @@
 1. verify: manifest load + size check of N shards (one listing) against one stat per shard, locally.
 2. loader: per-process peak RSS, time to the first batch and tokens/s of the train loader over corpora of
    1B, 20B and 200B tokens (sparse shard files: nothing is written but the manifest), seq 2048, batch 8,
-   against the 8 bytes per window a full permutation per epoch held before (data_pipeline/order.py).
+   against the 8 bytes per window a full permutation per epoch held before (data_pipeline/loading/order.py).
 3. s3: the loader through a real S3 server (SeaweedFS on loopback, as the tests start it) on the
    tinyshakespeare data: whole-shard cache against ranged reads (data.cache_limit below one shard).
 4. parts: `slm prepare` in one process against --part 1/2 and 2/2 in parallel plus --merge.
@@ -50,7 +50,7 @@ def tokenizer_file(work: Path) -> Path:
 
 def sparse_dataset(folder: Path, tokens: int, shard_tokens: int, tokenizer: Path) -> Path:
     """A dataset of sparse uint16 shards (all zeros, no disk used) with a real manifest."""
-    from data_pipeline.manifest import FORMAT_VERSION
+    from data_pipeline.format.manifest import FORMAT_VERSION
 
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(tokenizer, folder / "tokenizer.json")
@@ -91,7 +91,7 @@ def sparse_dataset(folder: Path, tokens: int, shard_tokens: int, tokenizer: Path
 
 
 def bench_verify(work: Path, shards: int, tokenizer: Path) -> Dict[str, float]:
-    from data_pipeline.manifest import load_manifest, verify_dataset
+    from data_pipeline.format.manifest import load_manifest, verify_dataset
 
     folder = sparse_dataset(work / f"verify{shards}", shards * 4, 4, tokenizer)
     started = time.perf_counter()
@@ -109,7 +109,7 @@ def bench_verify(work: Path, shards: int, tokenizer: Path) -> Dict[str, float]:
 LOADER_CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from data_pipeline.loader import build_loader
+from data_pipeline.loading.loader import build_loader
 start = time.perf_counter()
 loader = build_loader({data!r}, "train", {seq}, {batch}, 0, 1, seed=1, **{kwargs})
 next(loader)
@@ -139,7 +139,7 @@ def loader_child(data: str, seconds: float, env=None, **kwargs) -> Dict[str, flo
 
 def bench_s3(work: Path, seconds: float) -> Dict[str, Dict[str, float]]:
     from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare.dispatch import prepare
     from tests.s3_localhost import BUCKET, start_s3
 
     local = work / "tiny"

@@ -51,6 +51,7 @@ def worker(config: str, overrides: List[str], memory_out: Path) -> None:
     import torch  # noqa: F401
 
     from launch.config import load_config
+    from launch.prepare_missing import prepare_missing_data
     from model.stats import training_memory_per_rank
     from train.components import Component, LoopRun
     from train.trainer import run_training
@@ -76,6 +77,7 @@ def worker(config: str, overrides: List[str], memory_out: Path) -> None:
             )
 
     cfg = load_config(config, overrides)
+    prepare_missing_data(cfg)
     code = run_training(cfg, extra_components=[PeakMemory()])
     sys.exit(code)
 

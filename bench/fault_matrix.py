@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.prepare import prepare  # noqa: E402
+from data_pipeline.prepare.dispatch import prepare  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from tests.helpers import SHAKESPEARE, TINY  # noqa: E402
 from tests.train.fault_matrix import run_matrix  # noqa: E402

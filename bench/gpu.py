@@ -106,7 +106,7 @@ def max_relative_difference(a: tuple, b: tuple) -> float:
 
 
 def check_flex() -> str:
-    from data_pipeline.documents import document_ids_from_eot
+    from data_pipeline.loading.documents import document_ids_from_eot
 
     dense, flex = small_model(attention="sdpa"), small_model(attention="flex")
     flex.load_state_dict(dense.state_dict())

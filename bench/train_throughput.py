@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_pipeline.loader import build_loader  # noqa: E402
+from data_pipeline.loading.loader import build_loader  # noqa: E402
 from data_pipeline.tokenizer import load_tokenizer, model_vocab_size  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from model import Transformer  # noqa: E402
@@ -155,7 +155,7 @@ def main() -> None:
     cfg = load_config(args.preset, [f"data.dir={args.data_dir}"])
     data_dir = Path(args.data_dir)
     if not (data_dir / "manifest.json").is_file():
-        from data_pipeline.prepare import prepare
+        from data_pipeline.prepare.dispatch import prepare
 
         prepare(cfg.data, cfg.tokenizer)
     vocab = model_vocab_size(load_tokenizer(data_dir / "tokenizer.json"))

@@ -12,7 +12,6 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from common.atomic import atomic_write_bytes, atomic_write_text
-from common.files import file_sha256  # noqa: F401  (re-exported: its old home)
 from data_pipeline.errors import DataError
 
 EOT = "<|endoftext|>"

@@ -42,7 +42,7 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare.dispatch import prepare
 
     prepare(cfg.data, cfg.tokenizer, part=args.part, merge=args.merge, tokenizer_only=args.tokenizer_only)
     return 0
@@ -50,8 +50,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from launch.prepare_missing import prepare_missing_data
     from train.trainer import run_training
 
+    prepare_missing_data(cfg)
     return run_training(cfg)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from common.atomic import atomic_write_text
-from data_pipeline.storage import is_remote
+from data_pipeline.storage.store import is_remote
 from launch.config import load_config
 from launch.slurm import SlurmError, queue_flags
 

@@ -19,7 +19,7 @@ os.environ["PATH"] = venv_path()
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
     """tinyshakespeare prepared once per session with the tiny preset (tokenizer, shards, manifest)."""
-    from data_pipeline.prepare import prepare
+    from data_pipeline.prepare.dispatch import prepare
     from launch.config import load_config
 
     data_dir = tmp_path_factory.mktemp("tiny_data")

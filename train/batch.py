@@ -2,7 +2,7 @@
 
 One vocabulary end to end: a batch is a dict of LongTensors named `input_ids` (B, T), `labels` (B, T; the
 next token, IGNORE_INDEX where no loss counts) and, for packed instruction data and `data.document_mask`
-pretraining only, `position_ids` and `doc_ids`. Both loaders (`data_pipeline.loader`, `data_pipeline.instruct`) yield these names, and this module is
+pretraining only, `position_ids` and `doc_ids`. Both loaders (`data_pipeline.loading.loader`, `data_pipeline.instruct.data`) yield these names, and this module is
 the only place that hands them to `Transformer.forward` (positionally, so the model's own argument names never
 leak into the training code).
 """

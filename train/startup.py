@@ -17,6 +17,16 @@ import torch
 
 from common.atomic import atomic_write_text
 from common.files import file_sha256
+from data_pipeline.errors import DataError
+from data_pipeline.format.manifest import load_manifest, manifest_sha256
+from data_pipeline.format.names import MANIFEST, TOKENIZER
+from data_pipeline.instruct.data import build_instruct_loader
+from data_pipeline.loading.documents import document_masked
+from data_pipeline.loading.loader import build_loader
+from data_pipeline.sources.corpus import source_weights
+from data_pipeline.storage.cache import local_copy
+from data_pipeline.storage.store import DataStore, is_remote
+from data_pipeline.tokenizer import eot_id, load_tokenizer, model_vocab_size
 from model import Transformer
 from train.batch import Batch, take_batches
 from train.checkpoint import (
@@ -55,7 +65,7 @@ class DataSetup:
     """The prepared data a run trains on, and its identity."""
 
     dir: Any
-    """data.dir as a data_pipeline.storage.DataStore (local folder or URL) with manifest.json and tokenizer.json."""
+    """data.dir as a data_pipeline.storage.store.DataStore (local folder or URL) with manifest.json and tokenizer.json."""
     tokenizer_path: Path
     """A local path of data.dir's tokenizer.json (a fresh copy in data.cache_dir when data.dir is a URL)."""
     tokenizer: Any
@@ -92,35 +102,16 @@ class RunSetup:
     """time.time() at the start of this invocation."""
 
 
-def ensure_prepared(cfg: Config, dist_info: DistInfo) -> Any:
-    """data.dir (a DataStore: local folder or URL) with a manifest: prepared here by rank 0 (others wait) when missing."""
-    from data_pipeline.storage import DataStore
-
-    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
-    if not data_dir.exists("manifest.json"):
-
-        def prepare_data() -> None:
-            from data_pipeline.prepare import prepare
-
-            print(
-                f"[slm] {data_dir}/manifest.json not found: preparing the data now (rank 0; other ranks wait)",
-                flush=True,
-            )
-            prepare(cfg.data, cfg.tokenizer)
-
-        on_main_then_share(dist_info, prepare_data, "Preparing the data")
-    barrier()
-    return data_dir
-
-
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
-    """Prepare (if needed) and identify the data: tokenizer, its sha256, the manifest's sha256 and bytes per token."""
-    from data_pipeline.manifest import load_manifest, manifest_sha256
-    from data_pipeline.shard_cache import local_copy
-    from data_pipeline.tokenizer import load_tokenizer
-
-    data_dir = ensure_prepared(cfg, dist_info)
-    tokenizer_path = local_copy(data_dir, "tokenizer.json", cfg.data.cache_dir)
+    """Identify the prepared data: tokenizer, its sha256, the manifest's sha256 and bytes per token. data.dir
+    must hold prepared data (`slm prepare`, or `slm train`, which prepares a missing data.dir first)."""
+    data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
+    if not data_dir.exists(MANIFEST):
+        raise DataError(
+            f"No {MANIFEST} in data.dir {data_dir}: it holds no prepared data. Run `slm prepare CONFIG` "
+            f"first (`slm train CONFIG` prepares a missing data.dir before it trains)."
+        )
+    tokenizer_path = local_copy(data_dir, TOKENIZER, cfg.data.cache_dir)
     tokenizer = load_tokenizer(tokenizer_path)
     bytes_per_token = load_manifest(data_dir).bytes_per_token("val") if cfg.train.stage != "ift" else None
     return DataSetup(
@@ -140,7 +131,6 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
     # world size the same validation samples (exactly, when the world size divides eval_batches).
     val_batches_per_rank = math.ceil(cfg.train.eval_batches / dist_info.world_size)
     if cfg.train.stage == "ift":
-        from data_pipeline.instruct import build_instruct_loader
 
         def instruct(split: str) -> Any:
             return build_instruct_loader(
@@ -148,11 +138,6 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
             )
 
         return instruct("train"), take_batches(instruct("val"), val_batches_per_rank)
-    from data_pipeline.documents import document_masked
-    from data_pipeline.loader import build_loader
-    from data_pipeline.sources import source_weights
-    from data_pipeline.tokenizer import eot_id
-
     weights = source_weights(cfg.data) if len(cfg.data.sources) > 1 else None
     train_loader = build_loader(
         data_dir,
@@ -189,8 +174,6 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
 def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
     first rank (the others wait, then find the copy complete)."""
-    from data_pipeline.storage import is_remote
-
     source = str(cfg.train.init_from)
     if not is_remote(source):
         return source
@@ -282,8 +265,6 @@ def settle_batches(cfg: Config, dist_info: DistInfo) -> tuple:
 
 def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
     """model.vocab_size from the tokenizer (rounded up as the data pipeline does)."""
-    from data_pipeline.tokenizer import model_vocab_size
-
     vocab = model_vocab_size(data.tokenizer)
     if vocab != cfg.model.vocab_size:
         say(

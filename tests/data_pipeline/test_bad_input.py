@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare.dispatch import prepare
 from data_pipeline.tokenizer import train_tokenizer
 from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
 

@@ -1,11 +1,11 @@
-"""data_pipeline.chat: the ChatML rendering, its assistant-only loss mask, and the generation prompt."""
+"""data_pipeline.instruct.chat: the ChatML rendering, its assistant-only loss mask, and the generation prompt."""
 
 from __future__ import annotations
 
 import pytest
 
-from data_pipeline.chat import encode_chat_prompt, format_chat, render_chat
 from data_pipeline.errors import DataError
+from data_pipeline.instruct.chat import encode_chat_prompt, format_chat, render_chat
 from data_pipeline.tokenizer import IM_END, IM_START, load_tokenizer
 from model.loss import IGNORE_INDEX
 

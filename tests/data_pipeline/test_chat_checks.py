@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from data_pipeline.chat import format_chat, render_chat
-from data_pipeline.chat_checks import IGNORE_INDEX, loss_labels
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
-from data_pipeline.instruct import build_instruct_loader, read_conversations
+from data_pipeline.instruct.chat import format_chat, render_chat
+from data_pipeline.instruct.checks import IGNORE_INDEX, loss_labels
+from data_pipeline.instruct.data import build_instruct_loader, read_conversations
 from data_pipeline.tokenizer import load_tokenizer
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.documents import DocumentMaskedLoader, add_document_ids, document_ids_from_eot
-from data_pipeline.loader import build_loader
+from data_pipeline.loading.documents import DocumentMaskedLoader, add_document_ids, document_ids_from_eot
+from data_pipeline.loading.loader import build_loader
 from data_pipeline.tokenizer import eot_id, load_tokenizer
 from model import ModelConfig, Transformer
 

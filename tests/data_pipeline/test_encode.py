@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_pipeline.encode import encode_chunk, init_worker
+from data_pipeline.prepare.encode import encode_chunk, init_worker
 from data_pipeline.tokenizer import EOT, IM_START
 from tests.helpers import SHAKESPEARE
 

@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.chat import format_chat
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
-from data_pipeline.instruct import build_instruct_loader, build_rows, read_conversations, split_conversations
+from data_pipeline.instruct.chat import format_chat
+from data_pipeline.instruct.data import (
+    build_instruct_loader,
+    build_rows,
+    read_conversations,
+    split_conversations,
+)
 from data_pipeline.tokenizer import EOT, PAD, load_tokenizer
 from model.loss import IGNORE_INDEX
 from tests.data_pipeline.test_chat import TWO_TURNS

@@ -17,10 +17,10 @@ import torch
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.loader import build_loader
-from data_pipeline.manifest import load_manifest
-from data_pipeline.prepare import prepare
-from data_pipeline.shards import open_shard
+from data_pipeline.format.manifest import load_manifest
+from data_pipeline.format.shards import open_shard
+from data_pipeline.loading.loader import build_loader
+from data_pipeline.prepare.dispatch import prepare
 from tests.helpers import SHAKESPEARE
 
 CORPUS = Path(SHAKESPEARE).read_text(encoding="utf-8")

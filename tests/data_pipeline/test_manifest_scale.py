@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import build_loader
-from data_pipeline.manifest import FORMAT_VERSION, load_manifest, verify_dataset
+from data_pipeline.format.manifest import FORMAT_VERSION, load_manifest, verify_dataset
+from data_pipeline.loading.loader import build_loader
 
 SHARDS, TOKENS = 100_000, 3
 

@@ -6,8 +6,8 @@ import pytest
 
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import looks_local, source_name, source_weights
-from data_pipeline.splits import tail_split, validation_mask
+from data_pipeline.format.splits import tail_split, validation_mask
+from data_pipeline.sources.corpus import looks_local, source_name, source_weights
 from data_pipeline.tokenizer import model_vocab_size, token_dtype, train_tokenizer
 
 

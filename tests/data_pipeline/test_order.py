@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import build_loader
-from data_pipeline.order import round_keys, shuffle
+from data_pipeline.loading.loader import build_loader
+from data_pipeline.loading.order import round_keys, shuffle
 
 SIZES = [1, 2, 3, 7, 64, 97, 256, 1000, 1024, 4099, 65536, 65537, 1_000_003]
 
@@ -48,7 +48,7 @@ def test_same_order_in_another_process():
     n = 12_345
     here = shuffle(np.arange(0, n, 7), n, round_keys(2**62 + 5, 3, 11))
     code = (
-        "import numpy as np, sys; from data_pipeline.order import round_keys, shuffle; "
+        "import numpy as np, sys; from data_pipeline.loading.order import round_keys, shuffle; "
         "sys.stdout.write(shuffle(np.arange(0, 12345, 7), 12345, round_keys(2**62 + 5, 3, 11)).tobytes().hex())"
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

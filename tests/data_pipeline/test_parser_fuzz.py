@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_pipeline.errors import DataError
-from data_pipeline.instruct import read_conversations
-from data_pipeline.loader import build_loader
+from data_pipeline.instruct.data import read_conversations
+from data_pipeline.loading.loader import build_loader
 
 TEXT = st.text(max_size=12)
 JSON = st.recursive(

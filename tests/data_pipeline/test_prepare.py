@@ -19,10 +19,10 @@ import pytest
 from common.files import file_sha256
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import load_manifest, manifest_sha256
-from data_pipeline.prepare import prepare
-from data_pipeline.shards import ShardWriter, open_shard
-from data_pipeline.splits import validation_mask
+from data_pipeline.format.manifest import load_manifest, manifest_sha256
+from data_pipeline.format.shards import ShardWriter, open_shard
+from data_pipeline.format.splits import validation_mask
+from data_pipeline.prepare.dispatch import prepare
 from data_pipeline.tokenizer import (
     EOT,
     IM_END,

@@ -11,7 +11,7 @@ import pytest
 
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare.dispatch import prepare
 from tests.helpers import REPO, SHAKESPEARE, run, slm_cmd
 
 CORPUS = Path(SHAKESPEARE).read_text(encoding="utf-8")
@@ -98,8 +98,8 @@ def test_parts_through_the_cli(tmp_path, sources):
 
 
 def test_a_big_line_file_is_cut_on_line_boundaries(sources):
-    from data_pipeline.prepare_parts import part_slices, slice_documents
-    from data_pipeline.sources import iter_documents
+    from data_pipeline.prepare.parts import part_slices, slice_documents
+    from data_pipeline.sources.corpus import iter_documents
 
     big = sources[2]
     whole = [d.text for d in iter_documents(big)]  # what a single prepare reads (through `datasets`)

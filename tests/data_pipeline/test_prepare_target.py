@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare.dispatch import prepare
 from launch.config import load_config
 from tests.helpers import SHAKESPEARE, TINY
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import build_loader
-from data_pipeline.manifest import load_manifest
+from data_pipeline.format.manifest import load_manifest
+from data_pipeline.loading.loader import build_loader
 from tests.s3_localhost import BUCKET
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from common.files import file_sha256
 from data_pipeline.errors import DataError
-from data_pipeline.loader import build_loader
+from data_pipeline.loading.loader import build_loader
 
 BAD_OFFSET = 100
 

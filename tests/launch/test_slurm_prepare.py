@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare.dispatch import prepare
 from launch.config import load_config
 from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
 from tests.launch.test_slurm_cluster import FINAL_STATES, job_info, slurm_cluster  # noqa: F401 - fixture

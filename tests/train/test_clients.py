@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from data_pipeline.chat import encode_chat_prompt, format_chat
-from data_pipeline.instruct import read_conversations
-from data_pipeline.loader import build_loader
+from data_pipeline.instruct.chat import encode_chat_prompt, format_chat
+from data_pipeline.instruct.data import read_conversations
+from data_pipeline.loading.loader import build_loader
 from data_pipeline.tokenizer import EOT, IM_END, load_tokenizer, model_vocab_size
 from model import ModelConfig, Transformer
 from model.loss import IGNORE_INDEX

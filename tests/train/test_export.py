@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.atomic import FILE_MODE
-from data_pipeline.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
+from data_pipeline.instruct.chat import CHAT_TEMPLATE, encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import (
     EOT,
     IM_END,

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from data_pipeline.chat import encode_chat_prompt
 from data_pipeline.config import InstructConfig
-from data_pipeline.loader import build_loader
+from data_pipeline.instruct.chat import encode_chat_prompt
+from data_pipeline.loading.loader import build_loader
 from data_pipeline.tokenizer import IM_END, load_tokenizer
 from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, TINY, run, slm_cmd
@@ -131,7 +131,7 @@ def test_ift_starts_at_the_cpt_loss_with_assistant_only_targets(chain, tiny_data
 
 
 def _ift_loader(tokenizer):
-    from data_pipeline.instruct import build_instruct_loader
+    from data_pipeline.instruct.data import build_instruct_loader
 
     cfg = InstructConfig(paths=[SELF_INSTRUCT])
     return build_instruct_loader(cfg, tokenizer, "train", SEQ_LEN, MICRO_BATCH, 0, 1, SEED)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from data_pipeline.loader import build_loader
+from data_pipeline.loading.loader import build_loader
 from launch.config import load_config
 from model import Transformer
 from tests.helpers import TINY, run, slm_cmd

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from data_pipeline.manifest import load_manifest
+from data_pipeline.format.manifest import load_manifest
 from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
 from tests.s3_localhost import BUCKET

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from common.atomic import FILE_MODE, atomic_dir
 from common.files import GIB, file_sha256
-from data_pipeline.chat import encode_chat_prompt, format_chat
+from data_pipeline.instruct.chat import encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
 from model.loss import IGNORE_INDEX

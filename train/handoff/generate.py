@@ -14,7 +14,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from common.log import say
-from data_pipeline.chat import encode_chat_prompt
+from data_pipeline.instruct.chat import encode_chat_prompt
 from data_pipeline.tokenizer import EOT, IM_END, load_tokenizer
 from train.errors import TrainError
 from train.handoff.init_from import build_model, load_weights, locate_weights

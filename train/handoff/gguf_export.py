@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from data_pipeline.chat import CHAT_TEMPLATE
+from data_pipeline.instruct.chat import CHAT_TEMPLATE
 from data_pipeline.tokenizer import EOT, IM_END, PAD, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_pipeline.chat import CHAT_TEMPLATE
+from data_pipeline.instruct.chat import CHAT_TEMPLATE
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
 from train.errors import TrainError

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from common.atomic import replace_dir
-from data_pipeline.shard_cache import dataset_cache_dir
-from data_pipeline.storage import DataStore
+from data_pipeline.storage.cache import dataset_cache_dir
+from data_pipeline.storage.store import DataStore
 from train.errors import TrainError
 
 EXPORT_MARKS = ("config.json", "tokenizer.json")

@@ -1,4 +1,4 @@
-"""The engine of `slm prepare` (prepare.py): raw sources -> token shards + manifest.json in a local folder.
+"""The engine of `slm prepare` (local.py starts it): raw sources -> token shards + manifest.json in a local folder.
 
 The main process streams documents, cuts them into chunks of ~CHUNK_BYTES of text in a fixed order, and
 hands them to `data.num_proc` tokenizer processes; results come back in order and are appended to the
@@ -33,26 +33,16 @@ from tqdm import tqdm
 from common import faults
 from common.atomic import atomic_write_json
 from common.files import fsync_dir
-from data_pipeline import encode
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SPLITS,
-    TOKENIZER,
-    Manifest,
-    summary_table,
-    write_manifest,
-)
-from data_pipeline.prepare_tokenizer import empty_source
-from data_pipeline.shards import ShardRecord, ShardWriter
-from data_pipeline.sources import (
-    iter_documents,
-    resolve_files,
-    source_names,
-)
-from data_pipeline.splits import tail_split, validation_mask
+from data_pipeline.format.manifest import FORMAT_VERSION, Manifest, summary_table, write_manifest
+from data_pipeline.format.names import JOURNAL, SPLITS, STATE, TOKENIZER, WORK_DIR
+from data_pipeline.format.shards import ShardRecord, ShardWriter
+from data_pipeline.format.splits import tail_split, validation_mask
+from data_pipeline.prepare import encode
+from data_pipeline.prepare.common import build_manifest, text_chunks
+from data_pipeline.prepare.tokenizer import empty_source
+from data_pipeline.sources.corpus import iter_documents, resolve_files, source_names
 from data_pipeline.tokenizer import (
     eot_id,
     model_vocab_size,
@@ -61,11 +51,6 @@ from data_pipeline.tokenizer import (
     tokenizer_vocab_size,
 )
 
-WORK_DIR = ".prepare"
-STATE = "state.json"
-JOURNAL = "shards.jsonl"
-CHUNK_BYTES = 1 << 18
-"""Text per tokenization task (common.faults.prepare_chunk_bytes overrides it for tests and tuning)."""
 COMMIT_SECONDS = 2.0
 """Commit (fsync + state) after a chunk at most this often: a crash redoes at most this much work."""
 
@@ -264,32 +249,17 @@ class PrepareRun:
                 return
             docs = chain([first, second], docs)
         index = p.documents
-        texts: List[str] = []
-        chars = 0
-        end = p.position
-        chunk_bytes = faults.prepare_chunk_bytes(CHUNK_BYTES)
-        for doc in docs:
-            texts.append(doc.text)
-            chars += len(doc.text)
-            end = (doc.file_index, doc.row + 1)
-            if chars >= chunk_bytes:
-                yield Chunk(
-                    texts,
-                    validation_mask(index, len(texts), self.cfg.val_fraction).tolist(),
-                    end,
-                    len(texts),
-                    chars,
-                )
-                index += len(texts)
-                texts, chars = [], 0
-        if texts:
+        for docs_of_chunk in text_chunks(docs, lambda doc: doc.text):
+            texts = [doc.text for doc in docs_of_chunk]
+            last = docs_of_chunk[-1]
             yield Chunk(
                 texts,
                 validation_mask(index, len(texts), self.cfg.val_fraction).tolist(),
-                end,
+                (last.file_index, last.row + 1),
                 len(texts),
-                chars,
+                sum(len(text) for text in texts),
             )
+            index += len(texts)
 
     def _apply(self, chunk: Chunk, encoded: encode.EncodedChunk) -> None:
         self._journal(self.writers["train"].append(encoded.train))
@@ -409,20 +379,15 @@ class PrepareRun:
 
     def _write_manifest(self, started: float) -> Manifest:
         """The manifest, written last (its presence marks a complete prepare), and the summary printed."""
-        manifest = Manifest(
-            path=self.data_dir / MANIFEST,
-            format_version=FORMAT_VERSION,
-            dtype=self.dtype,
-            tokenizer_sha256=self.tokenizer_sha,
-            vocab_size=tokenizer_vocab_size(self.tokenizer),
-            eot_id=self.eot_id,
-            val_fraction=self.cfg.val_fraction,
-            shard_tokens=self.cfg.shard_tokens,
-            sources=self.sources_done,
-            shards=sorted(
-                self.records, key=lambda r: (self.names.index(r.source), SPLITS.index(r.split), r.index)
-            ),
-            prepared_from=self.fingerprint,
+        manifest = build_manifest(
+            self.data_dir,
+            self.cfg,
+            self.tokenizer,
+            self.tokenizer_sha,
+            self.sources_done,
+            self.records,
+            self.names,
+            self.fingerprint,
         )
         if self.publisher is None:
             write_manifest(manifest)

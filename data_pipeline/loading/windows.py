@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -18,10 +17,10 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import Manifest, shard_name
-from data_pipeline.order import round_keys, shuffle
-from data_pipeline.shard_cache import ShardCache
-from data_pipeline.token_check import window_check
+from data_pipeline.format.manifest import Manifest, shard_name
+from data_pipeline.format.shards import open_shard, window_check
+from data_pipeline.loading.order import round_keys, shuffle
+from data_pipeline.storage.cache import ShardCache
 
 LOCATE_STEPS = 64
 """Batches whose windows are located in one vectorised call."""
@@ -202,12 +201,7 @@ class TokenWindows(IterableDataset):
         key = (s, k)
         mapped = self._maps.pop(key, None)
         if mapped is None:
-            path = self.streams[s].paths[k]
-            mapped = (
-                np.memmap(path, dtype=self.dtype, mode="r")
-                if os.path.getsize(path)
-                else np.zeros(0, self.dtype)
-            )
+            mapped = open_shard(self.streams[s].paths[k], self.dtype)
             if len(self._maps) >= OPEN_SHARDS:
                 self._maps.pop(next(iter(self._maps)))
         self._maps[key] = mapped

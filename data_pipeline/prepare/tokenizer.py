@@ -12,9 +12,9 @@ from tokenizers import Tokenizer
 from common.files import file_sha256
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import TOKENIZER
-from data_pipeline.sources import describe_source, iter_documents
-from data_pipeline.splits import tail_split, validation_mask
+from data_pipeline.format.names import TOKENIZER
+from data_pipeline.format.splits import tail_split, validation_mask
+from data_pipeline.sources.corpus import describe_source, iter_documents
 from data_pipeline.tokenizer import (
     copy_tokenizer,
     load_tokenizer,

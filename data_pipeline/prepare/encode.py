@@ -1,4 +1,4 @@
-"""Tokenization of one chunk of documents, run in `data.num_proc` worker processes by `prepare`.
+"""Tokenization of one chunk of documents, run in `data.num_proc` worker processes by the prepare engine.
 
 Kept free of heavy imports (no torch, no datasets) so workers start fast under any start method.
 

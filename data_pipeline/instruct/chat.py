@@ -15,7 +15,7 @@ role name and its "\\n" of assistant turns, and the "\\n" after every `<|im_end|
 and to stop, never to write the user's part. Content is stripped (Jinja `trim`) so no token straddles the
 template/content boundary.
 
-Instruction tuning (`data_pipeline.instruct`), the export (`tokenizer_config.json`) and `slm generate --chat` all
+Instruction tuning (`data_pipeline.instruct.data`), the export (`tokenizer_config.json`) and `slm generate --chat` all
 use this module, so the template exists once.
 """
 
@@ -25,8 +25,8 @@ from typing import Dict, List, Sequence, Tuple
 
 from tokenizers import Tokenizer
 
-from data_pipeline.chat_checks import loss_labels
 from data_pipeline.errors import DataError
+from data_pipeline.instruct.checks import loss_labels
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD
 
 ROLES = ("system", "user", "assistant")

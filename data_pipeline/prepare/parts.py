@@ -25,28 +25,25 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from common import faults
 from common.atomic import atomic_write_json
 from common.files import file_sha256
-from data_pipeline import encode
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SPLITS,
-    TOKENIZER,
-    Manifest,
-    summary_table,
-    write_manifest,
+from data_pipeline.format.manifest import summary_table, write_manifest
+from data_pipeline.format.names import DONE, MANIFEST, PARTS, SPLITS, TOKENIZER, WORK_DIR
+from data_pipeline.format.shards import ShardWriter, open_shard
+from data_pipeline.format.splits import validation_mask
+from data_pipeline.prepare import encode
+from data_pipeline.prepare.common import (
+    build_manifest,
+    prepare_fingerprint,
+    prepare_lock,
+    resolve_num_proc,
+    text_chunks,
 )
-from data_pipeline.prepare import prepare_lock, resolve_num_proc
-from data_pipeline.prepare_origin import prepare_fingerprint
-from data_pipeline.prepare_run import CHUNK_BYTES, WORK_DIR
-from data_pipeline.prepare_tokenizer import obtain_tokenizer
-from data_pipeline.shards import ShardWriter
-from data_pipeline.sources import file_format, iter_documents, resolve_files, source_names
-from data_pipeline.splits import validation_mask
+from data_pipeline.prepare.tokenizer import obtain_tokenizer
+from data_pipeline.sources.corpus import file_format, iter_documents, resolve_files, source_names
+from data_pipeline.sources.text import line_documents
 from data_pipeline.tokenizer import (
     eot_id,
     load_tokenizer,
@@ -55,8 +52,6 @@ from data_pipeline.tokenizer import (
     tokenizer_vocab_size,
 )
 
-PARTS = ".parts"
-DONE = "DONE.json"
 MERGE_TOKENS = 1 << 24
 """Tokens of a part stream the merge holds in memory at a time."""
 
@@ -100,40 +95,13 @@ def part_slices(source: SourceConfig, part: int, parts: int) -> List[Tuple[int, 
     return slices
 
 
-def _line_documents(path: Path, start: int, end: int, encoding_errors: str) -> Iterator[str]:
-    """The non-blank lines of a text file whose first byte lies in [start, end), as `datasets`' text
-    builder reads them (universal newlines, split on \n)."""
-    errors = "strict" if encoding_errors == "strict" else encoding_errors
-    with open(path, "rb") as f:
-        if start > 0:
-            f.seek(start - 1)
-            if f.read(1) != b"\n":
-                f.readline()  # the line in progress belongs to the previous range
-        while f.tell() < end:
-            raw = f.readline()
-            if not raw:
-                return
-            try:
-                text = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path} is not valid UTF-8 ({err.reason}); expected UTF-8 text, or set "
-                    f"data.encoding_errors=replace to replace bad bytes."
-                ) from None
-            text = text.replace("\r\n", "\n").replace("\r", "\n")
-            pieces = text.split("\n")
-            for line in pieces[:-1] if text.endswith("\n") else pieces:
-                if line.strip():
-                    yield line
-
-
 def slice_documents(
     source: SourceConfig, slices: List[Tuple[int, int, int]], encoding_errors: str
 ) -> Iterator[str]:
     files = resolve_files(source)
     for index, start, end in slices:
         if splittable(source, files[index]):
-            yield from _line_documents(files[index], start, end, encoding_errors)
+            yield from line_documents(files[index], start, end, encoding_errors)
         else:
             for doc in iter_documents(source, encoding_errors, start=(index, 0)):
                 if doc.file_index != index:
@@ -172,25 +140,14 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
     folder.mkdir(parents=True)
     encode.init_worker(tokenizer.to_str(), dtype)
     started, tokens = time.time(), 0
-    chunk_bytes = faults.prepare_chunk_bytes(CHUNK_BYTES)
     for source, name in zip(data_cfg.sources, names):
         slices = part_slices(source, part, parts)
         documents, replaced = 0, 0
         with open(folder / f"{name}.tokens", "wb") as out:
-            texts: List[str] = []
-            chars = 0
-            for text in slice_documents(source, slices, data_cfg.encoding_errors):
-                texts.append(text)
-                chars += len(text)
-                if chars >= chunk_bytes:
-                    tokens += _write(out, texts)
-                    documents, replaced = (
-                        documents + len(texts),
-                        replaced + sum(t.count("\ufffd") for t in texts),
-                    )
-                    texts, chars = [], 0
-            tokens += _write(out, texts)
-            documents, replaced = documents + len(texts), replaced + sum(t.count("\ufffd") for t in texts)
+            for texts in text_chunks(slice_documents(source, slices, data_cfg.encoding_errors), str):
+                tokens += _write(out, texts)
+                documents += len(texts)
+                replaced += sum(t.count("\ufffd") for t in texts)
             out.flush()
             os.fsync(out.fileno())
         atomic_write_json(
@@ -291,20 +248,7 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
                     "replaced_chars": replaced,
                 }
             )
-        records.sort(key=lambda r: (names.index(r.source), SPLITS.index(r.split), r.index))
-        manifest = Manifest(
-            path=data_dir / MANIFEST,
-            format_version=FORMAT_VERSION,
-            dtype=dtype,
-            tokenizer_sha256=sha,
-            vocab_size=tokenizer_vocab_size(tokenizer),
-            eot_id=eot,
-            val_fraction=data_cfg.val_fraction,
-            shard_tokens=data_cfg.shard_tokens,
-            sources=sources,
-            shards=records,
-            prepared_from=fingerprint,
-        )
+        manifest = build_manifest(data_dir, data_cfg, tokenizer, sha, sources, records, names, fingerprint)
         write_manifest(manifest)
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(data_dir / PARTS, ignore_errors=True)
@@ -323,11 +267,7 @@ def _merge_stream(
     records: List,
 ) -> Tuple[int, Dict[str, int]]:
     """Route a part's documents (from global document `index` on) to the train and val writers."""
-    stream = (
-        np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
-        if path.stat().st_size
-        else np.zeros(0, dtype)
-    )
+    stream = open_shard(path, dtype)
     counts = {"train": 0, "val": 0}
     start = 0
     while start < len(stream):

@@ -26,8 +26,10 @@ from typing import Any, Dict, Iterable, Optional, Set
 
 import numpy as np
 
+from common.files import file_sha256
 from data_pipeline.errors import DataError
-from data_pipeline.storage import DataStore
+from data_pipeline.format.shards import open_shard
+from data_pipeline.storage.store import DataStore, is_remote, local_path
 
 FETCH_THREADS = 8
 """Concurrent downloads or ranged reads per process (object stores answer each request with latency)."""
@@ -68,8 +70,8 @@ def local_copy(store: DataStore, name: str, cache_dir: Optional[str]) -> Path:
 
 def local_file(location: str, storage_options: Optional[Dict[str, Any]], cache_dir: Optional[str]) -> Path:
     """A file named by a path or URL (tokenizer.path) as a local path: downloaded into the cache when remote."""
-    if "://" not in location or location.startswith("file://"):
-        return Path(location[len("file://") :] if location.startswith("file://") else location)
+    if not is_remote(location):
+        return local_path(location)
     folder, name = location.rstrip("/").rsplit("/", 1)
     return local_copy(DataStore(folder, storage_options), name, cache_dir)
 
@@ -204,22 +206,19 @@ class ShardCache:
             )  # one download at a time per node: the bound holds across processes
             if self._cached(name):
                 os.utime(path)
-                return self._map(path, size)
+                return open_shard(path, self.dtype)
             self._evict(size, keep)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             try:
                 self.store.download(name, Path(tmp))
-                self._check(name, _file_sha256(Path(tmp)), sha)
+                self._check(name, file_sha256(tmp), sha)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            return self._map(path, size)
-
-    def _map(self, path: Path, size: int) -> np.ndarray:
-        return np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+            return open_shard(path, self.dtype)
 
     def _evict(self, incoming: int, keep: Set[str]) -> None:
         if self.limit is None:
@@ -252,11 +251,3 @@ class ShardCache:
                 f"Shard {self.store.url(name)} has sha256 {actual} but its manifest records {expected}: the shard "
                 f"was changed after prepare (or the download is corrupt). Prepare the data again into a new data.dir."
             )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()

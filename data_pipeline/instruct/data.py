@@ -1,6 +1,6 @@
 """Instruction data for train.stage=ift: ChatML conversations, assistant-only loss, packing, a resumable loader.
 
-The chat template and its labels are `data_pipeline.chat`.
+The chat template and its labels are `data_pipeline.instruct.chat`.
 
 Three jsonl formats, detected per line: chat `{"messages": [{"role", "content"}, ...]}`;
 `{"instruction", "input", "output"}` (input optional; appended to the instruction after a blank line);
@@ -31,14 +31,14 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer
 
-from data_pipeline.chat import RESERVED, ROLES, Message, format_chat
-from data_pipeline.chat_checks import check_role_order, check_some_answer, has_empty_answer
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import IM_END, IM_START, PAD
+from data_pipeline.instruct.chat import RESERVED, ROLES, Message, format_chat
+from data_pipeline.instruct.checks import check_role_order, check_some_answer, has_empty_answer
+from data_pipeline.tokenizer import IM_END, IM_START, PAD, load_tokenizer
 from model.loss import IGNORE_INDEX
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ----------------------------------------------------------------------------------------------- reading jsonl
 
@@ -378,14 +378,12 @@ def build_instruct_loader(
     world_size: int,
     seed: int,
 ) -> InstructLoader:
-    """The IFT counterpart of `data_pipeline.loader.build_loader`: same batches, plus position_ids/doc_ids when packing."""
+    """The IFT counterpart of `data_pipeline.loading.loader.build_loader`: same batches, plus position_ids/doc_ids when packing."""
     try:
         ift_cfg.validate()
     except ValueError as err:
         raise DataError(str(err)) from None
     if not isinstance(tokenizer, Tokenizer):
-        from data_pipeline.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer)
     for token in (IM_START, IM_END):
         special_id(tokenizer, token)

@@ -33,17 +33,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import (
-    SPLITS,
-    Manifest,
-    load_manifest,
-    manifest_sha256,
-    shard_name,
-    verify_dataset,
-)
-from data_pipeline.shard_cache import ShardCache
-from data_pipeline.storage import DataStore
-from data_pipeline.windows import TokenWindows
+from data_pipeline.format.manifest import Manifest, load_manifest, manifest_sha256, shard_name, verify_dataset
+from data_pipeline.format.names import SPLITS
+from data_pipeline.loading.windows import TokenWindows
+from data_pipeline.storage.cache import ShardCache
+from data_pipeline.storage.store import DataStore
 
 STATE_VERSION = 2
 """2: the order is the Feistel bijection of order.py (1 was a numpy permutation per epoch)."""

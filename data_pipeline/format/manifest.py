@@ -3,6 +3,9 @@
 It records the format version, the token dtype, the tokenizer's sha256 (its identity), what the data
 was prepared from, each source's document counts, and per shard its file (relative), split, source,
 token/document/text-byte counts and sha256. It is written last, so it also marks a complete prepare.
+
+Before it is trusted it is checked field by field (types, ranges, cross-references), so a hand-edited or
+damaged manifest fails with a DataError naming the field, never a TypeError deep in the loader.
 """
 
 from __future__ import annotations
@@ -20,17 +23,15 @@ import numpy as np
 from common.atomic import atomic_write_json
 from common.files import file_sha256
 from data_pipeline.errors import DataError
-from data_pipeline.manifest_checks import check_manifest_fields
-from data_pipeline.shards import ShardRecord
-from data_pipeline.storage import DataStore
-from data_pipeline.token_check import max_id_check
+from data_pipeline.format.names import MANIFEST, SPLITS, TOKENIZER, WORK_DIR
+from data_pipeline.format.shards import ShardRecord, max_id_check
+from data_pipeline.storage.store import DataStore
 from data_pipeline.tokenizer import token_dtype
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER = "tokenizer.json"
-SPLITS = ("train", "val")
 DTYPES = ("uint16", "uint32")
+SHARD_INTS = ("index", "tokens", "documents", "text_bytes")
+SHARD_STRS = ("file", "split", "source", "dtype", "sha256")
 
 
 @dataclass
@@ -100,6 +101,49 @@ def write_manifest(manifest: Manifest) -> None:
     atomic_write_json(manifest.path, manifest.to_dict())
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_manifest_fields(raw: Dict[str, Any], path: Any) -> None:
+    """DataError naming the first field of a raw manifest that has the wrong type, range or reference."""
+
+    def bad(what: str) -> DataError:
+        return DataError(f"Manifest {path} is malformed: {what}; prepare the data again.")
+
+    if not isinstance(
+        raw.get("dtype"), str
+    ):  # which names are allowed is checked with the shards (_check_dtype)
+        raise bad(f"dtype is {raw.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
+    for key in ("vocab_size", "shard_tokens"):
+        if not _is_int(raw.get(key)) or raw[key] <= 0:
+            raise bad(f"{key} is {raw.get(key)!r}, expected a positive integer")
+    if not _is_int(raw.get("eot_id")) or not 0 <= raw["eot_id"] < raw["vocab_size"]:
+        raise bad(f"eot_id is {raw.get('eot_id')!r}, expected an id below vocab_size {raw['vocab_size']}")
+    if not isinstance(raw.get("tokenizer_sha256"), str):
+        raise bad("tokenizer_sha256 is not a string")
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("name"), str) for s in sources
+    ):
+        raise bad("sources is not a list of objects with a name")
+    names = {s["name"] for s in sources}
+    shards = raw.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise bad("shards is not a list of objects")
+    for i, shard in enumerate(shards):
+        for key in SHARD_INTS:
+            if not _is_int(shard.get(key)) or shard[key] < 0:
+                raise bad(f"shards[{i}].{key} is {shard.get(key)!r}, expected an integer >= 0")
+        for key in SHARD_STRS:
+            if not isinstance(shard.get(key), str):
+                raise bad(f"shards[{i}].{key} is {shard.get(key)!r}, expected a string")
+        if shard["split"] not in SPLITS:
+            raise bad(f"shards[{i}].split is {shard['split']!r}, expected one of {', '.join(SPLITS)}")
+        if shard["source"] not in names:
+            raise bad(f"shards[{i}].source {shard['source']!r} is not among the sources {sorted(names)}")
+
+
 def _store(data_dir: str | os.PathLike | DataStore) -> DataStore:
     return data_dir if isinstance(data_dir, DataStore) else DataStore(data_dir)
 
@@ -119,7 +163,7 @@ def load_manifest(data_dir: str | os.PathLike | DataStore) -> Manifest:
     store = _store(data_dir)
     path: Any = store.root / MANIFEST if store.root is not None else store.url(MANIFEST)
     if not store.exists(MANIFEST):
-        interrupted = store.root is not None and (store.root / ".prepare").exists()
+        interrupted = store.root is not None and (store.root / WORK_DIR).exists()
         partial = " A prepare was interrupted there: run it again to resume." if interrupted else ""
         raise DataError(
             f"No {MANIFEST} in {store}: expected a dataset written by `slm prepare CONFIG`.{partial}"
@@ -135,7 +179,7 @@ def load_manifest(data_dir: str | os.PathLike | DataStore) -> Manifest:
         raise DataError(
             f"Manifest {path} has format version {version!r}; this slm-forge reads version {FORMAT_VERSION}. Prepare the data again."
         )
-    check_manifest_fields(raw, path, SPLITS, DTYPES)
+    check_manifest_fields(raw, path)
     try:
         shards = [ShardRecord(**s) for s in raw["shards"]]
         manifest = Manifest(

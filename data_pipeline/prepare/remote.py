@@ -25,17 +25,28 @@ from common import faults
 from common.atomic import atomic_write_json
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, load_manifest, verify_dataset
-from data_pipeline.prepare import prepare_into, prepare_lock, report_complete
-from data_pipeline.prepare_origin import check_same_origin, prepare_fingerprint
-from data_pipeline.prepare_run import JOURNAL, STATE, WORK_DIR
-from data_pipeline.shard_cache import dataset_cache_dir
-from data_pipeline.shards import shard_file_name
-from data_pipeline.sources import source_names
-from data_pipeline.storage import DataStore
+from data_pipeline.format.manifest import Manifest, load_manifest, verify_dataset
+from data_pipeline.format.names import (
+    JOURNAL,
+    MANIFEST,
+    ORIGIN,
+    STATE,
+    TOKENIZER,
+    WORK_DIR,
+    shard_file_name,
+)
+from data_pipeline.prepare.common import (
+    check_same_origin,
+    prepare_fingerprint,
+    prepare_lock,
+    report_complete,
+)
+from data_pipeline.prepare.local import prepare_into
+from data_pipeline.sources.corpus import source_names
+from data_pipeline.storage.cache import dataset_cache_dir
+from data_pipeline.storage.store import DataStore
 from data_pipeline.tokenizer import tokenizers_single_threaded
 
-ORIGIN = ".prepare-origin.json"
 REMOTE_COMMIT_SECONDS = 60.0
 """Mirror a commit to the remote at most this often (common.faults.prepare_remote_commit_seconds overrides it)."""
 

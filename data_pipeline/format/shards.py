@@ -1,9 +1,15 @@
 """Token shards: raw little-endian uint16/uint32 files of fixed size (`data.shard_tokens`), one sequence of
-them per (source, split).
+them per (source, split), and the checks of the token ids read from them.
 
 A shard grows as an append-only `.partial` file in the work folder and is renamed to its final name when
 full, so a reader never sees half a shard. The prepare state records how many tokens of the partial file
 are committed; after a crash the file is cut back to that length (`ShardWriter.recover`).
+
+Every read of a shard goes through `open_shard` (a read-only memory map, never the whole file in RAM). An
+out-of-vocabulary token id is a DataError naming the shard and the offset, never an IndexError in the
+embedding (or, on a GPU, a device-side assert): `max_id_check` scans a whole shard (with
+data.verify_checksums); `window_check` is the loader's check of every window it reads, one max over
+seq_len + 1 integers, far below the cost of a step.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from common.files import fsync_dir  # noqa: F401  (re-exported: its old home)
 from data_pipeline.errors import DataError
+from data_pipeline.format.names import shard_file_name
+
+SCAN_TOKENS = 1 << 24
+"""Tokens per block when scanning a whole shard (64 MiB of uint32)."""
 
 
 @dataclass
@@ -41,19 +50,41 @@ class ShardRecord:
         return asdict(self)
 
 
-def shard_file_name(source: str, split: str, index: int) -> str:
-    return f"{source}-{split}-{index:05d}.bin"
-
-
-def _little_endian(dtype: str) -> np.dtype:
+def _little_endian(dtype: str | np.dtype) -> np.dtype:
     return np.dtype(dtype).newbyteorder("<")
 
 
-def open_shard(path: Path, dtype: str) -> np.ndarray:
-    """Memory-map a shard read-only (never read into RAM whole)."""
-    if path.stat().st_size == 0:
+def open_shard(path: str | os.PathLike, dtype: str | np.dtype) -> np.ndarray:
+    """A shard's tokens, memory-mapped read-only (never read into RAM whole); an empty file gives an empty array
+    (np.memmap refuses a file of 0 bytes)."""
+    if os.path.getsize(path) == 0:
         return np.zeros(0, dtype=_little_endian(dtype))
     return np.memmap(path, dtype=_little_endian(dtype), mode="r")
+
+
+def _refuse(path: Path, offset: int, token: int, vocab_size: int) -> DataError:
+    return DataError(
+        f"Shard {path} holds token id {token} at token offset {offset}, outside the tokenizer's vocabulary "
+        f"of {vocab_size} ids (0..{vocab_size - 1}); the shard is corrupt or was prepared with another "
+        "tokenizer. Prepare the data again."
+    )
+
+
+def max_id_check(path: Path, dtype: str, vocab_size: int) -> None:
+    """DataError when any token of the shard at `path` is >= vocab_size."""
+    tokens = open_shard(path, dtype)
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        block = tokens[start : start + SCAN_TOKENS]
+        if len(block) and int(block.max()) >= vocab_size:
+            at = int(np.flatnonzero(block >= vocab_size)[0])
+            raise _refuse(path, start + at, int(block[at]), vocab_size)
+
+
+def window_check(piece: np.ndarray, vocab_size: int, path: Path, offset: int) -> None:
+    """DataError when a piece read from `path` at token `offset` holds an id >= vocab_size."""
+    if len(piece) and int(piece.max()) >= vocab_size:
+        at = int(np.flatnonzero(piece >= vocab_size)[0])
+        raise _refuse(path, offset + at, int(piece[at]), vocab_size)
 
 
 class ShardWriter:

@@ -1,0 +1,1 @@
+"""Pretraining batches from the shards: the loader, its windows, their order, document masking."""
