@@ -2,13 +2,13 @@
 
 1. verify: manifest load + size check of N shards (one listing) against one stat per shard, locally.
 2. loader: per-process peak RSS, time to the first batch and tokens/s of the train loader over corpora of
-   1B, 20B and 200B tokens (sparse shard files: nothing is written but the manifest), seq 2048, batch 8,
+   1B, 200B and 1T tokens (sparse shard files: nothing is written but the manifest), seq 2048, batch 8,
    against the 8 bytes per window a full permutation per epoch held before (data_pipeline/loading/order.py).
 3. s3: the loader through a real S3 server (SeaweedFS on loopback, as the tests start it) on the
    tinyshakespeare data: whole-shard cache against ranged reads (data.cache_limit below one shard).
 4. parts: `slm prepare` in one process against --part 1/2 and 2/2 in parallel plus --merge.
 
-    .venv/bin/python bench/data_scale.py [--sizes 1e9,20e9,200e9] [--shards 100000] [--out docs/x.md]
+    .venv/bin/python bench/data_scale.py [--sizes 1e9,200e9,1e12] [--shards 100000] [--out docs/x.md]
 
 Each loader measurement runs in a fresh subprocess so its peak RSS is its own.
 """
@@ -36,6 +36,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 SEQ, BATCH = 2048, 8
 H100_125M_TOKENS_S = 140_000
 """What a 125M model consumes on one H100 (llm-foundry's published throughput table)."""
+H100_25M_TOKENS_S = 5 * H100_125M_TOKENS_S
+"""What a 25M model consumes on one H100, estimated: FLOPs per token scale with the parameters (5x fewer) at the
+same MFU; an upper bound, since a small model's MFU is lower."""
 
 
 def tokenizer_file(work: Path) -> Path:
@@ -224,7 +227,7 @@ def bench_parts(work: Path, copies: int) -> Dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1e9,20e9,200e9", help="corpus sizes in tokens (sparse files)")
+    parser.add_argument("--sizes", default="1e9,200e9,1e12", help="corpus sizes in tokens (sparse files)")
     parser.add_argument("--shard-tokens", type=float, default=2**30)
     parser.add_argument("--shards", default="10000,100000", help="shard counts for the verification bench")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -249,8 +252,8 @@ def main() -> None:
         if "loader" not in skip:
             lines += [
                 f"| corpus tokens | shards | windows | old permutation (MB/process) | peak RSS (MB) | first batch (s) "
-                f"| tokens/s | x 125M-on-H100 ({H100_125M_TOKENS_S:,}) |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
+                f"| tokens/s | x 125M-on-H100 ({H100_125M_TOKENS_S:,}) | x 25M-on-H100 ({H100_25M_TOKENS_S:,}) |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for size in (int(float(x)) for x in args.sizes.split(",")):
                 folder = sparse_dataset(work / f"sparse{size}", size, int(args.shard_tokens), tokenizer)
@@ -258,7 +261,8 @@ def main() -> None:
                 shards = len(list(folder.glob("*.bin")))
                 lines.append(
                     f"| {size:,} | {shards} | {r['windows']:,} | {r['windows'] * 8 / 1e6:,.0f} | {r['peak_rss_mb']:.0f} | "
-                    f"{r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / H100_125M_TOKENS_S:.0f} |"
+                    f"{r['first_batch_s']:.2f} | {r['tokens_s']:,.0f} | {r['tokens_s'] / H100_125M_TOKENS_S:.0f} | "
+                    f"{r['tokens_s'] / H100_25M_TOKENS_S:.1f} |"
                 )
                 shutil.rmtree(folder)
             lines.append("")

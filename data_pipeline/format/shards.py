@@ -15,6 +15,7 @@ seq_len + 1 integers, far below the cost of a step.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -54,12 +55,22 @@ def _little_endian(dtype: str | np.dtype) -> np.dtype:
     return np.dtype(dtype).newbyteorder("<")
 
 
-def open_shard(path: str | os.PathLike, dtype: str | np.dtype) -> np.ndarray:
+def open_shard(path: str | os.PathLike, dtype: str | np.dtype, random_access: bool = False) -> np.ndarray:
     """A shard's tokens, memory-mapped read-only (never read into RAM whole); an empty file gives an empty array
-    (np.memmap refuses a file of 0 bytes)."""
+    (a map of 0 bytes is refused by the OS).
+
+    `random_access` (the loader's reads of one window at a time) advises the kernel so (MADV_RANDOM): the first
+    read through a fresh map otherwise triggers readahead of far more than the few KB a window needs, which
+    dominated loading at corpus scale (hundreds of shards, each map opened anew; docs/benchmarks-data-scale.md).
+    """
+    dtype = _little_endian(dtype)
     if os.path.getsize(path) == 0:
-        return np.zeros(0, dtype=_little_endian(dtype))
-    return np.memmap(path, dtype=_little_endian(dtype), mode="r")
+        return np.zeros(0, dtype=dtype)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the map outlives the descriptor
+    if random_access and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=len(mapped) // dtype.itemsize)
 
 
 def _refuse(path: Path, offset: int, token: int, vocab_size: int) -> DataError:

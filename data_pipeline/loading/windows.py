@@ -201,7 +201,7 @@ class TokenWindows(IterableDataset):
         key = (s, k)
         mapped = self._maps.pop(key, None)
         if mapped is None:
-            mapped = open_shard(self.streams[s].paths[k], self.dtype)
+            mapped = open_shard(self.streams[s].paths[k], self.dtype, random_access=True)
             if len(self._maps) >= OPEN_SHARDS:
                 self._maps.pop(next(iter(self._maps)))
         self._maps[key] = mapped

@@ -206,7 +206,7 @@ class ShardCache:
             )  # one download at a time per node: the bound holds across processes
             if self._cached(name):
                 os.utime(path)
-                return open_shard(path, self.dtype)
+                return open_shard(path, self.dtype, random_access=True)
             self._evict(size, keep)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -218,7 +218,7 @@ class ShardCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-            return open_shard(path, self.dtype)
+            return open_shard(path, self.dtype, random_access=True)
 
     def _evict(self, incoming: int, keep: Set[str]) -> None:
         if self.limit is None:
