@@ -12,8 +12,9 @@ from typing import Sequence
 from train.checkpoint import CheckpointSaver
 from train.components import Component, LoopRun
 from train.config import Config
-from train.distributed import DistInfo, setup_distributed, teardown_distributed
+from train.distributed import DistInfo, on_main_then_share, setup_distributed, teardown_distributed
 from train.loop import TrainingLoop
+from train.run_lock import acquire_run_lock, release_run_lock
 from train.standard_components import standard_components
 from train.startup import set_up_run
 
@@ -27,9 +28,13 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
 
     tokenizers_single_threaded()
     dist_info = setup_distributed(cfg.train)
+    lock = None
     try:
+        lock = on_main_then_share(dist_info, lambda: acquire_run_lock(Path(cfg.run.dir)), "Locking run.dir")
         return _train(cfg, dist_info, extra_components)
     finally:
+        if dist_info.is_main:
+            release_run_lock(lock)
         teardown_distributed()
 
 
