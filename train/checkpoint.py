@@ -56,7 +56,7 @@ class Progress:
     skipped_steps: int = 0
     """Steps whose update was skipped as non-finite (train.on_nonfinite=skip)."""
     timed_decay: Optional[TimedDecay] = None
-    """train.schedule=wsd_time: the decay decided from the clock (start step, length), once it has started."""
+    """schedule.name=wsd_time: the decay decided from the clock (start step, length), once it has started."""
 
 
 @dataclass
@@ -75,6 +75,8 @@ class RunIdentity:
     """DeepSpeed ZeRO stage."""
     precision: str
     """bf16, fp16 or fp32."""
+    plan: Optional[Dict[str, Any]] = None
+    """What the run derived from its config (train.plan.RunPlan.to_dict; None in older checkpoints)."""
 
 
 @dataclass
@@ -126,6 +128,7 @@ class CheckpointRecord:
             int(meta["world_size"]),
             int(meta["zero_stage"]),
             str(meta.get("precision")),
+            meta.get("plan"),
         )
         return cls(progress, meta["loader"], identity)
 

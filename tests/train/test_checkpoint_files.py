@@ -15,7 +15,7 @@ from train.checkpoint_files import (
     verify_checkpoint,
     verify_files,
 )
-from train.config import TrainConfig
+from train.config import CheckpointConfig
 from train.resume import intact_resume
 
 TOKENIZER = b'{"fake": "tokenizer"}'
@@ -88,7 +88,7 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
         make_checkpoint(ckpt_dir, step)
     (ckpt_dir / "step_00000006" / "mp_rank_00_model_states.pt").unlink()
     (ckpt_dir / "step_00000004" / "rng_rank00000.pt").write_bytes(b"R" * 100)
-    chosen = intact_resume(TrainConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
+    chosen = intact_resume(CheckpointConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
     assert chosen == ckpt_dir / "step_00000002"
     out = capsys.readouterr().out
     assert "mp_rank_00_model_states.pt is missing" in out and "rng_rank00000.pt has" in out
@@ -97,7 +97,9 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
         CheckpointDamaged, match="step_00000006 is incomplete"
     ):  # an explicit path is not replaced
         intact_resume(
-            TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006"
+            CheckpointConfig(resume=str(ckpt_dir / "step_00000006")),
+            tmp_path / "run",
+            ckpt_dir / "step_00000006",
         )
     (ckpt_dir / "step_00000002" / "tokenizer.json").unlink()
     with pytest.raises(CheckpointDamaged, match="Every complete checkpoint is damaged"):

@@ -165,7 +165,7 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     assert run_records[0].display_name == "pretrain-tiny"  # default name: the run dir's basename
     assert list(run_records[0].tags) == ["test", "tiny"] and run_records[0].project == "slm-forge-tests"
     config = items(run_records[0].config.update)
-    assert config["train"]["lr"] == cfg.train.lr and config["log"]["wandb"]["mode"] == "offline"
+    assert config["train"]["lr"] == cfg.optim.lr and config["log"]["wandb"]["mode"] == "offline"
 
     # A resumed run continues the same wandb run id (a second offline folder with the same id, synced into one).
     with MetricsLogger(run_dir, cfg, rank=0) as logger:

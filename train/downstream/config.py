@@ -1,10 +1,12 @@
-"""The `eval` section of the root config: downstream evaluation (`eval.downstream`), read by `slm eval`'s
-defaults and by the training loop's downstream cadence."""
+"""The `eval` section of the root config: the validation cadence (`eval.every`, `eval.batches`) and downstream
+evaluation (`eval.downstream`), read by the training loop's evaluators and by `slm eval`'s defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+from common.checks import check_positive
 
 
 @dataclass
@@ -45,9 +47,15 @@ class DownstreamConfig:
 
 @dataclass
 class EvalConfig:
+    every: int = 50
+    """Evaluate the validation loss every this many steps (and at the end)."""
+    batches: int = 8
+    """Fixed validation micro-batches per evaluation, over all ranks (the same samples for any world size)."""
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """Multiple-choice and LAMBADA benchmarks scored like lm-evaluation-harness."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
+        for key in ("every", "batches"):
+            check_positive(f"eval.{key}", getattr(self, key))
         self.downstream.validate()

@@ -3,7 +3,7 @@
 CPT and IFT take only the weights (fresh optimizer, step 0). What continued pretraining needs beyond that is
 configuration, not code: re-warming and re-decaying the learning rate, as studied by Gupta et al., "Continual
 Pre-Training of Large Language Models: How to (re)warm your model?" (arXiv 2308.04014), is the CPT run's own
-train.warmup_steps / train.lr / train.min_lr / train.schedule (warm up again to a peak, then decay; or
+schedule.warmup_steps / optim.lr / schedule.min_lr / schedule.name (warm up again to a peak, then decay; or
 schedule=wsd for a warmup-stable-decay continuation); replaying a fraction of the original pretraining data
 is one more entry in data.sources with its weight.
 
@@ -23,10 +23,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from common.files import file_sha256
+from model import Transformer
 from model.config import ModelConfig
 from train.errors import TrainError
 from train.handoff.hf_format import load_hf_folder
 from train.handoff.shapes import check_state_dict
+from train.plan import saved_config
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes DeepSpeed or torch.compile may put before our parameter names."""
@@ -115,10 +118,8 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
     """Our-named state dict (complete, as Transformer.load_state_dict wants) and the ModelConfig of a source."""
     if source.kind == "export":
         return load_hf_folder(source.path)
-    from train.config import from_dict
-
     try:
-        cfg = from_dict(source.meta["config"]).model
+        cfg = saved_config(source.meta).model  # the run's model: its config with its plan's vocab_size
     except Exception as err:  # a meta.json from another version or hand-edited
         raise TrainError(f"{source.path / 'meta.json'} has no usable 'config' ({err}).") from None
     from train.checkpoint_files import verify_checkpoint
@@ -133,8 +134,6 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
 
 def load_init_weights(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], ModelConfig, Optional[str]]:
     """(state dict in our names, its ModelConfig, sha256 of its tokenizer.json or None if it has none)."""
-    from common.files import file_sha256
-
     source = locate_weights(path)
     state_dict, cfg = load_weights(source)
     if source.meta is not None and source.meta.get("tokenizer_sha256"):
@@ -148,8 +147,6 @@ def build_model(
     state_dict: Dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32
 ) -> torch.nn.Module:
     """An eval-mode Transformer holding these weights."""
-    from model import Transformer
-
     model = Transformer(cfg)
     model.load_state_dict({name: tensor.to(dtype) for name, tensor in state_dict.items()})
     return model.to(dtype).eval()

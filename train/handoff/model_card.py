@@ -17,6 +17,7 @@ import torch
 
 from data_pipeline.tokenizer import EOT, IM_END
 from model.config import ModelConfig
+from train.config import upgrade_config
 from train.metrics import METRICS_FILE
 
 NOT_METRICS = {"step", "time", "kind", "task", "name", "tokens"}
@@ -36,14 +37,14 @@ class CardFacts:
     source: str = ""
     """The checkpoint or export the weights came from."""
     config: Dict[str, Any] = field(default_factory=dict)
-    """The run's resolved config (meta.json "config")."""
+    """The run's resolved config (meta.json "config", in the current layout: train.config.upgrade_config)."""
     run_dir: Optional[Path] = None
     """The run folder holding metrics.jsonl."""
 
 
 def facts_from_meta(step_dir: Path, meta: Dict[str, Any]) -> CardFacts:
     """CardFacts of a checkpoint step folder (run_dir/checkpoints/step_N) and its meta.json."""
-    config = meta.get("config") or {}
+    config = upgrade_config(meta.get("config") or {})
     return CardFacts(
         stage=str(config.get("train", {}).get("stage", "pretrain")),
         step=meta.get("step"),
@@ -179,8 +180,9 @@ def model_card(
         )
     train_cfg = facts.config.get("train", {})
     if train_cfg:
+        optim_cfg, schedule_cfg = facts.config.get("optim", {}), facts.config.get("schedule", {})
         training.append(
-            f"- peak lr {train_cfg.get('lr')}, schedule {train_cfg.get('schedule', 'cosine')}, "
+            f"- peak lr {optim_cfg.get('lr')}, schedule {schedule_cfg.get('name', 'cosine')}, "
             f"ZeRO stage {train_cfg.get('zero_stage')}, precision {train_cfg.get('precision')}"
         )
     use = (
