@@ -215,6 +215,10 @@ def test_metrics_config_and_checkpoint_layout(single_run):
     meta = read_meta(newest)
     assert meta["tokens_seen"] == STEPS * 8 * 32 and meta["config"]["model"]["d_model"] == 64
     assert len(meta["tokenizer_sha256"]) == 64 and len(meta["manifest_sha256"]) == 64
+    # What the run derived is its plan, recorded beside the config (which stays as written) and in the checkpoint.
+    plan = json.loads((single_run / "plan.json").read_text())
+    assert (plan["max_steps"], plan["world_size"], plan["global_batch_size"]) == (STEPS, 1, 8)
+    assert plan["tokens_per_step"] == 8 * 32 and plan["vocab_size"] > 0 and meta["plan"] == plan
 
 
 def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_dir, tmp_path):
