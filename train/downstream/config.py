@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from common.checks import check_positive
+from train.downstream.tasks import get_task
 
 
 @dataclass
@@ -27,8 +28,6 @@ class DownstreamConfig:
     """Sequences (context + choice) per forward pass."""
 
     def validate(self) -> None:
-        from train.downstream.tasks import get_task
-
         for name in self.tasks:
             try:
                 get_task(name)
