@@ -80,7 +80,7 @@ def upgrade_config(data: Dict[str, Any]) -> Dict[str, Any]:
     return data
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/tiny"
     """Folder for everything the run writes: config, plan, metrics.jsonl, checkpoints, logs."""
@@ -88,7 +88,7 @@ class RunConfig:
     """Seed for model init, data order and every RNG."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The `train` section: what is trained, on which layout, for how long."""
 
@@ -143,7 +143,7 @@ class TrainConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     """The `checkpoint` section: when checkpoints are written, how many are kept, and which one a run resumes."""
 
@@ -162,7 +162,7 @@ class CheckpointConfig:
             check_positive(f"checkpoint.{key}", getattr(self, key))
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportConfig:
     """The `export` section: Hugging Face folders written while training."""
 
@@ -176,7 +176,7 @@ class ExportConfig:
         check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbConfig:
     mode: str = "disabled"
     """disabled, offline or online."""
@@ -192,7 +192,7 @@ class WandbConfig:
         check_choice("log.wandb.mode", self.mode, WANDB_MODES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     """The `log` section: the metric rows (train rows with MFU, every log.every steps), console and wandb."""
 
@@ -215,7 +215,7 @@ class LogConfig:
         self.wandb.validate()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole run: one section per component (launch.config loads and validates it)."""
 

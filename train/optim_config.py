@@ -11,7 +11,7 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_NS_METHODS = ("standard", "gram")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"
     """adamw, or muon: Muon for the attention/MLP matrices, AdamW (optim.lr) for embeddings, norms and head."""

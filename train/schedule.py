@@ -40,7 +40,7 @@ SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The `schedule` section: the learning-rate curve over the run (its peak is optim.lr)."""
 

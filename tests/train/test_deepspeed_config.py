@@ -47,7 +47,7 @@ def test_muon_is_built_by_deepspeed_from_the_typed_keys():
     assert (
         "reduce_scatter" not in build_deepspeed_config(train, optim, 1)["zero_optimization"]
     )  # ZeRO 2 keeps it
-    train.zero_stage = 3
+    train = TrainConfig(zero_stage=3)
     assert build_deepspeed_config(train, optim, 2)["zero_optimization"]["reduce_scatter"] is False
     with pytest.raises(TrainError, match=r"reduce_scatter: true.*needs it false"):
         build_deepspeed_config(train, optim, 2, {"zero_optimization": {"reduce_scatter": True}})

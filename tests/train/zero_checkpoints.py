@@ -74,6 +74,7 @@ def main() -> None:
     from data_pipeline.tokenizer import load_tokenizer, model_vocab_size
     from launch.config import Config, to_dict
     from model import ModelConfig, Transformer
+    from train.config import TrainConfig
 
     out_dir, tokenizer_path = Path(sys.argv[1]), Path(sys.argv[2])
     deepspeed.init_distributed(dist_backend="gloo")
@@ -123,9 +124,9 @@ def main() -> None:
                 {"tokens": tokens, "logits": logits.float().contiguous(), "loss": loss.float().reshape(1)},
                 str(variant_dir / "reference.safetensors"),
             )
-            run_cfg = Config()
-            run_cfg.model, run_cfg.train.zero_stage, run_cfg.train.precision = cfg, zero_stage, precision
-            run_cfg.train.stage = stage
+            run_cfg = Config(
+                model=cfg, train=TrainConfig(zero_stage=zero_stage, precision=precision, stage=stage)
+            )
             meta = {
                 "step": STEPS,
                 "tokens_seen": STEPS * 2 * world_size * 32,

@@ -10,7 +10,7 @@ from common.checks import check_positive
 from train.downstream.tasks import get_task
 
 
-@dataclass
+@dataclass(frozen=True)
 class DownstreamConfig:
     tasks: List[str] = field(default_factory=list)
     """Task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, sciq, openbookqa, boolq, copa, commonsense_qa, social_iqa, lambada_openai); empty disables."""
@@ -44,7 +44,7 @@ class DownstreamConfig:
             raise ValueError(f"eval.downstream.batch_size={self.batch_size} must be >= 1.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     every: int = 50
     """Evaluate the validation loss every this many steps (and at the end)."""
