@@ -25,6 +25,7 @@ from train.config import Config
 from train.distributed import barrier, on_main_then_share
 from train.downstream.component import DownstreamEval
 from train.evaluate import evaluate
+from train.handoff.export import export
 from train.mfu import mfu, peak_flops_per_device
 
 DONE_FILE = "DONE"
@@ -162,8 +163,6 @@ class Exporter(Component):
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         if not every(self.export_every, event.number):
             return
-        from train.handoff.export import export
-
         step_dir = run.checkpoints.ensure_saved(run.progress)
         out_dir = run.run_dir / "exports" / step_dir.name
         on_main_then_share(

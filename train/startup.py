@@ -30,6 +30,8 @@ from train.config import Config, to_dict, to_yaml
 from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
 from train.distributed import DistInfo, barrier, on_main_then_share
 from train.errors import TrainError
+from train.handoff.init_from import load_init_weights
+from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
@@ -185,7 +187,6 @@ def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
     """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
     first rank (the others wait, then find the copy complete)."""
     from data_pipeline.storage import is_remote
-    from train.handoff.remote_export import fetch_export
 
     source = str(cfg.train.init_from)
     if not is_remote(source):
@@ -207,8 +208,6 @@ def load_initial_weights(
             f"train.stage is {cfg.train.stage} but train.init_from is not set; expected the run dir, "
             "checkpoint or export whose weights this stage continues from."
         )
-    from train.handoff.init_from import load_init_weights
-
     state_dict, init_cfg, init_sha = load_init_weights(local_init_source(cfg, dist_info))
     if init_sha is not None and init_sha != tokenizer_sha256:
         raise TrainError(
