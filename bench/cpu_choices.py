@@ -28,14 +28,14 @@ from common.atomic import atomic_write_text  # noqa: E402
 
 BUDGET_S = 100.0
 VARIANTS = [
-    ("fp32, AdamW, eager", ["train.precision=fp32", "train.optimizer=adamw"]),
-    ("bf16, AdamW, eager", ["train.optimizer=adamw"]),
-    ("bf16, AdamW, torch.compile", ["train.optimizer=adamw", "train.compile=true"]),
-    ("bf16, Muon (standard Newton-Schulz), eager", ["train.optimizer=muon", "train.muon_ns_method=standard"]),
-    ("bf16, Muon (gram Newton-Schulz), eager", ["train.optimizer=muon", "train.muon_ns_method=gram"]),
+    ("fp32, AdamW, eager", ["train.precision=fp32", "optim.name=adamw"]),
+    ("bf16, AdamW, eager", ["optim.name=adamw"]),
+    ("bf16, AdamW, torch.compile", ["optim.name=adamw", "train.compile=true"]),
+    ("bf16, Muon (standard Newton-Schulz), eager", ["optim.name=muon", "optim.muon_ns_method=standard"]),
+    ("bf16, Muon (gram Newton-Schulz), eager", ["optim.name=muon", "optim.muon_ns_method=gram"]),
     (
         "bf16, Muon (standard), torch.compile (model and Muon kernels)",
-        ["train.optimizer=muon", "train.muon_ns_method=standard", "train.compile=true"],
+        ["optim.name=muon", "optim.muon_ns_method=standard", "train.compile=true"],
     ),
 ]
 
@@ -59,12 +59,12 @@ def measure(config: str, overrides: list, steps: int, work: Path) -> dict:
             f"data.dir={work.parent / 'data'}",
             f"train.max_steps={steps}",
             "train.max_time=null",
-            "train.schedule=constant",
-            "train.warmup_steps=1",
-            "train.log_every=1",
-            f"train.eval_every={steps}",
-            "train.eval_batches=1",
-            f"train.ckpt_every={steps}",
+            "schedule.name=constant",
+            "schedule.warmup_steps=1",
+            "log.every=1",
+            f"eval.every={steps}",
+            "eval.batches=1",
+            f"checkpoint.every={steps}",
             "log.console=false",
             *overrides,
         ],

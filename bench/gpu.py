@@ -6,7 +6,7 @@ Checks (each pass/fail with a reason, none stops the others): bf16 support, NCCL
 1-process group), the flash SDPA kernel (causal, grouped-query), flex_attention document masks against the
 dense mask (loss and gradients: flex has no backward on CPU, so this is its gradient test), fused AdamW
 against the unfused step, torch.compile against eager, and `slm train` under DeepSpeed ZeRO-2 and ZeRO-3 (and
-ZeRO-2 with train.optimizer=muon) on every GPU present (torchrun, the tiny preset, a few steps). Throughput: a plain loop over the preset's model
+ZeRO-2 with optim.name=muon) on every GPU present (torchrun, the tiny preset, a few steps). Throughput: a plain loop over the preset's model
 (bf16 weights, fused AdamW, the preset's activation checkpointing, random tokens, seq = the preset's
 max_seq_len) for each micro-batch size; MFU = model.stats.flops_per_token x tokens/s / the device's dense
 bf16 peak (train.mfu). The report is appended to docs/benchmarks.md below bench/suite.py's GPU marker.
@@ -173,10 +173,10 @@ def check_zero(stage: int, extra: Tuple[str, ...] = ()) -> Callable[[], str]:
                 f"train.zero_stage={stage}",
                 "train.precision=bf16",
                 "train.max_steps=10",
-                "train.eval_every=10",
-                "train.ckpt_every=10",
-                "train.log_every=5",
-                "train.eval_batches=2",
+                "eval.every=10",
+                "checkpoint.every=10",
+                "log.every=5",
+                "eval.batches=2",
                 *extra,
             ]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -284,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("torch.compile", check_compile),
             ("ZeRO-2", check_zero(2)),
             ("ZeRO-3", check_zero(3)),
-            ("Muon, ZeRO-2", check_zero(2, ("train.optimizer=muon", "train.grad_clip=0"))),
+            ("Muon, ZeRO-2", check_zero(2, ("optim.name=muon", "optim.grad_clip=0"))),
         ]:
             checks.append(run_check(name, fn))
             print(f"[check] {' | '.join(map(str, checks[-1]))}", flush=True)

@@ -30,7 +30,7 @@ STARTUP_S = 6.0
 PROBE_STEPS = 20
 VARIANTS = [
     ("recipe", []),
-    ("AdamW instead of Muon", ["train.optimizer=adamw"]),
+    ("AdamW instead of Muon", ["optim.name=adamw"]),
     ("vocabulary 4096", ["tokenizer.vocab_size=4096", "model.vocab_size=4096"]),
     ("vocabulary 8192", ["tokenizer.vocab_size=8192", "model.vocab_size=8192"]),
     ("vocabulary 16384", ["tokenizer.vocab_size=16384", "model.vocab_size=16384"]),
@@ -38,9 +38,9 @@ VARIANTS = [
     ("4 layers", ["model.n_layers=4"]),
     ("micro-batch 8", ["train.micro_batch_size=8"]),
     ("untied embeddings", ["model.tie_embeddings=false"]),
-    ("muon_lr 0.03", ["train.muon_lr=0.03"]),
-    ("weight decay 0", ["train.weight_decay=0"]),
-    ("warmup 15 steps", ["train.warmup_steps=15"]),
+    ("muon_lr 0.03", ["optim.muon_lr=0.03"]),
+    ("weight decay 0", ["optim.weight_decay=0"]),
+    ("warmup 15 steps", ["schedule.warmup_steps=15"]),
 ]
 """Variants of the recipe, one change each (a variant that repeats the recipe's own value is the recipe again)."""
 
@@ -54,10 +54,10 @@ def train(work: Path, name: str, data_dir: Path, steps: int, overrides: list) ->
             f"run.dir={run_dir}",
             f"data.dir={data_dir}",
             "train.max_time=null",
-            "train.schedule=wsd",
+            "schedule.name=wsd",
             f"train.max_steps={steps}",
-            "train.eval_every=100000",
-            "train.log_every=1",
+            "eval.every=100000",
+            "log.every=1",
             "log.console=false",
             *overrides,
         ]
@@ -70,7 +70,7 @@ def measure(work: Path, name: str, overrides: list, budget: float) -> dict:
     data_dir = work / "-".join(["data", *tokenizer_keys])
     if not (data_dir / "manifest.json").is_file():
         slm(["prepare", CONFIG, f"data.dir={data_dir}", *overrides])
-    probe = train(work, f"{name}-probe", data_dir, PROBE_STEPS, [*overrides, "train.warmup_steps=2"])
+    probe = train(work, f"{name}-probe", data_dir, PROBE_STEPS, [*overrides, "schedule.warmup_steps=2"])
     seconds_per_step = statistics.median(r["step_ms"] for r in metrics(probe, "train")[4:]) / 1000
     steps = int((budget - STARTUP_S) / seconds_per_step)
     run_dir = train(work, name, data_dir, steps, overrides)

@@ -61,10 +61,10 @@ def slm_train_tokens_per_second(
             f"data.dir={data_dir}",
             f"train.precision={precision}",
             f"train.max_steps={steps}",
-            f"train.log_every={log_every}",
-            f"train.eval_every={steps}",
-            f"train.ckpt_every={steps}",
-            "train.eval_batches=1",
+            f"log.every={log_every}",
+            f"eval.every={steps}",
+            f"checkpoint.every={steps}",
+            "eval.batches=1",
             "log.console=false",
             *overrides,
         ]
@@ -93,7 +93,7 @@ def bare_loop_tokens_per_second(cfg, data_dir: Path, precision: str, steps: int,
     torch.manual_seed(cfg.run.seed)
     dtype = DTYPES[precision]
     model = Transformer(cfg.model)
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = param_groups(model, cfg.optim.weight_decay)
     model.to(dtype)
     params = [p for g in groups for p in g["params"]]
     if dtype == torch.float32:
@@ -103,7 +103,7 @@ def bare_loop_tokens_per_second(cfg, data_dir: Path, precision: str, steps: int,
         by_param = dict(zip(map(id, params), masters))
         master_groups = [{**g, "params": [by_param[id(p)] for p in g["params"]]} for g in groups]
     optimizer = torch.optim.AdamW(
-        master_groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.adam_eps
+        master_groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
     )
     loader = iter(
         build_loader(data_dir, "train", cfg.model.max_seq_len, cfg.train.micro_batch_size, 0, 1, cfg.run.seed)
@@ -113,7 +113,7 @@ def bare_loop_tokens_per_second(cfg, data_dir: Path, precision: str, steps: int,
     for step in range(steps):
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.train)
+            group["lr"] = lr_at(step, cfg.schedule, cfg.optim.lr, cfg.train.max_steps)
         for _ in range(cfg.train.grad_accum_steps):
             batch = next(loader)
             _, loss = model(batch["input_ids"], targets=batch["labels"])
@@ -121,7 +121,7 @@ def bare_loop_tokens_per_second(cfg, data_dir: Path, precision: str, steps: int,
         if masters is not params:
             for p, m in zip(params, masters):
                 m.grad = p.grad.float()
-        torch.nn.utils.clip_grad_norm_(masters, cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(masters, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if masters is not params:

@@ -1,5 +1,7 @@
 """Loading the run config: the typed schema (train.config.Config) filled from YAML plus `key=value`
-overrides, validated with errors that name the key and where it came from."""
+overrides, validated with errors that name the key and where it came from. A key of the old one-section layout
+(train.config.MOVED_KEYS, e.g. train.ckpt_every) is refused naming its new place; configs saved by older runs
+are read through train.config.upgrade_config instead."""
 
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from launch.config_shape import check_override_key, check_sections
+from launch.config_shape import check_moved_keys, check_moved_override, check_override_key, check_sections
 from launch.yaml_strict import YamlConfigError, load_yaml
-from train.config import Config, from_dict, to_dict, to_yaml  # noqa: F401  (the CLI's and tests' entry point)
+from train.config import (  # noqa: F401  (the CLI's and tests' entry point)
+    MOVED_KEYS,
+    Config,
+    from_dict,
+    to_dict,
+    to_yaml,
+)
 
 
 class ConfigError(Exception):
@@ -108,6 +116,7 @@ def _read_yaml(path: str) -> Any:
             f"Config file '{path}' must hold a YAML mapping of sections (run, model, data, ...), not a {type(data).__name__}."
         )
     try:
+        check_moved_keys(data, MOVED_KEYS)  # before the schema merge, which would only call them unknown
         check_sections(data, Config)
     except ValueError as err:
         raise ConfigError(f"Config file '{path}': {err}") from None
@@ -122,6 +131,7 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
             )
         try:
             check_override_key(item)
+            check_moved_override(item, MOVED_KEYS)
         except ValueError as err:
             raise ConfigError(str(err)) from None
     try:

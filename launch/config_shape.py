@@ -1,5 +1,6 @@
 """Shape checks of what a user writes, before the schema sees it: a YAML section must be a mapping (`model: 5`
-is refused by name) and an override key has no empty part (`model..x=1`). Each raises ValueError naming the
+is refused by name), an override key has no empty part (`model..x=1`), and a key that moved to another section
+(`train.ckpt_every`, now `checkpoint.every`) is refused naming its new place. Each raises ValueError naming the
 key; launch.config turns it into a ConfigError with the config's origin. Value checks live in each config
 dataclass's validate()."""
 
@@ -45,4 +46,28 @@ def check_override_key(item: str) -> None:
         raise ValueError(
             f"Command-line override '{item}' has an empty part in its key '{key}'; expected dotted names "
             "such as model.n_layers=3."
+        )
+
+
+def check_moved_keys(data: Mapping[str, Any], moved: Mapping[str, str]) -> None:
+    """A YAML mapping using a key of the old layout (e.g. train: {ckpt_every: 100}): ValueError naming the new key."""
+    for key, new in moved.items():
+        section, name = key.split(".", 1)
+        block = data.get(section)
+        if isinstance(block, Mapping) and name in block:
+            new_section, new_name = new.split(".", 1)
+            raise ValueError(
+                f"config key '{key}' moved to '{new}'; write it as {new_section}: {{{new_name}: {block[name]!r}}} "
+                f"instead of under {section}:."
+            )
+
+
+def check_moved_override(item: str, moved: Mapping[str, str]) -> None:
+    """`train.ckpt_every=5`: ValueError naming the new key (`checkpoint.every=5`)."""
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key in moved:
+        raise ValueError(
+            f"Command-line override '{item}': config key '{key}' moved to '{moved[key]}'; "
+            f"write {moved[key]}={value} instead."
         )

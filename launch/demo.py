@@ -86,8 +86,8 @@ def main() -> None:
         f"run.dir={pretrain}",
         f"data.dir={data}",
         f"train.max_steps={PRETRAIN_STEPS}",
-        "train.eval_every=200",
-        "train.ckpt_every=200",
+        "eval.every=200",
+        "checkpoint.every=200",
     )
     slm("report", str(pretrain))
     slm(
@@ -120,11 +120,11 @@ def main() -> None:
         "train.stage=cpt",
         f"train.init_from={pretrain}",
         "train.max_steps=150",
-        "train.warmup_steps=15",
-        "train.lr=1e-3",
-        "train.min_lr=1e-4",
-        "train.eval_every=75",
-        "train.ckpt_every=150",
+        "schedule.warmup_steps=15",
+        "optim.lr=1e-3",
+        "schedule.min_lr=1e-4",
+        "eval.every=75",
+        "checkpoint.every=150",
         f"data.sources=[{{path: {cpt_text}, doc_boundary: blank_line, weight: 3}},"
         f" {{path: {pretrain_text}, doc_boundary: blank_line, weight: 1}}]",
     )
@@ -138,11 +138,11 @@ def main() -> None:
         "train.stage=ift",
         f"train.init_from={cpt}",
         "train.max_steps=150",
-        "train.warmup_steps=10",
-        "train.lr=1e-3",
-        "train.min_lr=1e-4",
-        "train.eval_every=75",
-        "train.ckpt_every=150",
+        "schedule.warmup_steps=10",
+        "optim.lr=1e-3",
+        "schedule.min_lr=1e-4",
+        "eval.every=75",
+        "checkpoint.every=150",
         "model.max_seq_len=512",
         "train.micro_batch_size=4",
     )

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from train.checkpoint import CheckpointSaver, Progress
 from train.config import Config
 from train.distributed import DistInfo
-from train.preflight import BatchPlan
+from train.plan import RunPlan
 
 if TYPE_CHECKING:
     from train.batch import Batch
@@ -79,11 +79,11 @@ class LoopRun:
     """What components may read and use: the run's parts, shared by the loop and every component."""
 
     cfg: Config
-    """The resolved config of this run (model.vocab_size and train.max_steps settled)."""
+    """The config of this run as loaded (resolved and validated; never rewritten)."""
     dist_info: DistInfo
     """Rank, world size, device."""
-    plan: BatchPlan
-    """Batch arithmetic: tokens per step, max_steps."""
+    plan: RunPlan
+    """What the run derived: batch arithmetic, tokens per step, max_steps, world size, vocab_size."""
     engine: Any
     """The DeepSpeed engine (engine.module is the Transformer; engine.optimizer its optimizer)."""
     progress: Progress

@@ -1,8 +1,12 @@
-"""Typed configs of a training run (where it writes, how it optimizes, what it logs) and the root `Config`
-that composes every component's section; `launch.config` loads it from YAML and validates it."""
+"""Typed configs of a training run and the root `Config` that composes every component's section, each owned by
+what uses it: train (the run's shape and runtime), optim (train.optim_config), schedule (train.schedule),
+checkpoint, export, eval (train.downstream.config), log. `launch.config` loads it from YAML and validates it; the
+loaded config is never rewritten: what a run derives from it (max_steps from a token budget, the world size,
+model.vocab_size from the tokenizer) is the run's plan (train.plan.RunPlan), recorded beside it."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -12,30 +16,82 @@ from common.checks import check_choice, check_finite_fields, check_positive
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
 from train.downstream.config import EvalConfig
+from train.optim_config import OptimConfig
+from train.schedule import ScheduleConfig
 
 STAGES = ("pretrain", "cpt", "ift")
 ZERO_STAGES = (0, 1, 2, 3)
 """The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
 PRECISIONS = ("bf16", "fp16", "fp32")
-SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
-DECAY_SHAPES = ("linear", "cosine", "sqrt")
 ON_NONFINITE = ("stop", "skip")
-OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
 WANDB_MODES = ("disabled", "offline", "online")
+EXPORT_DTYPES = ("bf16", "fp32")
+
+MOVED_KEYS: Dict[str, str] = {
+    "train.optimizer": "optim.name",
+    "train.lr": "optim.lr",
+    "train.weight_decay": "optim.weight_decay",
+    "train.beta1": "optim.beta1",
+    "train.beta2": "optim.beta2",
+    "train.adam_eps": "optim.eps",
+    "train.grad_clip": "optim.grad_clip",
+    "train.muon_lr": "optim.muon_lr",
+    "train.muon_momentum": "optim.muon_momentum",
+    "train.muon_ns_method": "optim.muon_ns_method",
+    "train.schedule": "schedule.name",
+    "train.min_lr": "schedule.min_lr",
+    "train.warmup_steps": "schedule.warmup_steps",
+    "train.decay_fraction": "schedule.decay_fraction",
+    "train.decay_time_margin": "schedule.decay_time_margin",
+    "train.decay_shape": "schedule.decay_shape",
+    "train.ckpt_every": "checkpoint.every",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.resume": "checkpoint.resume",
+    "train.verify_checkpoint_hashes": "checkpoint.verify_hashes",
+    "train.export_every": "export.every",
+    "train.export_dtype": "export.dtype",
+    "train.eval_every": "eval.every",
+    "train.eval_batches": "eval.batches",
+    "train.log_every": "log.every",
+    "train.peak_flops": "log.peak_flops",
+}
+"""Keys of the old one-section layout (train.*) and where they live now: `upgrade_config` moves them in configs
+saved by older runs; `launch.config` refuses them in what a user writes, naming the new key."""
 
 
-@dataclass
+def upgrade_config(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A saved config dict (a checkpoint's meta.json "config", a run dir's config.yaml) in the current layout:
+    the keys of MOVED_KEYS that an older run wrote are moved to their new places (a copy; new layouts pass
+    through unchanged)."""
+    data = copy.deepcopy(dict(data))
+    old_train = data.get("train")
+    if not isinstance(old_train, dict):
+        return data
+    for old, new in MOVED_KEYS.items():
+        old_name = old.split(".", 1)[1]
+        if old_name in old_train:
+            section, name = new.split(".", 1)
+            value = old_train.pop(old_name)
+            target = data.setdefault(section, {})
+            if isinstance(target, dict):
+                target.setdefault(name, value)
+    return data
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/tiny"
-    """Folder for everything the run writes: config, metrics.jsonl, checkpoints, logs."""
+    """Folder for everything the run writes: config, plan, metrics.jsonl, checkpoints, logs."""
     seed: int = 1337
     """Seed for model init, data order and every RNG."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """The `train` section: what is trained, on which layout, for how long."""
+
     stage: str = "pretrain"
     """pretrain, cpt (continued pretraining from train.init_from) or ift (instruction fine-tuning)."""
     init_from: Optional[str] = None
@@ -53,62 +109,9 @@ class TrainConfig:
     max_steps: int = 200
     """Optimizer steps to run (the schedule's length)."""
     max_tokens: Optional[int] = None
-    """Token budget; if set, max_steps becomes ceil(max_tokens / tokens_per_step)."""
+    """Token budget; if set, max_steps becomes ceil(max_tokens / tokens_per_step) (in the run's plan)."""
     max_time: Optional[float] = None
     """Wall-clock seconds; when spent, the run evaluates, checkpoints and stops cleanly."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr: float = 3e-4
-    """Learning rate at the end of the decay."""
-    schedule: str = "cosine"
-    """cosine (warmup then cosine), wsd (warmup-stable-decay), wsd_time (wsd fitted to train.max_time), linear, or
-    constant."""
-    warmup_steps: int = 20
-    """Linear warmup steps from 0 to lr."""
-    decay_fraction: float = 0.2
-    """wsd: fraction of max_steps spent in the final decay (wsd_time: fraction of train.max_time)."""
-    decay_time_margin: float = 0.9
-    """wsd_time: the share of the time left at the decision that the decay is planned to fill (the rest absorbs
-    steps that turn slower, so the clock does not stop the run before min_lr)."""
-    decay_shape: str = "linear"
-    """wsd: shape of the final decay: linear, cosine or sqrt."""
-    optimizer: str = "adamw"
-    """adamw, or muon: Muon for the attention/MLP matrices, AdamW (train.lr) for embeddings, norms and head."""
-    muon_lr: float = 0.02
-    """train.optimizer=muon: peak learning rate of the Muon matrices (the schedule scales it like train.lr)."""
-    muon_momentum: float = 0.95
-    """train.optimizer=muon: Muon's Nesterov momentum."""
-    muon_ns_method: str = "standard"
-    """train.optimizer=muon: Newton-Schulz iteration: standard (bf16 quintic, Keller Jordan's) or gram (DeepSpeed's
-    fp16 Gram form)."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay (matrices only; never norms or embeddings)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    eval_every: int = 50
-    """Evaluate every this many steps (and at the end)."""
-    eval_batches: int = 8
-    """Fixed validation micro-batches per evaluation, over all ranks (the same samples for any world size)."""
-    log_every: int = 10
-    """Print and record a metrics row every this many steps."""
-    ckpt_every: int = 100
-    """Save a checkpoint every this many steps (and at the end)."""
-    keep_checkpoints: int = 2
-    """How many complete checkpoints to keep."""
-    resume: str = "auto"
-    """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
-    verify_checkpoint_hashes: bool = True
-    """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
-    export_every: int = 0
-    """Export a Hugging Face folder every this many steps; 0 disables."""
-    export_dtype: str = "bf16"
-    """Weights dtype of those exports: bf16 or fp32 (the trained values exactly)."""
     on_nonfinite: str = "stop"
     """Non-finite loss or gradient norm: stop (naming the step) or skip the step and count it."""
     activation_checkpointing: bool = False
@@ -119,8 +122,6 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     backend: str = "auto"
     """Distributed backend: auto (nccl on cuda, gloo on cpu), nccl or gloo."""
-    peak_flops: Optional[float] = None
-    """Peak FLOP/s per device for MFU; null means the built-in table for known GPUs (none on CPU)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
@@ -128,101 +129,54 @@ class TrainConfig:
             ("stage", STAGES),
             ("zero_stage", ZERO_STAGES),
             ("precision", PRECISIONS),
-            ("schedule", SCHEDULES),
-            ("decay_shape", DECAY_SHAPES),
             ("on_nonfinite", ON_NONFINITE),
             ("device", DEVICES),
             ("backend", BACKENDS),
-            ("export_dtype", ("bf16", "fp32")),
-            ("optimizer", OPTIMIZERS),
-            ("muon_ns_method", ("standard", "gram")),
         ):
             check_choice(f"train.{key}", getattr(self, key), allowed)
-        for key in (
-            "micro_batch_size",
-            "grad_accum_steps",
-            "max_steps",
-            "eval_every",
-            "eval_batches",
-            "log_every",
-            "ckpt_every",
-            "keep_checkpoints",
-        ):
+        for key in ("micro_batch_size", "grad_accum_steps", "max_steps"):
             check_positive(f"train.{key}", getattr(self, key))
         check_finite_fields(self, "train")
-        if self.optimizer == "muon":
-            self.validate_muon()
-        self.validate_schedule()
-
-    def validate_muon(self) -> None:
-        """What DeepSpeed 0.19.8's Muon cannot do correctly is refused rather than trained wrongly."""
-        if self.zero_stage > 0 and self.grad_clip > 0:
-            raise ValueError(
-                f"config key 'train.grad_clip' is {self.grad_clip} with train.optimizer=muon at ZeRO {self.zero_stage}: "
-                "there DeepSpeed clips Muon's orthogonalized update instead of the gradient, which divides every step "
-                "by the update's norm (deepspeedai/DeepSpeed#8439; 28x on the tiny model). Set train.grad_clip=0 "
-                "(Muon's updates are bounded by construction), or use ZeRO 0."
-            )
-        if self.zero_stage == 3 and self.grad_accum_steps > 1:
-            raise ValueError(
-                f"config key 'train.grad_accum_steps' is {self.grad_accum_steps} with train.optimizer=muon at ZeRO 3: "
-                "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
-                "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2."
-            )
-        if self.on_nonfinite == "skip" and self.zero_stage == 0 and self.precision == "fp32":
-            raise ValueError(
-                "config keys 'train.optimizer=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
-                "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
-                "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop."
-            )
-
-    def validate_schedule(self) -> None:
-        """The learning-rate schedule consistent (the trainer checks it again once max_tokens sets max_steps)."""
-        if not self.lr > 0:
-            raise ValueError(f"config key 'train.lr' is {self.lr}; expected a positive learning rate.")
-        if self.min_lr < 0:
-            raise ValueError(f"config key 'train.min_lr' is {self.min_lr}; expected 0 or a positive number.")
-        if not self.muon_lr > 0:
-            raise ValueError(
-                f"config key 'train.muon_lr' is {self.muon_lr}; expected a positive learning rate."
-            )
-        if not 0.0 <= self.muon_momentum < 1.0:
-            raise ValueError(
-                f"config key 'train.muon_momentum' is {self.muon_momentum}; expected a number in [0, 1)."
-            )
-        if self.min_lr > self.lr:
-            raise ValueError(
-                f"config key 'train.min_lr' ({self.min_lr}) is above 'train.lr' ({self.lr}); expected min_lr <= lr."
-            )
-        if self.warmup_steps < 0:
-            raise ValueError(
-                f"config key 'train.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer."
-            )
-        if self.max_tokens is None and self.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"config key 'train.warmup_steps' ({self.warmup_steps}) is not below 'train.max_steps' ({self.max_steps}): "
-                "the run would end before the learning rate reaches its peak. Lower train.warmup_steps."
-            )
         if self.max_time is not None and self.max_time < 0:
             raise ValueError(
                 f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null."
             )
-        if self.peak_flops is not None and not self.peak_flops > 0:
-            raise ValueError(
-                f"config key 'train.peak_flops' is {self.peak_flops}; expected a positive number or null."
-            )
-        if not 0.0 < self.decay_time_margin <= 1.0:
-            raise ValueError(
-                f"config key 'train.decay_time_margin' is {self.decay_time_margin}; expected a number in (0, 1]."
-            )
-        if self.schedule == "wsd_time" and not (self.max_time and self.max_time > 0):
-            raise ValueError(
-                f"config key 'train.schedule' is wsd_time but train.max_time is {self.max_time}; expected "
-                "the time budget in seconds (the decay starts at (1 - train.decay_fraction) * max_time)."
-            )
 
 
-@dataclass
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The `checkpoint` section: when checkpoints are written, how many are kept, and which one a run resumes."""
+
+    every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep: int = 2
+    """How many complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
+    verify_hashes: bool = True
+    """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        for key in ("every", "keep"):
+            check_positive(f"checkpoint.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The `export` section: Hugging Face folders written while training."""
+
+    every: int = 0
+    """Export a Hugging Face folder every this many steps; 0 disables."""
+    dtype: str = "bf16"
+    """Weights dtype of those exports: bf16 or fp32 (the trained values exactly)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
+
+
+@dataclass(frozen=True)
 class WandbConfig:
     mode: str = "disabled"
     """disabled, offline or online."""
@@ -238,19 +192,30 @@ class WandbConfig:
         check_choice("log.wandb.mode", self.mode, WANDB_MODES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    """Weights & Biases logging."""
+    """The `log` section: the metric rows (train rows with MFU, every log.every steps), console and wandb."""
+
+    every: int = 10
+    """Print and record a metrics row every this many steps."""
     console: bool = True
     """Print metric rows on rank 0."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases logging."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s per device for MFU; null means the built-in table for known GPUs (none on CPU)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
+        check_positive("log.every", self.every)
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(
+                f"config key 'log.peak_flops' is {self.peak_flops}; expected a positive number or null."
+            )
         self.wandb.validate()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """The whole run: one section per component (launch.config loads and validates it)."""
 
@@ -265,18 +230,90 @@ class Config:
     ift: InstructConfig = field(default_factory=InstructConfig)
     """Instruction data for train.stage=ift."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization, evaluation and checkpointing."""
-    log: LogConfig = field(default_factory=LogConfig)
-    """Console and wandb logging."""
+    """Stage, layout, batch and length of the run."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer (AdamW or Muon) and its settings."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence, retention and resume."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Hugging Face exports while training."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Downstream evaluation (eval.downstream)."""
+    """Validation cadence (eval.every, eval.batches) and downstream evaluation (eval.downstream)."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metric rows, MFU, console and wandb logging."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
     def validate(self) -> None:
-        """Each section's own validate(); ValueError naming the first bad key."""
-        for section in (self.train, self.log, self.data, self.ift, self.tokenizer, self.model, self.eval):
+        """Each section's own validate(), then the checks that span sections; ValueError naming the first bad key."""
+        for section in (
+            self.train,
+            self.optim,
+            self.schedule,
+            self.checkpoint,
+            self.export,
+            self.eval,
+            self.log,
+            self.data,
+            self.ift,
+            self.tokenizer,
+            self.model,
+        ):
             section.validate()
+        if self.optim.name == "muon":
+            self.validate_muon()
+        self.validate_schedule()
+
+    def validate_muon(self) -> None:
+        """What DeepSpeed 0.19.8's Muon cannot do correctly is refused rather than trained wrongly."""
+        train, optim = self.train, self.optim
+        if train.zero_stage > 0 and optim.grad_clip > 0:
+            raise ValueError(
+                f"config key 'optim.grad_clip' is {optim.grad_clip} with optim.name=muon at ZeRO {train.zero_stage}: "
+                "there DeepSpeed clips Muon's orthogonalized update instead of the gradient, which divides every step "
+                "by the update's norm (deepspeedai/DeepSpeed#8439; 28x on the tiny model). Set optim.grad_clip=0 "
+                "(Muon's updates are bounded by construction), or use ZeRO 0."
+            )
+        if train.zero_stage == 3 and train.grad_accum_steps > 1:
+            raise ValueError(
+                f"config key 'train.grad_accum_steps' is {train.grad_accum_steps} with optim.name=muon at ZeRO 3: "
+                "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
+                "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2."
+            )
+        if train.on_nonfinite == "skip" and train.zero_stage == 0 and train.precision == "fp32":
+            raise ValueError(
+                "config keys 'optim.name=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
+                "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
+                "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop."
+            )
+
+    def validate_schedule(self) -> None:
+        """The schedule against optim.lr and train.* (the check against a max_steps that train.max_tokens derives
+        is train.plan's, once, when the plan is made)."""
+        schedule, train = self.schedule, self.train
+        if schedule.min_lr > self.optim.lr:
+            raise ValueError(
+                f"config key 'schedule.min_lr' ({schedule.min_lr}) is above 'optim.lr' ({self.optim.lr}); "
+                "expected min_lr <= lr."
+            )
+        if train.max_tokens is None:
+            check_warmup(schedule.warmup_steps, train.max_steps, "'train.max_steps'")
+        if schedule.name == "wsd_time" and not (train.max_time and train.max_time > 0):
+            raise ValueError(
+                f"config key 'schedule.name' is wsd_time but train.max_time is {train.max_time}; expected "
+                "the time budget in seconds (the decay starts at (1 - schedule.decay_fraction) * max_time)."
+            )
+
+
+def check_warmup(warmup_steps: int, max_steps: int, what: str) -> None:
+    """schedule.warmup_steps below the run's length (`what` names where max_steps comes from)."""
+    if warmup_steps >= max_steps:
+        raise ValueError(
+            f"config key 'schedule.warmup_steps' ({warmup_steps}) is not below {what} ({max_steps}): "
+            "the run would end before the learning rate reaches its peak. Lower schedule.warmup_steps."
+        )
 
 
 def to_yaml(cfg: Config) -> str:
@@ -290,5 +327,6 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
 
 
 def from_dict(data: Dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. the copy saved in a checkpoint)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))
+    """Rebuild a Config from `to_dict` output (e.g. the copy saved in a checkpoint), of any layout
+    (`upgrade_config`)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), upgrade_config(data)))

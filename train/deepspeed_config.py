@@ -14,18 +14,19 @@ from typing import Any, Dict, Mapping
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.optim import deepspeed_optimizer_block
+from train.optim_config import OptimConfig
 
 # passthrough key -> the typed key that owns it
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size (micro_batch_size x grad_accum_steps x world size)",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps",
-    "gradient_clipping": "train.grad_clip",
+    "gradient_clipping": "optim.grad_clip",
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
-    "optimizer": "train.optimizer / lr / muon_lr / beta1 / beta2 / weight_decay (the trainer chooses the optimizer)",
-    "scheduler": "train.schedule (the trainer sets the LR every step from train.schedule.lr_at)",
+    "optimizer": "optim.name / lr / muon_lr / beta1 / beta2 / weight_decay (the trainer chooses the optimizer)",
+    "scheduler": "schedule.name (the trainer sets the LR every step from train.schedule.lr_at)",
 }
 
 
@@ -54,14 +55,14 @@ def _check_passthrough(extra: Mapping[str, Any]) -> None:
 
 
 def build_deepspeed_config(
-    train: TrainConfig, world_size: int, extra: Mapping[str, Any] | None = None
+    train: TrainConfig, optim: OptimConfig, world_size: int, extra: Mapping[str, Any] | None = None
 ) -> Dict[str, Any]:
     """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough)."""
     generated: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
-        "gradient_clipping": float(train.grad_clip),
+        "gradient_clipping": float(optim.grad_clip),
         "zero_optimization": {"stage": train.zero_stage},
         # We pass our own torch AdamW (param groups without decay on norms/embeddings).
         "zero_allow_untested_optimizer": True,
@@ -72,7 +73,7 @@ def build_deepspeed_config(
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    optimizer = deepspeed_optimizer_block(train)
+    optimizer = deepspeed_optimizer_block(optim)
     if (
         optimizer is not None
     ):  # Muon: DeepSpeed builds it (AdamW is passed to deepspeed.initialize as an object)
@@ -90,9 +91,9 @@ def build_deepspeed_config(
         and generated["zero_optimization"].get("reduce_scatter")
     ):
         raise TrainError(
-            "The deepspeed: block sets zero_optimization.reduce_scatter: true, but train.optimizer=muon "
+            "The deepspeed: block sets zero_optimization.reduce_scatter: true, but optim.name=muon "
             "at ZeRO 3 needs it false (DeepSpeed's Muon orthogonalizes whole gathered gradients). Remove "
-            "reduce_scatter from the deepspeed: block, or use train.optimizer=adamw."
+            "reduce_scatter from the deepspeed: block, or use optim.name=adamw."
         )
     return generated
 

@@ -9,8 +9,8 @@ optimizer step, on whether the step is non-finite (stop or skip it) and whether 
 own ZeRO step synchronises the host anyway (its overflow / grad-norm check), so this costs nothing
 extra; the loss itself stays on the device until then.
 
-The learning rate is a pure function of the step (`train.schedule.lr_at`), written into the
-optimizer's param groups before each step; no DeepSpeed scheduler is used, so a resumed run needs
+The learning rate is a pure function of the step (`train.schedule.lr_at`, over the plan's max_steps),
+written into the optimizer's param groups before each step; no DeepSpeed scheduler is used, so a resumed run needs
 only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss.
 """
 
@@ -87,6 +87,7 @@ class TrainingLoop:
 
     def __init__(self, run: LoopRun, train_loader: Any, components: Sequence[Component]) -> None:
         self.run, self.train, self.components = run, run.cfg.train, list(components)
+        self.optim, self.schedule = run.cfg.optim, run.cfg.schedule
         self.train_loader = train_loader
         self.device = run.dist_info.device
         self.watch = NonfiniteWatch(run.engine.module, enabled=self.train.precision != "fp16")
@@ -126,7 +127,7 @@ class TrainingLoop:
         clock = [
             float(stop_requested),
             float(out_of_time),
-            float(decay_due(elapsed, self.train)),
+            float(decay_due(elapsed, self.schedule, self.train.max_time)),
             elapsed,
             seconds_per_step,
         ]
@@ -155,7 +156,9 @@ class TrainingLoop:
         progress = self.run.progress
         if progress.timed_decay is not None or not status.decay_due:
             return
-        progress.timed_decay = plan_time_decay(number, status.elapsed, status.seconds_per_step, self.train)
+        progress.timed_decay = plan_time_decay(
+            number, status.elapsed, status.seconds_per_step, self.schedule, self.train.max_time
+        )
         self.run.say(
             f"step {number}: {status.elapsed:.1f} s of train.max_time={self.train.max_time:g} s spent; "
             f"lr decays to min_lr over the next {progress.timed_decay.steps} steps "
@@ -171,7 +174,7 @@ class TrainingLoop:
             raise TrainError(
                 f"Non-finite loss or gradient at step {number} (mean loss {status.mean_loss}) on "
                 f"{status.nonfinite_ranks} of {run.dist_info.world_size} rank(s); stopped before the optimizer step "
-                f"and saved nothing ({last}). Lower train.lr, raise train.warmup_steps, check the data, or set "
+                f"and saved nothing ({last}). Lower optim.lr, raise schedule.warmup_steps, check the data, or set "
                 "train.on_nonfinite=skip to skip such steps."
             )
         # ZeRO 1-3 and the bf16/fp16 optimizers skip a step whose gradient norm is not finite by themselves;
@@ -187,14 +190,16 @@ class TrainingLoop:
 
     def set_lr(self, lr: float) -> None:
         for group in self.run.engine.optimizer.param_groups:
-            group["lr"] = group_lr(group, lr, self.train)
+            group["lr"] = group_lr(group, lr, self.optim)
 
     def step(self, train_iter: Iterator[Batch], stop_request: StopRequest) -> StepEvent:
         """One optimizer step with the components' two per-step hooks around `engine.step()`."""
         run = self.run
         step_started = time.perf_counter()
         number = run.progress.step + 1  # the step being taken, 1-based as logged and as checkpoint names
-        lr = lr_at(run.progress.step, self.train, run.progress.timed_decay)
+        lr = lr_at(
+            run.progress.step, self.schedule, self.optim.lr, run.plan.max_steps, run.progress.timed_decay
+        )
         self.set_lr(lr)
         status = self.agree(self.forward_backward(train_iter, number), stop_request.requested)
         self.decide_decay(status, number)

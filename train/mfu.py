@@ -3,7 +3,7 @@
 MFU (PaLM, Chowdhery et al. 2022) counts only the model's own FLOPs (model.stats.flops_per_token,
 no recomputation), so it does not rise when activation checkpointing adds work. The peaks below are
 the vendors' dense (no 2:4 sparsity) tensor-core figures at boost clock; a GPU the table does not
-know gives None, and `train.peak_flops` overrides the table. CPUs have no table entry: the
+know gives None, and `log.peak_flops` overrides the table. CPUs have no table entry: the
 benchmark measures this machine's achieved matmul FLOP/s with `measure_matmul_peak` instead.
 """
 
@@ -19,7 +19,7 @@ import torch
 # First match wins, so the specific names (H100 PCIe, H100 NVL) come before the generic ones.
 # fp16 is the FP16-with-FP32-accumulate tensor figure (equal to bf16 wherever both exist).
 # fp32 has no entry: PyTorch runs fp32 matmuls without TF32 by default, and MFU against the
-# half-precision peak would mislead; set train.peak_flops for fp32 runs.
+# half-precision peak would mislead; set log.peak_flops for fp32 runs.
 # Sources (dense figures; datasheets print the sparse ones as twice these):
 #   A100: NVIDIA A100 datasheet, BF16/FP16 tensor 312 TF.
 #     https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf

@@ -4,16 +4,16 @@ Decision (weight decay): decay pulls weights toward zero, which is a useful prio
 matrices but not for (a) RMSNorm gains, whose natural value is 1 and which decay would shrink, nor (b)
 the token embeddings / output head, where decay mostly shrinks the rows of rare tokens that receive few
 gradient updates (and, when tied, the same matrix is both). So: 2-D weights under `layers.` get
-`train.weight_decay`; norms, embeddings and lm_head get none. This follows GPT-2/nanoGPT for norms
+`optim.weight_decay`; norms, embeddings and lm_head get none. This follows GPT-2/nanoGPT for norms
 and OLMo/Llama practice for embeddings.
 
-Decision (Muon): `train.optimizer=muon` uses DeepSpeed's own MuonWithAuxAdam (optimizer type `muon` in
+Decision (Muon): `optim.name=muon` uses DeepSpeed's own MuonWithAuxAdam (optimizer type `muon` in
 the generated DeepSpeed config) rather than `torch.optim.Muon`, because under ZeRO 1-3 the optimizer only
 sees flat partitions of each matrix, and DeepSpeed orthogonalizes the whole gathered gradient before it
 partitions it. DeepSpeed tags every matrix whose name holds neither `embed` nor `lm_head` for Muon, which is
 exactly the decayed group above (the attention and MLP projections); the norms, the embeddings and the head
 get the auxiliary AdamW (torch's, `torch_adam`). The two halves have their own peak learning rates
-(`train.muon_lr`, `train.lr`); the schedule scales both by the same factor each step (`group_lr`).
+(`optim.muon_lr`, `optim.lr`); the schedule scales both by the same factor each step (`group_lr`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from train.config import TrainConfig
 from train.errors import TrainError
+from train.optim_config import OptimConfig
 
 NO_DECAY_PREFIXES = ("embed_tokens.", "lm_head.")
 
@@ -53,35 +53,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> Optional[torch.optim.AdamW]:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> Optional[torch.optim.AdamW]:
     """The AdamW handed to DeepSpeed (which wraps it for ZeRO), or None for Muon, which DeepSpeed builds from
     its config over `param_groups`; the LR is set every step by the loop (`group_lr`)."""
-    if cfg.optimizer == "muon":
+    if optim.name == "muon":
         return None
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.adam_eps,
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
     )
 
 
-def deepspeed_optimizer_block(cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+def deepspeed_optimizer_block(optim: OptimConfig) -> Optional[Dict[str, Any]]:
     """The `optimizer` entry of the generated DeepSpeed config: only for Muon (AdamW is passed as an object)."""
-    if cfg.optimizer != "muon":
+    if optim.name != "muon":
         return None
     return {
         "type": "muon",
         "params": {
-            "lr": cfg.lr,
-            "adam_lr": cfg.lr,
-            "muon_lr": cfg.muon_lr,
-            "momentum": cfg.muon_momentum,
-            "betas": [cfg.beta1, cfg.beta2],
-            "eps": cfg.adam_eps,
-            "weight_decay": cfg.weight_decay,
+            "lr": optim.lr,
+            "adam_lr": optim.lr,
+            "muon_lr": optim.muon_lr,
+            "momentum": optim.muon_momentum,
+            "betas": [optim.beta1, optim.beta2],
+            "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
             "torch_adam": True,
-            "ns_method": cfg.muon_ns_method,
+            "ns_method": optim.muon_ns_method,
         },
     }
 
@@ -94,22 +94,22 @@ def set_compile_stance(device: torch.device, compile_model: bool) -> None:
     torch.compiler.set_stance("force_eager" if eager else "default")
 
 
-def describe_muon(model: torch.nn.Module, cfg: TrainConfig) -> str:
+def describe_muon(model: torch.nn.Module, optim: OptimConfig) -> str:
     """The status line of a Muon run: which parameters DeepSpeed tagged for Muon (`use_muon`) and which got AdamW."""
     named = list(model.named_parameters())
     muon = [name for name, param in named if getattr(param, "use_muon", False)]
     if not muon:
         raise TrainError(
-            "train.optimizer=muon but DeepSpeed tagged no parameter for Muon (use_muon); expected the "
+            "optim.name=muon but DeepSpeed tagged no parameter for Muon (use_muon); expected the "
             "attention and MLP matrices. This DeepSpeed may not support optimizer type 'muon'."
         )
     return (
-        f"optimizer: Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}, {cfg.muon_ns_method} Newton-Schulz) "
-        f"for {len(muon)} matrices, AdamW (lr {cfg.lr:g}) for the other {len(named) - len(muon)} parameters "
+        f"optimizer: Muon (lr {optim.muon_lr:g}, momentum {optim.muon_momentum:g}, {optim.muon_ns_method} Newton-Schulz) "
+        f"for {len(muon)} matrices, AdamW (lr {optim.lr:g}) for the other {len(named) - len(muon)} parameters "
         "(embeddings, norms, head)"
     )
 
 
-def group_lr(group: Mapping[str, Any], lr: float, cfg: TrainConfig) -> float:
-    """The learning rate of one param group when the schedule gives `lr` (Muon's half scaled to train.muon_lr)."""
-    return lr * cfg.muon_lr / cfg.lr if group.get("use_muon", False) else lr
+def group_lr(group: Mapping[str, Any], lr: float, optim: OptimConfig) -> float:
+    """The learning rate of one param group when the schedule gives `lr` (Muon's half scaled to optim.muon_lr)."""
+    return lr * optim.muon_lr / optim.lr if group.get("use_muon", False) else lr

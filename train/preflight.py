@@ -1,64 +1,25 @@
 """Checks and a summary before the first step, while nothing large has been allocated yet.
 
-The batch arithmetic (global batch, tokens per step, token budget -> max_steps) is settled here, and
-the per-rank memory estimate of `model.stats.training_memory_per_rank` is compared with what one
-rank can have: the GPU's memory, or on CPU the host's available RAM shared by the node's ranks. A
-run that cannot fit stops with the numbers and the knobs that help, instead of an out-of-memory
+The batch arithmetic (global batch, tokens per step, token budget -> max_steps) is the run's plan
+(train.plan.RunPlan), summarized here, and the per-rank memory estimate of
+`model.stats.training_memory_per_rank` is compared with what one rank can have: the GPU's memory, or on
+CPU the host's available RAM shared by the node's ranks. A run that cannot fit stops with the numbers and the knobs that help, instead of an out-of-memory
 crash minutes later (or a swapping machine).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from common.files import GIB
+from model.stats import training_memory_per_rank
 from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.errors import TrainError
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """The batch arithmetic of a run."""
-
-    micro_batch_size: int
-    grad_accum_steps: int
-    world_size: int
-    seq_len: int
-    max_steps: int
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch_size * self.seq_len
-
-
-def plan_batches(train: TrainConfig, world_size: int, seq_len: int) -> BatchPlan:
-    """Check train.global_batch_size and turn train.max_tokens into max_steps."""
-    global_batch = train.micro_batch_size * train.grad_accum_steps * world_size
-    if train.global_batch_size is not None and train.global_batch_size != global_batch:
-        raise TrainError(
-            f"train.global_batch_size is {train.global_batch_size}, but micro_batch_size {train.micro_batch_size} x "
-            f"grad_accum_steps {train.grad_accum_steps} x data-parallel world size {world_size} = {global_batch}. "
-            "Change train.grad_accum_steps or train.micro_batch_size (or the number of processes) so that they "
-            "multiply to the global batch, or remove train.global_batch_size."
-        )
-    max_steps = train.max_steps
-    if train.max_tokens is not None:
-        if train.max_tokens <= 0:
-            raise TrainError(
-                f"train.max_tokens is {train.max_tokens}; expected a positive token budget or null."
-            )
-        max_steps = math.ceil(train.max_tokens / (global_batch * seq_len))
-    return BatchPlan(train.micro_batch_size, train.grad_accum_steps, world_size, seq_len, max_steps)
+from train.plan import RunPlan
 
 
 def meminfo_available_bytes(path: str = "/proc/meminfo") -> Optional[int]:
@@ -108,7 +69,7 @@ def check_memory(
 
 
 def summary_lines(
-    plan: BatchPlan,
+    plan: RunPlan,
     dist_info: DistInfo,
     train: TrainConfig,
     memory: dict,
@@ -127,10 +88,8 @@ def summary_lines(
     ]
 
 
-def preflight(model_cfg, train: TrainConfig, plan: BatchPlan, dist_info: DistInfo) -> List[str]:
+def preflight(model_cfg, train: TrainConfig, plan: RunPlan, dist_info: DistInfo) -> List[str]:
     """Summary lines for the log; raises TrainError when the estimated memory does not fit."""
-    from model.stats import training_memory_per_rank
-
     memory = training_memory_per_rank(
         model_cfg,
         train.zero_stage,

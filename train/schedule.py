@@ -5,7 +5,7 @@ get the same learning rate, and the curve can be tested and plotted without trai
 
 `step` counts optimizer updates already taken: 0 is the first update. Every schedule starts with
 a linear warmup from near zero, nanoGPT style: lr * (step + 1) / warmup_steps, so step 0 is never
-exactly 0 (a wasted update) and the last warmup step, warmup_steps - 1, reaches the peak lr. Then:
+exactly 0 (a wasted update) and the last warmup step, warmup_steps - 1, reaches the peak lr (optim.lr). Then:
 
 - cosine: half a cosine from lr down to min_lr, reaching min_lr at max_steps.
 - wsd (warmup-stable-decay): hold lr, then decay to min_lr over the final
@@ -16,14 +16,14 @@ exactly 0 (a wasted update) and the last warmup step, warmup_steps - 1, reaches 
   (1 - decay_fraction) * max_time has elapsed, then decay over the steps estimated to fit the rest of the
   budget (`plan_time_decay`, from the measured seconds per step). That decision is made once, by every rank
   alike, and kept in the checkpoint (`TimedDecay` in Progress), so a resumed run replays the same curve; the
-  run then ends when the decay does (train.max_steps stays an upper bound).
+  run then ends when the decay does (the plan's max_steps stays an upper bound).
 - linear: a straight line from lr down to min_lr at max_steps.
 - constant: lr after warmup.
 
 At and beyond max_steps the decaying schedules stay at min_lr (constant stays at lr).
 
 Continued pretraining (train.stage=cpt) re-warms with the same functions: the CPT run starts at
-step 0 with its own warmup_steps, max_steps, lr and min_lr, so it warms up again from near zero
+step 0 with its own schedule.warmup_steps, max_steps, optim.lr and schedule.min_lr, so it warms up again from near zero
 and decays over its own length; nothing special is needed.
 """
 
@@ -33,8 +33,54 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from train.config import DECAY_SHAPES, SCHEDULES, TrainConfig
+from common.checks import check_choice, check_finite_fields
 from train.errors import TrainError
+
+SCHEDULES = ("cosine", "wsd", "wsd_time", "linear", "constant")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The `schedule` section: the learning-rate curve over the run (its peak is optim.lr)."""
+
+    name: str = "cosine"
+    """cosine (warmup then cosine), wsd (warmup-stable-decay), wsd_time (wsd fitted to train.max_time), linear, or
+    constant."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 20
+    """Linear warmup steps from 0 to optim.lr."""
+    decay_fraction: float = 0.2
+    """wsd: fraction of max_steps spent in the final decay (wsd_time: fraction of train.max_time)."""
+    decay_time_margin: float = 0.9
+    """wsd_time: the share of the time left at the decision that the decay is planned to fill (the rest absorbs
+    steps that turn slower, so the clock does not stop the run before min_lr)."""
+    decay_shape: str = "linear"
+    """wsd: shape of the final decay: linear, cosine or sqrt."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key (the checks against optim.lr and train.* are Config.validate's, the one
+        against a max_steps derived from train.max_tokens train.plan's)."""
+        check_choice("schedule.name", self.name, SCHEDULES)
+        check_choice("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
+        check_finite_fields(self, "schedule")
+        if self.min_lr < 0:
+            raise ValueError(
+                f"config key 'schedule.min_lr' is {self.min_lr}; expected 0 or a positive number."
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(
+                f"config key 'schedule.warmup_steps' is {self.warmup_steps}; expected 0 or a positive integer."
+            )
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(
+                f"config key 'schedule.decay_fraction' is {self.decay_fraction}; expected a number in [0, 1]."
+            )
+        if not 0.0 < self.decay_time_margin <= 1.0:
+            raise ValueError(
+                f"config key 'schedule.decay_time_margin' is {self.decay_time_margin}; expected a number in (0, 1]."
+            )
 
 
 @dataclass(frozen=True)
@@ -52,50 +98,18 @@ class TimedDecay:
         return self.start_step + self.steps
 
 
-def decay_due(elapsed: float, cfg: TrainConfig) -> bool:
-    """wsd_time: whether the decay should start now, `elapsed` seconds into the time budget."""
-    return cfg.schedule == "wsd_time" and elapsed >= (1.0 - cfg.decay_fraction) * float(cfg.max_time)
+def decay_due(elapsed: float, schedule: ScheduleConfig, max_time: Optional[float]) -> bool:
+    """wsd_time: whether the decay should start now, `elapsed` seconds into the time budget (train.max_time)."""
+    return schedule.name == "wsd_time" and elapsed >= (1.0 - schedule.decay_fraction) * float(max_time)
 
 
-def plan_time_decay(start_step: int, elapsed: float, seconds_per_step: float, cfg: TrainConfig) -> TimedDecay:
-    """The decay that fills train.decay_time_margin of the rest of train.max_time at `seconds_per_step`; at least
+def plan_time_decay(
+    start_step: int, elapsed: float, seconds_per_step: float, schedule: ScheduleConfig, max_time: float
+) -> TimedDecay:
+    """The decay that fills schedule.decay_time_margin of the rest of train.max_time at `seconds_per_step`; at least
     one step. The margin is there because steps may turn slower later (a busy machine, checkpoints)."""
-    remaining = max(0.0, float(cfg.max_time) - elapsed) * cfg.decay_time_margin
+    remaining = max(0.0, float(max_time) - elapsed) * schedule.decay_time_margin
     return TimedDecay(start_step, max(1, int(remaining / max(seconds_per_step, 1e-9))))
-
-
-def check_schedule(cfg: TrainConfig) -> None:
-    """Raise TrainError naming the key when the schedule settings cannot define a curve."""
-    if cfg.schedule not in SCHEDULES:
-        raise TrainError(f"train.schedule is {cfg.schedule!r}; expected one of {', '.join(SCHEDULES)}.")
-    if cfg.decay_shape not in DECAY_SHAPES:
-        raise TrainError(
-            f"train.decay_shape is {cfg.decay_shape!r}; expected one of {', '.join(DECAY_SHAPES)}."
-        )
-    if cfg.warmup_steps < 0:
-        raise TrainError(f"train.warmup_steps is {cfg.warmup_steps}; expected 0 or a positive integer.")
-    if cfg.schedule == "wsd_time" and not (cfg.max_time and cfg.max_time > 0):
-        raise TrainError(
-            f"train.schedule is wsd_time but train.max_time is {cfg.max_time}; expected seconds > 0."
-        )
-    if cfg.max_steps <= 0:
-        raise TrainError(f"train.max_steps is {cfg.max_steps}; expected a positive integer.")
-    if not 0.0 <= cfg.decay_fraction <= 1.0:
-        raise TrainError(f"train.decay_fraction is {cfg.decay_fraction}; expected a number in [0, 1].")
-    for key in ("lr", "min_lr", "decay_fraction"):
-        if not math.isfinite(getattr(cfg, key)):
-            raise TrainError(f"train.{key} is {getattr(cfg, key)}; expected a finite number.")
-    if cfg.warmup_steps >= cfg.max_steps:
-        raise TrainError(
-            f"train.warmup_steps ({cfg.warmup_steps}) is not below train.max_steps ({cfg.max_steps}): the run "
-            "would end before the learning rate reaches its peak. Lower train.warmup_steps."
-        )
-    if cfg.lr <= 0 or cfg.min_lr < 0:
-        raise TrainError(
-            f"train.lr is {cfg.lr} and train.min_lr is {cfg.min_lr}; expected lr > 0 and min_lr >= 0."
-        )
-    if cfg.min_lr > cfg.lr:
-        raise TrainError(f"train.min_lr ({cfg.min_lr}) is above train.lr ({cfg.lr}); expected min_lr <= lr.")
 
 
 def _decay_factor(progress: float, shape: str) -> float:
@@ -107,30 +121,32 @@ def _decay_factor(progress: float, shape: str) -> float:
     return 1.0 - math.sqrt(progress)  # sqrt
 
 
-def lr_at(step: int, cfg: TrainConfig, timed_decay: Optional[TimedDecay] = None) -> float:
-    """The learning rate for optimizer step `step` (0-based) under `cfg`'s schedule (wsd_time: and its decision,
-    None while the decay has not started)."""
-    check_schedule(cfg)
+def lr_at(
+    step: int, schedule: ScheduleConfig, peak: float, max_steps: int, timed_decay: Optional[TimedDecay] = None
+) -> float:
+    """The learning rate for optimizer step `step` (0-based) under `schedule` with peak `peak` (optim.lr) over
+    `max_steps` (the run plan's) (wsd_time: and its decision, None while the decay has not started). The settings
+    were validated once, with the config and the plan; nothing is re-checked here."""
     if step < 0:
         raise TrainError(f"lr_at got step {step}; expected a step >= 0.")
-    warmup, max_steps, peak, floor = cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.min_lr
+    warmup, floor = schedule.warmup_steps, schedule.min_lr
     if step < warmup:
         return peak * (step + 1) / warmup
-    if cfg.schedule == "constant":
+    if schedule.name == "constant":
         return peak
-    if cfg.schedule == "wsd_time":
+    if schedule.name == "wsd_time":
         if timed_decay is None or step < timed_decay.start_step:
             return peak
         progress = min(1.0, (step - timed_decay.start_step + 1) / timed_decay.steps)
-        return floor + (peak - floor) * _decay_factor(progress, cfg.decay_shape)
+        return floor + (peak - floor) * _decay_factor(progress, schedule.decay_shape)
     if step >= max_steps:
         return floor
-    if cfg.schedule == "wsd":
-        decay_start = max(warmup, max_steps - round(cfg.decay_fraction * max_steps))
+    if schedule.name == "wsd":
+        decay_start = max(warmup, max_steps - round(schedule.decay_fraction * max_steps))
         if step < decay_start:
             return peak
         progress = (step - decay_start) / (max_steps - decay_start)
-        return floor + (peak - floor) * _decay_factor(progress, cfg.decay_shape)
+        return floor + (peak - floor) * _decay_factor(progress, schedule.decay_shape)
     progress = (step - warmup) / (max_steps - warmup)
-    shape = "cosine" if cfg.schedule == "cosine" else "linear"
+    shape = "cosine" if schedule.name == "cosine" else "linear"
     return floor + (peak - floor) * _decay_factor(progress, shape)

@@ -1,10 +1,10 @@
 """The components every `slm train` run has, each on the cadence its config field sets.
 
-    TrainMetrics   train.log_every    a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
-    Evaluator      train.eval_every   validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
+    TrainMetrics   log.every          a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
+    Evaluator      eval.every         validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
     DownstreamEval eval.downstream    a row per task (train.downstream.component) every N steps, at the end and on time-out
-    Checkpointer   train.ckpt_every   a checkpoint every N steps and whenever the loop ends
-    Exporter       train.export_every a Hugging Face folder of that step's checkpoint every N steps (0: off)
+    Checkpointer   checkpoint.every   a checkpoint every N steps and whenever the loop ends
+    Exporter       export.every       a Hugging Face folder of that step's checkpoint every N steps (0: off)
     DoneMarker     (always)           run.dir/DONE once max_steps is reached; removed when a run continues
 
 `COMPONENTS` lists them in the order the loop calls them (a step's checkpoint is saved after its evaluation, and
@@ -19,10 +19,14 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from common.atomic import atomic_write_text
+from model.stats import flops_per_token
 from train.components import Component, LoopRun, StepEvent, every
 from train.config import Config
 from train.distributed import barrier, on_main_then_share
 from train.downstream.component import DownstreamEval
+from train.evaluate import evaluate
+from train.handoff.export import export
+from train.mfu import mfu, peak_flops_per_device
 
 DONE_FILE = "DONE"
 
@@ -54,7 +58,7 @@ class TrainMetrics(Component):
 
     @classmethod
     def from_config(cls, cfg: Config) -> TrainMetrics:
-        return cls(cfg.train.log_every)
+        return cls(cfg.log.every)
 
     def _reset_window(self) -> None:
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
@@ -65,11 +69,8 @@ class TrainMetrics(Component):
         )  # the last row too when time or a signal ends the run
 
     def on_start(self, run: LoopRun) -> None:
-        from model.stats import flops_per_token
-        from train.mfu import peak_flops_per_device
-
-        self.flops_per_token = flops_per_token(run.cfg.model, run.plan.seq_len)
-        peak, device = run.cfg.train.peak_flops, run.dist_info.device
+        self.flops_per_token = flops_per_token(run.plan.model(run.cfg.model), run.plan.seq_len)
+        peak, device = run.cfg.log.peak_flops, run.dist_info.device
         if peak is None and device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(device), run.cfg.train.precision)
         self.peak_flops = peak
@@ -80,8 +81,6 @@ class TrainMetrics(Component):
             self.grad_norm = grad_norm_now(run.engine)  # before the step, as DeepSpeed reports its own
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
-        from train.mfu import mfu
-
         if not event.nonfinite:
             self.loss_sum += event.mean_loss
             self.finite_steps += 1
@@ -122,19 +121,17 @@ class Evaluator(Component):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Evaluator:
-        return cls(cfg.train.eval_every)
+        return cls(cfg.eval.every)
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         due = event.finished or event.timed_out or every(self.eval_every, event.number)
         if due and not event.stop_requested:  # a signal leaves little time: save, skip the evaluation
-            from train.evaluate import evaluate
-
             result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
             run.logger.log({"step": run.progress.step, "tokens": run.progress.tokens_seen, **result})
 
 
 class Checkpointer(Component):
-    """Checkpoints on train.ckpt_every and whenever the loop ends (finished, timed out or stopped)."""
+    """Checkpoints on checkpoint.every and whenever the loop ends (finished, timed out or stopped)."""
 
     name = "checkpointer"
 
@@ -143,7 +140,7 @@ class Checkpointer(Component):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Checkpointer:
-        return cls(cfg.train.ckpt_every)
+        return cls(cfg.checkpoint.every)
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         if event.last or every(self.ckpt_every, event.number):
@@ -151,7 +148,7 @@ class Checkpointer(Component):
 
 
 class Exporter(Component):
-    """train.export_every: a Hugging Face folder of this step's checkpoint under run.dir/exports/ (rank 0)."""
+    """export.every: a Hugging Face folder of this step's checkpoint under run.dir/exports/ (rank 0)."""
 
     name = "exporter"
 
@@ -161,13 +158,11 @@ class Exporter(Component):
 
     @classmethod
     def from_config(cls, cfg: Config) -> Optional[Exporter]:
-        return cls(cfg.train.export_every, cfg.train.export_dtype) if cfg.train.export_every > 0 else None
+        return cls(cfg.export.every, cfg.export.dtype) if cfg.export.every > 0 else None
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         if not every(self.export_every, event.number):
             return
-        from train.handoff.export import export
-
         step_dir = run.checkpoints.ensure_saved(run.progress)
         out_dir = run.run_dir / "exports" / step_dir.name
         on_main_then_share(

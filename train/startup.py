@@ -1,5 +1,5 @@
-"""Setting up one `slm train` run, before the first step: the batch plan, resume resolution, the data (prepared
-on demand), the tokenizer identity, preflight, initial weights, the DeepSpeed engine, the loaders, and the
+"""Setting up one `slm train` run, before the first step: the run's plan, resume resolution, the prepared data
+(launch/ prepares a missing data.dir before this runs), the tokenizer identity, preflight, initial weights, the DeepSpeed engine, the loaders, and the
 resumed progress. `set_up_run` returns it all as one `RunSetup`; `train.loop` takes it from there.
 """
 
@@ -50,8 +50,8 @@ from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
-from train.preflight import BatchPlan, plan_batches, preflight
-from train.schedule import check_schedule
+from train.plan import RunPlan, plan_run, write_plan
+from train.preflight import preflight
 
 
 def say(dist_info: DistInfo, message: str) -> None:
@@ -83,9 +83,9 @@ class RunSetup:
     """Everything the loop needs, built once per invocation."""
 
     cfg: Config
-    """The resolved config (max_steps and vocab_size settled)."""
-    plan: BatchPlan
-    """The batch arithmetic."""
+    """The config as loaded (resolved, validated, never rewritten)."""
+    plan: RunPlan
+    """What the run derived: batch arithmetic, max_steps, world size, vocab_size (recorded beside the config)."""
     data: DataSetup
     """Prepared data and its identity."""
     engine: Any
@@ -127,9 +127,9 @@ def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
 def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> tuple:
     """(train loader, fixed list of this rank's validation batches)."""
     seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
-    # train.eval_batches counts micro-batches over all ranks: the loaders' global cursor then hands every
-    # world size the same validation samples (exactly, when the world size divides eval_batches).
-    val_batches_per_rank = math.ceil(cfg.train.eval_batches / dist_info.world_size)
+    # eval.batches counts micro-batches over all ranks: the loaders' global cursor then hands every
+    # world size the same validation samples (exactly, when the world size divides eval.batches).
+    val_batches_per_rank = math.ceil(cfg.eval.batches / dist_info.world_size)
     if cfg.train.stage == "ift":
 
         def instruct(split: str) -> Any:
@@ -184,7 +184,7 @@ def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
 
 
 def load_initial_weights(
-    cfg: Config, dist_info: DistInfo, tokenizer_sha256: str
+    cfg: Config, plan: RunPlan, dist_info: DistInfo, tokenizer_sha256: str
 ) -> Optional[Dict[str, torch.Tensor]]:
     """cpt/ift: the weights of train.init_from, checked against this run's tokenizer and model shape."""
     if cfg.train.stage == "pretrain":
@@ -203,7 +203,9 @@ def load_initial_weights(
         )
     diffs = [
         f"model.{key} is {saved!r} there but {wanted!r} here"
-        for key, saved, wanted in shape_differences(init_cfg, cfg.model, allow_seq_len_change=True)
+        for key, saved, wanted in shape_differences(
+            init_cfg, plan.model(cfg.model), allow_seq_len_change=True
+        )
     ]
     if diffs:
         raise TrainError(
@@ -221,14 +223,18 @@ def seed_everything(seed: int) -> None:
 
 
 def build_engine(
-    cfg: Config, dist_info: DistInfo, init_weights: Optional[Dict[str, torch.Tensor]], universal: bool
+    cfg: Config,
+    plan: RunPlan,
+    dist_info: DistInfo,
+    init_weights: Optional[Dict[str, torch.Tensor]],
+    universal: bool,
 ) -> Any:
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
     import deepspeed  # heavy: imported when an engine is built
 
     set_compile_stance(dist_info.device, cfg.train.compile)
     seed_everything(cfg.run.seed)
-    model = Transformer(cfg.model)
+    model = Transformer(plan.model(cfg.model))
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
@@ -238,14 +244,14 @@ def build_engine(
                 f"unexpected {unexpected}."
             )
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    optimizer = build_optimizer(model, cfg.train)
-    ds_config = build_deepspeed_config(cfg.train, dist_info.world_size, cfg.deepspeed)
+    optimizer = build_optimizer(model, cfg.optim)
+    ds_config = build_deepspeed_config(cfg.train, cfg.optim, dist_info.world_size, cfg.deepspeed)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     validate_deepspeed_config(ds_config, cfg.deepspeed)
     if optimizer is None:  # Muon: DeepSpeed builds it from ds_config over our decay / no-decay groups
         engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
         )
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -254,24 +260,15 @@ def build_engine(
     return engine
 
 
-def settle_batches(cfg: Config, dist_info: DistInfo) -> tuple:
-    """(the run's resolved copy of the config, its batch plan): max_steps from the token budget, schedule checked."""
-    cfg = dataclasses.replace(cfg)  # the resolved copy this run records
-    plan = plan_batches(cfg.train, dist_info.world_size, cfg.model.max_seq_len)
-    cfg.train = dataclasses.replace(cfg.train, max_steps=plan.max_steps)
-    check_schedule(cfg.train)
-    return cfg, plan
-
-
-def settle_vocab(cfg: Config, dist_info: DistInfo, data: DataSetup) -> None:
-    """model.vocab_size from the tokenizer (rounded up as the data pipeline does)."""
+def settle_vocab(cfg: Config, plan: RunPlan, dist_info: DistInfo, data: DataSetup) -> RunPlan:
+    """The plan with the model's vocab_size from the tokenizer (rounded up as the data pipeline does)."""
     vocab = model_vocab_size(data.tokenizer)
     if vocab != cfg.model.vocab_size:
         say(
             dist_info,
             f"note: model.vocab_size set to {vocab} from the tokenizer (config said {cfg.model.vocab_size})",
         )
-        cfg.model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    return dataclasses.replace(plan, vocab_size=vocab)
 
 
 def resume_into(
@@ -302,20 +299,20 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
             "train.init_from is set but train.stage is pretrain; use train.stage=cpt (or ift) to start "
             "from those weights, or remove train.init_from."
         )
-    cfg, plan = settle_batches(cfg, dist_info)
-    resume_from = resolve_resume(cfg.train.resume, Path(cfg.run.dir))
+    plan = plan_run(cfg, dist_info.world_size)
+    resume_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir))
     resume_from = on_main_then_share(
         dist_info,
-        lambda: intact_resume(cfg.train, Path(cfg.run.dir), resume_from),
+        lambda: intact_resume(cfg.checkpoint, Path(cfg.run.dir), resume_from),
         "Checking the checkpoint's files",
     )
     data = load_data(cfg, dist_info)
-    settle_vocab(cfg, dist_info, data)
+    plan = settle_vocab(cfg, plan, dist_info, data)
     for line in on_main_then_share(
-        dist_info, lambda: preflight(cfg.model, cfg.train, plan, dist_info), "Preflight"
+        dist_info, lambda: preflight(plan.model(cfg.model), cfg.train, plan, dist_info), "Preflight"
     ):
         say(dist_info, line)
-    init_weights = load_initial_weights(cfg, dist_info, data.tokenizer_sha256)
+    init_weights = load_initial_weights(cfg, plan, dist_info, data.tokenizer_sha256)
 
     identity = RunIdentity(
         to_dict(cfg),
@@ -324,6 +321,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         dist_info.world_size,
         cfg.train.zero_stage,
         cfg.train.precision,
+        plan.to_dict(),
     )
     universal_dir, record = None, None
     if resume_from is not None:
@@ -331,7 +329,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
         check_resumable(
             resume_from,
             record,
-            identity.config,
+            identity.effective_config,
             data.tokenizer_sha256,
             data.manifest_sha256,
             dist_info.world_size,
@@ -343,22 +341,24 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
                 "Converting the checkpoint to a universal checkpoint",
             )
 
-    engine = build_engine(cfg, dist_info, init_weights, universal=universal_dir is not None)
-    if cfg.train.optimizer == "muon":
-        say(dist_info, describe_muon(engine.module, cfg.train))
+    engine = build_engine(cfg, plan, dist_info, init_weights, universal=universal_dir is not None)
+    if cfg.optim.name == "muon":
+        say(dist_info, describe_muon(engine.module, cfg.optim))
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
     if resume_from is not None and record is not None:
         progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
-    write_run_dir(cfg, dist_info, progress)
+    write_run_dir(cfg, plan, dist_info, progress)
     return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
 
 
-def write_run_dir(cfg: Config, dist_info: DistInfo, progress: Progress) -> None:
-    """run.dir/config.yaml of this start, and metrics.jsonl cut back to the resumed step (rank 0; all wait)."""
+def write_run_dir(cfg: Config, plan: RunPlan, dist_info: DistInfo, progress: Progress) -> None:
+    """run.dir/config.yaml (as loaded) and plan.json (what the run derived) of this start, and metrics.jsonl cut
+    back to the resumed step (rank 0; all wait)."""
     if dist_info.is_main:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        write_plan(run_dir, plan)
         rewind_metrics(run_dir, progress.step)
     barrier()

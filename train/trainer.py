@@ -49,7 +49,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         setup.identity,
         setup.train_loader,
         setup.data.tokenizer_path,
-        cfg.train.keep_checkpoints,
+        cfg.checkpoint.keep,
         dist_info,
         last_saved=setup.progress.step if setup.progress.step > 0 else None,
     )

@@ -8,6 +8,7 @@ import pytest
 
 from launch.config import Config, ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys
 from tests.helpers import REPO, TINY
+from train.config import MOVED_KEYS, upgrade_config
 
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -29,14 +30,14 @@ def test_overrides_nested_and_lists():
         TINY,
         [
             "model.n_layers=3",
-            "train.lr=1e-4",
-            "train.min_lr=1e-5",
+            "optim.lr=1e-4",
+            "schedule.min_lr=1e-5",
             "log.wandb.tags=[a,b]",
             "data.sources=[{path: x.txt, weight: 3}, {path: y.jsonl, weight: 1, text_field: body}]",
         ],
     )
     assert cfg.model.n_layers == 3
-    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.log.wandb.tags == ["a", "b"]
     assert [s.path for s in cfg.data.sources] == ["x.txt", "y.jsonl"]
     assert cfg.data.sources[1].text_field == "body" and cfg.data.sources[0].weight == 3.0
@@ -77,8 +78,18 @@ def test_every_field_has_a_docstring():
     import model.config
     import train.config
     import train.downstream.config
+    import train.optim_config
+    import train.schedule
 
-    for module in (model.config, data_pipeline.config, train.config, launch.config, train.downstream.config):
+    for module in (
+        model.config,
+        data_pipeline.config,
+        train.config,
+        launch.config,
+        train.downstream.config,
+        train.optim_config,
+        train.schedule,
+    ):
         tree = ast.parse(inspect.getsource(module))
         for node in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
             body = node.body
@@ -98,7 +109,7 @@ def test_every_field_has_a_docstring():
         (["train.zero_stag=2"], "train.zero_stag", "train.zero_stage"),
         (["data.sources=[{pth: a.txt}]"], "data.sources[].pth", "data.sources[].path"),
         (["model.n_layers=abc"], "model.n_layers", "abc"),
-        (["train.lr=fast"], "train.lr", "fast"),
+        (["optim.lr=fast"], "optim.lr", "fast"),
         (["model.d_model=130"], "model.d_model", "model.n_heads"),
         (["model.n_kv_heads=3"], "model.n_kv_heads", "model.n_heads"),
         (["model.d_model=120", "model.n_heads=8"], "model.d_model", "odd"),
@@ -195,3 +206,56 @@ def test_a_few_anchors_are_fine(tmp_path):
     path.write_text("model:\n  n_layers: &layers 3\nrun:\n  seed: *layers\n")
     cfg = load_config(str(path))
     assert (cfg.model.n_layers, cfg.run.seed) == (3, 3)
+def test_each_section_is_owned_by_what_uses_it():
+    keys = set(valid_keys())
+    for key in (
+        "optim.name",
+        "optim.eps",
+        "schedule.name",
+        "schedule.min_lr",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "checkpoint.resume",
+        "checkpoint.verify_hashes",
+        "export.every",
+        "export.dtype",
+        "eval.every",
+        "eval.batches",
+        "log.every",
+        "log.peak_flops",
+    ):
+        assert key in keys
+    assert not {k for k in keys if k.startswith("train.")} & set(MOVED_KEYS)
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
+def test_a_moved_key_names_its_new_place_in_overrides_and_yaml(old, new, tmp_path):
+    value = {"train.resume": "auto", "train.optimizer": "adamw", "train.schedule": "cosine"}.get(old, "1")
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [f"{old}={value}"])
+    message = str(err.value)
+    assert f"config key '{old}' moved to '{new}'" in message and f"{new}={value}" in message
+    section, name = old.split(".")
+    bad = tmp_path / "old.yaml"
+    bad.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    message = str(err.value)
+    assert str(bad) in message and f"config key '{old}' moved to '{new}'" in message and "\n" not in message
+
+
+def test_old_saved_configs_are_upgraded_when_read_back():
+    cfg = load_config(
+        TINY, ["optim.name=muon", "optim.grad_clip=0", "checkpoint.every=7", "log.peak_flops=1e12"]
+    )
+    new = to_dict(cfg)
+    old = {section: dict(values) if isinstance(values, dict) else values for section, values in new.items()}
+    old["train"] = dict(new["train"])
+    for old_key, new_key in MOVED_KEYS.items():
+        section, name = new_key.split(".", 1)
+        old["train"][old_key.split(".", 1)[1]] = old[section].pop(name)
+    old = {k: v for k, v in old.items() if v != {} or k == "deepspeed"}
+    assert upgrade_config(old) == new
+    assert from_dict(old) == cfg and from_dict(new) == cfg
+    assert upgrade_config(new) == new  # the current layout passes through
+    assert "ckpt_every" in old["train"]  # the caller's dict is left as it was

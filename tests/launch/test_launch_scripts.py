@@ -23,11 +23,11 @@ SMALL = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     f"train.max_steps={MAX_STEPS}",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.ckpt_every=6",
-    "train.eval_every=1000",
-    "train.eval_batches=2",
+    "schedule.warmup_steps=2",
+    "log.every=1",
+    "checkpoint.every=6",
+    "eval.every=1000",
+    "eval.batches=2",
 ]
 
 

@@ -31,10 +31,10 @@ SMALL = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     f"train.max_steps={MAX_STEPS}",
-    "train.log_every=1",
-    "train.ckpt_every=40",
-    "train.eval_every=1000",
-    "train.eval_batches=2",
+    "log.every=1",
+    "checkpoint.every=40",
+    "eval.every=1000",
+    "eval.batches=2",
 ]
 FINAL_STATES = {
     "COMPLETED",

@@ -32,13 +32,13 @@ SHRINK = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     "train.precision=fp32",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "train.eval_every=4",
-    f"train.ckpt_every={CKPT_EVERY}",
+    "schedule.warmup_steps=2",
+    "log.every=1",
+    "eval.batches=2",
+    "eval.every=4",
+    f"checkpoint.every={CKPT_EVERY}",
     "data.num_workers=0",
-    "train.keep_checkpoints=2",
+    "checkpoint.keep=2",
 ]
 
 

@@ -24,7 +24,7 @@ from train.checkpoint import (
     verify_checkpoint,
 )
 from train.checkpoint.files import newest_intact, verify_files
-from train.config import TrainConfig
+from train.config import CheckpointConfig
 
 TOKENIZER_BYTES = b'{"fake": "tokenizer"}'
 
@@ -94,7 +94,7 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
         make_checkpoint(ckpt_dir, step)
     (ckpt_dir / "step_00000006" / DS_MODEL_STATES).unlink()
     rng_file(ckpt_dir / "step_00000004", 0).write_bytes(b"R" * 100)
-    chosen = intact_resume(TrainConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
+    chosen = intact_resume(CheckpointConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
     assert chosen == ckpt_dir / "step_00000002"
     out = capsys.readouterr().out
     assert "mp_rank_00_model_states.pt is missing" in out and "rng_rank00000.pt has" in out
@@ -103,7 +103,9 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
         CheckpointDamaged, match="step_00000006 is incomplete"
     ):  # an explicit path is not replaced
         intact_resume(
-            TrainConfig(resume=str(ckpt_dir / "step_00000006")), tmp_path / "run", ckpt_dir / "step_00000006"
+            CheckpointConfig(resume=str(ckpt_dir / "step_00000006")),
+            tmp_path / "run",
+            ckpt_dir / "step_00000006",
         )
     (ckpt_dir / "step_00000002" / TOKENIZER).unlink()
     with pytest.raises(CheckpointDamaged, match="Every complete checkpoint is damaged"):

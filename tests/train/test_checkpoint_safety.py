@@ -28,11 +28,11 @@ SHRINK = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     "train.precision=fp32",
-    "train.warmup_steps=1",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "train.eval_every=100",
-    "train.ckpt_every=2",
+    "schedule.warmup_steps=1",
+    "log.every=1",
+    "eval.batches=2",
+    "eval.every=100",
+    "checkpoint.every=2",
     "data.num_workers=0",
 ]
 
@@ -129,7 +129,9 @@ def test_damaged_weights_are_named_and_resume_falls_back(run_copy, tiny_data_dir
     start = len(data) // 2
     data[start : start + 40_000] = torch.full((10_000,), 0.5).numpy().tobytes()  # 40 KB of weights set to 0.5
     model_states.write_bytes(bytes(data))
-    explicit = go(train_cmd(run_copy, tiny_data_dir, 6, f"train.resume={step(run_copy, 4)}"), check=False)
+    explicit = go(
+        train_cmd(run_copy, tiny_data_dir, 6, f"checkpoint.resume={step(run_copy, 4)}"), check=False
+    )
     assert explicit.returncode == 2 and "is damaged: mp_rank_00_model_states.pt has" in explicit.stderr
     resumed = go(train_cmd(run_copy, tiny_data_dir, 6))
     assert "resuming from step_00000002 instead of the damaged step_00000004" in resumed.stdout
@@ -188,7 +190,7 @@ def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path):
 def test_ctrl_c_checkpoints_and_exits_3(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_cmd(run_dir, tiny_data_dir, 400, "train.ckpt_every=1000"),
+        train_cmd(run_dir, tiny_data_dir, 400, "checkpoint.every=1000"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

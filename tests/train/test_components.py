@@ -30,12 +30,12 @@ SHRINK = [
     "train.micro_batch_size=4",
     "train.precision=fp32",
     "train.zero_stage=0",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
+    "schedule.warmup_steps=2",
+    "log.every=1",
+    "eval.batches=2",
     f"train.max_steps={STEPS}",
-    "train.eval_every=3",
-    "train.ckpt_every=3",
+    "eval.every=3",
+    "checkpoint.every=3",
     "data.num_workers=0",
 ]
 
@@ -114,16 +114,14 @@ def test_a_component_defined_here_runs_at_its_points_without_a_loop_edit(
 
 
 def test_standard_components_follow_their_config_fields():
-    cfg = load_config(TINY, ["train.export_every=0"])
+    cfg = load_config(TINY, ["export.every=0"])
     assert [c.name for c in standard_components(cfg)] == [
         "train_metrics",
         "evaluator",
         "checkpointer",
         "done_marker",
     ]
-    cfg = load_config(
-        TINY, ["train.export_every=5", "train.eval_every=7", "train.ckpt_every=9", "train.log_every=3"]
-    )
+    cfg = load_config(TINY, ["export.every=5", "eval.every=7", "checkpoint.every=9", "log.every=3"])
     components = {c.name: c for c in standard_components(cfg)}
     assert list(components) == ["train_metrics", "evaluator", "checkpointer", "exporter", "done_marker"]
     assert (

@@ -22,11 +22,11 @@ SHRINK = [
     "train.precision=fp32",
     "train.zero_stage=0",
     "train.max_steps=2",
-    "train.warmup_steps=1",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.ckpt_every=2",
-    "train.eval_batches=2",
+    "schedule.warmup_steps=1",
+    "log.every=1",
+    "eval.every=2",
+    "checkpoint.every=2",
+    "eval.batches=2",
     "data.num_workers=0",
 ]
 

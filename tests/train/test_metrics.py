@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from launch.config import Config
+from train.config import LogConfig, RunConfig, WandbConfig
 from train.metrics import MetricsLogger, format_row
 
 
 def make_cfg(run_dir: Path, wandb_mode: str = "disabled", console: bool = True) -> Config:
-    cfg = Config()
-    cfg.run.dir = str(run_dir)
-    cfg.log.console = console
-    cfg.log.wandb.mode = wandb_mode
-    cfg.log.wandb.project = "slm-forge-tests"
-    cfg.log.wandb.tags = ["test", "tiny"]
-    return cfg
+    return Config(
+        run=RunConfig(dir=str(run_dir)),
+        log=LogConfig(
+            console=console,
+            wandb=WandbConfig(mode=wandb_mode, project="slm-forge-tests", tags=["test", "tiny"]),
+        ),
+    )
 
 
 TRAIN_ROW = dict(
@@ -165,7 +166,7 @@ def test_wandb_offline_run_and_resume(tmp_path, monkeypatch):
     assert run_records[0].display_name == "pretrain-tiny"  # default name: the run dir's basename
     assert list(run_records[0].tags) == ["test", "tiny"] and run_records[0].project == "slm-forge-tests"
     config = items(run_records[0].config.update)
-    assert config["train"]["lr"] == cfg.train.lr and config["log"]["wandb"]["mode"] == "offline"
+    assert config["optim"]["lr"] == cfg.optim.lr and config["log"]["wandb"]["mode"] == "offline"
 
     # A resumed run continues the same wandb run id (a second offline folder with the same id, synced into one).
     with MetricsLogger(run_dir, cfg, rank=0) as logger:

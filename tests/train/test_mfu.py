@@ -37,7 +37,7 @@ def test_precisions_and_unknown_devices():
     assert peak_flops_per_device("Tesla V100-SXM2-32GB", "fp16") == 125e12
     assert peak_flops_per_device("Tesla V100-PCIE-32GB", "fp16") == 112e12
     assert peak_flops_per_device("Tesla V100-SXM2-32GB", "bf16") is None  # no bf16 tensor cores
-    assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "fp32") is None  # set train.peak_flops instead
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "fp32") is None  # set log.peak_flops instead
     assert peak_flops_per_device("cpu", "bf16") is None
     assert peak_flops_per_device("NVIDIA GeForce GTX 1080", "bf16") is None
     with pytest.raises(ValueError, match="fp8"):

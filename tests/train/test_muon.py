@@ -1,4 +1,4 @@
-"""train.optimizer=muon: DeepSpeed's MuonWithAuxAdam in real `slm train` runs under ZeRO 0-3.
+"""optim.name=muon: DeepSpeed's MuonWithAuxAdam in real `slm train` runs under ZeRO 0-3.
 
 The reference is one plain process at ZeRO 0 in fp32, where Muon sees whole matrices. Two processes at
 ZeRO 1, 2 and 3 must follow its curve: their optimizer holds flat partitions, so the curve only agrees if
@@ -17,7 +17,7 @@ from tests.train.test_training_runs import ONE_PROC, STEPS, losses, train_args
 
 pytestmark = pytest.mark.slow
 
-MUON = ["train.optimizer=muon", "train.muon_lr=0.02", "train.lr=3e-3", "train.grad_clip=0", "data.num_proc=1"]
+MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3", "optim.grad_clip=0", "data.num_proc=1"]
 
 
 class MuonRuns:
@@ -77,7 +77,7 @@ def test_muon_resume_is_bitwise_exact(muon_runs, tmp_path, tiny_data_dir):
                 tiny_data_dir,
                 *MUON,
                 "train.zero_stage=2",
-                f"train.resume={full / 'checkpoints' / 'step_00000006'}",
+                f"checkpoint.resume={full / 'checkpoints' / 'step_00000006'}",
             ),
             nproc=2,
         )
@@ -99,7 +99,7 @@ def test_muon_world_size_change_is_refused_before_the_converter_fails(muon_runs,
                 *MUON,
                 *ONE_PROC,
                 "train.zero_stage=2",
-                f"train.resume={source / 'checkpoints' / 'step_00000006'}",
+                f"checkpoint.resume={source / 'checkpoints' / 'step_00000006'}",
             )
         ),
         check=False,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import ModelConfig, Transformer
-from train.config import TrainConfig
 from train.optim import build_optimizer, group_lr, param_groups, split_decay
+from train.optim_config import OptimConfig
 
 SMALL = ModelConfig(
     n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128, vocab_size=256, max_seq_len=16
@@ -27,7 +27,7 @@ def test_weight_decay_only_on_attention_and_mlp_matrices(tie):
     groups = param_groups(model, 0.1)
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, beta1=0.8, beta2=0.9, adam_eps=1e-6))
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, beta1=0.8, beta2=0.9, eps=1e-6))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert (
         optimizer.param_groups[0]["betas"] == (0.8, 0.9) and optimizer.param_groups[1]["weight_decay"] == 0.0
@@ -37,7 +37,7 @@ def test_weight_decay_only_on_attention_and_mlp_matrices(tie):
 def test_decay_leaves_norms_and_embeddings_untouched():
     """With zero gradients, one AdamW step changes only the decayed matrices (decoupled decay)."""
     model = Transformer(SMALL)
-    optimizer = build_optimizer(model, TrainConfig(lr=0.1, weight_decay=0.5))
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, weight_decay=0.5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -49,7 +49,7 @@ def test_decay_leaves_norms_and_embeddings_untouched():
 
 
 def test_muon_is_left_to_deepspeed_and_its_half_follows_the_schedule_at_muon_lr():
-    cfg = TrainConfig(optimizer="muon", lr=4e-3, muon_lr=0.02)
+    cfg = OptimConfig(name="muon", lr=4e-3, muon_lr=0.02)
     assert (
         build_optimizer(Transformer(SMALL), cfg) is None
     )  # DeepSpeed builds MuonWithAuxAdam from its config

@@ -1,4 +1,4 @@
-"""train.preflight: the batch arithmetic and the memory check before anything large is allocated."""
+"""train.plan / train.preflight: the batch arithmetic and the memory check before anything large is allocated."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from tests.helpers import TINY
 from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.errors import TrainError
-from train.preflight import check_memory, plan_batches, preflight
+from train.plan import plan_batches
+from train.preflight import check_memory, preflight
 
 
 def test_batch_arithmetic_and_global_batch_check():

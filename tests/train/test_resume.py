@@ -1,4 +1,4 @@
-"""train.resume: refusal of a checkpoint that does not fit (with its meta.json), the train.resume setting, and (with train.metrics) the metrics rewind on resume."""
+"""train.resume: refusal of a checkpoint that does not fit (with its meta.json), the checkpoint.resume setting, and (with train.metrics) the metrics rewind on resume."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from train.checkpoint import META, CheckpointRecord, check_resumable, load_mode,
 from train.checkpoint.resume import differences
 from train.errors import TrainError
 from train.metrics import rewind_metrics
+from train.plan import effective_config
+
+
+def record_of(meta):
+    """The typed record of a meta.json dict (step and tokens seen filled in when a test leaves them out)."""
+    return CheckpointRecord.from_meta({"step": 4, "tokens_seen": 10, **meta})
 
 
 def test_resume_setting_and_metrics_rewind(tmp_path):
@@ -23,7 +29,7 @@ def test_resume_setting_and_metrics_rewind(tmp_path):
         resolve_resume("auto", run) == newest
         and resolve_resume(str(newest), tmp_path / "elsewhere") == newest
     )
-    with pytest.raises(TrainError, match="train.resume is false"):
+    with pytest.raises(TrainError, match="checkpoint.resume is false"):
         resolve_resume("False", run)
     with pytest.raises(TrainError, match="no complete checkpoint"):
         resolve_resume(str(tmp_path / "nothing"), run)
@@ -77,7 +83,7 @@ def test_meta_and_compatibility_report_what_differs(tmp_path):
 
 
 def test_a_muon_checkpoint_is_not_sent_through_the_universal_converter():
-    cfg = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
+    cfg = to_dict(load_config(TINY, ["optim.name=muon", "optim.grad_clip=0"]))
     meta = {
         "step": 4,
         "tokens_seen": 10,
@@ -108,15 +114,46 @@ def test_an_optimizer_change_is_a_difference():
         "world_size": 2,
         "zero_stage": 2,
     }
-    muon = to_dict(load_config(TINY, ["train.optimizer=muon", "train.grad_clip=0"]))
-    assert differences(CheckpointRecord.from_meta(meta), muon, "a" * 64, "b" * 64, world_size=2) == [
-        "train.optimizer is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"
+    muon = to_dict(load_config(TINY, ["optim.name=muon", "optim.grad_clip=0"]))
+    assert differences(record_of(meta), muon, "a" * 64, "b" * 64, world_size=2) == [
+        "optim.name is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"
     ]
     older = json.loads(json.dumps(cfg))
-    del older["train"]["optimizer"]  # a checkpoint written before train.optimizer existed
-    assert (
-        differences(
-            CheckpointRecord.from_meta({**meta, "config": older}), cfg, "a" * 64, "b" * 64, world_size=2
-        )
-        == []
+    del older["optim"]["name"]  # a checkpoint written before the optimizer choice existed
+    assert differences(record_of({**meta, "config": older}), cfg, "a" * 64, "b" * 64, world_size=2) == []
+    # A checkpoint of the old one-section layout (train.optimizer, train.lr, ...) is read through upgrade_config.
+    old_layout = json.loads(json.dumps(cfg))
+    old_optim = old_layout.pop("optim")
+    old_layout["train"].update(
+        optimizer=old_optim["name"], lr=old_optim["lr"], grad_clip=old_optim["grad_clip"]
     )
+    assert differences(record_of({**meta, "config": old_layout}), cfg, "a" * 64, "b" * 64, world_size=2) == []
+    assert differences(record_of({**meta, "config": old_layout}), muon, "a" * 64, "b" * 64, world_size=2) == [
+        "optim.name is 'adamw' in the checkpoint but 'muon' in this run (their optimizer states differ)"
+    ]
+    old_layout["train"]["optimizer"] = "muon"
+    assert any(
+        "cannot convert Muon's optimizer state" in f
+        for f in differences(record_of({**meta, "config": old_layout}), muon, "a" * 64, "b" * 64, world_size=1)
+    )
+
+
+def test_the_vocab_size_compared_is_the_one_each_run_built_from_its_plan():
+    cfg = to_dict(load_config(TINY, []))  # model.vocab_size 4096 as written
+    meta = {
+        "config": cfg,
+        "plan": {"vocab_size": 320},  # the tokenizer gave 320: the checkpoint's model has 320 rows
+        "tokenizer_sha256": "a" * 64,
+        "manifest_sha256": "b" * 64,
+        "world_size": 2,
+        "zero_stage": 2,
+    }
+    here = effective_config(cfg, {"vocab_size": 320})
+    assert (
+        here["model"]["vocab_size"] == 320 and cfg["model"]["vocab_size"] == 4096
+    )  # the config is not rewritten
+    assert differences(record_of(meta), here, "a" * 64, "b" * 64, world_size=2) == []
+    bigger = effective_config(cfg, {"vocab_size": 384})
+    assert differences(record_of(meta), bigger, "a" * 64, "b" * 64, world_size=2) == [
+        "model.vocab_size is 320 in the checkpoint but 384 in this run"
+    ]

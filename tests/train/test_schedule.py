@@ -1,24 +1,76 @@
-"""LR schedules: exact values at the key steps, shapes of the segments, continuity, floors, bad settings."""
+"""LR schedules: exact values at the key steps, shapes of the segments, continuity, floors, bad settings (refused
+once, by the config's validation and the run's plan, never by the per-step function)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import pytest
 
-from train.config import TrainConfig
+from train import schedule as schedule_module
+from train.config import Config, OptimConfig, TrainConfig
 from train.errors import TrainError
-from train.schedule import TimedDecay, decay_due, lr_at, plan_time_decay
+from train.plan import plan_run
+from train.schedule import ScheduleConfig, TimedDecay
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a learning-rate curve depends on: the schedule section, optim.lr, the plan's max_steps and
+    train.max_time."""
+
+    schedule: str = "cosine"
+    lr: float = 1.0
+    min_lr: float = 0.1
+    warmup_steps: int = 10
+    max_steps: int = 110
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
+    decay_time_margin: float = 0.9
+    max_time: Optional[float] = None
+
+    @property
+    def section(self) -> ScheduleConfig:
+        return ScheduleConfig(
+            self.schedule,
+            self.min_lr,
+            self.warmup_steps,
+            self.decay_fraction,
+            self.decay_time_margin,
+            self.decay_shape,
+        )
+
+    def config(self) -> Config:
+        return Config(
+            train=TrainConfig(max_steps=self.max_steps, max_time=self.max_time),
+            optim=OptimConfig(lr=self.lr),
+            schedule=self.section,
+        )
+
+
+def lr_at(step: int, cfg: Setting, timed_decay: Optional[TimedDecay] = None) -> float:
+    return schedule_module.lr_at(step, cfg.section, cfg.lr, cfg.max_steps, timed_decay)
+
+
+def decay_due(elapsed: float, cfg: Setting) -> bool:
+    return schedule_module.decay_due(elapsed, cfg.section, cfg.max_time)
+
+
+def plan_time_decay(start_step: int, elapsed: float, seconds_per_step: float, cfg: Setting) -> TimedDecay:
+    return schedule_module.plan_time_decay(start_step, elapsed, seconds_per_step, cfg.section, cfg.max_time)
+
 
 # Peak 1.0 and floor 0.1 make every expected value easy to read off.
-BASE = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_fraction=0.2)
+BASE = Setting(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, decay_fraction=0.2)
 ALL = [replace(BASE, schedule=s) for s in ("cosine", "linear", "constant")] + [
     replace(BASE, schedule="wsd", decay_shape=shape) for shape in ("linear", "cosine", "sqrt")
 ]
 
 
-def curve(cfg: TrainConfig, extra: int = 20) -> list:
+def curve(cfg: Setting, extra: int = 20) -> list:
+    cfg.config().validate()  # every curve tested is a valid setting
     return [lr_at(step, cfg) for step in range(cfg.max_steps + extra)]
 
 
@@ -97,10 +149,17 @@ def test_zero_warmup_starts_at_peak(schedule):
 
 
 def test_warmup_not_shorter_than_run_is_refused_and_cpt_rewarm():
-    # A warmup as long as the run would never reach the peak learning rate: refused, naming the key.
+    # A warmup as long as the run would never reach the peak learning rate: refused, naming the key, by the
+    # config's validation (train.max_steps) or, when train.max_tokens sets max_steps, once by the run's plan.
     for warmup in (100, 200):
-        with pytest.raises(TrainError, match="train.warmup_steps"):
-            lr_at(0, replace(BASE, schedule="cosine", warmup_steps=warmup, max_steps=100))
+        cfg = replace(BASE, schedule="cosine", warmup_steps=warmup, max_steps=100).config()
+        with pytest.raises(ValueError, match="schedule.warmup_steps"):
+            cfg.validate()
+        budget = replace(cfg, train=replace(cfg.train, max_tokens=100 * 8 * cfg.model.max_seq_len))
+        budget.validate()  # max_steps is not known before the plan
+        with pytest.raises(TrainError, match="schedule.warmup_steps"):
+            plan_run(budget, world_size=1)
+    assert plan_run(replace(budget, schedule=replace(budget.schedule, warmup_steps=99)), 1).max_steps == 100
     # A CPT run re-warms with its own warmup and length: its step 0 is a warmup step again.
     cpt = replace(BASE, schedule="wsd", lr=0.3, min_lr=0.03, warmup_steps=5, max_steps=50)
     assert lr_at(0, cpt) == pytest.approx(0.06) and lr_at(4, cpt) == pytest.approx(0.3)
@@ -110,18 +169,18 @@ def test_warmup_not_shorter_than_run_is_refused_and_cpt_rewarm():
 @pytest.mark.parametrize(
     "change, key",
     [
-        (dict(schedule="step"), "train.schedule"),
-        (dict(decay_shape="exp"), "train.decay_shape"),
-        (dict(decay_fraction=1.5), "train.decay_fraction"),
-        (dict(min_lr=2.0), "train.min_lr"),
-        (dict(warmup_steps=-1), "train.warmup_steps"),
-        (dict(lr=float("nan")), "train.lr"),
-        (dict(min_lr=float("inf")), "train.min_lr"),
+        (dict(schedule="step"), "schedule.name"),
+        (dict(decay_shape="exp"), "schedule.decay_shape"),
+        (dict(decay_fraction=1.5), "schedule.decay_fraction"),
+        (dict(min_lr=2.0), "schedule.min_lr"),
+        (dict(warmup_steps=-1), "schedule.warmup_steps"),
+        (dict(lr=float("nan")), "optim.lr"),
+        (dict(min_lr=float("inf")), "schedule.min_lr"),
     ],
 )
 def test_bad_settings_name_the_key(change, key):
-    with pytest.raises(TrainError, match=key):
-        lr_at(0, replace(BASE, **change))
+    with pytest.raises(ValueError, match=key):
+        replace(BASE, **change).config().validate()
 
 
 TIMED = replace(BASE, schedule="wsd_time", max_time=100.0, decay_fraction=0.2, max_steps=10_000)
@@ -157,7 +216,6 @@ def test_wsd_time_decision_from_the_clock():
 
 
 def test_wsd_time_needs_a_time_budget():
-    with pytest.raises(TrainError, match="train.max_time"):
-        lr_at(0, replace(TIMED, max_time=None))
+    TIMED.config().validate()
     with pytest.raises(ValueError, match="train.max_time"):
-        replace(TIMED, max_time=None).validate()
+        replace(TIMED, max_time=None).config().validate()

@@ -1,4 +1,4 @@
-"""train.schedule=wsd_time in real `slm train` runs (2 processes, gloo on CPU): the lr warms up, holds, and decays to
+"""schedule.name=wsd_time in real `slm train` runs (2 processes, gloo on CPU): the lr warms up, holds, and decays to
 min_lr on the run's last step within train.max_time; the decision taken from the clock is in the checkpoint, so a
 run resumed after it replays the same learning rates and losses and ends at the same step.
 """
@@ -26,18 +26,18 @@ ARGS = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     "train.precision=fp32",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
-    "train.eval_every=100000",
-    "train.ckpt_every=5",
-    "train.keep_checkpoints=100000",
+    "schedule.warmup_steps=2",
+    "log.every=1",
+    "eval.batches=2",
+    "eval.every=100000",
+    "checkpoint.every=5",
+    "checkpoint.keep=100000",
     "train.max_steps=100000",
     "data.num_workers=0",
-    "train.schedule=wsd_time",
+    "schedule.name=wsd_time",
     f"train.max_time={MAX_TIME}",
-    "train.decay_fraction=0.4",
-    "train.decay_time_margin=0.5",  # the decay ends by step count unless steps turn twice as slow after the decision f"train.lr={LR}", f"train.min_lr={MIN_LR}",
+    "schedule.decay_fraction=0.4",
+    "schedule.decay_time_margin=0.5",  # the decay ends by step count unless steps turn twice as slow after the decision f"optim.lr={LR}", f"schedule.min_lr={MIN_LR}",
 ]
 
 
@@ -89,7 +89,7 @@ def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, t
     resume_from = after[0]
     assert read_record(resume_from).progress.timed_decay == decay
     resumed = tmp_path / "resumed"
-    out = train(resumed, tiny_data_dir, f"train.resume={resume_from}")
+    out = train(resumed, tiny_data_dir, f"checkpoint.resume={resume_from}")
     assert "lr decays to min_lr" not in out.stdout  # nothing is decided again: the record is replayed
     from_step = int(resume_from.name[5:])
     reference_lr, again_lr = by_step(timed_run, "lr"), by_step(resumed, "lr")

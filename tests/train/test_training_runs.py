@@ -35,12 +35,12 @@ SHRINK = [
     "model.max_seq_len=32",
     "train.micro_batch_size=4",
     "train.precision=fp32",
-    "train.warmup_steps=2",
-    "train.log_every=1",
-    "train.eval_batches=2",
+    "schedule.warmup_steps=2",
+    "log.every=1",
+    "eval.batches=2",
     f"train.max_steps={STEPS}",
-    "train.eval_every=6",
-    "train.ckpt_every=6",
+    "eval.every=6",
+    "checkpoint.every=6",
     "data.num_workers=0",
 ]
 ONE_PROC = ["train.grad_accum_steps=2"]  # the same global batch (8) as 2 processes x micro-batch 4
@@ -137,7 +137,7 @@ def test_zero2_two_processes_follow_the_one_process_curve(two_proc_run, single_r
     assert sorted(two) == sorted(one)
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5), (step, one, two)
-    # train.eval_batches counts over all ranks, so both evaluate the same validation samples.
+    # eval.batches counts over all ranks, so both evaluate the same validation samples.
     val_two = {r["step"]: r["val_loss"] for r in rows(two_proc_run(2), "eval")}
     val_one = {r["step"]: r["val_loss"] for r in rows(single_run, "eval")}
     assert sorted(val_two) == sorted(val_one) and val_one
@@ -153,7 +153,10 @@ def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
     out = run(
         slm_cmd(
             train_args(
-                resumed, two_proc_run.data_dir(stage), f"train.zero_stage={stage}", f"train.resume={step6}"
+                resumed,
+                two_proc_run.data_dir(stage),
+                f"train.zero_stage={stage}",
+                f"checkpoint.resume={step6}",
             ),
             nproc=2,
         )
@@ -212,6 +215,10 @@ def test_metrics_config_and_checkpoint_layout(single_run):
     record = read_record(newest)
     assert record.tokens_seen == STEPS * 8 * 32 and record.config["model"]["d_model"] == 64
     assert len(record.tokenizer_sha256) == 64 and len(record.manifest_sha256) == 64
+    # What the run derived is its plan, recorded beside the config (which stays as written) and in the checkpoint.
+    plan = json.loads((single_run / "plan.json").read_text())
+    assert (plan["max_steps"], plan["world_size"], plan["global_batch_size"]) == (STEPS, 1, 8)
+    assert plan["tokens_per_step"] == 8 * 32 and plan["vocab_size"] > 0 and record.identity.plan == plan
 
 
 def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_dir, tmp_path):
@@ -237,7 +244,7 @@ def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_d
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2"))
+    cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "checkpoint.every=2"))
     proc, seen = start(cmd, env=make_env({"SLM_SLEEP_IN_SAVE": "4:120"})), []
     read_until(proc, "sleeping 120 s inside the save of step_00000004", seen)
     proc.kill()  # SIGKILL
@@ -259,7 +266,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_da
 def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     out = run(
-        slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.ckpt_every=2")),
+        slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "checkpoint.every=2")),
         env=make_env({"SLM_INJECT_NAN_AT_STEP": "3"}),
         check=False,
     )
@@ -284,8 +291,8 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
                 tiny_data_dir,
                 *ONE_PROC,
                 "train.on_nonfinite=skip",
-                "train.export_every=12",
-                f"train.resume={source / 'checkpoints' / 'step_00000006'}",
+                "export.every=12",
+                f"checkpoint.resume={source / 'checkpoints' / 'step_00000006'}",
             )
         ),
         env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}),
@@ -298,7 +305,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
     assert [r["skipped_steps"] for r in rows(run_dir)] == [0, 0, 1, 1, 1, 1]
     assert rows(run_dir, "eval")[-1]["val_loss"] < 8.0
     assert read_record(find_checkpoint(run_dir)).world_size == 1
-    export = run_dir / "exports" / "step_00000012"  # train.export_every
+    export = run_dir / "exports" / "step_00000012"  # export.every
     assert (export / "config.json").is_file() and list(export.glob("*.safetensors"))
 
 
@@ -306,7 +313,11 @@ def test_mismatched_checkpoint_is_refused_naming_the_difference(single_run, tiny
     out = run(
         slm_cmd(
             train_args(
-                tmp_path / "run", tiny_data_dir, *ONE_PROC, "model.d_model=96", f"train.resume={single_run}"
+                tmp_path / "run",
+                tiny_data_dir,
+                *ONE_PROC,
+                "model.d_model=96",
+                f"checkpoint.resume={single_run}",
             )
         ),
         check=False,

@@ -75,6 +75,7 @@ def main() -> None:
     from launch.config import Config, to_dict
     from model import ModelConfig, Transformer
     from train.checkpoint import COMPLETE, LATEST, META, step_tag, tokenizer_file
+    from train.config import TrainConfig
 
     out_dir, tokenizer_path = Path(sys.argv[1]), Path(sys.argv[2])
     deepspeed.init_distributed(dist_backend="gloo")
@@ -124,9 +125,9 @@ def main() -> None:
                 {"tokens": tokens, "logits": logits.float().contiguous(), "loss": loss.float().reshape(1)},
                 str(variant_dir / "reference.safetensors"),
             )
-            run_cfg = Config()
-            run_cfg.model, run_cfg.train.zero_stage, run_cfg.train.precision = cfg, zero_stage, precision
-            run_cfg.train.stage = stage
+            run_cfg = Config(
+                model=cfg, train=TrainConfig(zero_stage=zero_stage, precision=precision, stage=stage)
+            )
             meta = {
                 "step": STEPS,
                 "tokens_seen": STEPS * 2 * world_size * 32,

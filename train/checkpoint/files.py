@@ -2,7 +2,7 @@
 
 A save adds `files` to meta.json (written before COMPLETE): for each file, relative to the step folder,
 its size and its xxh3-128 hash (sha256 where xxhash is not installed; the algorithm is recorded). A load
-checks sizes always and hashes unless `train.verify_checkpoint_hashes=false`, and refuses any `.pt`
+checks sizes always and hashes unless `checkpoint.verify_hashes=false`, and refuses any `.pt`
 file the record does not list, so a damaged, truncated, swapped or smuggled-in file is named before
 DeepSpeed or torch reads it. The hash guards against corruption, not against someone who can also
 rewrite meta.json: that is the trust boundary of docs/guarantees.md.
@@ -111,7 +111,7 @@ def verify_files(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = Tr
             if digest != entry.get("hash"):
                 raise CheckpointDamaged(
                     f"Checkpoint {step_dir} is damaged: {name} has {algorithm} {digest[:16]}..., meta.json records "
-                    f"{str(entry.get('hash'))[:16]}... (set train.verify_checkpoint_hashes=false to check sizes only)."
+                    f"{str(entry.get('hash'))[:16]}... (set checkpoint.verify_hashes=false to check sizes only)."
                 )
     return True
 

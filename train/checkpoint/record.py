@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from train.checkpoint.layout import META
+from train.config import Config
 from train.errors import TrainError
+from train.plan import effective_config, saved_config
 from train.schedule import TimedDecay
 
 REQUIRED = (
@@ -43,7 +45,7 @@ class Progress:
     skipped_steps: int = 0
     """Steps whose update was skipped as non-finite (train.on_nonfinite=skip)."""
     timed_decay: Optional[TimedDecay] = None
-    """train.schedule=wsd_time: the decay decided from the clock (start step, length), once it has started."""
+    """schedule.name=wsd_time: the decay decided from the clock (start step, length), once it has started."""
 
 
 @dataclass
@@ -62,16 +64,24 @@ class RunIdentity:
     """DeepSpeed ZeRO stage."""
     precision: Optional[str]
     """bf16, fp16 or fp32 (None only in a record that has neither it nor train.precision)."""
+    plan: Optional[Dict[str, Any]] = None
+    """What the run derived from its config (train.plan.RunPlan.to_dict; None in older checkpoints)."""
+
+    @property
+    def effective_config(self) -> Dict[str, Any]:
+        """The config in the current layout (old one-section checkpoints upgraded) with the plan applied: the model
+        as the run built it (train.plan.effective_config)."""
+        return effective_config(self.config, self.plan)
 
     @property
     def model(self) -> Dict[str, Any]:
-        """The `model` section of the config (its shape)."""
-        return self.config.get("model", {})
+        """The `model` section as the run built it (its shape, the plan's vocab_size)."""
+        return self.effective_config.get("model", {})
 
     @property
     def train(self) -> Dict[str, Any]:
         """The `train` section of the config."""
-        return self.config.get("train", {})
+        return self.effective_config.get("train", {})
 
     @property
     def stage(self) -> str:
@@ -80,8 +90,12 @@ class RunIdentity:
 
     @property
     def optimizer(self) -> str:
-        """adamw or muon (checkpoints from before train.optimizer were AdamW)."""
-        return self.train.get("optimizer", "adamw")
+        """adamw or muon (checkpoints from before the optimizer choice were AdamW)."""
+        return self.effective_config.get("optim", {}).get("name", "adamw")
+
+    def run_config(self) -> Config:
+        """The typed Config the run used, its plan applied (train.plan.saved_config)."""
+        return saved_config(self.config, self.plan)
 
 
 @dataclass
@@ -190,6 +204,7 @@ class CheckpointRecord:
             int(meta["world_size"]),
             int(meta["zero_stage"]),
             None if precision is None else str(precision),
+            meta.get("plan"),
         )
         return cls(
             progress,

@@ -1,9 +1,9 @@
-"""Whether and from where a run resumes: train.resume, and refusal of a checkpoint that does not fit the run.
+"""Whether and from where a run resumes: checkpoint.resume, and refusal of a checkpoint that does not fit the run.
 
 A checkpoint continues a run only with the same model shape (`train.handoff.shapes`, max_seq_len included),
 tokenizer, data manifest and precision. A different world size or ZeRO stage within 1-3 goes through a DeepSpeed
 universal checkpoint; ZeRO 0 <-> 1-3 is refused (DeepSpeed cannot convert those optimizer states). Before
-any of that, the chosen checkpoint's files must match its own record (`intact_resume`); with train.resume=auto a
+any of that, the chosen checkpoint's files must match its own record (`intact_resume`); with checkpoint.resume=auto a
 damaged newest checkpoint is skipped, saying so, for the previous complete one.
 """
 
@@ -16,7 +16,7 @@ from train.checkpoint.files import newest_intact, verify_checkpoint
 from train.checkpoint.folders import complete_checkpoints, find_checkpoint
 from train.checkpoint.layout import checkpoints_dir, step_of
 from train.checkpoint.record import CheckpointRecord, read_record
-from train.config import TrainConfig
+from train.config import CheckpointConfig
 from train.errors import TrainError
 from train.handoff.shapes import shape_differences
 from train.metrics import METRICS_FILE
@@ -26,7 +26,7 @@ RESUME_AUTO = ("auto", "true", "yes", "on", "1")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """The step folder to resume from (None for a fresh start) according to train.resume."""
+    """The step folder to resume from (None for a fresh start) according to checkpoint.resume."""
     value = str(resume).strip()
     if value.lower() in RESUME_AUTO:
         return find_checkpoint(run_dir)
@@ -34,15 +34,15 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
         leftovers = [p.name for p in (checkpoints_dir(run_dir), run_dir / METRICS_FILE) if p.exists()]
         if leftovers:
             raise TrainError(
-                f"train.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
-                "choose an empty run.dir, delete it, or set train.resume=auto to continue that run."
+                f"checkpoint.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
+                "choose an empty run.dir, delete it, or set checkpoint.resume=auto to continue that run."
             )
         return None
     found = find_checkpoint(value)
     if found is None:
         raise TrainError(
-            f"train.resume is '{value}', but no complete checkpoint is there; expected a run dir, its checkpoints "
-            "folder or a step_XXXXXXXX folder containing COMPLETE (or train.resume=auto / false)."
+            f"checkpoint.resume is '{value}', but no complete checkpoint is there; expected a run dir, its checkpoints "
+            "folder or a step_XXXXXXXX folder containing COMPLETE (or checkpoint.resume=auto / false)."
         )
     return found
 
@@ -51,12 +51,12 @@ def _say(message: str) -> None:
     print(f"[slm] {message}", flush=True)
 
 
-def intact_resume(train: TrainConfig, run_dir: Path, chosen: Optional[Path]) -> Optional[Path]:
-    """`chosen` (from train.resume) if its files match its meta.json; with resume=auto the newest intact one."""
+def intact_resume(checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[Path]) -> Optional[Path]:
+    """`chosen` (from checkpoint.resume) if its files match its meta.json; with resume=auto the newest intact one."""
     if chosen is None:
         return None
-    hashes = train.verify_checkpoint_hashes
-    if str(train.resume).strip().lower() in RESUME_AUTO:
+    hashes = checkpoint.verify_hashes
+    if str(checkpoint.resume).strip().lower() in RESUME_AUTO:
         candidates = [
             p
             for p in reversed(complete_checkpoints(checkpoints_dir(run_dir)))
@@ -90,7 +90,9 @@ def differences(
     manifest_sha256: Optional[str],
     world_size: int,
 ) -> List[str]:
-    """Human-readable reasons why the checkpoint cannot continue this run (empty when it can)."""
+    """Human-readable reasons why the checkpoint cannot continue this run (empty when it can); `config` is this
+    run's config dict with its plan applied (train.plan.effective_config), as the record's identity applies the
+    checkpoint's (of any config layout)."""
     found: List[str] = []
     for key, saved_value, wanted in shape_differences(saved.identity.model, config.get("model", {})):
         found.append(f"model.{key} is {saved_value!r} in the checkpoint but {wanted!r} in this run")
@@ -104,16 +106,16 @@ def differences(
             f"the data manifest differs (sha256 {str(saved.manifest_sha256)[:12]}... in the checkpoint, "
             f"{manifest_sha256[:12]}... in data.dir): the loader position would point into different data"
         )
-    wanted_train = config.get("train", {})
+    wanted_train, wanted_optim = config.get("train", {}), config.get("optim", {})
     if saved.precision != wanted_train.get("precision"):
         found.append(
             f"train.precision is {saved.precision!r} in the checkpoint but "
             f"{wanted_train.get('precision')!r} in this run"
         )
     saved_optimizer = saved.identity.optimizer
-    if saved_optimizer != wanted_train.get("optimizer", "adamw"):
+    if saved_optimizer != wanted_optim.get("name", "adamw"):
         found.append(
-            f"train.optimizer is {saved_optimizer!r} in the checkpoint but {wanted_train.get('optimizer')!r} "
+            f"optim.name is {saved_optimizer!r} in the checkpoint but {wanted_optim.get('name')!r} "
             "in this run (their optimizer states differ)"
         )
     mode = load_mode(saved, world_size, int(wanted_train.get("zero_stage", -1)))

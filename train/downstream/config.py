@@ -1,13 +1,16 @@
-"""The `eval` section of the root config: downstream evaluation (`eval.downstream`), read by `slm eval`'s
-defaults and by the training loop's downstream cadence."""
+"""The `eval` section of the root config: the validation cadence (`eval.every`, `eval.batches`) and downstream
+evaluation (`eval.downstream`), read by the training loop's evaluators and by `slm eval`'s defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from common.checks import check_positive
+from train.downstream.tasks import get_task
 
-@dataclass
+
+@dataclass(frozen=True)
 class DownstreamConfig:
     tasks: List[str] = field(default_factory=list)
     """Task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, sciq, openbookqa, boolq, copa, commonsense_qa, social_iqa, lambada_openai); empty disables."""
@@ -25,8 +28,6 @@ class DownstreamConfig:
     """Sequences (context + choice) per forward pass."""
 
     def validate(self) -> None:
-        from train.downstream.tasks import get_task
-
         for name in self.tasks:
             try:
                 get_task(name)
@@ -43,11 +44,17 @@ class DownstreamConfig:
             raise ValueError(f"eval.downstream.batch_size={self.batch_size} must be >= 1.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
+    every: int = 50
+    """Evaluate the validation loss every this many steps (and at the end)."""
+    batches: int = 8
+    """Fixed validation micro-batches per evaluation, over all ranks (the same samples for any world size)."""
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     """Multiple-choice and LAMBADA benchmarks scored like lm-evaluation-harness."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
+        for key in ("every", "batches"):
+            check_positive(f"eval.{key}", getattr(self, key))
         self.downstream.validate()

@@ -5,7 +5,7 @@ Every export writes a marker, `EXPORT_MARKER`, listing the files it wrote. OUT_D
   - a previous export (its marker present, no file the marker does not list): replaced, with `force` only;
   - anything else (a user's folder, a file, a run dir, a checkpoint, SRC itself, a folder holding SRC): refused.
 A folder inside a run dir or a checkpoint is refused too, except under the run's own `exports/` folder
-(where `train.export_every` writes).
+(where `export.every` writes).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 CPT and IFT take only the weights (fresh optimizer, step 0). What continued pretraining needs beyond that is
 configuration, not code: re-warming and re-decaying the learning rate, as studied by Gupta et al., "Continual
 Pre-Training of Large Language Models: How to (re)warm your model?" (arXiv 2308.04014), is the CPT run's own
-train.warmup_steps / train.lr / train.min_lr / train.schedule (warm up again to a peak, then decay; or
+schedule.warmup_steps / optim.lr / schedule.min_lr / schedule.name (warm up again to a peak, then decay; or
 schedule=wsd for a warmup-stable-decay continuation); replaying a fraction of the original pretraining data
 is one more entry in data.sources with its weight.
 
@@ -32,7 +32,6 @@ from train.checkpoint import (
     tokenizer_file,
     verify_checkpoint,
 )
-from train.config import from_dict
 from train.errors import TrainError
 from train.handoff.hf_format import load_hf_folder
 from train.handoff.shapes import check_state_dict
@@ -81,7 +80,7 @@ def load_weights(source: WeightsSource) -> Tuple[Dict[str, torch.Tensor], ModelC
     record = source.record
     assert record is not None, "a checkpoint source carries its record"
     try:
-        cfg = from_dict(record.config).model
+        cfg = record.run_config().model  # the run's model: its config with its plan's vocab_size
     except Exception as err:  # a meta.json from another version or hand-edited
         raise TrainError(f"{record.meta_path} has no usable 'config' ({err}).") from None
     verify_checkpoint(source.path, record)  # every file's size and hash, and the tokenizer copy, first

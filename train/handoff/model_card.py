@@ -37,14 +37,14 @@ class CardFacts:
     source: str = ""
     """The checkpoint or export the weights came from."""
     config: Dict[str, Any] = field(default_factory=dict)
-    """The run's resolved config (the checkpoint record's config)."""
+    """The run's resolved config (the checkpoint record's config, in the current layout: train.config.upgrade_config)."""
     run_dir: Optional[Path] = None
     """The run folder holding metrics.jsonl."""
 
 
 def facts_from_record(step_dir: Path, record: CheckpointRecord) -> CardFacts:
     """CardFacts of a checkpoint step folder (run_dir/checkpoints/step_N) and its record."""
-    config = record.config or {}
+    config = record.identity.effective_config  # the current layout, the model as the run built it
     return CardFacts(
         stage=record.identity.stage,
         step=record.step,
@@ -180,8 +180,9 @@ def model_card(
         )
     train_cfg = facts.config.get("train", {})
     if train_cfg:
+        optim_cfg, schedule_cfg = facts.config.get("optim", {}), facts.config.get("schedule", {})
         training.append(
-            f"- peak lr {train_cfg.get('lr')}, schedule {train_cfg.get('schedule', 'cosine')}, "
+            f"- peak lr {optim_cfg.get('lr')}, schedule {schedule_cfg.get('name', 'cosine')}, "
             f"ZeRO stage {train_cfg.get('zero_stage')}, precision {train_cfg.get('precision')}"
         )
     use = (
