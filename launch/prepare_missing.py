@@ -7,6 +7,7 @@ prepares, its error reaches every rank as a TrainError), and `run_training` then
 
 from __future__ import annotations
 
+from common.log import say
 from data_pipeline.format.names import MANIFEST
 from data_pipeline.prepare.dispatch import prepare
 from data_pipeline.storage.store import DataStore
@@ -21,10 +22,7 @@ def prepare_missing_data(cfg: Config) -> None:
         return
 
     def prepare_data() -> None:
-        print(
-            f"[slm] {data_dir}/{MANIFEST} not found: preparing the data now (rank 0; other ranks wait)",
-            flush=True,
-        )
+        say(f"{data_dir}/{MANIFEST} not found: preparing the data now (rank 0; other ranks wait)")
         prepare(cfg.data, cfg.tokenizer)
 
     dist_info = setup_distributed(cfg.train)

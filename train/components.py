@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
+from common.log import say
 from train.checkpoint import CheckpointSaver, Progress
 from train.config import Config
 from train.distributed import DistInfo
@@ -112,9 +113,8 @@ class LoopRun:
         return Path(self.cfg.run.dir)
 
     def say(self, message: str) -> None:
-        """A status line on rank 0's stdout."""
-        if self.dist_info.is_main:
-            print(f"[slm] {message}", flush=True)
+        """A status line on rank 0's stderr (common.log.say)."""
+        say(message, self.dist_info.is_main)
 
 
 class Component:

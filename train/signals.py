@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from types import FrameType
 from typing import Dict, Optional
+
+from common.log import say
 
 EXIT_PREEMPTED = 3
 """Exit code of a run that saved a checkpoint after SIGTERM/SIGUSR1 and should be started again."""
@@ -39,20 +40,16 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
-            print(
-                f"[slm] second Ctrl-C: aborting now without a checkpoint (exit code {EXIT_ABORTED}); the newest "
-                "complete checkpoint is unchanged",
-                file=sys.stderr,
-                flush=True,
+            say(
+                f"second Ctrl-C: aborting now without a checkpoint (exit code {EXIT_ABORTED}); the newest "
+                "complete checkpoint is unchanged"
             )
             os._exit(EXIT_ABORTED)
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            print(
-                f"[slm] received {self.signal_name}: finishing this step, then checkpointing and exiting "
-                f"with code {EXIT_PREEMPTED}",
-                file=sys.stderr,
-                flush=True,
+            say(
+                f"received {self.signal_name}: finishing this step, then checkpointing and exiting "
+                f"with code {EXIT_PREEMPTED}"
             )
 
     def install(self) -> StopRequest:

@@ -17,6 +17,7 @@ import torch
 
 from common.atomic import atomic_write_text
 from common.files import file_sha256
+from common.log import say
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import load_manifest, manifest_sha256
 from data_pipeline.format.names import MANIFEST, TOKENIZER
@@ -52,12 +53,6 @@ from train.metrics import rewind_metrics
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.plan import RunPlan, plan_run, write_plan
 from train.preflight import preflight
-
-
-def say(dist_info: DistInfo, message: str) -> None:
-    """A status line on rank 0's stdout."""
-    if dist_info.is_main:
-        print(f"[slm] {message}", flush=True)
 
 
 @dataclasses.dataclass
@@ -265,8 +260,8 @@ def settle_vocab(cfg: Config, plan: RunPlan, dist_info: DistInfo, data: DataSetu
     vocab = model_vocab_size(data.tokenizer)
     if vocab != cfg.model.vocab_size:
         say(
-            dist_info,
             f"note: model.vocab_size set to {vocab} from the tokenizer (config said {cfg.model.vocab_size})",
+            dist_info.is_main,
         )
     return dataclasses.replace(plan, vocab_size=vocab)
 
@@ -285,8 +280,8 @@ def resume_into(
     train_loader.load_state_dict(loader_state)
     progress = record.progress
     say(
-        dist_info,
         f"resumed from {resume_from} at step {progress.step} ({progress.tokens_seen:,} tokens seen)",
+        dist_info.is_main,
     )
     return progress
 
@@ -311,7 +306,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     for line in on_main_then_share(
         dist_info, lambda: preflight(plan.model(cfg.model), cfg.train, plan, dist_info), "Preflight"
     ):
-        say(dist_info, line)
+        say(line, dist_info.is_main)
     init_weights = load_initial_weights(cfg, plan, dist_info, data.tokenizer_sha256)
 
     identity = RunIdentity(
@@ -343,7 +338,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
 
     engine = build_engine(cfg, plan, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.optim.name == "muon":
-        say(dist_info, describe_muon(engine.module, cfg.optim))
+        say(describe_muon(engine.module, cfg.optim), dist_info.is_main)
     train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
     progress = Progress()
     if resume_from is not None and record is not None:

@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Tuple
 import torch
 from tokenizers import Tokenizer
 
+from common.log import say
 from data_pipeline.config import InstructConfig
 from data_pipeline.errors import DataError
 from data_pipeline.instruct.chat import RESERVED, ROLES, Message, format_chat
@@ -395,6 +396,5 @@ def build_instruct_loader(
     examples = [format_chat(c, tokenizer) for c in chosen]
     rows, stats = build_rows(examples, seq_len, ift_cfg.packing, ift_cfg.overlong, pad_id, seed)
     stats.empty_answers = sum(has_empty_answer(c) for c in chosen)
-    if rank == 0:
-        print(stats.summary(split, seq_len, ift_cfg.packing), flush=True)
+    say(stats.summary(split, seq_len, ift_cfg.packing), rank == 0)
     return InstructLoader(rows, stats, ift_cfg.packing, micro_batch_size, rank, world_size, seed)

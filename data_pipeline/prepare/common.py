@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
@@ -21,6 +20,7 @@ from tokenizers import Tokenizer
 
 from common import faults
 from common.files import file_sha256
+from common.log import say
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import FORMAT_VERSION, Manifest, summary_table
@@ -48,11 +48,7 @@ def prepare_lock(data_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(
-                f"prepare: another prepare of {data_dir} is running; waiting for it",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"prepare: another prepare of {data_dir} is running; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -185,9 +181,8 @@ def build_manifest(
 
 
 def report_complete(where: Any, manifest: Manifest) -> None:
-    print(
+    say(
         f"prepare: {where} is already complete ({len(manifest.shards)} shards, "
-        f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do.",
-        flush=True,
+        f"{manifest.tokens('train'):,} train + {manifest.tokens('val'):,} val tokens); nothing to do."
     )
     print(summary_table(manifest))

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from common import faults
 from common.atomic import atomic_write_json
 from common.files import fsync_dir
+from common.log import say
 from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import FORMAT_VERSION, Manifest, summary_table, write_manifest
@@ -222,11 +223,10 @@ class PrepareRun:
         done_tokens = sum(r.tokens for r in self.records) + sum(
             w.partial_tokens for w in self.writers.values()
         )
-        print(
+        say(
             f"prepare: resuming an interrupted prepare of {self.data_dir}: {len(self.sources_done)} of "
             f"{len(self.names)} sources done, {self.progress.documents:,} documents of source "
-            f"'{self.names[min(self.source_index, len(self.names) - 1)]}' committed, {done_tokens:,} tokens kept",
-            flush=True,
+            f"'{self.names[min(self.source_index, len(self.names) - 1)]}' committed, {done_tokens:,} tokens kept"
         )
 
     # --- chunks ------------------------------------------------------------------------------------
@@ -292,9 +292,8 @@ class PrepareRun:
             }
         )
         if p.replaced_chars:
-            print(
-                f"prepare: source '{name}': {p.replaced_chars:,} bytes that were not UTF-8 replaced by U+FFFD",
-                flush=True,
+            say(
+                f"prepare: source '{name}': {p.replaced_chars:,} bytes that were not UTF-8 replaced by U+FFFD"
             )
         self.source_index += 1
         self.progress = SourceProgress()
@@ -360,11 +359,9 @@ class PrepareRun:
                     )
                 self._finish_source()
         except KeyboardInterrupt:
-            print(
-                f"\nprepare: interrupted; run the same command again to resume from the last commit "
-                f"({self.data_dir / WORK_DIR / STATE}).",
-                file=sys.stderr,
-                flush=True,
+            say(
+                f"prepare: interrupted; run the same command again to resume from the last commit "
+                f"({self.data_dir / WORK_DIR / STATE})."
             )
             raise
         finally:
@@ -397,10 +394,9 @@ class PrepareRun:
         elapsed = time.time() - started
         print(summary_table(manifest))
         where = self.publisher.store if self.publisher is not None else self.data_dir
-        print(
+        say(
             f"prepare: wrote {where} in {elapsed:.1f} s ({self.tokens_this_run / max(elapsed, 1e-9):,.0f} tokens/s "
             f"with {self.num_proc} tokenizer process{'es' if self.num_proc > 1 else ''}); "
-            f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}",
-            flush=True,
+            f"tokenizer {TOKENIZER} sha256 {self.tokenizer_sha[:16]}..., model vocab_size {model_vocab_size(self.tokenizer)}"
         )
         return manifest

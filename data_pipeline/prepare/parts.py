@@ -27,6 +27,7 @@ import numpy as np
 
 from common.atomic import atomic_write_json
 from common.files import file_sha256
+from common.log import say
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import summary_table, write_manifest
@@ -123,7 +124,7 @@ def prepare_tokenizer_only(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig)
     data_dir = Path(data_cfg.dir)
     with prepare_lock(data_dir):
         if (data_dir / TOKENIZER).is_file():
-            print(f"prepare: {data_dir / TOKENIZER} exists; the parts will use it", flush=True)
+            say(f"prepare: {data_dir / TOKENIZER} exists; the parts will use it")
         else:
             obtain_tokenizer(data_cfg, tokenizer_cfg, data_dir, resolve_num_proc(data_cfg.num_proc))
     return data_dir / TOKENIZER
@@ -162,10 +163,7 @@ def prepare_part(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig, part: int
             "seconds": time.time() - started,
         },
     )
-    print(
-        f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}",
-        flush=True,
-    )
+    say(f"prepare: part {part}/{parts} wrote {tokens:,} tokens in {time.time() - started:.1f} s to {folder}")
     return folder
 
 
@@ -253,7 +251,7 @@ def merge_parts(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> Path:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(data_dir / PARTS, ignore_errors=True)
     print(summary_table(manifest))
-    print(f"prepare: merged {parts} parts into {data_dir}", flush=True)
+    say(f"prepare: merged {parts} parts into {data_dir}")
     return data_dir
 
 

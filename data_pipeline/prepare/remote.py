@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 from common import faults
 from common.atomic import atomic_write_json
+from common.log import say
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import Manifest, load_manifest, verify_dataset
@@ -118,7 +119,7 @@ def _restore_snapshot(store: DataStore, staging: Path, names: List[str]) -> None
         store.download(f"{WORK_DIR}/{name}", work / name)
     store.download(TOKENIZER, staging / TOKENIZER)
     atomic_write_json(work / STATE, state)  # last: the local commit marker
-    print(f"prepare: restored the interrupted prepare's last commit from {store.url(WORK_DIR)}", flush=True)
+    say(f"prepare: restored the interrupted prepare's last commit from {store.url(WORK_DIR)}")
 
 
 def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
@@ -146,7 +147,7 @@ def prepare_remote(data_cfg: DataConfig, tokenizer_cfg: TokenizerConfig) -> str:
             return store.location
         _claim_origin(store, staging, fingerprint)
         _restore_snapshot(store, staging, source_names(data_cfg.sources))
-        print(f"prepare: writing {store} through the local staging folder {staging}", flush=True)
+        say(f"prepare: writing {store} through the local staging folder {staging}")
         prepare_into(
             replace(data_cfg, dir=str(staging)),
             tokenizer_cfg,

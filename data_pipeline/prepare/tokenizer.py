@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional, Tuple
 from tokenizers import Tokenizer
 
 from common.files import file_sha256
+from common.log import say
 from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.format.names import TOKENIZER
@@ -80,13 +81,12 @@ def obtain_tokenizer(
     target = data_dir / TOKENIZER
     if tokenizer_cfg.path:
         copy_tokenizer(tokenizer_cfg.path, target)
-        print(f"prepare: tokenizer copied from {tokenizer_cfg.path}", flush=True)
+        say(f"prepare: tokenizer copied from {tokenizer_cfg.path}")
     else:
         started = time.time()
-        print(
+        say(
             f"prepare: training a byte-level BPE tokenizer (vocab {tokenizer_cfg.vocab_size}) on "
-            f"{', '.join(describe_source(s) for s in data_cfg.sources)}",
-            flush=True,
+            f"{', '.join(describe_source(s) for s in data_cfg.sources)}"
         )
         tokenizer = train_tokenizer(
             training_texts(data_cfg, tokenizer_cfg.max_train_docs),
@@ -102,7 +102,5 @@ def obtain_tokenizer(
             if size < tokenizer_cfg.vocab_size
             else ""
         )
-        print(
-            f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}", flush=True
-        )
+        say(f"prepare: tokenizer trained in {time.time() - started:.1f} s: {size} tokens{short}")
     return load_tokenizer(target), file_sha256(target)

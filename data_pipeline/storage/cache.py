@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, Optional, Set
 import numpy as np
 
 from common.files import file_sha256
+from common.log import say
 from data_pipeline.errors import DataError
 from data_pipeline.format.shards import open_shard
 from data_pipeline.storage.store import DataStore, is_remote, local_path
@@ -141,10 +142,9 @@ class ShardCache:
                     need,
                     len(missing),
                 )
-                print(
+                say(
                     f"[data] data.cache_limit={self.limit} bytes < {need} bytes of shards needed next: reading "
-                    f"shards of {self.store} by ranged requests (slower); raise data.cache_limit to cache them",
-                    flush=True,
+                    f"shards of {self.store} by ranged requests (slower); raise data.cache_limit to cache them"
                 )
                 self.warned = True
             self._ranged.update(missing)

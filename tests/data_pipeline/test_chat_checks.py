@@ -116,4 +116,4 @@ def test_an_empty_answer_is_counted_in_the_summary(tmp_path, tokenizer, capsys):
     cfg = InstructConfig(paths=[str(path)], val_fraction=0.0)
     loader = build_instruct_loader(cfg, tokenizer, "train", 64, 2, 0, 1, 0)
     assert loader.stats.empty_answers == 1
-    assert "1 example(s) have an empty answer" in capsys.readouterr().out
+    assert "1 example(s) have an empty answer" in capsys.readouterr().err

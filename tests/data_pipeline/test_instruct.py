@@ -175,7 +175,7 @@ def test_loader_batches_resume_exactly_across_world_sizes(tokenizer, capsys):
         return build_instruct_loader(cfg, tokenizer, "train", 64, batch, rank, world, seed=7)  # noqa: E731
 
     ranks = [make(0, 2, 3), make(1, 2, 3)]
-    assert "ift train:" in capsys.readouterr().out  # counts reported (rank 0 only)
+    assert "ift train:" in capsys.readouterr().err  # counts reported (rank 0 only)
     single = make(0, 1, 6)
     n_rows = len(single.rows)
     for _ in range(3):

@@ -207,7 +207,7 @@ def test_complete_prepare_is_a_no_op_and_a_changed_config_is_refused(tmp_path, c
     before = manifest_sha256(tmp_path / "data")
     capsys.readouterr()
     prepare(cfg, TokenizerConfig(vocab_size=300))
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
     assert manifest_sha256(tmp_path / "data") == before
     cfg.shard_tokens = 1024
     with pytest.raises(DataError, match=r"manifest\.json.*shard_tokens: was 4096, now 1024"):
@@ -262,10 +262,10 @@ def test_killed_prepare_resumes_without_loss_or_duplication(tmp_path, capsys):
     )
     capsys.readouterr()
     prepare(resumed_cfg, TokenizerConfig(path=tokenizer))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "resuming an interrupted prepare" in out and f"{committed:,} documents" in out
     prepare(resumed_cfg, TokenizerConfig(path=tokenizer))
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
 
     reference = tmp_path / "reference"
     prepare(

@@ -92,9 +92,9 @@ def test_parts_through_the_cli(tmp_path, sources):
     base = ["prepare", str(REPO / "configs" / "tiny.yaml"), *over]
     run(slm_cmd([*base, "--tokenizer-only"]))
     for k in (1, 2):
-        assert f"part {k}/2 wrote" in run(slm_cmd([*base, "--part", f"{k}/2"])).stdout
-    assert "merged 2 parts" in run(slm_cmd([*base, "--merge"])).stdout
-    assert "already complete" in run(slm_cmd(base)).stdout
+        assert f"part {k}/2 wrote" in run(slm_cmd([*base, "--part", f"{k}/2"])).stderr
+    assert "merged 2 parts" in run(slm_cmd([*base, "--merge"])).stderr
+    assert "already complete" in run(slm_cmd(base)).stderr
 
 
 def test_a_big_line_file_is_cut_on_line_boundaries(sources):

@@ -71,7 +71,7 @@ def test_cache_smaller_than_a_shard_reads_ranges_and_says_so(
             url, "train", 64, 4, 0, 1, seed=2, cache_dir=str(tmp_path / "c"), cache_limit=1000
         )
         assert same(batches(remote, 8), batches(local, 8))
-    assert "ranged requests" in caplog.text and "data.cache_limit=1000 bytes" in capsys.readouterr().out
+    assert "ranged requests" in caplog.text and "data.cache_limit=1000 bytes" in capsys.readouterr().err
     assert not list((tmp_path / "c").rglob("*.bin"))  # nothing cached: the bound holds
 
 

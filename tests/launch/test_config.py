@@ -206,6 +206,8 @@ def test_a_few_anchors_are_fine(tmp_path):
     path.write_text("model:\n  n_layers: &layers 3\nrun:\n  seed: *layers\n")
     cfg = load_config(str(path))
     assert (cfg.model.n_layers, cfg.run.seed) == (3, 3)
+
+
 def test_each_section_is_owned_by_what_uses_it():
     keys = set(valid_keys())
     for key in (

@@ -96,7 +96,7 @@ def test_resume_auto_falls_back_to_the_previous_intact_checkpoint(tmp_path, caps
     rng_file(ckpt_dir / "step_00000004", 0).write_bytes(b"R" * 100)
     chosen = intact_resume(CheckpointConfig(resume="auto"), tmp_path / "run", ckpt_dir / "step_00000006")
     assert chosen == ckpt_dir / "step_00000002"
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "mp_rank_00_model_states.pt is missing" in out and "rng_rank00000.pt has" in out
     assert "resuming from step_00000002 instead of the damaged step_00000006, step_00000004" in out
     with pytest.raises(

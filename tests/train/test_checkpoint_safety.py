@@ -98,8 +98,8 @@ def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_pa
     craft(step(run_copy, 4) / "rng_rank00000.pt", target)
     out = go(train_cmd(run_copy, tiny_data_dir, 6))  # the record catches it: back to step 2
     assert (
-        "rng_rank00000.pt has" in out.stdout
-        and "resuming from step_00000002 instead of the damaged step_00000004" in out.stdout
+        "rng_rank00000.pt has" in out.stderr
+        and "resuming from step_00000002 instead of the damaged step_00000004" in out.stderr
     )
     assert not target.exists()
     craft(step(run_copy, 6) / "rng_rank00000.pt", target)
@@ -134,8 +134,8 @@ def test_damaged_weights_are_named_and_resume_falls_back(run_copy, tiny_data_dir
     )
     assert explicit.returncode == 2 and "is damaged: mp_rank_00_model_states.pt has" in explicit.stderr
     resumed = go(train_cmd(run_copy, tiny_data_dir, 6))
-    assert "resuming from step_00000002 instead of the damaged step_00000004" in resumed.stdout
-    assert "resumed from" in resumed.stdout and "at step 2 " in resumed.stdout
+    assert "resuming from step_00000002 instead of the damaged step_00000004" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "at step 2 " in resumed.stderr
     steps = [
         json.loads(line)["step"]
         for line in (run_copy / "metrics.jsonl").read_text().splitlines()

@@ -134,7 +134,9 @@ def test_an_optimizer_change_is_a_difference():
     old_layout["train"]["optimizer"] = "muon"
     assert any(
         "cannot convert Muon's optimizer state" in f
-        for f in differences(record_of({**meta, "config": old_layout}), muon, "a" * 64, "b" * 64, world_size=1)
+        for f in differences(
+            record_of({**meta, "config": old_layout}), muon, "a" * 64, "b" * 64, world_size=1
+        )
     )
 
 

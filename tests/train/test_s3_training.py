@@ -66,7 +66,7 @@ def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
         slm_cmd([a if not a.startswith("data.cache_dir=") else f"data.cache_dir={other}" for a in args]),
         env=env,
     )
-    return url, fs, prefix, resumed.stdout
+    return url, fs, prefix, resumed.stderr
 
 
 def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_dir, s3_env):
@@ -93,7 +93,7 @@ def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_
         ),
         env=make_env(s3_env.env),
     )
-    assert "is already complete" in again.stdout
+    assert "is already complete" in again.stderr
 
 
 def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(
@@ -117,7 +117,7 @@ def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(
         ),
         env=env,
     )
-    assert "at step 6" in resumed.stdout and "ranged requests" in resumed.stdout
+    assert "at step 6" in resumed.stderr and "ranged requests" in resumed.stderr
     assert losses(run_dir) == losses(single_run)  # every step, bitwise
     assert [r["step"] for r in rows(run_dir)][-6:] == list(range(7, 13))
     assert sorted(fs.find(url)) == before  # training never writes or deletes on the server

@@ -61,7 +61,7 @@ def train(run_dir: Path, data_dir: Path, *extra: str):
 def timed_run(tmp_path_factory, tiny_data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("wsd_time") / "run"
     out = train(run_dir, tiny_data_dir)
-    assert "lr decays to min_lr over the next" in out.stdout, out.stdout[-3000:]
+    assert "lr decays to min_lr over the next" in out.stderr, out.stderr[-3000:]
     return run_dir
 
 
@@ -90,7 +90,7 @@ def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, t
     assert read_record(resume_from).progress.timed_decay == decay
     resumed = tmp_path / "resumed"
     out = train(resumed, tiny_data_dir, f"checkpoint.resume={resume_from}")
-    assert "lr decays to min_lr" not in out.stdout  # nothing is decided again: the record is replayed
+    assert "lr decays to min_lr" not in out.stderr  # nothing is decided again: the record is replayed
     from_step = int(resume_from.name[5:])
     reference_lr, again_lr = by_step(timed_run, "lr"), by_step(resumed, "lr")
     assert sorted(again_lr) == list(range(from_step + 1, end + 1))

@@ -106,7 +106,7 @@ class TwoProcRuns:
             run_dir = self.factory.mktemp(f"zero{stage}") / "run"
             extras = [f"train.zero_stage={stage}", "data.num_proc=1", *STAGE_EXTRAS.get(stage, [])]
             out = run(slm_cmd(train_args(run_dir, self.data_dir(stage), *extras), nproc=2))
-            self.made[stage], self.outputs[stage] = run_dir, out.stdout
+            self.made[stage], self.outputs[stage] = run_dir, out.stderr  # status lines
         return self.made[stage]
 
 
@@ -161,7 +161,7 @@ def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
             nproc=2,
         )
     )
-    assert "resumed from" in out.stdout and "at step 6" in out.stdout
+    assert "resumed from" in out.stderr and "at step 6" in out.stderr
     again, reference = losses(resumed), losses(full)
     assert sorted(again) == list(range(7, STEPS + 1))
     assert all(again[s] == reference[s] for s in again), (
@@ -173,7 +173,7 @@ def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
 def test_max_time_evaluates_checkpoints_and_stops_cleanly(tiny_data_dir, tmp_path):
     run_dir = tmp_path / "run"
     out = run(slm_cmd(train_args(run_dir, tiny_data_dir, "train.max_time=0")))  # spent after the first step
-    assert "train.max_time (0.0 s) spent: stopped cleanly after step 1" in out.stdout
+    assert "train.max_time (0.0 s) spent: stopped cleanly after step 1" in out.stderr
     assert [r["step"] for r in rows(run_dir)] == [1] and [r["step"] for r in rows(run_dir, "eval")] == [1]
     assert read_record(find_checkpoint(run_dir)).step == 1
     assert not (run_dir / "DONE").exists()  # max_steps not reached: a requeued job continues
@@ -236,7 +236,7 @@ def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_d
     assert 2 <= stopped_at < STEPS and f"stopped by signal after step {stopped_at}" in output
     assert not (run_dir / "DONE").exists()
     resumed = run(cmd)
-    assert f"at step {stopped_at} " in resumed.stdout
+    assert f"at step {stopped_at} " in resumed.stderr
     assert losses(run_dir) == losses(single_run)  # every step, bitwise
     assert [r["step"] for r in rows(run_dir)] == list(range(1, STEPS + 1))  # no step logged twice
     assert (run_dir / "DONE").is_file()
@@ -257,7 +257,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_da
     assert (ckpt_dir / "latest").read_text().strip() == "step_00000002"
     assert find_checkpoint(run_dir) == ckpt_dir / "step_00000002"
     resumed = run(cmd)
-    assert "at step 2" in resumed.stdout
+    assert "at step 2" in resumed.stderr
     assert losses(run_dir) == losses(single_run)
     assert not (ckpt_dir / "tmp.step_00000004").exists()
     assert (ckpt_dir / "latest").read_text().strip() == "step_00000012"
@@ -297,7 +297,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
         ),
         env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}),
     )
-    assert "universal checkpoint" in out.stdout and "at step 6" in out.stdout
+    assert "universal checkpoint" in out.stderr and "at step 6" in out.stderr
     two, one = losses(source), losses(run_dir)
     for step in (7, 8):  # same weights, optimizer state and data, one rank instead of two
         assert one[step] == pytest.approx(two[step], rel=1e-5)

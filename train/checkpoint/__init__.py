@@ -10,7 +10,7 @@ of a checkpoint or walks its meta.json.
   save        save_checkpoint (complete or invisible), CheckpointSaver
   load        load into a DeepSpeed engine; consolidated fp32 weights
   universal   conversion to a DeepSpeed universal checkpoint
-  resume      train.resume resolution (falling back past a damaged checkpoint) and the fit checks
+  resume      checkpoint.resume resolution (falling back past a damaged checkpoint) and the fit checks
 """
 
 from train.checkpoint.files import CheckpointDamaged, record_files, verify_checkpoint

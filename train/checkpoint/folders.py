@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import List, Optional
 
+from common.log import say
 from train.checkpoint.layout import LATEST, TMP_PREFIX, checkpoints_dir, is_complete, is_step_name, step_of
 
 
@@ -35,11 +35,9 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     newest = found[-1] if found else None
     pointed = read_latest(ckpt_dir)
     if newest is not None and pointed != newest and (ckpt_dir / LATEST).exists():
-        print(
-            f"[slm] note: {ckpt_dir / LATEST} names {pointed.name if pointed else 'no complete checkpoint'} but the "
-            f"newest complete checkpoint is {newest.name} (a save was interrupted after its rename); using {newest.name}",
-            file=sys.stderr,
-            flush=True,
+        say(
+            f"note: {ckpt_dir / LATEST} names {pointed.name if pointed else 'no complete checkpoint'} but the "
+            f"newest complete checkpoint is {newest.name} (a save was interrupted after its rename); using {newest.name}"
         )
     return newest
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from common.log import say
 from train.checkpoint.layout import DS_MODEL_STATES, DS_MODEL_STATES_GLOB, DS_OPTIM_STATES_GLOB, rng_file
 from train.checkpoint.rng_state import set_rng_state
 from train.checkpoint.safe_load import safe_load, scan_pickles
@@ -91,9 +92,8 @@ def consolidate_checkpoint(step_dir: Path) -> Dict[str, torch.Tensor]:
                 f"{step_dir} holds neither ZeRO optimizer partitions nor {model_states.name}; "
                 "expected a DeepSpeed checkpoint written by `slm train`."
             )
-        print(
-            f"note: {step_dir} has no ZeRO partitions; using its module weights as saved (training precision).",
-            file=sys.stderr,
+        say(
+            f"note: {step_dir} has no ZeRO partitions; using its module weights as saved (training precision)."
         )
         state_dict = safe_load(model_states)["module"]
     return {

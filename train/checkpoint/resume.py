@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from common.log import say
 from train.checkpoint.files import newest_intact, verify_checkpoint
 from train.checkpoint.folders import complete_checkpoints, find_checkpoint
 from train.checkpoint.layout import checkpoints_dir, step_of
@@ -47,10 +48,6 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     return found
 
 
-def _say(message: str) -> None:
-    print(f"[slm] {message}", flush=True)
-
-
 def intact_resume(checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[Path]) -> Optional[Path]:
     """`chosen` (from checkpoint.resume) if its files match its meta.json; with resume=auto the newest intact one."""
     if chosen is None:
@@ -62,7 +59,7 @@ def intact_resume(checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[
             for p in reversed(complete_checkpoints(checkpoints_dir(run_dir)))
             if step_of(p) <= step_of(chosen)
         ]
-        return newest_intact(candidates, hashes, _say)
+        return newest_intact(candidates, hashes, say)
     verify_checkpoint(chosen, read_record(chosen), hashes)
     return chosen
 

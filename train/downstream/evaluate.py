@@ -12,7 +12,6 @@ parameters inside each one). The module is put in eval mode and given back in th
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as torch_dist
 from tokenizers import Tokenizer
 
+from common.log import say
 from data_pipeline.tokenizer import EOT
 from train.downstream.data import TaskData, load_task_split
 from train.downstream.metrics import ExampleResult, task_metrics
@@ -95,10 +95,9 @@ def fewshot_data(task: Task, eval_data: TaskData, data_dir: Optional[str], quiet
         if data_dir is None:
             raise
         if not quiet:
-            print(
+            say(
                 f"note: {task.name}: no '{task.fewshot_split}' split under {data_dir}; drawing few-shot examples "
-                f"from '{eval_data.split}' (never an example's own row)",
-                file=sys.stderr,
+                f"from '{eval_data.split}' (never an example's own row)"
             )
         return eval_data
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from common.atomic import FILE_MODE, atomic_dir
 from common.files import GIB, file_sha256
+from common.log import say
 from data_pipeline.instruct.chat import encode_chat_prompt, format_chat
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
@@ -208,7 +209,7 @@ def verify_export(
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
-        print("note: transformers is not installed; the export was not verified against it.")
+        say("note: transformers is not installed; the export was not verified against it.")
         return
     verbosity, progress_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no "sequence longer than model_max_length" warnings or progress bars

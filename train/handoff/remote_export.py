@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from common.atomic import replace_dir
+from common.log import say
 from data_pipeline.storage.cache import dataset_cache_dir
 from data_pipeline.storage.store import DataStore
 from train.errors import TrainError
@@ -58,5 +59,5 @@ def fetch_export(
         replace_dir(tmp, target)  # target is our own cache folder for this URL
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[slm] copied the export {url} to {target}", flush=True)
+    say(f"copied the export {url} to {target}")
     return target
