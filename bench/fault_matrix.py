@@ -1,4 +1,4 @@
-"""The fault matrix at 20 SIGKILL points (tests/train/test_fault_matrix.py runs 5): prints the result as JSON.
+"""The fault matrix at 20 SIGKILL points (tests/integration/test_fault_matrix.py runs 5): prints the result as JSON.
 
     .venv/bin/python bench/fault_matrix.py [--points 20] [--steps 40] [--seed 7]
 
@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipeline.prepare.dispatch import prepare  # noqa: E402
 from launch.config import load_config  # noqa: E402
+from tests.fault_matrix import run_matrix  # noqa: E402
 from tests.helpers import SHAKESPEARE, TINY  # noqa: E402
-from tests.train.fault_matrix import run_matrix  # noqa: E402
 
 
 def main() -> None:

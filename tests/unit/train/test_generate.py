@@ -11,7 +11,7 @@ from data_pipeline.tokenizer import EOT, PAD, load_tokenizer
 from launch.cli import main as slm_main
 from model import ModelConfig, Transformer
 from tests.helpers import run, slm_cmd
-from tests.train.zero_checkpoints import build_checkpoints, step_dir
+from tests.zero_checkpoints import build_checkpoints, step_dir
 from train.errors import TrainError
 from train.handoff.export import export
 from train.handoff.generate import generate_cli, generate_ids

@@ -15,7 +15,7 @@ from data_pipeline.loading.loader import build_loader
 from data_pipeline.tokenizer import IM_END, load_tokenizer
 from model.loss import IGNORE_INDEX
 from tests.helpers import SELF_INSTRUCT, TINY, run, slm_cmd
-from tests.train.zero_checkpoints import build_checkpoints
+from tests.zero_checkpoints import build_checkpoints
 from train.checkpoint import find_checkpoint, read_record
 from train.handoff.export import export
 from train.handoff.init_from import build_model, load_init_weights
@@ -23,7 +23,7 @@ from train.handoff.init_from import build_model, load_init_weights
 SEED = 1337
 SEQ_LEN = 64
 MICRO_BATCH = 2
-# The shapes of the zero3_tied_gqa checkpoint (tests/train/zero_checkpoints.py), fp32 so losses compare exactly.
+# The shapes of the zero3_tied_gqa checkpoint (tests/zero_checkpoints.py), fp32 so losses compare exactly.
 COMMON = [
     "model.n_layers=2",
     "model.d_model=64",

@@ -1,4 +1,4 @@
-"""`slm slurm --prepare N`: the scripts it writes, and on a real one-node Slurm (tests/launch/slurm_localhost.sh)
+"""`slm slurm --prepare N`: the scripts it writes, and on a real one-node Slurm (tests/integration/slurm_localhost.sh)
 a tokenizer job, a job array of parts and a dependent merge job whose result equals a single prepare."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from data_pipeline.prepare.dispatch import prepare
 from launch.config import load_config
 from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
-from tests.launch.test_slurm_cluster import FINAL_STATES, job_info, slurm_cluster  # noqa: F401 - fixture
+from tests.integration.test_slurm_cluster import FINAL_STATES, job_info, slurm_cluster  # noqa: F401 - fixture
 
 CORPUS = Path(SHAKESPEARE).read_text(encoding="utf-8")
 

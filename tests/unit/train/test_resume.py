@@ -8,7 +8,7 @@ import pytest
 
 from launch.config import load_config, to_dict
 from tests.helpers import TINY
-from tests.train.test_checkpoint import fake_step
+from tests.unit.train.test_checkpoint import fake_step
 from train.checkpoint import META, CheckpointRecord, check_resumable, load_mode, read_record, resolve_resume
 from train.checkpoint.resume import differences
 from train.errors import TrainError

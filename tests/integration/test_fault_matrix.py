@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train.fault_matrix import kill_points, run_matrix
+from tests.fault_matrix import kill_points, run_matrix
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """Write small DeepSpeed checkpoints in slm-forge's layout, independent of the trainer (run under torchrun).
 
-    torchrun --nproc_per_node 2 tests/train/zero_checkpoints.py OUT_DIR TOKENIZER_JSON
+    torchrun --nproc_per_node 2 tests/zero_checkpoints.py OUT_DIR TOKENIZER_JSON
 
 For each variant: a tiny model trained 2 steps (different data per rank) with ZeRO, reference logits and loss
 of the live engine on fixed tokens (OUT_DIR/<variant>/reference.safetensors), then

@@ -19,8 +19,8 @@ from data_pipeline.instruct.data import (
 )
 from data_pipeline.tokenizer import EOT, PAD, load_tokenizer
 from model.loss import IGNORE_INDEX
-from tests.data_pipeline.test_chat import TWO_TURNS
 from tests.helpers import SELF_INSTRUCT
+from tests.unit.data_pipeline.test_chat import TWO_TURNS
 
 
 @pytest.fixture(scope="module")

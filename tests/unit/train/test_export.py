@@ -22,7 +22,7 @@ from data_pipeline.tokenizer import (
     train_tokenizer,
 )
 from launch.cli import main as slm_main
-from tests.train.zero_checkpoints import build_checkpoints, step_dir
+from tests.zero_checkpoints import build_checkpoints, step_dir
 from train.checkpoint import consolidate_checkpoint
 from train.errors import TrainError
 from train.handoff.export import export, verify_export

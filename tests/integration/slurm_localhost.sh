@@ -2,8 +2,8 @@
 # A real one-node Slurm cluster on this machine, for testing generated batch scripts against the real
 # sbatch/srun/scontrol (Debian's slurm-wlm + munge; needs root).
 #
-#   tests/launch/slurm_localhost.sh start   # install if missing, start munged, slurmctld, slurmd; wait for idle
-#   tests/launch/slurm_localhost.sh stop    # stop the daemons this script started (by their pid files)
+#   tests/integration/slurm_localhost.sh start   # install if missing, start munged, slurmctld, slurmd; wait for idle
+#   tests/integration/slurm_localhost.sh stop    # stop the daemons this script started (by their pid files)
 #
 # Idempotent: `start` on a running cluster only checks it; `stop` on a stopped one does nothing.
 # Every state, spool, pid and log path lives in $SLM_SLURM_SCRATCH (default /tmp/slm-slurm-localhost).
@@ -12,7 +12,7 @@ set -euo pipefail
 
 SCRATCH="${SLM_SLURM_SCRATCH:-/tmp/slm-slurm-localhost}"
 CONF=/etc/slurm/slurm.conf
-MARKER="# written by slm-forge tests/launch/slurm_localhost.sh"
+MARKER="# written by slm-forge tests/launch/slurm_localhost.sh"   # the path it had when first written: files carrying it are ours
 
 die() { echo "slurm_localhost: $*" >&2; exit 1; }
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }

@@ -2,7 +2,7 @@
 
 Runs are shared through fixtures: the 2-process run of each ZeRO stage is also the reference curve and
 the checkpoint source for the resume tests, and the 1-process run (single_run, session-scoped in
-tests/train/conftest.py) is the reference for the interrupted (SIGTERM, kill -9) runs, whose losses must
+tests/integration/conftest.py) is the reference for the interrupted (SIGTERM, kill -9) runs, whose losses must
 match it bitwise.
 Fault-injection hooks (common.faults): SLM_SLEEP_IN_SAVE and SLM_INJECT_NAN_AT_STEP.
 """
@@ -12,75 +12,18 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
-from tests.helpers import REPO, TINY, run, slm_cmd
+from tests.helpers import TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
+from tests.runs import ONE_PROC, SHRINK, STEPS, losses, read_until, rows, start, train_args
 from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
-SHRINK = [
-    "model.n_layers=2",
-    "model.d_model=64",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.ffn_hidden=128",
-    "model.max_seq_len=32",
-    "train.micro_batch_size=4",
-    "train.precision=fp32",
-    "schedule.warmup_steps=2",
-    "log.every=1",
-    "eval.batches=2",
-    f"train.max_steps={STEPS}",
-    "eval.every=6",
-    "checkpoint.every=6",
-    "data.num_workers=0",
-]
-ONE_PROC = ["train.grad_accum_steps=2"]  # the same global batch (8) as 2 processes x micro-batch 4
-
-
-def train_args(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
-    return ["train", TINY, f"run.dir={run_dir}", f"data.dir={data_dir}", *SHRINK, *extra]
-
-
-def rows(run_dir: Path, kind: str = "train") -> List[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def losses(run_dir: Path) -> Dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows(run_dir)}
-
-
-def start(cmd: List[str], env=None) -> subprocess.Popen:
-    """A training process whose stdout+stderr we read line by line."""
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or make_env(), cwd=str(REPO)
-    )
-
-
-def read_until(proc: subprocess.Popen, marker: str, seen: List[str], timeout: float = 240) -> None:
-    """Read output lines until one contains `marker` (a hung process is killed after `timeout` seconds)."""
-    watchdog = threading.Timer(timeout, proc.kill)
-    watchdog.start()
-    try:
-        for line in proc.stdout:
-            seen.append(line)
-            if marker in line:
-                return
-    finally:
-        watchdog.cancel()
-    raise AssertionError(f"process ended before printing {marker!r}:\n{''.join(seen[-60:])}")
-
-
-# The ZeRO-1 run also covers bf16, activation checkpointing and gradient accumulation on 2 processes.
 STAGE_EXTRAS = {
     1: ["train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2"]
 }

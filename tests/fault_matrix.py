@@ -1,5 +1,5 @@
 """A fault matrix: one tiny run killed with SIGKILL at seeded random points, restarted with the same command each
-time, compared bitwise with the uninterrupted run. Used by tests/train/test_fault_matrix.py (5 points) and
+time, compared bitwise with the uninterrupted run. Used by tests/integration/test_fault_matrix.py (5 points) and
 bench/fault_matrix.py (20 points).
 
 A point is (step, where): "step" kills as soon as the run prints its train row for that step (so the kill lands

@@ -1,4 +1,4 @@
-"""`slm slurm` against a real one-node Slurm (tests/launch/slurm_localhost.sh installs and starts it).
+"""`slm slurm` against a real one-node Slurm (tests/integration/slurm_localhost.sh installs and starts it).
 
 One job carries the whole story: it trains the tiny model with 2 torchrun processes, gets USR1 as a
 preempted job would (`scancel --signal=USR1 --batch`), checkpoints, requeues itself, resumes from that
@@ -23,7 +23,7 @@ from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
-CLUSTER_SCRIPT = REPO / "tests" / "launch" / "slurm_localhost.sh"
+CLUSTER_SCRIPT = REPO / "tests" / "integration" / "slurm_localhost.sh"
 MAX_STEPS = 100
 SMALL = [
     "model.n_layers=2",

@@ -8,7 +8,7 @@ import pytest
 from data_pipeline.errors import DataError
 from launch.config import load_config
 from tests.helpers import TINY
-from tests.test_layering import import_graph
+from tests.unit.test_layering import import_graph
 from train.startup import load_data
 
 

@@ -14,15 +14,8 @@ import pytest
 from data_pipeline.format.manifest import load_manifest
 from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
+from tests.runs import ONE_PROC, losses, read_until, rows, start, train_args
 from tests.s3_localhost import BUCKET
-from tests.train.test_training_runs import (
-    ONE_PROC,
-    losses,
-    read_until,
-    rows,
-    start,
-    train_args,
-)
 
 pytestmark = pytest.mark.slow
 SOURCES = f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]"

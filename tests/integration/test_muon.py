@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import pytest
 
 from tests.helpers import run, slm_cmd
-from tests.train.test_training_runs import ONE_PROC, STEPS, losses, train_args
+from tests.runs import ONE_PROC, STEPS, losses, train_args
 
 pytestmark = pytest.mark.slow
 
