@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from data_pipeline.tokenizer import tokenizers_single_threaded
 from train.checkpoint import CheckpointSaver
 from train.components import Component, LoopRun
 from train.config import Config
 from train.distributed import DistInfo, on_main_then_share, setup_distributed, teardown_distributed
 from train.loop import TrainingLoop
+from train.metrics import MetricsLogger
 from train.run_lock import acquire_run_lock, release_run_lock
 from train.standard_components import standard_components
 from train.startup import set_up_run
@@ -24,8 +26,6 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
 
     `extra_components` run after the standard ones (`train.standard_components.COMPONENTS`), at the same points.
     """
-    from data_pipeline.tokenizer import tokenizers_single_threaded
-
     tokenizers_single_threaded()
     dist_info = setup_distributed(cfg.train)
     lock = None
@@ -39,8 +39,6 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
 
 
 def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Component]) -> int:
-    from train.metrics import MetricsLogger
-
     setup = set_up_run(cfg, dist_info)
     cfg = setup.cfg
     checkpoints = CheckpointSaver(
