@@ -122,6 +122,9 @@ class TrainConfig:
     """auto (cuda when available), cpu or cuda."""
     backend: str = "auto"
     """Distributed backend: auto (nccl on cuda, gloo on cpu), nccl or gloo."""
+    timeout_minutes: float = 60.0
+    """How long a collective waits for the slowest rank before the job fails (the NCCL watchdog, gloo). Rank 0's
+    work alone (converting a universal checkpoint, hashing a large one) must fit in it; DeepSpeed's default is 30."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key."""
@@ -140,6 +143,11 @@ class TrainConfig:
         if self.max_time is not None and self.max_time < 0:
             raise ValueError(
                 f"config key 'train.max_time' is {self.max_time}; expected seconds >= 0 or null."
+            )
+        if not self.timeout_minutes > 0:
+            raise ValueError(
+                f"config key 'train.timeout_minutes' is {self.timeout_minutes}; expected a positive number of "
+                "minutes (60 by default)."
             )
 
 

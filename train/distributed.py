@@ -15,6 +15,7 @@ import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, List, TypeVar
 
 import torch
@@ -176,7 +177,12 @@ def setup_distributed(cfg: TrainConfig) -> DistInfo:
     if device_type == "cpu":
         skip_cpu_shm_comm_op()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timedelta(minutes=cfg.timeout_minutes),
+        )
     world_size = torch.distributed.get_world_size()
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE, Slurm SLURM_NTASKS_PER_NODE.
     local_world_size = next(

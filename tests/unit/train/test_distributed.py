@@ -55,3 +55,59 @@ def test_a_launchers_place_is_kept(bare_env):
         bare_env.setenv(key, value)
     ensure_launcher_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("3", "4")
+
+
+TIMEOUT_CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import torch
+from train.config import TrainConfig
+from train.distributed import setup_distributed
+info = setup_distributed(TrainConfig(device="cpu", timeout_minutes={minutes}))
+if info.rank == 0:
+    time.sleep({sleep})
+started = time.monotonic()
+try:
+    torch.distributed.barrier()
+    print("barrier passed", flush=True)
+except Exception as err:
+    print(f"barrier failed after {{time.monotonic() - started:.0f}} s: {{type(err).__name__}}", flush=True)
+"""
+
+
+def test_train_timeout_minutes_bounds_a_collective_wait():
+    """Rank 1 waits at a barrier while rank 0 is busy longer than train.timeout_minutes: rank 1 fails."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port
+    from tests.helpers import test_env as make_env
+
+    port = str(free_port())
+    code = TIMEOUT_CHILD.format(repo=str(REPO), minutes=0.05, sleep=12)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=make_env(
+                dict(
+                    RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+                )
+            ),
+        )
+        for r in (0, 1)
+    ]
+    waiter = procs[1].communicate(timeout=120)[0]
+    procs[0].kill()
+    procs[0].wait()
+    assert "barrier failed after" in waiter, waiter  # 3 s, not DeepSpeed's 30 minutes
+    assert int(waiter.split("after ")[1].split(" s")[0]) < 11
+
+
+def test_timeout_minutes_must_be_positive():
+    from train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="train.timeout_minutes' is 0"):
+        TrainConfig(timeout_minutes=0).validate()
