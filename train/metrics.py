@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, TextIO
@@ -112,6 +113,28 @@ def rewind_metrics(run_dir: str | os.PathLike, step: int) -> None:
         if isinstance(row, dict) and int(row.get("step", 0)) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+HISTORY = "history"
+"""run.dir/history/<UTC time>/: the records of an earlier run set aside by a fresh start in the same run.dir."""
+RUN_RECORDS = (METRICS_FILE, "config.yaml", "plan.json")
+"""The files of a run.dir that describe one run's history (a fresh start would replace them)."""
+
+
+def set_aside_history(run_dir: str | os.PathLike) -> Optional[Path]:
+    """A fresh start in a run.dir whose metrics.jsonl holds rows (its checkpoints gone or none complete): move
+    the earlier run's records into run.dir/history/<time>/ rather than truncate them. The folder, or None."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file() or not metrics.read_text(encoding="utf-8", errors="replace").strip():
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    (run_dir / HISTORY).mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=run_dir / HISTORY))  # never an existing folder
+    for name in RUN_RECORDS:
+        if (run_dir / name).is_file():
+            os.replace(run_dir / name, folder / name)
+    return folder
 
 
 def _open_for_append(path: Path) -> TextIO:

@@ -49,7 +49,7 @@ from train.errors import TrainError
 from train.handoff.init_from import load_init_weights
 from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
-from train.metrics import rewind_metrics
+from train.metrics import rewind_metrics, set_aside_history
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.plan import RunPlan, plan_run, write_plan
 from train.preflight import preflight
@@ -353,6 +353,13 @@ def write_run_dir(cfg: Config, plan: RunPlan, dist_info: DistInfo, progress: Pro
     if dist_info.is_main:
         run_dir = Path(cfg.run.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if progress.step == 0:
+            kept = set_aside_history(run_dir)
+            if kept is not None:
+                say(
+                    f"a fresh start in {run_dir}, which holds an earlier run's records but no complete checkpoint "
+                    f"to resume from: its metrics.jsonl, config.yaml and plan.json are kept in {kept}"
+                )
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         write_plan(run_dir, plan)
         rewind_metrics(run_dir, progress.step)

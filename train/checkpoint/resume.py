@@ -45,6 +45,14 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
             f"checkpoint.resume is '{value}', but no complete checkpoint is there; expected a run dir, its checkpoints "
             "folder or a step_XXXXXXXX folder containing COMPLETE (or checkpoint.resume=auto / false)."
         )
+    newer = [p.name for p in complete_checkpoints(checkpoints_dir(run_dir)) if step_of(p) > step_of(found)]
+    if newer:
+        raise TrainError(
+            f"checkpoint.resume is '{value}' (step {step_of(found)}), but run.dir '{run_dir}' holds newer complete "
+            f"checkpoints ({', '.join(newer)}) that this run would overwrite as it passes their steps. Move them out "
+            f"of {checkpoints_dir(run_dir)} first if you mean to go back, resume the newest (checkpoint.resume=auto), "
+            "or resume into another run.dir."
+        )
     return found
 
 

@@ -9,10 +9,18 @@ import pytest
 from launch.config import load_config, to_dict
 from tests.helpers import TINY
 from tests.unit.train.test_checkpoint import fake_step
-from train.checkpoint import META, CheckpointRecord, check_resumable, load_mode, read_record, resolve_resume
+from train.checkpoint import (
+    COMPLETE,
+    META,
+    CheckpointRecord,
+    check_resumable,
+    load_mode,
+    read_record,
+    resolve_resume,
+)
 from train.checkpoint.resume import differences
 from train.errors import TrainError
-from train.metrics import rewind_metrics
+from train.metrics import rewind_metrics, set_aside_history
 from train.plan import effective_config
 
 
@@ -38,6 +46,34 @@ def test_resume_setting_and_metrics_rewind(tmp_path):
     rewind_metrics(run, 3)
     kept = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in kept] == [1, 2, 3]
+
+
+def test_resuming_an_older_step_never_overwrites_newer_ones(tmp_path):
+    run = tmp_path / "run"
+    older = fake_step(run / "checkpoints", 2)
+    newest = fake_step(run / "checkpoints", 4)
+    with pytest.raises(
+        TrainError, match="holds newer complete checkpoints \\(step_00000004\\) that this run would"
+    ):
+        resolve_resume(str(older), run)
+    assert resolve_resume(str(older), tmp_path / "another_run") == older  # into another run.dir: fine
+    assert resolve_resume(str(newest), run) == newest
+    (newest / COMPLETE).unlink()  # an incomplete newer folder is no checkpoint: nothing to protect
+    assert resolve_resume(str(older), run) == older
+
+
+def test_a_fresh_start_sets_an_earlier_runs_records_aside(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 4))
+    (run / "metrics.jsonl").write_text(rows)
+    (run / "config.yaml").write_text("old: config\n")
+    kept = set_aside_history(run)
+    assert kept.parent == run / "history" and (kept / "metrics.jsonl").read_text() == rows
+    assert (kept / "config.yaml").read_text() == "old: config\n" and not (run / "metrics.jsonl").exists()
+    assert set_aside_history(run) is None  # nothing left to keep
+    (run / "metrics.jsonl").write_text("")
+    assert set_aside_history(run) is None and (run / "metrics.jsonl").exists()  # an empty file is no history
 
 
 def test_meta_and_compatibility_report_what_differs(tmp_path):
