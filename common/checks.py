@@ -18,6 +18,25 @@ def check_positive(key: str, value: Any) -> None:
         raise ValueError(f"config key '{key}' is {value}; expected a positive integer.")
 
 
+def _number(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def check_range(
+    key: str, value: Any, low: float, high: float, high_open: bool = False, what: str = "a number"
+) -> None:
+    """`value` in [low, high] (or [low, high) with high_open)."""
+    above = value >= high if high_open else value > high
+    if value < low or above:
+        bounds = f"[{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+        raise ValueError(f"config key '{key}' is {value}; expected {what} in {bounds}.")
+
+
+def check_at_least(key: str, value: Any, low: float, why: str = "") -> None:
+    if value < low:
+        raise ValueError(f"config key '{key}' is {value}; expected {_number(low)} or more{why}.")
+
+
 def check_finite_fields(section: Any, prefix: str) -> None:
     """Every float field of a config dataclass finite (nan and inf are never a setting), named `prefix.field`."""
     for f in dataclasses.fields(section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from common.checks import check_choice, check_finite_fields, check_positive
+from common.checks import check_at_least, check_choice, check_finite_fields, check_positive
 
 DOC_BOUNDARIES = ("file", "blank_line", "line")
 ENCODING_ERRORS = ("strict", "replace")
@@ -52,6 +52,8 @@ class TokenizerConfig:
     def validate(self) -> None:
         """Raise ValueError naming the key."""
         check_positive("tokenizer.vocab_size", self.vocab_size)
+        if self.max_train_docs is not None:
+            check_at_least("tokenizer.max_train_docs", self.max_train_docs, 1, " (null: every document)")
 
 
 @dataclass
@@ -86,6 +88,8 @@ class DataConfig:
         check_finite_fields(self, "data")
         check_choice("data.encoding_errors", self.encoding_errors, ENCODING_ERRORS)
         check_positive("data.shard_tokens", self.shard_tokens)
+        check_at_least("data.num_proc", self.num_proc, 0, " (0: all cores)")
+        check_at_least("data.num_workers", self.num_workers, 0)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(
                 f"config key 'data.val_fraction' is {self.val_fraction}; expected a number in [0, 1)."

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from common.checks import check_choice, check_finite_fields, check_positive
+from common.checks import check_at_least, check_choice, check_finite_fields, check_positive, check_range
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
 from train.downstream.config import EvalConfig
@@ -86,6 +86,10 @@ class RunConfig:
     """Folder for everything the run writes: config, plan, metrics.jsonl, checkpoints, logs."""
     seed: int = 1337
     """Seed for model init, data order and every RNG."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key."""
+        check_range("run.seed", self.seed, 0, 2**32 - 1, what="an integer (numpy's seed range)")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ class ExportConfig:
     def validate(self) -> None:
         """Raise ValueError naming the key."""
         check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
+        check_at_least("export.every", self.every, 0, " (0 disables)")
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,7 @@ class Config:
     def validate(self) -> None:
         """Each section's own validate(), then the checks that span sections; ValueError naming the first bad key."""
         for section in (
+            self.run,
             self.train,
             self.optim,
             self.schedule,

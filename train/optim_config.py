@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.checks import check_choice, check_finite_fields
+from common.checks import check_at_least, check_choice, check_finite_fields, check_range
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_NS_METHODS = ("standard", "gram")
@@ -40,6 +40,12 @@ class OptimConfig:
         check_choice("optim.name", self.name, OPTIMIZERS)
         check_choice("optim.muon_ns_method", self.muon_ns_method, MUON_NS_METHODS)
         check_finite_fields(self, "optim")
+        check_at_least("optim.weight_decay", self.weight_decay, 0)
+        check_at_least("optim.grad_clip", self.grad_clip, 0, " (0 disables clipping)")
+        for key in ("beta1", "beta2"):
+            check_range(f"optim.{key}", getattr(self, key), 0, 1, high_open=True)
+        if not self.eps > 0:
+            raise ValueError(f"config key 'optim.eps' is {self.eps}; expected a positive number.")
         if not self.lr > 0:
             raise ValueError(f"config key 'optim.lr' is {self.lr}; expected a positive learning rate.")
         if not self.muon_lr > 0:

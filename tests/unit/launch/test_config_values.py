@@ -45,6 +45,22 @@ from train.handoff.generate import generate_cli
             ["optim.name=muon", "train.zero_stage=3", "optim.grad_clip=0", "train.grad_accum_steps=2"],
             r"'train.grad_accum_steps' is 2 with optim.name=muon at ZeRO 3.*#8443",
         ),
+        # Values that used to pass and misbehave (a negative clip disabled clipping, -1 processes meant all cores).
+        (["optim.weight_decay=-0.1"], "'optim.weight_decay' is -0.1; expected 0 or more"),
+        (["optim.grad_clip=-1"], r"'optim.grad_clip' is -1.0; expected 0 or more \(0 disables clipping\)"),
+        (["optim.beta1=1.0"], r"'optim.beta1' is 1.0; expected a number in \[0, 1\)"),
+        (["optim.beta2=-0.5"], r"'optim.beta2' is -0.5; expected a number in \[0, 1\)"),
+        (["optim.eps=0"], "'optim.eps' is 0.0; expected a positive number"),
+        (["export.every=-1"], "'export.every' is -1; expected 0 or more"),
+        (["checkpoint.every=-1"], "'checkpoint.every' is -1; expected a positive integer"),
+        (["data.num_proc=-1"], r"'data.num_proc' is -1; expected 0 or more \(0: all cores\)"),
+        (["data.num_workers=-2"], "'data.num_workers' is -2; expected 0 or more"),
+        (["tokenizer.max_train_docs=0"], "'tokenizer.max_train_docs' is 0; expected 1 or more"),
+        (
+            ["run.seed=-1"],
+            r"'run.seed' is -1; expected an integer \(numpy's seed range\) in \[0, 4294967295\]",
+        ),
+        (["run.seed=4294967296"], "'run.seed' is 4294967296"),
     ],
 )
 def test_bad_numbers_are_refused_by_slm_config_show(overrides, message, capsys):
