@@ -51,7 +51,7 @@ def build_checkpoints(tmp_path_factory, tokenizer_path: Path) -> Path:
                 "127.0.0.1",
                 "--master_port",
                 str(free_port()),
-                str(REPO / "tests" / "train" / "zero_checkpoints.py"),
+                str(REPO / "tests" / "zero_checkpoints.py"),
                 str(out_dir),
                 str(tokenizer_path),
             ],

@@ -152,6 +152,10 @@ class CheckpointRecord:
     def manifest_sha256(self) -> Optional[str]:
         return self.identity.manifest_sha256
 
+    def run_config(self) -> Config:
+        """The typed Config the run used, its plan applied (train.plan.saved_config)."""
+        return self.identity.run_config()
+
     @property
     def meta_path(self) -> Path:
         return Path(self.step_dir or ".") / META
