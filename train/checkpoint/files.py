@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from common.files import file_sha256
-from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL, tokenizer_file
+from common.log import say
+from train.checkpoint.layout import (
+    COMPLETE,
+    META,
+    TMP_PREFIX,
+    TOKENIZER,
+    UNIVERSAL,
+    is_step_name,
+    step_of,
+    tokenizer_file,
+)
 from train.checkpoint.record import FILES_KEY, HASH_KEY, CheckpointRecord, read_record
 from train.errors import TrainError
 
@@ -134,8 +144,18 @@ def verify_tokenizer(step_dir: Path, checkpoint: CheckpointRecord) -> None:
 
 
 def verify_checkpoint(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = True) -> None:
-    """Everything a load checks before any pickle is opened: the file record and the tokenizer copy."""
-    verify_files(step_dir, checkpoint, hashes)
+    """Everything a load checks before any pickle is opened: the record against its folder, the file record and
+    the tokenizer copy."""
+    if is_step_name(step_dir.name) and step_of(step_dir) != checkpoint.step:
+        raise CheckpointDamaged(
+            f"Checkpoint {step_dir}: its meta.json records step {checkpoint.step}, but the folder is step "
+            f"{step_of(step_dir)}; the record was edited or belongs to another checkpoint."
+        )
+    if not verify_files(step_dir, checkpoint, hashes):
+        say(
+            f"note: {step_dir}/meta.json has no file record (an slm train from before it existed, or an edited "
+            "record): its files' sizes and hashes cannot be checked"
+        )
     verify_tokenizer(step_dir, checkpoint)
 
 

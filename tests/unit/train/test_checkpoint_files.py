@@ -125,3 +125,17 @@ def test_rotation_removes_only_our_old_checkpoints_and_temporary_folders(tmp_pat
     assert sorted(p.name for p in removed) == ["step_00000002", "tmp.step_00000008"]
     assert (ckpt_dir / "tmp.notes" / "keep.txt").read_text() == "mine"
     assert (ckpt_dir / "tmp.step_backup.txt").is_file() and (ckpt_dir / "step_00000001").is_dir()
+
+
+def test_a_hand_edited_record_is_checked_against_itself(tmp_path, capsys):
+    """meta.json's step must be its folder's; a record without its file list is loaded, but not silently."""
+    step_dir = make_checkpoint(tmp_path, 4)
+    meta = json.loads((step_dir / META).read_text())
+    (step_dir / META).write_text(json.dumps({**meta, "step": 40}))
+    with pytest.raises(CheckpointDamaged, match="records step 40, but the folder is step 4"):
+        verify_checkpoint(step_dir, read_record(step_dir))
+    del meta["files"]
+    (step_dir / META).write_text(json.dumps(meta))
+    capsys.readouterr()
+    verify_checkpoint(step_dir, read_record(step_dir))
+    assert "meta.json has no file record" in capsys.readouterr().err
