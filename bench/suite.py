@@ -117,6 +117,12 @@ BENCHES = [
         ],
     ),
     Bench(
+        "data_scale",
+        "The loader at corpus scale: 1B, 200B and 1T tokens of sparse shards, against a 125M and a 25M model's appetite",
+        ["bench/data_scale.py", "--skip", "verify,s3,parts", "--sizes", "1e9,200e9,1e12", "--seconds", "3"],
+        ["bench/data_scale.py", "--skip", "verify,s3,parts", "--sizes", "1e8,1e9", "--seconds", "0.5"],
+    ),
+    Bench(
         "loss_memory",
         "Loss memory: full logits against the chunked cross-entropy",
         ["bench/loss_memory.py"],
