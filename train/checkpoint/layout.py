@@ -35,6 +35,8 @@ TMP_PREFIX = "tmp."
 """A folder being written: `tmp.step_00000100`, `tmp.universal`."""
 UNIVERSAL = "universal"
 """The sub-folder holding the DeepSpeed universal checkpoint converted from a step folder."""
+UNIVERSAL_RECORD = "universal.json"
+"""In the universal sub-folder: the size and hash of every file the conversion wrote, checked before reuse."""
 STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"

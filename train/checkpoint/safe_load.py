@@ -64,7 +64,20 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = F
 
 
 def pickle_files(folder: Path) -> Iterable[Path]:
-    return sorted(p for p in folder.rglob("*.pt") if p.is_file())
+    """Every .pt file DeepSpeed may open under `folder`. A link anywhere under it is refused: slm train writes
+    none, DeepSpeed follows them, and a walk that does not would leave what they point to unscanned."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise TrainError(
+                    f"Refusing to load checkpoint {folder}: {path.relative_to(folder)} is a symbolic link (to "
+                    f"{os.readlink(path)}). slm train never writes links into a checkpoint, and DeepSpeed would "
+                    "follow it to files no check has seen; replace it with the real files or remove it."
+                )
+        found += [Path(root) / name for name in files if name.endswith(".pt")]
+    return sorted(found)
 
 
 def scan_pickles(folder: str | os.PathLike) -> None:

@@ -3,15 +3,55 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 from common.atomic import atomic_write_text
 from common.log import say
-from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL
+from train.checkpoint.files import file_digest, hash_algorithm
+from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL, UNIVERSAL_RECORD
 from train.checkpoint.safe_load import scan_pickles
 from train.errors import TrainError
+
+
+def universal_record(folder: Path) -> Dict[str, Any]:
+    """{"files": {name: {"size", "hash"}}, "files_hash": algorithm} of every file the conversion wrote."""
+    algorithm = hash_algorithm()
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name not in (COMPLETE, UNIVERSAL_RECORD)
+    }
+    return {"files": files, "files_hash": algorithm}
+
+
+def universal_damage(folder: Path) -> Optional[str]:
+    """Why a converted folder may not be reused as it is (None when it matches its record exactly): it is
+    derived from the step folder, so anything else (a changed, added or linked file) means converting again."""
+    try:
+        record = json.loads((folder / UNIVERSAL_RECORD).read_text(encoding="utf-8"))
+        recorded, algorithm = record["files"], record["files_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {UNIVERSAL_RECORD}"
+    links = [p for p in folder.rglob("*") if p.is_symlink()]
+    if links:
+        return f"{links[0].relative_to(folder)} is a link"
+    present = {
+        p.relative_to(folder).as_posix(): p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in (COMPLETE, UNIVERSAL_RECORD)
+    }
+    if set(present) != set(recorded):
+        changed = sorted(set(present) ^ set(recorded))
+        return f"{changed[0]} is {'not in its record' if changed[0] in present else 'missing'}"
+    for name, path in sorted(present.items()):
+        entry = recorded[name]
+        if path.stat().st_size != entry.get("size") or file_digest(path, algorithm) != entry.get("hash"):
+            return f"{name} differs from its record"
+    return None
 
 
 def ensure_universal(step_dir: Path) -> Path:
@@ -22,7 +62,10 @@ def ensure_universal(step_dir: Path) -> Path:
     """
     out = step_dir / UNIVERSAL
     if (out / COMPLETE).is_file():
-        return out
+        damage = universal_damage(out)
+        if damage is None:
+            return out
+        say(f"{out} is not the conversion slm train wrote ({damage}); converting {step_dir} again")
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: only when converting
 
     tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
@@ -48,6 +91,7 @@ def ensure_universal(step_dir: Path) -> Path:
         ) from None
     for name in (META, TOKENIZER):
         shutil.copyfile(step_dir / name, tmp / name)
+    atomic_write_text(tmp / UNIVERSAL_RECORD, json.dumps(universal_record(tmp)) + "\n")
     atomic_write_text(tmp / COMPLETE, f"{UNIVERSAL}\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
