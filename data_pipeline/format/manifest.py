@@ -142,6 +142,12 @@ def check_manifest_fields(raw: Dict[str, Any], path: Any) -> None:
             raise bad(f"shards[{i}].split is {shard['split']!r}, expected one of {', '.join(SPLITS)}")
         if shard["source"] not in names:
             raise bad(f"shards[{i}].source {shard['source']!r} is not among the sources {sorted(names)}")
+    files = [shard["file"] for shard in shards]
+    repeated = (
+        sorted({name for name in files if files.count(name) > 1}) if len(set(files)) < len(files) else []
+    )
+    if repeated:
+        raise bad(f"shard file {repeated[0]!r} is listed {files.count(repeated[0])} times (each shard once)")
 
 
 def _store(data_dir: str | os.PathLike | DataStore) -> DataStore:

@@ -197,7 +197,14 @@ def safetensors_files(folder: Path) -> Optional[List[Path]]:
             raise TrainError(
                 f"{index} has no weight_map; expected the index of a sharded safetensors export."
             )
-        return [folder / name for name in sorted(set(weight_map.values()))]
+        names = sorted({str(name) for name in weight_map.values()})
+        outside = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+        if outside:
+            raise TrainError(
+                f"{index} names the weight file {outside[0]!r}; expected a *.safetensors file name inside "
+                f"{folder} (an index never points outside its export, nor at another format)."
+            )
+        return [folder / name for name in names]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
     return None

@@ -153,3 +153,18 @@ def test_random_manifest_edits_are_refused_or_load_unchanged(dataset, edits):
         assert str(err) and "Traceback" not in str(err)
     finally:
         (dataset / "manifest.json").write_text(original)
+
+
+def test_a_shard_listed_twice_is_refused(dataset):
+    """A manifest that lists one shard many times would feed its windows that many times: refused by name."""
+    original = (dataset / "manifest.json").read_text()
+    manifest = json.loads(original)
+    manifest["shards"] += [dict(manifest["shards"][0]) for _ in range(3)]
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(
+            DataError, match=f"shard file '{manifest['shards'][0]['file']}' is listed 4 times"
+        ):
+            build_loader(dataset, "train", 16, 2, 0, 1, seed=0)
+    finally:
+        (dataset / "manifest.json").write_text(original)

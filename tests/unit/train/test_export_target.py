@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,22 @@ def test_replacing_a_folder_never_removes_a_folder_named_like_its_aside_copy(tmp
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert (users / "mine.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".OUT.old", "OUT"], "nothing left behind"
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.safetensors", "/etc/model.safetensors", "sub/x.safetensors", "w.bin"]
+)
+def test_a_weight_index_never_points_outside_its_export(tmp_path, name):
+    import json
+
+    from train.handoff.hf_format import safetensors_files
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(TrainError, match=f"names the weight file '{re.escape(name)}'; expected a"):
+        safetensors_files(export)
+    (export / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-1.safetensors"}})
+    )
+    assert safetensors_files(export) == [export / "model-1.safetensors"]
