@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -142,12 +143,10 @@ def check_manifest_fields(raw: Dict[str, Any], path: Any) -> None:
             raise bad(f"shards[{i}].split is {shard['split']!r}, expected one of {', '.join(SPLITS)}")
         if shard["source"] not in names:
             raise bad(f"shards[{i}].source {shard['source']!r} is not among the sources {sorted(names)}")
-    files = [shard["file"] for shard in shards]
-    repeated = (
-        sorted({name for name in files if files.count(name) > 1}) if len(set(files)) < len(files) else []
-    )
+    counts = Counter(shard["file"] for shard in shards)  # one pass: a manifest may list 100k shards
+    repeated = sorted(name for name, n in counts.items() if n > 1)
     if repeated:
-        raise bad(f"shard file {repeated[0]!r} is listed {files.count(repeated[0])} times (each shard once)")
+        raise bad(f"shard file {repeated[0]!r} is listed {counts[repeated[0]]} times (each shard once)")
 
 
 def _store(data_dir: str | os.PathLike | DataStore) -> DataStore:

@@ -72,14 +72,19 @@ def checkpoint_files(step_dir: Path) -> List[Path]:
     )
 
 
-def record_files(step_dir: Path) -> Dict[str, Any]:
-    """{"files": {name: {"size", "hash"}}, "files_hash": algorithm} for meta.json."""
+def record_of(folder: Path, paths: Iterable[Path]) -> Dict[str, Any]:
+    """{"files": {name relative to folder: {"size", "hash"}}, "files_hash": algorithm} of `paths`."""
     algorithm = hash_algorithm()
     files = {
-        p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
-        for p in checkpoint_files(step_dir)
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
+        for p in paths
     }
     return {FILES_KEY: files, HASH_KEY: algorithm}
+
+
+def record_files(step_dir: Path) -> Dict[str, Any]:
+    """The file record of a step folder, for meta.json."""
+    return record_of(step_dir, checkpoint_files(step_dir))
 
 
 def verify_files(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = True) -> bool:

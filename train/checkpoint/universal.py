@@ -11,21 +11,22 @@ from typing import Any, Dict, Optional
 
 from common.atomic import atomic_write_text
 from common.log import say
-from train.checkpoint.files import file_digest, hash_algorithm
+from train.checkpoint.files import file_digest, record_of
 from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL, UNIVERSAL_RECORD
 from train.checkpoint.safe_load import scan_pickles
 from train.errors import TrainError
 
 
 def universal_record(folder: Path) -> Dict[str, Any]:
-    """{"files": {name: {"size", "hash"}}, "files_hash": algorithm} of every file the conversion wrote."""
-    algorithm = hash_algorithm()
-    files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "hash": file_digest(p, algorithm)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.name not in (COMPLETE, UNIVERSAL_RECORD)
-    }
-    return {"files": files, "files_hash": algorithm}
+    """The file record (train.checkpoint.files.record_of) of every file the conversion wrote."""
+    return record_of(
+        folder,
+        sorted(
+            p
+            for p in folder.rglob("*")
+            if p.is_file() and not p.is_symlink() and p.name not in (COMPLETE, UNIVERSAL_RECORD)
+        ),
+    )
 
 
 def universal_damage(folder: Path) -> Optional[str]:
