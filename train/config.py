@@ -22,7 +22,7 @@ from train.schedule import ScheduleConfig
 STAGES = ("pretrain", "cpt", "ift")
 ZERO_STAGES = (0, 1, 2, 3)
 """The DeepSpeed ZeRO stages slm train supports (stated once; the config check and summaries use it)."""
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -102,8 +102,9 @@ class TrainConfig:
     """Checkpoint, run dir or export whose weights start a cpt/ift run (fresh optimizer, step 0)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
-    precision: str = "bf16"
-    """bf16, fp16 (dynamic loss scaling) or fp32."""
+    precision: str = "auto"
+    """auto, bf16, fp16 (dynamic loss scaling) or fp32. auto: bf16 where the hardware computes it natively (a GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), fp16 on an older GPU, else fp32 (emulated bf16 is far slower)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
     grad_accum_steps: int = 1

@@ -8,6 +8,7 @@ MASTER_PORT itself before initialising.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,7 +21,8 @@ from typing import Any, Callable, List, TypeVar
 
 import torch
 
-from train.config import TrainConfig
+from common.log import say
+from train.config import Config, TrainConfig
 from train.errors import TrainError
 
 T = TypeVar("T")
@@ -61,6 +63,47 @@ def choose_device(cfg: TrainConfig) -> str:
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
+
+
+def native_bf16(device: str) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware. A CPU without AVX512-BF16 or AMX emulates them: measured
+    40x slower than fp32 on an AVX2 EPYC (docs/benchmarks.md), so there bf16 costs speed and buys nothing."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def choose_precision(cfg: TrainConfig, device: str) -> str:
+    """train.precision, with auto resolved for `device`: bf16 where native, fp16 on an older GPU, else fp32."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device == "cuda" else "fp32"
+
+
+def with_precision_resolved(cfg: Config, device: str, is_main: bool) -> Config:
+    """`cfg` with train.precision=auto replaced by the precision it means on `device`, so that the run's records
+    and a resume compare what was trained. Says the choice, and warns when bf16 is asked of a CPU that emulates it."""
+    precision = choose_precision(cfg.train, device)
+    if is_main and device == "cpu" and precision == "bf16" and not native_bf16(device):
+        say(
+            f"warning: train.precision=bf16 on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
+            "each matmul is emulated, many times slower than fp32. train.precision=auto picks fp32 here."
+        )
+    if precision == cfg.train.precision:
+        return cfg
+    if is_main:
+        say(f"train.precision=auto -> {precision} on this {device}")
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    try:
+        resolved.validate()
+    except ValueError as err:
+        raise TrainError(
+            f"train.precision=auto means {precision} on this {device}, and then: {err}"
+        ) from None
+    return resolved
 
 
 def choose_backend(cfg: TrainConfig, device: str) -> str:

@@ -13,7 +13,13 @@ from data_pipeline.tokenizer import tokenizers_single_threaded
 from train.checkpoint import CheckpointSaver
 from train.components import Component, LoopRun
 from train.config import Config
-from train.distributed import DistInfo, on_main_then_share, setup_distributed, teardown_distributed
+from train.distributed import (
+    DistInfo,
+    on_main_then_share,
+    setup_distributed,
+    teardown_distributed,
+    with_precision_resolved,
+)
 from train.loop import TrainingLoop
 from train.metrics import MetricsLogger
 from train.run_lock import acquire_run_lock, release_run_lock
@@ -28,6 +34,7 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
     """
     tokenizers_single_threaded()
     dist_info = setup_distributed(cfg.train)
+    cfg = with_precision_resolved(cfg, dist_info.device.type, dist_info.is_main)
     lock = None
     try:
         lock = on_main_then_share(dist_info, lambda: acquire_run_lock(Path(cfg.run.dir)), "Locking run.dir")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
-from train.distributed import ensure_launcher_env
+from train.config import Config, TrainConfig
+from train.distributed import choose_precision, ensure_launcher_env, native_bf16, with_precision_resolved
 from train.errors import TrainError
+from train.optim_config import OptimConfig
 
 PLACE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -111,3 +114,38 @@ def test_timeout_minutes_must_be_positive():
 
     with pytest.raises(ValueError, match="train.timeout_minutes' is 0"):
         TrainConfig(timeout_minutes=0).validate()
+
+
+def _cpu_bf16(monkeypatch, native: bool) -> None:
+    """Play a CPU with or without AVX512-BF16/AMX (both kinds exist; this machine is one of them)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native, expected):
+    _cpu_bf16(monkeypatch, native)
+    assert native_bf16("cpu") is native
+    assert choose_precision(TrainConfig(precision="auto"), "cpu") == expected
+    for explicit in ("bf16", "fp16", "fp32"):
+        assert choose_precision(TrainConfig(precision=explicit), "cpu") == explicit
+
+
+def test_resolved_config_records_the_concrete_precision(monkeypatch, capsys):
+    _cpu_bf16(monkeypatch, False)
+    resolved = with_precision_resolved(Config(), "cpu", is_main=True)
+    assert Config().train.precision == "auto" and resolved.train.precision == "fp32"
+    assert "auto -> fp32" in capsys.readouterr().err
+    explicit = Config(train=TrainConfig(precision="bf16"))
+    assert with_precision_resolved(explicit, "cpu", is_main=True) is explicit
+    assert "emulated" in capsys.readouterr().err
+
+
+def test_auto_precision_that_meets_a_refused_combination_says_so(monkeypatch):
+    _cpu_bf16(monkeypatch, False)
+    muon_skip = Config(
+        train=TrainConfig(precision="auto", zero_stage=0, on_nonfinite="skip"),
+        optim=OptimConfig(name="muon"),
+    )
+    with pytest.raises(TrainError, match=r"train.precision=auto means fp32 on this cpu.*on_nonfinite=skip"):
+        with_precision_resolved(muon_skip, "cpu", is_main=False)
