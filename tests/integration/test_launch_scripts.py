@@ -105,3 +105,49 @@ def test_torch_floor_is_true_and_the_advice_meets_it():
     pins = re.findall(r'TORCH_SPEC \??= ?"?torch==([\d.]+)', (REPO / "Makefile").read_text())
     assert pins and all(tuple(map(int, p.split(".")[:2])) >= (2, 6) for p in pins)
     assert "torch==2.5" not in (REPO / "README.md").read_text()
+
+
+def test_deepspeed_over_ssh_forwards_the_run_environment(tmp_path):
+    """The real DeepSpeed runner, multi-node over ssh: the remote command it hands to pdsh exports the run's
+    credentials and settings, which the runner alone would drop. There is no sshd or pdsh here, so two stand-ins on
+    PATH play the remote shell: `ssh HOST hostname -I` answers the address, and `pdsh` records what it was given."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "ssh").write_text("#!/bin/sh\necho 127.0.0.1\n")
+    (shims / "pdsh").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/pdsh-argv\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".deepspeed_env").write_text("USER_CHOSEN=kept\n")
+    env = test_env(
+        {
+            "PATH": f"{shims}:{BIN}:{test_env()['PATH']}",
+            "HOME": str(home),
+            "HOSTFILE": str(hostfile),
+            "MASTER_PORT": str(free_port()),
+            "AWS_ACCESS_KEY_ID": "key-for-the-other-nodes",
+            "HF_HOME": "/scratch/hf home",
+            "WANDB_PROJECT": "p",
+            "NOT_FORWARDED": "x",
+            "TMPDIR": str(tmp_path),
+        }
+    )
+    env.pop("NODE_RANK", None)
+    done = subprocess.run(
+        [str(REPO / "launch" / "deepspeed.sh"), TINY],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    remote = (tmp_path / "pdsh-argv").read_text()
+    assert "export AWS_ACCESS_KEY_ID=key-for-the-other-nodes;" in remote
+    assert 'export HF_HOME="/scratch/hf home";' in remote
+    assert "export WANDB_PROJECT=p;" in remote and "export USER_CHOSEN=kept;" in remote
+    assert "NOT_FORWARDED" not in remote
+    assert not list(tmp_path.glob("slm-deepspeed-env.*")), "the file with credentials outlives the launcher"
