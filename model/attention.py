@@ -79,7 +79,11 @@ def document_block_mask(doc_ids: Tensor) -> BlockMask:
     def same_document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
-    return create_block_mask(same_document_causal, batch, None, seq_len, seq_len, device=doc_ids.device)
+    # Compiled on CUDA: eager, the builder evaluates the mask over all (T, T) positions on every forward pass.
+    on_gpu = doc_ids.device.type == "cuda"
+    return create_block_mask(
+        same_document_causal, batch, None, seq_len, seq_len, device=doc_ids.device, _compile=on_gpu
+    )
 
 
 def attention_mask(
