@@ -25,7 +25,7 @@ from data_pipeline.instruct.data import build_instruct_loader
 from data_pipeline.loading.documents import document_masked
 from data_pipeline.loading.loader import build_loader
 from data_pipeline.sources.corpus import source_weights
-from data_pipeline.storage.cache import local_copy
+from data_pipeline.storage.cache import default_cache_dir, local_copy
 from data_pipeline.storage.store import DataStore, is_remote
 from data_pipeline.tokenizer import eot_id, load_tokenizer, model_vocab_size
 from model import Transformer
@@ -101,6 +101,18 @@ def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     """Identify the prepared data: tokenizer, its sha256, the manifest's sha256 and bytes per token. data.dir
     must hold prepared data (`slm prepare`, or `slm train`, which prepares a missing data.dir first)."""
     data_dir = DataStore(cfg.data.dir, cfg.data.storage_options)
+    if (
+        data_dir.remote
+        and dist_info.world_size > 1
+        and cfg.data.cache_dir is None
+        and cfg.data.cache_limit is None
+    ):
+        raise DataError(
+            f"data.dir is the URL {cfg.data.dir} and this run has {dist_info.world_size} ranks, but neither "
+            "data.cache_dir nor data.cache_limit is set: every node would cache the whole corpus in its temp folder "
+            f"({default_cache_dir()}) without a bound. Set data.cache_dir to node-local disk with room and/or "
+            "data.cache_limit to the bytes it may hold (ranged reads past it)."
+        )
     if not data_dir.exists(MANIFEST):
         raise DataError(
             f"No {MANIFEST} in data.dir {data_dir}: it holds no prepared data. Run `slm prepare CONFIG` "

@@ -14,6 +14,7 @@ through the hash. The cache folder holds only files this module wrote; nothing o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -22,7 +23,7 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, Optional, Set
 
 import numpy as np
 
@@ -36,6 +37,9 @@ FETCH_THREADS = 8
 """Concurrent downloads or ranged reads per process (object stores answer each request with latency)."""
 HASH_PIECE = 8 << 20
 """Bytes per ranged request while hashing a shard that is not cached."""
+LOCKS = ".locks"
+"""Per-shard lock files and the reservations of downloads in flight, inside the dataset's cache folder."""
+RESERVED = ".reserved"
 log = logging.getLogger(__name__)
 
 
@@ -195,20 +199,19 @@ class ShardCache:
 
     # --- the cache folder ----------------------------------------------------------------------------
     def _fetch(self, name: str, keep: Set[str]) -> np.ndarray:
-        """The verified local copy of a shard, downloaded if absent (LRU files evicted to stay under the
-        limit), memory-mapped under the lock: another process may evict the file right after, and the map
-        stays valid."""
+        """The verified local copy of a shard, downloaded if absent, memory-mapped (another process may evict the
+        file right after, and the map stays valid).
+
+        Each shard has its own lock, so the ranks of a node download different shards in parallel and one shard
+        once. The size bound holds across processes through reservations: under the folder's lock, held only to
+        decide, a download first evicts least recently used files and then reserves its shard's size."""
         path = self.folder / name
         size, sha = self.shards[name]
-        with open(self.folder / ".lock", "w") as lock:
-            fcntl.flock(
-                lock, fcntl.LOCK_EX
-            )  # one download at a time per node: the bound holds across processes
+        with self._shard_lock(name):
             if self._cached(name):
                 os.utime(path)
                 return open_shard(path, self.dtype, random_access=True)
-            self._evict(size, keep)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            reservation = self._reserve(name, size, keep)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             try:
@@ -218,22 +221,73 @@ class ShardCache:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+                reservation.unlink(missing_ok=True)
             return open_shard(path, self.dtype, random_access=True)
+
+    @contextlib.contextmanager
+    def _shard_lock(self, name: str) -> Iterator[None]:
+        with open(self._lock_path(name), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _lock_path(self, name: str) -> Path:
+        path = self.folder / LOCKS / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _reserve(self, name: str, size: int, keep: Set[str]) -> Path:
+        """Evict to make room for `size` bytes, then hold them with a sparse reservation file of that size."""
+        reservation = self._lock_path(name).with_suffix(RESERVED)
+        reservation.unlink(missing_ok=True)  # we hold this shard's lock: one left here is a dead process's
+        with open(self.folder / ".lock", "w") as folder_lock:
+            fcntl.flock(folder_lock, fcntl.LOCK_EX)
+            self._evict(size, keep)
+            with open(reservation, "wb") as handle:
+                handle.truncate(size)
+        return reservation
+
+    def _live_reservations(self) -> int:
+        """Bytes reserved by downloads in flight; a reservation whose shard lock nobody holds is stale (its process
+        died) and is removed (the caller holds the folder lock, so no new reservation appears meanwhile)."""
+        reserved = 0
+        for reservation in (self.folder / LOCKS).rglob(f"*{RESERVED}"):
+            name = reservation.relative_to(self.folder / LOCKS).as_posix()[: -len(RESERVED)]
+            with open(self._lock_path(name), "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    reserved += reservation.stat().st_size
+                    continue
+                reservation.unlink(missing_ok=True)
+        return reserved
 
     def _evict(self, incoming: int, keep: Set[str]) -> None:
         if self.limit is None:
             return
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.folder.rglob("*.bin") if p.is_file()]
-        used = sum(size for _, size, _ in files)
+        files = [
+            (p.stat().st_mtime, p.stat().st_size, p)
+            for p in self.folder.rglob("*.bin")
+            if p.is_file() and LOCKS not in p.relative_to(self.folder).parts
+        ]
+        used = sum(size for _, size, _ in files) + self._live_reservations()
         for _, size, path in sorted(files, key=lambda f: f[0]):
             if used + incoming <= self.limit:
                 break
             name = path.relative_to(self.folder).as_posix()
-            if name in keep:
+            if name in keep or not self._unlink_unless_in_use(name, path):
                 continue
-            path.unlink()
             self._maps.pop(name, None)
             used -= size
+
+    def _unlink_unless_in_use(self, name: str, path: Path) -> bool:
+        """Evict a cached shard unless a process holds its lock (it is about to map the file)."""
+        with open(self._lock_path(name), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            path.unlink()
+            return True
 
     def _verify_streamed(self, name: str) -> None:
         if name in self._verified:

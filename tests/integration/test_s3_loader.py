@@ -4,15 +4,21 @@ so), a shard changed on the server after prepare refused by name, and nothing de
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import load_manifest
 from data_pipeline.loading.loader import build_loader
+from data_pipeline.storage.cache import RESERVED, ShardCache
+from data_pipeline.storage.store import DataStore
 from tests.s3_localhost import BUCKET
 
 
@@ -99,3 +105,64 @@ def test_shard_changed_on_the_server_is_refused_by_name(s3_data, tiny_data_dir, 
     )
     with pytest.raises(DataError, match=rf"Shard s3://.*/{victim} has sha256 .* but its manifest records"):
         batches(loader, 20)
+
+
+def shard_cache(url: str, tiny_data_dir, cache_dir, limit=None) -> ShardCache:
+    manifest = load_manifest(tiny_data_dir)
+    dtype = np.dtype(manifest.dtype)
+    shards = {s.file: (s.tokens * dtype.itemsize, s.sha256) for s in manifest.shards}
+    return ShardCache(DataStore(url), str(cache_dir), limit, shards, dtype)
+
+
+def test_shards_download_in_parallel_each_under_its_own_lock(s3_data, tiny_data_dir, tmp_path):
+    """While one shard's download holds its lock (here: the test holds it), another shard still downloads:
+    one folder-wide lock used to serialise every rank of a node behind one download stream."""
+    url, _ = s3_data
+    first, second = [s.file for s in load_manifest(tiny_data_dir).shards_of("train")[:2]]
+    cache = shard_cache(url, tiny_data_dir, tmp_path / "c")
+    with open(cache._lock_path(first), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with ThreadPoolExecutor(2) as pool:
+            other = pool.submit(cache.tokens, second, 0, 8)
+            blocked = pool.submit(cache.tokens, first, 0, 8)
+            assert len(other.result(timeout=120)) == 8
+            assert not blocked.done()  # the same shard waits for the download in flight, not a second one
+            fcntl.flock(held, fcntl.LOCK_UN)
+            assert len(blocked.result(timeout=120)) == 8
+
+
+def test_reservations_hold_the_bound_across_processes_and_stale_ones_are_cleared(
+    s3_data, tiny_data_dir, tmp_path
+):
+    """A download in flight elsewhere reserves its shard's bytes (a sparse file under its held lock): the next
+    download evicts to make room for both. A reservation whose lock nobody holds (its process died) is removed."""
+    url, _ = s3_data
+    manifest = load_manifest(tiny_data_dir)
+    names = [s.file for s in manifest.shards_of("train")[:3]]
+
+    def cached(folder):
+        return {p.name for p in folder.rglob("*.bin") if ".locks" not in p.parts}
+
+    def reserve(cache, name, size):
+        reservation = cache._lock_path(name).with_suffix(RESERVED)
+        reservation.write_bytes(b"")
+        os.truncate(reservation, size)
+        return reservation
+
+    live_cache = shard_cache(url, tiny_data_dir, tmp_path / "live")
+    sizes = [live_cache.shards[n][0] for n in names]
+    live_cache.limit = sizes[0] + max(
+        sizes[1], sizes[2]
+    )  # the first and third fit, unless the second is counted
+    live_cache.tokens(names[0], 0, 4)
+    with open(live_cache._lock_path(names[1]), "w") as in_flight:
+        fcntl.flock(in_flight, fcntl.LOCK_EX)
+        live = reserve(live_cache, names[1], sizes[1])
+        live_cache.tokens(names[2], 0, 4)
+        assert cached(tmp_path / "live") == {names[2]} and live.exists()
+
+    stale_cache = shard_cache(url, tiny_data_dir, tmp_path / "stale", limit=sum(sizes))
+    stale_cache.tokens(names[0], 0, 4)
+    stale = reserve(stale_cache, manifest.shards_of("val")[0].file, 10**12)  # a dead process's: no lock held
+    stale_cache.tokens(names[2], 0, 4)
+    assert cached(tmp_path / "stale") == {names[0], names[2]} and not stale.exists()
