@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import List, Optional
@@ -10,7 +11,7 @@ from typing import List, Optional
 from common.log import library_logs_to_stderr
 from launch.config import ConfigError, load_config, to_yaml
 
-LOADS_DEEPSPEED = ("train", "export", "generate", "eval")
+LOADS_DEEPSPEED = ("train", "convert", "export", "generate", "eval")
 """Commands that import DeepSpeed (directly or through its checkpoint readers)."""
 
 
@@ -61,6 +62,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from train.report import report
 
     report(args.run_dir)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from train.checkpoint.universal import convert_ahead
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter prints its progress
+        universal = convert_ahead(args.src)
+    print(universal)
     return 0
 
 
@@ -249,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plot a run's metrics into RUN_DIR/report.png and print a summary")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a ZeRO checkpoint to a universal one now, before resuming at another world size",
+    )
+    p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="export a checkpoint to a Hugging Face LlamaForCausalLM folder")
     p.add_argument("src", help="run dir (its latest checkpoint) or checkpoint folder")

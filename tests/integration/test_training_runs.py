@@ -224,8 +224,13 @@ def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
 def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_counts(
     two_proc_run, tiny_data_dir, tmp_path
 ):
-    """2 ranks (ZeRO-2) -> 1 rank with the same global batch; a NaN at step 9 is skipped (on_nonfinite=skip)."""
+    """2 ranks (ZeRO-2) -> 1 rank with the same global batch; a NaN at step 9 is skipped (on_nonfinite=skip).
+    The checkpoint is converted ahead with `slm convert`, as a user does before queueing the job."""
     source = two_proc_run(2)
+    step_6 = source / "checkpoints" / "step_00000006"
+    converted = run(slm_cmd(["convert", str(step_6)]))
+    assert converted.stdout.strip() == str(step_6 / "universal")  # stdout: the result only
+    assert (step_6 / "universal" / "universal.json").is_file()
     run_dir = tmp_path / "run"
     out = run(
         slm_cmd(
@@ -241,6 +246,7 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
         env=make_env({"SLM_INJECT_NAN_AT_STEP": "9"}),
     )
     assert "universal checkpoint" in out.stderr and "at step 6" in out.stderr
+    assert "converting" not in out.stderr  # the conversion made ahead is reused
     two, one = losses(source), losses(run_dir)
     for step in (7, 8):  # same weights, optimizer state and data, one rank instead of two
         assert one[step] == pytest.approx(two[step], rel=1e-5)

@@ -12,9 +12,31 @@ from typing import Any, Dict, Optional
 from common.atomic import atomic_write_text
 from common.log import say
 from train.checkpoint.files import file_digest, record_of
+from train.checkpoint.folders import find_checkpoint
 from train.checkpoint.layout import COMPLETE, META, TMP_PREFIX, TOKENIZER, UNIVERSAL, UNIVERSAL_RECORD
+from train.checkpoint.record import read_record
 from train.checkpoint.safe_load import scan_pickles
 from train.errors import TrainError
+
+CONVERSION_WORKERS = max(1, min(8, len(os.sched_getaffinity(0))))
+"""Processes DeepSpeed's converter extracts and merges with: rank 0 converts while the other ranks wait in a
+collective (train.timeout_minutes), so it uses the node's cores."""
+
+
+def convert_ahead(path: str) -> Path:
+    """`slm convert`: the universal folder of a run's newest complete checkpoint (or of a step folder), converted
+    now, before a job at another world size or ZeRO stage waits on rank 0 converting it."""
+    step_dir = find_checkpoint(path)
+    if step_dir is None:
+        raise TrainError(
+            f"No complete checkpoint at '{path}': expected a run dir, its checkpoints/ or a step folder."
+        )
+    if read_record(step_dir).zero_stage == 0:
+        raise TrainError(
+            f"{step_dir} was trained at ZeRO 0: its weights and optimizer state are whole, and a run at any world "
+            "size resumes from them directly; there is nothing to convert."
+        )
+    return ensure_universal(step_dir)
 
 
 def universal_record(folder: Path) -> Dict[str, Any]:
@@ -65,6 +87,7 @@ def ensure_universal(step_dir: Path) -> Path:
     if (out / COMPLETE).is_file():
         damage = universal_damage(out)
         if damage is None:
+            say(f"using the universal checkpoint converted earlier: {out}")
             return out
         say(f"{out} is not the conversion slm train wrote ({damage}); converting {step_dir} again")
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: only when converting
@@ -75,8 +98,8 @@ def ensure_universal(step_dir: Path) -> Path:
     args = argparse.Namespace(
         input_folder=str(step_dir),
         output_folder=str(tmp),
-        num_extract_workers=1,
-        num_merge_workers=1,
+        num_extract_workers=CONVERSION_WORKERS,
+        num_merge_workers=CONVERSION_WORKERS,
         keep_temp_folder=False,
         strict=True,
         inject_missing_state=True,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from train.checkpoint import COMPLETE, find_checkpoint, prune_checkpoints, read_latest
+from train.errors import TrainError
 
 
 def fake_step(ckpt_dir: Path, step: int, complete: bool = True) -> Path:
@@ -46,3 +49,13 @@ def test_latest_is_read_back_and_a_stale_one_is_reported(tmp_path, capsys):
     )
     (ckpt / "latest").write_text("step_00000009\n")  # names no complete folder
     assert read_latest(ckpt) is None
+
+
+def test_convert_ahead_names_a_path_without_a_checkpoint(tmp_path):
+    from train.checkpoint.universal import convert_ahead
+
+    (tmp_path / "checkpoints" / "tmp.step_00000004").mkdir(
+        parents=True
+    )  # an interrupted save is no checkpoint
+    with pytest.raises(TrainError, match=rf"No complete checkpoint at '{tmp_path}'"):
+        convert_ahead(str(tmp_path))
