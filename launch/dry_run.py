@@ -86,4 +86,6 @@ def dry_run_before_submit(
     say(
         f"slurm: dry run at world size {nodes * tasks_per_node} before writing the job (--no-dry-run skips it)"
     )
-    return subprocess.run(cmd, stdout=sys.stderr).returncode
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(proc.stdout + proc.stderr)  # the report too: stdout carries the batch script
+    return proc.returncode

@@ -105,6 +105,8 @@ class DryRunReport:
     """Every config error found at this world size, each a complete sentence."""
     skipped: List[str] = field(default_factory=list)
     """What was not exercised, and why."""
+    partitions: Dict[str, int] = field(default_factory=dict)
+    """Elements rank R holds as DeepSpeed made them (`partition_sizes`); empty when DeepSpeed was not initialised."""
 
     def add(self, title: str, lines: List[str]) -> None:
         self.sections.append((title, lines))
@@ -416,7 +418,7 @@ def deepspeed_checks(
         )  # the partitions are read after the steps (which create the optimizer state)
         if options.steps:
             step_report(cfg, plan, options, manifest, engine, dist_info, report, available)
-        sizes = partition_sizes(engine, stage)
+        sizes = report.partitions = partition_sizes(engine, stage)
         measured = measured_state_bytes(sizes, bit16)
         state = sizes["optimizer_state"]
         lines = [

@@ -164,7 +164,7 @@ def test_cli_writes_job_sbatch_and_prints_it(tmp_path, capsys):
 
 def test_submit_without_sbatch_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
-    code = main(["slurm", TINY, "--submit", f"run.dir={tmp_path / 'run'}"])
+    code = main(["slurm", TINY, "--submit", "--no-dry-run", f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert (
         code == 2
