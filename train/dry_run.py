@@ -282,6 +282,20 @@ def fake_process_group(options: DryRunOptions) -> DistInfo:
     )
 
 
+def end_fake_process_group() -> None:
+    """Destroy the fake group and forget DeepSpeed's cached groups and backend, which would otherwise point at
+    the destroyed group: the process can then run another dry run (or anything else) cleanly."""
+    from deepspeed import comm
+    from deepspeed.utils import groups
+
+    torch.distributed.destroy_process_group()
+    comm.cdb = None
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith(("_GROUP", "_GROUPS", "_GROUP_RANKS")):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mesh_device = None
+
+
 def _numel(tensors: Any) -> int:
     return sum(int(t.numel()) for t in tensors)
 
@@ -452,7 +466,7 @@ def deepspeed_checks(
             ],
         )
     finally:
-        torch.distributed.destroy_process_group()
+        end_fake_process_group()
 
 
 def step_report(
@@ -469,6 +483,12 @@ def step_report(
     when data.dir is not prepared)."""
     from train.startup import build_loaders, load_data
 
+    if cfg.train.zero_stage == 3 and options.rank != 0:
+        report.skipped.append(
+            f"steps: ZeRO 3 checks during a step that every rank traced what rank 0 broadcasts, and the fake group "
+            f"carries no data, so rank {options.rank} cannot step here; dry-run --rank 0 to take the steps."
+        )
+        return
     activations = training_memory_per_rank(
         plan.model(cfg.model),
         cfg.train.zero_stage,

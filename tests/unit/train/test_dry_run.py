@@ -68,7 +68,7 @@ def expected(stage: int, n: int) -> Dict[str, int]:
 def partitions_125m(tmp_path_factory) -> Dict[str, Dict[str, int]]:
     """The dry run of 125m at ZeRO 1-3 x N = 8, 64, 512 (no step), all nine in one child process.
 
-    About 60-90 s on 2 cores: nine DeepSpeed initialisations of a 124M-parameter model, the point of the test."""
+    About 60-130 s on 2 busy cores: nine DeepSpeed initialisations of a 124M-parameter model, the point of the test."""
     tmp = tmp_path_factory.mktemp("dry125m")
     proc = run(
         [sys.executable, "-c", PARTITIONS_SCRIPT, PRESET_125M, str(tmp / "run"), str(tmp / "no-data")],
