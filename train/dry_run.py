@@ -461,7 +461,7 @@ def deepspeed_checks(
             f"checkpoint files rank {options.rank} writes (saved to a scratch folder, then removed)",
             files
             + [
-                f"(the run's go to {cfg.run.dir}/checkpoints/; each of the {n} ranks writes its own optimizer "
+                f"(a run writes them to {cfg.run.dir}/checkpoints/; each of the {n} ranks writes its own optimizer "
                 "partition, rank 0 also the model states, meta.json and COMPLETE)"
             ],
         )
