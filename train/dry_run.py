@@ -531,6 +531,11 @@ def dry_run(cfg: Config, options: DryRunOptions) -> DryRunReport:
     """Every check at world size N as rank R (see the module docstring); errors are collected in the report."""
     options.validate()
     report = DryRunReport()
+    auto = (
+        " (train.precision=auto, as a GPU of --gpu's table resolves it)"
+        if cfg.train.precision == "auto"
+        else ""
+    )
     cfg = resolve_target_precision(cfg, options)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, device="cpu"))
     shape_error = check_slurm_shape(options)
@@ -541,7 +546,7 @@ def dry_run(cfg: Config, options: DryRunOptions) -> DryRunReport:
     report.add(
         f"plan at world size {options.world_size} (rank {options.rank})",
         [
-            f"ZeRO stage {stage}, precision {cfg.train.precision}, activation checkpointing "
+            f"ZeRO stage {stage}, precision {cfg.train.precision}{auto}, activation checkpointing "
             f"{'on' if cfg.train.activation_checkpointing else 'off'}",
             f"global batch {plan.global_batch_size:,} = micro {plan.micro_batch_size} x accum {plan.grad_accum_steps}"
             f" x world {plan.world_size}; {plan.tokens_per_step:,} tokens per step",

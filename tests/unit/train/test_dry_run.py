@@ -149,6 +149,7 @@ def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
                 "train.micro_batch_size=16384",
                 "train.global_batch_size=100",
                 "eval.batches=8",
+                "deepspeed={zero_optimization: {allgather_bucket_size: 3}}",
                 f"run.dir={tmp_path / 'run'}",
                 f"data.dir={tiny_data_dir}",
             ]
@@ -159,8 +160,8 @@ def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
     out = proc.stdout
     assert "Traceback" not in out + proc.stderr
     errors = [line for line in out.splitlines() if line.startswith("  error: ")]
-    assert len(errors) == 5, out
-    assert "5 error(s) at this world size" in out
+    assert len(errors) == 6, out
+    assert "6 error(s) at this world size" in out
     assert any(
         "train.global_batch_size is 100" in e
         and "100 is not divisible by world size 8 x micro_batch_size 16384" in e
@@ -170,6 +171,11 @@ def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
     assert any("only 22.5 GiB is available (one l4)" in e for e in errors)
     assert any("train windows" in e and "global batch of 131,072" in e for e in errors)
     assert any("validation windows" in e and "8 ranks x micro 16384" in e for e in errors)
+    assert any(
+        "DeepSpeed could not initialise ZeRO 2 at world size 8: AssertionError: allgather_bucket_size must be"
+        in e
+        for e in errors
+    )
     assert not (tmp_path / "run").exists()
 
 
