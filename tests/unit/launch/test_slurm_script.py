@@ -151,6 +151,7 @@ def test_overrides_are_shell_quoted(tmp_path):
 
 
 def test_cli_writes_job_sbatch_and_prints_it(tmp_path, capsys):
+    """The passing path, dry run included (20-35 s on 2 busy cores: the dry run starts DeepSpeed in a child)."""
     run_dir = tmp_path / "run"
     code = main(
         ["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=50"]
@@ -213,7 +214,7 @@ def test_bad_time_is_a_slurm_error():
 
 def test_slurm_runs_the_dry_run_at_the_jobs_world_size(tmp_path, capsys):
     """`slm slurm` dry-runs nodes x processes per node before it writes the job; a failing dry run writes none, and
-    --no-dry-run skips it (the real dry run in a child process: about 20 s of DeepSpeed start-up)."""
+    --no-dry-run skips it (the real dry run in a child process: 20-40 s of DeepSpeed start-up on 2 busy cores)."""
     run_dir = tmp_path / "run"
     args = [
         "slurm",

@@ -89,7 +89,7 @@ def test_125m_partitions_are_deepspeeds(partitions_125m, stage, n):
 
 
 def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp_path, tiny_data_dir):
-    """A dry run with a real step on the prepared tiny data (about 30 s: DeepSpeed start-up and one step)."""
+    """A dry run with a real step on the prepared tiny data (30-60 s on 2 busy cores: DeepSpeed start-up, one step)."""
     run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
     run_dir.mkdir()
     scratch.mkdir()
@@ -128,7 +128,7 @@ def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp
 
 
 def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
-    """Every error that shows only at N, in one dry run (steps 0; about 20 s of DeepSpeed start-up)."""
+    """Every error that shows only at N, in one dry run (steps 0; 20-40 s of DeepSpeed start-up on 2 busy cores)."""
     proc = run(
         slm_cmd(
             [
