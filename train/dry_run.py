@@ -54,6 +54,13 @@ GPU_MEMORY_MIB = {
     "a10g": 23_028,
 }
 """--gpu name -> the memory one GPU has, in MiB as nvidia-smi reports it (what torch's total_memory sees)."""
+CHECKPOINT_WRITERS = {
+    0: "rank 0 writes the model and optimizer states, each of the {n} ranks its RNG file",
+    1: "each of the {n} ranks writes its optimizer partition and RNG file, rank 0 also the model states",
+    2: "each of the {n} ranks writes its optimizer partition and RNG file, rank 0 also the model states",
+    3: "each of the {n} ranks writes its model and optimizer partitions and RNG file",
+}
+"""ZeRO stage -> which rank writes which checkpoint files (rank 0 then adds meta.json, tokenizer.json, COMPLETE)."""
 HOST_HEADROOM = 0.7
 """Share of this host's MemAvailable the dry run lets DeepSpeed (and a step) use before it skips them."""
 
@@ -220,8 +227,8 @@ def check_data(cfg: Config, plan: RunPlan, options: DryRunOptions, report: DryRu
             "evaluate the same windows. Prepare with a larger data.val_fraction or more data."
         )
     lines.append(
-        f"one step = global samples [k x {plan.global_batch_size // plan.grad_accum_steps:,}, ...) per micro-step; "
-        f"rank {rank} reads samples [{rank * micro}, {rank * micro + micro}) of each ({micro} windows)"
+        f"each micro-step takes the next {n * micro:,} samples of the global order; rank {rank} reads samples "
+        f"[{rank * micro}, {rank * micro + micro}) of each"
     )
     lines.append(
         f"validation: {val_per_rank} batch(es) per rank, {val_needed:,} windows over all ranks "
@@ -411,6 +418,7 @@ def deepspeed_checks(
             "checkpoint saved. Dry-run on a host with more memory."
         )
         return
+    saved_env = dict(os.environ)
     dist_info = fake_process_group(options)
     try:
         say(f"dry run: DeepSpeed ZeRO {stage} as rank {options.rank} of {n} (fake process group)")
@@ -460,13 +468,12 @@ def deepspeed_checks(
         report.add(
             f"checkpoint files rank {options.rank} writes (saved to a scratch folder, then removed)",
             files
-            + [
-                f"(a run writes them to {cfg.run.dir}/checkpoints/; each of the {n} ranks writes its own optimizer "
-                "partition, rank 0 also the model states, meta.json and COMPLETE)"
-            ],
+            + [f"(a run writes them to {cfg.run.dir}/checkpoints/; {CHECKPOINT_WRITERS[stage].format(n=n)})"],
         )
     finally:
         end_fake_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)  # RANK, WORLD_SIZE ... of the simulated job
 
 
 def step_report(
