@@ -54,10 +54,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         from launch.dry_run import dry_run_command
 
         return dry_run_command(cfg, args)
-    if args.world_size is not None or args.rank is not None or args.gpu is not None:
+    dry_run_only = ("world_size", "rank", "gpu", "steps", "nodes", "tasks_per_node")
+    if any(getattr(args, name) is not None for name in dry_run_only):
         raise ConfigError(
-            "slm train: --world-size, --rank and --gpu describe a simulated job and need --dry-run; a real run "
-            "takes its world size from the launcher (torchrun, deepspeed, slm slurm)."
+            "slm train: --world-size, --rank, --gpu, --steps, --nodes and --tasks-per-node describe a simulated "
+            "job and need --dry-run; a real run takes its world size from the launcher (torchrun, deepspeed, "
+            "slm slurm)."
         )
     from launch.prepare_missing import prepare_missing_data
     from train.trainer import run_training

@@ -26,7 +26,9 @@ def add_dry_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None, help="ranks of the job the dry run simulates")
     p.add_argument("--rank", type=int, default=None, help="the rank the dry run plays (default 0)")
     p.add_argument("--gpu", default=None, help="target GPU for the memory check: h100, a100-80gb, h200, ...")
-    p.add_argument("--steps", type=int, default=1, help="real optimizer steps the dry run takes (0: none)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="real optimizer steps the dry run takes (default 1)"
+    )
     p.add_argument("--nodes", type=int, default=None, help="Slurm nodes of the job (checked against N)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="processes per node (checked against N)")
 
@@ -42,7 +44,7 @@ def dry_run_command(cfg: Config, args: argparse.Namespace) -> int:
         world_size=args.world_size,
         rank=args.rank or 0,
         gpu=args.gpu,
-        steps=args.steps,
+        steps=1 if args.steps is None else args.steps,
         nodes=args.nodes,
         tasks_per_node=args.tasks_per_node,
     )
