@@ -51,6 +51,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from launch.dry_run import dry_run_command
+
+        return dry_run_command(cfg, args)
+    dry_run_only = ("world_size", "rank", "gpu", "steps", "nodes", "tasks_per_node")
+    if any(getattr(args, name) is not None for name in dry_run_only):
+        raise ConfigError(
+            "slm train: --world-size, --rank, --gpu, --steps, --nodes and --tasks-per-node describe a simulated "
+            "job and need --dry-run; a real run takes its world size from the launcher (torchrun, deepspeed, "
+            "slm slurm)."
+        )
     from launch.prepare_missing import prepare_missing_data
     from train.trainer import run_training
 
@@ -201,6 +212,14 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segments", type=int, default=1, help="chain this many jobs with --dependency=afterany")
     p.add_argument("--submit", action="store_true")
     p.add_argument(
+        "--no-dry-run",
+        action="store_true",
+        help="skip the dry run at the job's world size (nodes x processes per node) before writing the job",
+    )
+    p.add_argument(
+        "--gpu", default=None, help="the nodes' GPU for the dry run's memory check: h100, a100-80gb, ..."
+    )
+    p.add_argument(
         "--prepare",
         type=int,
         default=None,
@@ -254,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train with DeepSpeed ZeRO (single process, torchrun or deepspeed launcher)"
     )
     _config_args(p)
+    from launch.dry_run import add_dry_run_args
+    from launch.slurm import allow_intermixed_args
+
+    add_dry_run_args(p)
+    allow_intermixed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="plot a run's metrics into RUN_DIR/report.png and print a summary")

@@ -316,8 +316,21 @@ def submit(job: SlurmJob) -> List[str]:
 
 
 def slurm_command(args: argparse.Namespace) -> int:
-    """`slm slurm`: write run.dir/slurm/job.sbatch, print it, and with --submit submit it and print the job ids."""
+    """`slm slurm`: dry-run the job's world size (unless --no-dry-run), write run.dir/slurm/job.sbatch, print it,
+    and with --submit submit it and print the job ids."""
     job = job_from_args(args)
+    if not getattr(args, "no_dry_run", True):
+        from launch.dry_run import dry_run_before_submit
+
+        code = dry_run_before_submit(
+            args.config, job.overrides, job.nodes, job.nproc_per_node, getattr(args, "gpu", None)
+        )
+        if code != 0:
+            raise SlurmError(
+                f"slm slurm: the dry run at world size {job.nodes * job.nproc_per_node} (--nodes {job.nodes} x "
+                f"{job.nproc_per_node} processes per node) failed (its report is above); no job was written. Fix "
+                "what it names, or pass --no-dry-run to skip it."
+            )
     path = write_batch_script(job)
     print(path.read_text(encoding="utf-8"), end="")
     print(f"# written to {path}", file=sys.stderr)

@@ -114,6 +114,7 @@ def submit(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
         "--cpus-per-task",
         "2",
         "--submit",
+        "--no-dry-run",  # the dry run before submitting: tests/unit/launch/test_slurm_script.py
         *extra,
         f"run.dir={run_dir}",
         f"data.dir={data_dir}",

@@ -151,20 +151,25 @@ def test_overrides_are_shell_quoted(tmp_path):
 
 
 def test_cli_writes_job_sbatch_and_prints_it(tmp_path, capsys):
+    """The passing path, dry run included (20-35 s on 2 busy cores: the dry run starts DeepSpeed in a child)."""
     run_dir = tmp_path / "run"
     code = main(
         ["slurm", TINY, "--nodes", "1", f"run.dir={run_dir}", "--signal-seconds", "30", "train.max_steps=50"]
     )
     assert code == 0
     written = (run_dir / "slurm" / "job.sbatch").read_text()
-    assert capsys.readouterr().out == written
+    captured = capsys.readouterr()
+    assert captured.out == written
+    assert (
+        "plan at world size 1" in captured.err and "no errors found" in captured.err
+    )  # the dry run passed first
     assert "--signal=B:USR1@30" in written and "train.max_steps=50" in written
     assert not list((run_dir / "slurm").glob(".*tmp")), "the script is written atomically (no temp left)"
 
 
 def test_submit_without_sbatch_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
-    code = main(["slurm", TINY, "--submit", f"run.dir={tmp_path / 'run'}"])
+    code = main(["slurm", TINY, "--submit", "--no-dry-run", f"run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert (
         code == 2
@@ -205,3 +210,30 @@ def test_slurm_time_formats(text, seconds):
 def test_bad_time_is_a_slurm_error():
     with pytest.raises(SlurmError, match="not a Slurm time limit"):
         slurm_time_seconds("1:2:3:4")
+
+
+def test_slurm_runs_the_dry_run_at_the_jobs_world_size(tmp_path, capsys):
+    """`slm slurm` dry-runs nodes x processes per node before it writes the job; a failing dry run writes none, and
+    --no-dry-run skips it (the real dry run in a child process: 20-40 s of DeepSpeed start-up on 2 busy cores)."""
+    run_dir = tmp_path / "run"
+    args = [
+        "slurm",
+        TINY,
+        "--nodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        f"run.dir={run_dir}",
+        "train.global_batch_size=12",
+    ]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "plan at world size 4 (rank 0)" in err  # the dry run's report, on stderr
+    assert (
+        "train.global_batch_size is 12, but micro_batch_size 8 x grad_accum_steps 1 x data-parallel world size 4"
+        in err
+    )
+    assert "the dry run at world size 4 (--nodes 2 x 2 processes per node) failed" in err
+    assert not (run_dir / "slurm" / "job.sbatch").exists()
+    assert main([*args, "--no-dry-run"]) == 0 and (run_dir / "slurm" / "job.sbatch").exists()

@@ -1,0 +1,205 @@
+"""`slm train --dry-run --world-size N`: the partitions DeepSpeed really makes at N for the 125m preset, the errors
+that only show at N (each a clear sentence, all of them collected), and that a dry run leaves run.dir alone.
+
+Every dry run here runs in a child process: the fake process group and DeepSpeed's globals must not outlive it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Dict, List
+
+import pytest
+
+from launch.config import load_config
+from tests.helpers import REPO, TINY, run, slm_cmd, test_env
+
+PRESET_125M = str(REPO / "configs" / "125m.yaml")
+WORLD_SIZES = (8, 64, 512)
+STAGES = (1, 2, 3)
+ALIGNMENT = 2
+"""ZeRO 1-2 pad each flat param group to a multiple of 2 x N elements (4-byte alignment of 16-bit elements)."""
+
+PARTITIONS_SCRIPT = """
+import json, sys
+from launch.config import load_config
+from train.dry_run import DryRunOptions, dry_run
+out = {}
+for stage in (1, 2, 3):
+    cfg = load_config(sys.argv[1], [f"train.zero_stage={stage}", "run.dir=" + sys.argv[2], "data.dir=" + sys.argv[3]])
+    for n in (8, 64, 512):
+        report = dry_run(cfg, DryRunOptions(world_size=n, rank=n - 1, steps=0))
+        assert not report.errors, report.errors
+        out[f"{stage}/{n}"] = report.partitions
+print(json.dumps(out))
+"""
+
+
+def shapes_125m() -> Dict[str, List[int]]:
+    """Element counts of every 125m parameter, from the preset's shape alone: decayed matrices, the rest."""
+    m = load_config(PRESET_125M).model
+    d, q, kv, f = m.d_model, m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim, m.ffn_hidden_size
+    matrices = [q * d, kv * d, kv * d, d * q, f * d, f * d, d * f] * m.n_layers
+    assert m.tie_embeddings
+    others = [m.vocab_size * d] + [d] * (2 * m.n_layers + 1)  # the (tied) embedding, the norms
+    return {"decay": matrices, "no_decay": others}
+
+
+def expected(stage: int, n: int) -> Dict[str, int]:
+    """What DeepSpeed should hold on one rank: ZeRO 1-2 cut each padded flat group into N equal parts; ZeRO 3
+    partitions every parameter on its own, ceil(numel / N) each."""
+    groups = shapes_125m()
+    if stage == 3:
+        part = sum(math.ceil(numel / n) for g in groups.values() for numel in g)
+        return {"params": part, "params_partition": part, "grads": part, "master": part}
+    padded = [math.ceil(sum(g) / (ALIGNMENT * n)) * ALIGNMENT * n for g in groups.values()]
+    part = sum(p // n for p in padded)
+    return {
+        "params": sum(padded),  # ZeRO 1-2 keep every weight
+        "params_partition": part,
+        "grads": part if stage == 2 else sum(padded),
+        "master": part,
+    }
+
+
+@pytest.fixture(scope="module")
+def partitions_125m(tmp_path_factory) -> Dict[str, Dict[str, int]]:
+    """The dry run of 125m at ZeRO 1-3 x N = 8, 64, 512 (no step), all nine in one child process.
+
+    About 60-130 s on 2 busy cores: nine DeepSpeed initialisations of a 124M-parameter model, the point of the test."""
+    tmp = tmp_path_factory.mktemp("dry125m")
+    proc = run(
+        [sys.executable, "-c", PARTITIONS_SCRIPT, PRESET_125M, str(tmp / "run"), str(tmp / "no-data")],
+        timeout=900,
+    )
+    assert not (tmp / "run").exists(), "a dry run must not create run.dir"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_125m_partitions_are_deepspeeds(partitions_125m, stage, n):
+    measured = partitions_125m[f"{stage}/{n}"]
+    assert {k: measured[k] for k in ("params", "params_partition", "grads", "master")} == expected(stage, n)
+    assert measured["optimizer_state"] == 0  # no step: Adam's state does not exist yet
+    total = sum(sum(g) for g in shapes_125m().values())
+    assert total == 123_587_328  # the preset's count (README, slm model summary)
+
+
+def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp_path, tiny_data_dir):
+    """A dry run with a real step on the prepared tiny data (30-60 s on 2 busy cores: DeepSpeed start-up, one step)."""
+    run_dir, scratch = tmp_path / "run", tmp_path / "tmp"
+    run_dir.mkdir()
+    scratch.mkdir()
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    proc = run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                "--dry-run",
+                "--world-size",
+                "4",
+                "--rank",
+                "1",
+                "--gpu",
+                "h100",
+                "train.precision=fp32",
+                f"run.dir={run_dir}",
+                f"data.dir={tiny_data_dir}",
+            ]
+        ),
+        env=test_env({"TMPDIR": str(scratch)}),
+    )
+    out = proc.stdout
+    assert "global batch 32 = micro 8 x accum 1 x world 4; 4,096 tokens per step" in out
+    assert (
+        "rank 1 reads samples [8, 16) of each" in out
+        and "rank 1's first micro-batch reads tinyshakespeare-train-" in out
+    )
+    assert "1 real step(s) on rank 1's batches of" in out and "step 1: loss" in out
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out and "no errors found" in out
+    assert "optimizer state" in out and "created by the first step" not in out  # the step made Adam's state
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before, "run.dir was touched"
+    assert not list(scratch.glob("slm-dry-run-*")), "the scratch checkpoint must be removed"
+
+
+def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
+    """Every error that shows only at N, in one dry run (steps 0; 20-40 s of DeepSpeed start-up on 2 busy cores)."""
+    proc = run(
+        slm_cmd(
+            [
+                "train",
+                TINY,
+                "--dry-run",
+                "--world-size",
+                "8",
+                "--steps",
+                "0",
+                "--gpu",
+                "l4",
+                "--nodes",
+                "3",
+                "--tasks-per-node",
+                "2",
+                "train.precision=fp32",
+                "train.micro_batch_size=16384",
+                "train.global_batch_size=100",
+                "eval.batches=8",
+                "deepspeed={zero_optimization: {allgather_bucket_size: 3}}",
+                f"run.dir={tmp_path / 'run'}",
+                f"data.dir={tiny_data_dir}",
+            ]
+        ),
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "Traceback" not in out + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith("  error: ")]
+    assert len(errors) == 6, out
+    assert "6 error(s) at this world size" in out
+    assert any(
+        "train.global_batch_size is 100" in e
+        and "100 is not divisible by world size 8 x micro_batch_size 16384" in e
+        for e in errors
+    )
+    assert any("--nodes 3 x --tasks-per-node 2 = 6 ranks, but --world-size is 8" in e for e in errors)
+    assert any("only 22.5 GiB is available (one l4)" in e for e in errors)
+    assert any("train windows" in e and "global batch of 131,072" in e for e in errors)
+    assert any("validation windows" in e and "8 ranks x micro 16384" in e for e in errors)
+    assert any(
+        "DeepSpeed could not initialise ZeRO 2 at world size 8: AssertionError: allgather_bucket_size must be"
+        in e
+        for e in errors
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--world-size", "0"], "--world-size is 0"),
+        (["--world-size", "4", "--rank", "4"], "--rank is 4; expected a rank of the job, 0 to 3"),
+        (["--world-size", "4", "--gpu", "h900"], "--gpu 'h900' is not a GPU the dry run knows"),
+        ([], "needs --world-size N"),
+    ],
+)
+def test_bad_flags_are_refused_plainly(tmp_path, capsys, args, needle):
+    from launch.cli import main
+
+    code = main(["train", TINY, "--dry-run", *args, f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_world_size_without_dry_run_is_refused(tmp_path, capsys):
+    from launch.cli import main
+
+    code = main(["train", TINY, "--world-size", "8", f"run.dir={tmp_path / 'run'}"])
+    assert code == 2 and "need --dry-run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
