@@ -76,8 +76,10 @@ def main() -> None:
     from model import ModelConfig, Transformer
     from train.checkpoint import COMPLETE, LATEST, META, step_tag, tokenizer_file
     from train.config import TrainConfig
+    from train.distributed import skip_cpu_shm_comm_op
 
     out_dir, tokenizer_path = Path(sys.argv[1]), Path(sys.argv[2])
+    skip_cpu_shm_comm_op()  # as slm train does: no JIT build of an op training never uses, no lock left by a kill
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     vocab_size = model_vocab_size(load_tokenizer(tokenizer_path))
