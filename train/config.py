@@ -1,6 +1,6 @@
 """Typed configs of a training run and the root `Config` that composes every component's section, each owned by
 what uses it: train (the run's shape and runtime), optim (train.optim_config), schedule (train.schedule),
-checkpoint, export, eval (train.downstream.config), log. `launch.config` loads it from YAML and validates it; the
+checkpoint, export, eval (train.downstream.config), log, guard (train.guard). `launch.config` loads it from YAML and validates it; the
 loaded config is never rewritten: what a run derives from it (max_steps from a token budget, the world size,
 model.vocab_size from the tokenizer) is the run's plan (train.plan.RunPlan), recorded beside it."""
 
@@ -16,6 +16,7 @@ from common.checks import check_at_least, check_choice, check_finite_fields, che
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
 from train.downstream.config import EvalConfig
+from train.guard import GuardConfig
 from train.optim_config import OptimConfig
 from train.schedule import ScheduleConfig
 
@@ -257,6 +258,8 @@ class Config:
     """Validation cadence (eval.every, eval.batches) and downstream evaluation (eval.downstream)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metric rows, MFU, console and wandb logging."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """The stability guard: loss and gradient-norm spikes and what to do about one (train.guard)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
@@ -271,6 +274,7 @@ class Config:
             self.export,
             self.eval,
             self.log,
+            self.guard,
             self.data,
             self.ift,
             self.tokenizer,

@@ -63,6 +63,9 @@ class TrainMetrics(Component):
     def _reset_window(self) -> None:
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
 
+    def on_rollback(self, run: LoopRun) -> None:
+        self._reset_window()  # the steps since the checkpoint were undone
+
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
         return (
             every(self.log_every, event.number) or event.last

@@ -95,6 +95,8 @@ class RunSetup:
     """What every checkpoint of this run records and a resume must match."""
     started: float
     """time.time() at the start of this invocation."""
+    resumed_from: Optional[Path] = None
+    """The checkpoint folder this start resumed from (None on a fresh start)."""
 
 
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
@@ -344,7 +346,9 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     if resume_from is not None and record is not None:
         progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
     write_run_dir(cfg, plan, dist_info, progress)
-    return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
+    return RunSetup(
+        cfg, plan, data, engine, train_loader, val_batches, progress, identity, started, resume_from
+    )
 
 
 def write_run_dir(cfg: Config, plan: RunPlan, dist_info: DistInfo, progress: Progress) -> None:
