@@ -301,11 +301,19 @@ class Config:
                 "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
                 "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2."
             )
-        if train.on_nonfinite == "skip" and train.zero_stage == 0 and train.precision == "fp32":
+        skipping = [("train.on_nonfinite", "skip", "stop"), ("guard.action", "skip", "warn or rollback")]
+        for key, value, instead in skipping:
+            section, name = key.split(".")
+            if (
+                getattr(getattr(self, section), name) != value
+                or train.zero_stage != 0
+                or train.precision != "fp32"
+            ):
+                continue
             raise ValueError(
-                "config keys 'optim.name=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
+                f"config keys 'optim.name=muon' and '{key}={value}' at ZeRO 0 in fp32: that "
                 "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
-                "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop."
+                f"Use train.precision=bf16, a ZeRO stage of 1-3, or {key}={instead}."
             )
 
     def validate_schedule(self) -> None:
