@@ -11,7 +11,8 @@ extra; the loss itself stays on the device until then.
 
 The learning rate is a pure function of the step (`train.schedule.lr_at`, over the plan's max_steps),
 written into the optimizer's param groups before each step; no DeepSpeed scheduler is used, so a resumed run needs
-only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss.
+only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss;
+SLM_SPIKE_AT_DATA_STEP multiplies the loss of one data step (for the stability guard, `train.guard`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,9 +119,8 @@ class TrainingLoop:
         )
         if self.guard and run.progress.guard is None:
             run.progress.guard = fresh_state()  # a fresh run (or a checkpoint from before the guard)
-        self.dropped: Optional[Spike] = (
-            None  # a loss spike judged before the backward pass: its update is dropped
-        )
+        # A loss spike judged before this step's last backward pass: its update is dropped.
+        self.dropped: Optional[Spike] = None
         self.data_seconds = 0.0  # time spent in next(train_iter) during the current step
         self.loop_started, self.steps_taken = time.time(), 0  # this invocation's pace, for wsd_time's decay
 
@@ -182,7 +182,7 @@ class TrainingLoop:
             dist.all_reduce(mean)
         return self.spike_guard().judge(number, "loss", mean.item() / self.run.dist_info.world_size)
 
-    def judge_step(self, status: StepStatus, number: int) -> tuple:
+    def judge_step(self, status: StepStatus, number: int) -> Tuple[Optional[Spike], str]:
         """The spikes of this step (after the agreement) and the action taken: (spike or None, action)."""
         guard, action = self.spike_guard(), self.guard_cfg.action
         if self.dropped is not None:
