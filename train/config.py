@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from train.downstream.config import EvalConfig
 from train.guard import GuardConfig
 from train.optim_config import OptimConfig
+from train.profile_config import ProfileConfig
 from train.schedule import ScheduleConfig
 
 STAGES = ("pretrain", "cpt", "ift")
@@ -260,6 +261,8 @@ class Config:
     """Metric rows, MFU, console and wandb logging."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """The stability guard: loss and gradient-norm spikes and what to do about one (train.guard)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A torch profiler trace of chosen steps into run.dir/profile/ (train.profiler)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
@@ -275,6 +278,7 @@ class Config:
             self.eval,
             self.log,
             self.guard,
+            self.profile,
             self.data,
             self.ift,
             self.tokenizer,

@@ -31,6 +31,7 @@ from train.environment import ENVIRONMENT_FILE
 from train.errors import TrainError
 from train.metrics import METRICS_FILE
 from train.plan import PLAN_FILE
+from train.profiler import PROFILE_DIR
 from train.report import RunMetrics, format_summary, plot, read_metrics, summarize
 
 REPORT_MD = "report.md"
@@ -324,6 +325,16 @@ def checkpoint_lines(stage: Stage) -> List[str]:
     return lines
 
 
+def profile_lines(stage: Stage, out: Path) -> List[str]:
+    """Links to the run's profiler traces (profile.steps), relative to the report's folder."""
+    traces = sorted((stage.run_dir / PROFILE_DIR).glob("*")) if (stage.run_dir / PROFILE_DIR).is_dir() else []
+    return [
+        f"- [{p.name}]({Path(os.path.relpath(p, out)).as_posix()})"
+        for p in traces
+        if not p.name.startswith(".")
+    ]
+
+
 def environment_lines(stage: Stage) -> List[str]:
     env = stage.environment
     if env is None:
@@ -372,7 +383,7 @@ def samples(stage: Stage) -> List[str]:
     return lines
 
 
-def stage_section(number: int, stage: Stage, png: Optional[str], with_samples: bool) -> List[str]:
+def stage_section(number: int, stage: Stage, png: Optional[str], with_samples: bool, out: Path) -> List[str]:
     lines = [f"## {number}. {stage.stage}: `{stage.name}`", ""]
     if stage.init_from:
         lines += [f"Starts from `{stage.init_from}` (train.init_from).", ""]
@@ -410,6 +421,16 @@ def stage_section(number: int, stage: Stage, png: Optional[str], with_samples: b
     if wall is not None and env.get("device") == "cuda":
         time_line += f", {wall * int(env.get('world_size') or 1) / 3600:.2f} GPU-hours"
     lines += ["### Time", "", time_line + ".", ""]
+    traces = profile_lines(stage, out)
+    if traces:
+        lines += [
+            "### Profile",
+            "",
+            "Torch profiler traces (open in chrome://tracing or Perfetto):",
+            "",
+            *traces,
+            "",
+        ]
     if with_samples:
         lines += ["### Samples", "", *samples(stage), ""]
     return lines
@@ -450,7 +471,9 @@ def write_report_card(
             name = "report.png" if len(chain) == 1 else f"report-{number}-{stage.stage}.png"
             plot(stage.metrics, out / name, title=f"{stage.stage}: {stage.name}")
             png = name
-        lines += stage_section(number, stage, png, with_samples and number == len(chain))  # the final model
+        lines += stage_section(
+            number, stage, png, with_samples and number == len(chain), out
+        )  # the final model
     path = out / REPORT_MD
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path

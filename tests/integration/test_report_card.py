@@ -1,6 +1,7 @@
 """`slm report` on a real pretrain -> CPT -> IFT chain (tiny model, 3 + 2 + 2 steps, arc_easy on 4 examples at
 each run's end): report.md names the three stages in order, with each one's downstream rows, its curves (PNGs
-linked relatively), the environment, the guard's spike and the final model's greedy samples.
+linked relatively), the environment, the guard's spike, the profiler trace (profile.steps) and the final
+model's greedy samples.
 
 About 2 minutes: three training processes and the report's own (it loads the final model to sample)."""
 
@@ -44,7 +45,7 @@ def chain(tmp_path_factory, tiny_data_dir) -> Dict[str, Path]:
     runs = {name: root / name for name in ("pre", "cpt", "ift")}
     common = [*SHORT, f"eval.downstream.data_dir={eval_data}"]
     spike = make_env({"SLM_SPIKE_AT_DATA_STEP": "3:10"})
-    guard = ["guard.action=warn", "guard.warmup=2", "guard.window=4"]
+    guard = ["guard.action=warn", "guard.warmup=2", "guard.window=4", "profile.steps=[1,2]"]
     run(slm_cmd(train_args(runs["pre"], tiny_data_dir, *common, "train.max_steps=3", *guard)), env=spike)
     run(
         slm_cmd(
@@ -103,6 +104,8 @@ def test_report_card_of_a_chain_names_every_stage_with_its_downstream_rows(chain
     assert "| 3 | loss |" in text and "| warn |" in text  # the guard's spike in the pretraining run
     assert "| `step_00000003` | 3 |" in text  # its checkpoint
     assert "`vocab_size` | " in text and "| tinyshakespeare | train |" in text  # plan and bytes per token
+    trace = chain["pre"] / "profile" / "trace_steps1-2_rank0.json"  # profile.steps, linked relatively
+    assert "](../pre/profile/trace_steps1-2_rank0.json)" in text and "traceEvents" in trace.read_text()
     assert text.count("### Samples") == 1 and "Give three tips for staying healthy. -> " in text  # IFT: chat
 
 

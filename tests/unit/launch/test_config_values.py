@@ -42,6 +42,7 @@ from train.handoff.generate import generate_cli
             "'guard.action=skip' at ZeRO 0 in fp32: .* or guard.action=warn or rollback",
         ),
         (["guard.window=0"], "'guard.window' is 0; expected a positive integer"),
+        (["profile.steps=[3]"], r"'profile.steps' is \[3\]; expected \[first, last\]"),
         (
             ["optim.name=muon", "train.zero_stage=2"],
             r"'optim.grad_clip' is 1.0 with optim.name=muon at ZeRO 2.*#8439",
