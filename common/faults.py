@@ -5,6 +5,9 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
 
   SLM_INJECT_NAN_AT_STEP=K          multiply the loss of step K (1-based, as logged) by NaN
                                     (exercises train.on_nonfinite)
+  SLM_SPIKE_AT_DATA_STEP=K[:FACTOR] multiply by FACTOR (default 10) the loss of the step that trains on data step K:
+                                    the K-th global batch of the run's data order (1-based), which a guard
+                                    rollback skips, so the spike does not come back (exercises train.guard)
   SLM_SLEEP_IN_SAVE=[STEP:]SECONDS  sleep between DeepSpeed's save and the COMPLETE marker/rename (only at
                                     STEP when given), so a test can `kill -9` a save deterministically
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
@@ -19,6 +22,7 @@ import os
 from typing import Optional
 
 INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
+SPIKE_AT_DATA_STEP = "SLM_SPIKE_AT_DATA_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
@@ -29,6 +33,15 @@ def inject_nan_at_step() -> Optional[int]:
     """The step whose loss becomes NaN, or None."""
     value = os.environ.get(INJECT_NAN_AT_STEP)
     return int(value) if value else None
+
+
+def spike_at_data_step() -> Optional[tuple]:
+    """(data step K, loss factor) of SLM_SPIKE_AT_DATA_STEP, or None."""
+    spec = os.environ.get(SPIKE_AT_DATA_STEP)
+    if not spec:
+        return None
+    step, _, factor = spec.partition(":")
+    return int(step), float(factor or 10.0)
 
 
 def sleep_in_save(step: int) -> Optional[float]:

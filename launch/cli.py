@@ -70,10 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from train.report import report
+    from train.report_card import report_cli
 
-    report(args.run_dir)
-    return 0
+    return report_cli(args.run_dirs, args.out, with_samples=not args.no_samples)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -280,8 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     allow_intermixed_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="plot a run's metrics into RUN_DIR/report.png and print a summary")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "report",
+        help="write report.md (a report card, with PNGs of the curves) for a run or a pretrain -> CPT -> IFT chain",
+    )
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN", help="run dirs; the first one's ancestors are found too"
+    )
+    p.add_argument("--out", default=None, help="folder for report.md and its PNGs (default: the last RUN)")
+    p.add_argument(
+        "--no-samples", action="store_true", help="leave out the greedy samples of the final model"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

@@ -10,6 +10,7 @@ The loop (`train.loop.TrainingLoop`) only takes steps. Everything else that happ
         before_optimizer_step(run, e)  right after forward-backward, before the optimizer step (gradients live)
         optimizer step; run.progress counts the step
         after_step(run, e)             right after the optimizer step
+        (or, when the stability guard rolls back instead, on_rollback(run) and no after_step)
     on_end(run, reason)                once, after the last step: "finished", "timed_out" or "stopped"
 
 Each component decides its own cadence from its own config section (`every(n, e.number)`, `e.last`,
@@ -68,6 +69,8 @@ class StepEvent:
     """Wall time of the step (forward-backward through optimizer step); 0 in before_optimizer_step."""
     data_seconds: float = 0.0
     """Of `seconds`, the time spent waiting for the step's batches (next() on the train loader)."""
+    rolled_back: bool = False
+    """The stability guard rolled the run back to its last checkpoint instead of taking this step."""
 
     @property
     def last(self) -> bool:
@@ -135,6 +138,10 @@ class Component:
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         """Runs right after the optimizer step; run.progress already counts this step."""
+
+    def on_rollback(self, run: LoopRun) -> None:
+        """Runs when the stability guard rolled the run back to its last checkpoint (run.progress is that step's):
+        drop whatever was accumulated since."""
 
     def on_end(self, run: LoopRun, reason: str) -> None:
         """Runs once after the last step; reason is one of END_REASONS."""

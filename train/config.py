@@ -1,6 +1,6 @@
 """Typed configs of a training run and the root `Config` that composes every component's section, each owned by
 what uses it: train (the run's shape and runtime), optim (train.optim_config), schedule (train.schedule),
-checkpoint, export, eval (train.downstream.config), log. `launch.config` loads it from YAML and validates it; the
+checkpoint, export, eval (train.downstream.config), log, guard (train.guard). `launch.config` loads it from YAML and validates it; the
 loaded config is never rewritten: what a run derives from it (max_steps from a token budget, the world size,
 model.vocab_size from the tokenizer) is the run's plan (train.plan.RunPlan), recorded beside it."""
 
@@ -16,7 +16,9 @@ from common.checks import check_at_least, check_choice, check_finite_fields, che
 from data_pipeline.config import DataConfig, InstructConfig, TokenizerConfig
 from model.config import ModelConfig
 from train.downstream.config import EvalConfig
+from train.guard import GuardConfig
 from train.optim_config import OptimConfig
+from train.profile_config import ProfileConfig
 from train.schedule import ScheduleConfig
 
 STAGES = ("pretrain", "cpt", "ift")
@@ -257,6 +259,10 @@ class Config:
     """Validation cadence (eval.every, eval.batches) and downstream evaluation (eval.downstream)."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metric rows, MFU, console and wandb logging."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    """The stability guard: loss and gradient-norm spikes and what to do about one (train.guard)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """A torch profiler trace of chosen steps into run.dir/profile/ (train.profiler)."""
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
@@ -271,6 +277,8 @@ class Config:
             self.export,
             self.eval,
             self.log,
+            self.guard,
+            self.profile,
             self.data,
             self.ift,
             self.tokenizer,
@@ -297,11 +305,19 @@ class Config:
                 "there DeepSpeed orthogonalizes each micro-batch's gradient instead of the accumulated one "
                 "(deepspeedai/DeepSpeed#8443). Use train.grad_accum_steps=1 (a larger micro-batch), or ZeRO 1-2."
             )
-        if train.on_nonfinite == "skip" and train.zero_stage == 0 and train.precision == "fp32":
+        skipping = [("train.on_nonfinite", "skip", "stop"), ("guard.action", "skip", "warn or rollback")]
+        for key, value, instead in skipping:
+            section, name = key.split(".")
+            if (
+                getattr(getattr(self, section), name) != value
+                or train.zero_stage != 0
+                or train.precision != "fp32"
+            ):
+                continue
             raise ValueError(
-                "config keys 'optim.name=muon' and 'train.on_nonfinite=skip' at ZeRO 0 in fp32: that "
+                f"config keys 'optim.name=muon' and '{key}={value}' at ZeRO 0 in fp32: that "
                 "optimizer steps its momentum even without gradients, so a step cannot be skipped there. "
-                "Use train.precision=bf16, a ZeRO stage of 1-3, or train.on_nonfinite=stop."
+                f"Use train.precision=bf16, a ZeRO stage of 1-3, or {key}={instead}."
             )
 
     def validate_schedule(self) -> None:

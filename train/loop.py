@@ -11,7 +11,8 @@ extra; the loss itself stays on the device until then.
 
 The learning rate is a pure function of the step (`train.schedule.lr_at`, over the plan's max_steps),
 written into the optimizer's param groups before each step; no DeepSpeed scheduler is used, so a resumed run needs
-only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss.
+only its step. The test-only hook SLM_INJECT_NAN_AT_STEP (`common.faults`) poisons one step's loss;
+SLM_SPIKE_AT_DATA_STEP multiplies the loss of one data step (for the stability guard, `train.guard`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,30 +29,37 @@ from common import faults
 from train.batch import Batch, batch_loss, to_device
 from train.components import Component, LoopRun, StepEvent
 from train.errors import TrainError
+from train.guard import Spike, SpikeGuard, fresh_state
 from train.optim import group_lr
+from train.rollback import data_position, roll_back
 from train.schedule import decay_due, lr_at, plan_time_decay
 from train.signals import EXIT_PREEMPTED, StopRequest
 
 
 class NonfiniteWatch:
     """Notices a NaN/inf gradient on this rank without a host sync: each parameter's incoming gradient
-    adds its sum to a list (on the device); a non-finite element makes the total non-finite.
+    adds its sum to a list (on the device); a non-finite element makes the total non-finite. With
+    `measure_norm` (the stability guard watching the gradient norm) it also adds the gradient's squared norm.
 
     Hooks see the local gradient before ZeRO reduces or partitions it, so the check is the same for
     every stage. Under fp16 overflowing scaled gradients are normal (DeepSpeed's loss scaler skips
     those steps), so only the loss is checked there.
     """
 
-    def __init__(self, model: torch.nn.Module, enabled: bool) -> None:
+    def __init__(self, model: torch.nn.Module, enabled: bool, measure_norm: bool = False) -> None:
         self.sums: List[torch.Tensor] = []
+        self.squares: List[torch.Tensor] = []
+        self.measure_norm = measure_norm
         self.handles = []
-        if enabled:
+        if enabled or measure_norm:
             for param in model.parameters():
                 if param.requires_grad:
                     self.handles.append(param.register_hook(self._record))
 
     def _record(self, grad: torch.Tensor) -> None:
         self.sums.append(grad.detach().sum(dtype=torch.float32))
+        if self.measure_norm:
+            self.squares.append(grad.detach().float().square().sum())
 
     def nonfinite(self, loss_sum: torch.Tensor) -> torch.Tensor:
         """1.0 when the loss or any gradient since the last call is non-finite, else 0.0 (device tensor)."""
@@ -60,6 +68,12 @@ class NonfiniteWatch:
             total = total + torch.stack(self.sums).sum()
         self.sums = []
         return (~torch.isfinite(total)).float()
+
+    def squared_norm(self) -> torch.Tensor:
+        """This rank's sum of squared gradients since the last call (0 unless measure_norm; device tensor)."""
+        total = torch.stack(self.squares).sum() if self.squares else torch.zeros(())
+        self.squares = []
+        return total
 
 
 @dataclass
@@ -80,6 +94,8 @@ class StepStatus:
     """Seconds since the invocation started, averaged over ranks."""
     seconds_per_step: float = 0.0
     """Wall seconds per step in this invocation so far (evaluations and checkpoints included), averaged over ranks."""
+    local_grad_norm: float = 0.0
+    """sqrt of the mean over ranks of each rank's own squared gradient norm (0 unless the guard watches it)."""
 
 
 class TrainingLoop:
@@ -90,18 +106,36 @@ class TrainingLoop:
         self.optim, self.schedule = run.cfg.optim, run.cfg.schedule
         self.train_loader = train_loader
         self.device = run.dist_info.device
-        self.watch = NonfiniteWatch(run.engine.module, enabled=self.train.precision != "fp16")
+        self.guard_cfg = run.cfg.guard
+        self.guard = self.guard_cfg.action != "off"
+        self.guard_signals = self.guard_cfg.signals if self.guard else []
+        if "grad_norm" in self.guard_signals and self.train.precision == "fp16":
+            self.guard_signals.remove("grad_norm")  # scaled gradients: their norm follows the loss scale
+            run.say("guard: the gradient norm is not watched under fp16 (its gradients are loss-scaled)")
+        self.watch = NonfiniteWatch(
+            run.engine.module,
+            enabled=self.train.precision != "fp16",
+            measure_norm="grad_norm" in self.guard_signals,
+        )
+        if self.guard and run.progress.guard is None:
+            run.progress.guard = fresh_state()  # a fresh run (or a checkpoint from before the guard)
+        # A loss spike judged before this step's last backward pass: its update is dropped.
+        self.dropped: Optional[Spike] = None
         self.data_seconds = 0.0  # time spent in next(train_iter) during the current step
         self.loop_started, self.steps_taken = time.time(), 0  # this invocation's pace, for wsd_time's decay
 
     # -- one step
 
     def forward_backward(self, train_iter: Iterator[Batch], number: int) -> torch.Tensor:
-        """grad_accum_steps micro-batches of forward and backward; returns the summed loss (on the device)."""
+        """grad_accum_steps micro-batches of forward and backward; returns the summed loss (on the device).
+
+        With guard.action skip or rollback the step's mean loss is judged before the last backward; a spike
+        poisons that backward with NaN, so the step takes the non-finite skip path (the update never happens)."""
         engine, accum = self.run.engine, self.train.grad_accum_steps
         inject_nan_at = faults.inject_nan_at_step()
+        loss_factor = self.injected_loss_factor()
         loss_sum = torch.zeros((), device=self.device)
-        self.data_seconds = 0.0
+        self.data_seconds, self.dropped = 0.0, None
         for micro in range(accum):
             waited = time.perf_counter()
             batch = next(train_iter)
@@ -111,11 +145,71 @@ class TrainingLoop:
             loss = batch_loss(engine, to_device(batch, self.device))
             if inject_nan_at == number:
                 loss = loss * float("nan")  # fault injection (SLM_INJECT_NAN_AT_STEP)
+            if loss_factor is not None:
+                loss = loss * loss_factor  # fault injection (SLM_SPIKE_AT_DATA_STEP)
+            if micro == accum - 1 and self.judges_loss_early:
+                self.dropped = self.judge_loss_early(number, loss_sum + loss.detach().float())
+                if self.dropped is not None:
+                    loss = loss * float("nan")
             engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro < accum - 1:
                 engine.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
         return loss_sum
+
+    def injected_loss_factor(self) -> Optional[float]:
+        """SLM_SPIKE_AT_DATA_STEP: the factor when this step trains on the named data step (1-based), else None."""
+        spike = faults.spike_at_data_step()
+        if spike is None:
+            return None
+        data_step = data_position(self.train_loader) // self.run.plan.global_batch_size + 1
+        return spike[1] if data_step == spike[0] else None
+
+    # -- the stability guard (train.guard)
+
+    @property
+    def judges_loss_early(self) -> bool:
+        return "loss" in self.guard_signals and self.guard_cfg.action in ("skip", "rollback")
+
+    def spike_guard(self) -> SpikeGuard:
+        """The guard over run.progress.guard (a rollback replaces the progress' state, so it is looked up anew)."""
+        return SpikeGuard(self.guard_cfg, self.run.progress.guard)
+
+    def judge_loss_early(self, number: int, loss_sum: torch.Tensor) -> Optional[Spike]:
+        """The step's mean loss over micro-batches and ranks (one small all-reduce), judged; the spike or None."""
+        mean = (loss_sum / self.train.grad_accum_steps).reshape(1)
+        if self.run.dist_info.world_size > 1:
+            dist.all_reduce(mean)
+        return self.spike_guard().judge(number, "loss", mean.item() / self.run.dist_info.world_size)
+
+    def judge_step(self, status: StepStatus, number: int) -> Tuple[Optional[Spike], str]:
+        """The spikes of this step (after the agreement) and the action taken: (spike or None, action)."""
+        guard, action = self.spike_guard(), self.guard_cfg.action
+        if self.dropped is not None:
+            spike = self.dropped
+        else:
+            spike = None
+            if "loss" in self.guard_signals and not self.judges_loss_early:
+                spike = guard.judge(number, "loss", status.mean_loss)
+            if "grad_norm" in self.guard_signals:
+                norm_spike = guard.judge(number, "grad_norm", status.local_grad_norm)
+                spike = spike or norm_spike
+            if spike is not None and action == "skip":
+                action = "warn"  # the reduced gradient cannot be dropped on every ZeRO stage (train.guard)
+        if spike is not None and action == "rollback" and self.run.checkpoints.last_dir is None:
+            action = "skip" if self.dropped is not None else "warn"
+            self.run.say(
+                f"guard: no checkpoint to roll back to at step {number}; the spike is handled as {action}"
+            )
+        return spike, (action if spike is not None else "none")
+
+    def report_spike(self, spike: Spike, action: str) -> None:
+        """The spike's row in metrics.jsonl (kind "spike", also printed) and a status line."""
+        self.run.logger.log(spike.row(action, self.guard_cfg.threshold))
+        self.run.say(
+            f"guard: step {spike.step}: {spike.signal} {spike.value:.4g} is {spike.z:.1f} std above the last "
+            f"{spike.window} steps' mean {spike.mean:.4g} (threshold {self.guard_cfg.threshold:g}): {action}"
+        )
 
     def agree(self, loss_sum: torch.Tensor, stop_requested: bool) -> StepStatus:
         """One all-reduce: mean loss, non-finite ranks, stop signal, time-out and the clock for wsd_time's decay, the
@@ -133,14 +227,20 @@ class TrainingLoop:
         ]
         status = torch.cat(
             [
-                torch.stack([loss_sum / self.train.grad_accum_steps, self.watch.nonfinite(loss_sum)]),
+                torch.stack(
+                    [
+                        loss_sum / self.train.grad_accum_steps,
+                        self.watch.nonfinite(loss_sum),
+                        self.watch.squared_norm().to(self.device),
+                    ]
+                ),
                 torch.tensor(clock, device=self.device),
             ]
         )
         world = self.run.dist_info.world_size
         if world > 1:
             dist.all_reduce(status)
-        loss, nonfinite, stop, timeout, due, elapsed_sum, pace_sum = status.tolist()
+        loss, nonfinite, squares, stop, timeout, due, elapsed_sum, pace_sum = status.tolist()
         return StepStatus(
             loss / world,
             int(nonfinite),
@@ -149,6 +249,7 @@ class TrainingLoop:
             due > 0,
             elapsed_sum / world,
             pace_sum / world,
+            (squares / world) ** 0.5,
         )
 
     def decide_decay(self, status: StepStatus, number: int) -> None:
@@ -168,7 +269,7 @@ class TrainingLoop:
     def handle_nonfinite(self, status: StepStatus, number: int) -> None:
         """train.on_nonfinite: raise (nothing is saved), or make the coming engine.step() a no-op and count it."""
         run = self.run
-        if self.train.on_nonfinite == "stop":
+        if self.train.on_nonfinite == "stop" and self.dropped is None:
             last_saved = run.checkpoints.last_saved
             last = f"the newest checkpoint is step {last_saved}" if last_saved else "no checkpoint was saved"
             raise TrainError(
@@ -183,10 +284,8 @@ class TrainingLoop:
             for param in run.engine.module.parameters():
                 param.grad = None
         run.progress.skipped_steps += 1
-        run.say(
-            f"step {number}: non-finite loss or gradient, step skipped "
-            f"({run.progress.skipped_steps} skipped so far)"
-        )
+        why = "a loss spike (guard)" if self.dropped is not None else "non-finite loss or gradient"
+        run.say(f"step {number}: {why}, step skipped ({run.progress.skipped_steps} skipped so far)")
 
     def set_lr(self, lr: float) -> None:
         for group in self.run.engine.optimizer.param_groups:
@@ -213,8 +312,17 @@ class TrainingLoop:
             status.out_of_time and not finished,
             status.stop_requested,
         )
+        spike, action = self.judge_step(status, number) if self.guard else (None, "none")
+        if spike is not None:
+            self.report_spike(spike, action)
         if event.nonfinite:
             self.handle_nonfinite(status, number)
+        if action == "rollback":
+            run.engine.step()  # a no-op on the poisoned gradient; any update is replaced by the load below
+            roll_back(run, self.train_loader, spike, self.guard_cfg.max_rollbacks)
+            for component in self.components:
+                component.on_rollback(run)
+            return dataclasses.replace(event, rolled_back=True)
         for component in self.components:
             component.before_optimizer_step(run, event)
         run.engine.step()

@@ -117,7 +117,7 @@ def rewind_metrics(run_dir: str | os.PathLike, step: int) -> None:
 
 HISTORY = "history"
 """run.dir/history/<UTC time>/: the records of an earlier run set aside by a fresh start in the same run.dir."""
-RUN_RECORDS = (METRICS_FILE, "config.yaml", "plan.json")
+RUN_RECORDS = (METRICS_FILE, "config.yaml", "plan.json", "environment.json")
 """The files of a run.dir that describe one run's history (a fresh start would replace them)."""
 
 

@@ -187,24 +187,41 @@ def draw_downstream(ax: Any, downstream: Dict[str, List[Dict[str, Any]]]) -> Non
 
 
 def draw(metrics: RunMetrics, title: str = "") -> Any:
-    """The report's matplotlib figure: loss, lr, tokens/s, val bits/byte, and downstream accuracy when logged."""
+    """The report's matplotlib figure: loss (and per-source validation loss), lr, tokens/s, val bits/byte; data wait
+    and MFU, and downstream accuracy, when logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = 3 if metrics.downstream else 2
+    pace = [
+        (key, label)
+        for key, label in (("data_wait", "data wait (share of step)"), ("mfu", "MFU"))
+        if _series(metrics.train, key)[1]
+    ]
+    rows = 2 + bool(pace) + bool(metrics.downstream)
     fig = plt.figure(figsize=(12, 4 * rows), dpi=100)
     grid = fig.add_gridspec(rows, 2)
+    val_sources = sorted(
+        {key for row in metrics.eval for key in row if key.startswith("val/") and key.endswith("/loss")}
+    )
     panels = (
         (
             fig.add_subplot(grid[0, 0]),
             "loss",
-            ((metrics.train, "loss", "train loss"), (metrics.eval, "val_loss", "val loss")),
+            (
+                (metrics.train, "loss", "train loss"),
+                (metrics.eval, "val_loss", "val loss"),
+                *((metrics.eval, key, key) for key in val_sources),  # per-source validation, when logged
+            ),
         ),
         (fig.add_subplot(grid[0, 1]), "learning rate", ((metrics.train, "lr", "lr"),)),
         (fig.add_subplot(grid[1, 0]), "tokens/s", ((metrics.train, "tokens_per_second", "tokens/s"),)),
         (fig.add_subplot(grid[1, 1]), "val bits per byte", ((metrics.eval, "val_bpb", "val bpb"),)),
+        *(
+            (fig.add_subplot(grid[2, column]), label, ((metrics.train, key, label),))
+            for column, (key, label) in enumerate(pace)
+        ),
     )
     for ax, name, curves in panels:
         drawn = False
@@ -221,7 +238,7 @@ def draw(metrics: RunMetrics, title: str = "") -> Any:
             ax.legend()
     axes = [ax for ax, _, _ in panels]
     if metrics.downstream:
-        axes.append(fig.add_subplot(grid[2, :]))
+        axes.append(fig.add_subplot(grid[rows - 1, :]))
         draw_downstream(axes[-1], metrics.downstream)
     for ax, name in zip(axes, [name for _, name, _ in panels] + ["downstream accuracy"]):
         ax.set_title(name)

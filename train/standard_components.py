@@ -6,6 +6,7 @@
     Checkpointer   checkpoint.every   a checkpoint every N steps and whenever the loop ends
     Exporter       export.every       a Hugging Face folder of that step's checkpoint every N steps (0: off)
     DoneMarker     (always)           run.dir/DONE once max_steps is reached; removed when a run continues
+    Profiler       profile.steps      a torch profiler trace of steps [a, b] into run.dir/profile/ (off by default)
 
 `COMPONENTS` lists them in the order the loop calls them (a step's checkpoint is saved after its evaluation, and
 exported after it is saved). See `train.components` for the interface.
@@ -27,6 +28,7 @@ from train.downstream.component import DownstreamEval
 from train.evaluate import evaluate
 from train.handoff.export import export
 from train.mfu import mfu, peak_flops_per_device
+from train.profiler import Profiler
 
 DONE_FILE = "DONE"
 
@@ -62,6 +64,9 @@ class TrainMetrics(Component):
 
     def _reset_window(self) -> None:
         self.loss_sum, self.finite_steps, self.steps, self.seconds, self.data_seconds = 0.0, 0, 0, 0.0, 0.0
+
+    def on_rollback(self, run: LoopRun) -> None:
+        self._reset_window()  # the steps since the checkpoint were undone
 
     def _log_now(self, run: LoopRun, event: StepEvent) -> bool:
         return (
@@ -203,6 +208,7 @@ COMPONENTS: List[Callable[[Config], Optional[Component]]] = [
     Checkpointer.from_config,
     Exporter.from_config,
     DoneMarker.from_config,
+    Profiler.from_config,
 ]
 """Factories of the standard components, in call order; a factory returns None when its config turns it off."""
 

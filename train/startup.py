@@ -45,6 +45,7 @@ from train.checkpoint import (
 from train.config import Config, to_dict, to_yaml
 from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
 from train.distributed import DistInfo, barrier, on_main_then_share
+from train.environment import write_environment
 from train.errors import TrainError
 from train.handoff.init_from import load_init_weights
 from train.handoff.remote_export import fetch_export
@@ -95,6 +96,8 @@ class RunSetup:
     """What every checkpoint of this run records and a resume must match."""
     started: float
     """time.time() at the start of this invocation."""
+    resumed_from: Optional[Path] = None
+    """The checkpoint folder this start resumed from (None on a fresh start)."""
 
 
 def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
@@ -356,11 +359,13 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     if resume_from is not None and record is not None:
         progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
     write_run_dir(cfg, plan, dist_info, progress)
-    return RunSetup(cfg, plan, data, engine, train_loader, val_batches, progress, identity, started)
+    return RunSetup(
+        cfg, plan, data, engine, train_loader, val_batches, progress, identity, started, resume_from
+    )
 
 
 def write_run_dir(cfg: Config, plan: RunPlan, dist_info: DistInfo, progress: Progress) -> None:
-    """run.dir/config.yaml (as loaded) and plan.json (what the run derived) of this start, and metrics.jsonl cut
+    """run.dir/config.yaml (as loaded), plan.json (what the run derived) and environment.json of this start, and metrics.jsonl cut
     back to the resumed step (rank 0; all wait)."""
     if dist_info.is_main:
         run_dir = Path(cfg.run.dir)
@@ -374,5 +379,6 @@ def write_run_dir(cfg: Config, plan: RunPlan, dist_info: DistInfo, progress: Pro
                 )
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         write_plan(run_dir, plan)
+        write_environment(run_dir, dist_info.device, dist_info.world_size)
         rewind_metrics(run_dir, progress.step)
     barrier()

@@ -57,6 +57,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         cfg.checkpoint.keep,
         dist_info,
         last_saved=setup.progress.step if setup.progress.step > 0 else None,
+        last_dir=setup.resumed_from,
     )
     logger = MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank)
     try:

@@ -46,6 +46,8 @@ class Progress:
     """Steps whose update was skipped as non-finite (train.on_nonfinite=skip)."""
     timed_decay: Optional[TimedDecay] = None
     """schedule.name=wsd_time: the decay decided from the clock (start step, length), once it has started."""
+    guard: Optional[Dict[str, Any]] = None
+    """The stability guard's state (train.guard): each signal's window and the rollbacks made; None when off."""
 
 
 @dataclass
@@ -196,7 +198,11 @@ class CheckpointRecord:
         decay = meta.get("timed_decay")
         timed_decay = TimedDecay(int(decay["start_step"]), int(decay["steps"])) if decay else None
         progress = Progress(
-            int(meta["step"]), int(meta["tokens_seen"]), int(meta.get("skipped_steps", 0)), timed_decay
+            int(meta["step"]),
+            int(meta["tokens_seen"]),
+            int(meta.get("skipped_steps", 0)),
+            timed_decay,
+            meta.get("guard"),
         )
         config = meta["config"]
         saved_train = config.get("train") if isinstance(config, dict) else None

@@ -87,6 +87,7 @@ class CheckpointSaver:
         keep: int,
         dist_info: DistInfo,
         last_saved: Optional[int],
+        last_dir: Optional[Path] = None,
     ) -> None:
         self.engine, self.run_dir, self.identity, self.train_loader = engine, run_dir, identity, train_loader
         self.tokenizer_path, self.keep, self.dist_info = tokenizer_path, keep, dist_info
@@ -94,6 +95,8 @@ class CheckpointSaver:
         """The step of the newest checkpoint this run stands on (the resumed one, or the last saved)."""
         self.saved_dir: Optional[Path] = None
         """The folder saved by this invocation at step `last_saved` (None before the first save)."""
+        self.last_dir = last_dir
+        """The folder of checkpoint `last_saved` (the resumed one, possibly in another run.dir, or the last saved)."""
 
     def save(self, progress: Progress) -> Path:
         """Save now (collective); returns the final step folder."""
@@ -103,7 +106,7 @@ class CheckpointSaver:
             self.engine, self.run_dir, record, self.tokenizer_path, self.keep, self.dist_info
         )
         say(f"saved checkpoint {step_dir} ({time.time() - started:.1f} s)", self.dist_info.is_main)
-        self.last_saved, self.saved_dir = progress.step, step_dir
+        self.last_saved, self.saved_dir, self.last_dir = progress.step, step_dir, step_dir
         return step_dir
 
     def ensure_saved(self, progress: Progress) -> Path:

@@ -38,6 +38,12 @@ from train.handoff.generate import generate_cli
             "a step cannot be skipped there",
         ),
         (
+            ["optim.name=muon", "guard.action=skip", "train.zero_stage=0", "train.precision=fp32"],
+            "'guard.action=skip' at ZeRO 0 in fp32: .* or guard.action=warn or rollback",
+        ),
+        (["guard.window=0"], "'guard.window' is 0; expected a positive integer"),
+        (["profile.steps=[3]"], r"'profile.steps' is \[3\]; expected \[first, last\]"),
+        (
             ["optim.name=muon", "train.zero_stage=2"],
             r"'optim.grad_clip' is 1.0 with optim.name=muon at ZeRO 2.*#8439",
         ),

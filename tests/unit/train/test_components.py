@@ -121,14 +121,24 @@ def test_standard_components_follow_their_config_fields():
         "checkpointer",
         "done_marker",
     ]
-    cfg = load_config(TINY, ["export.every=5", "eval.every=7", "checkpoint.every=9", "log.every=3"])
+    cfg = load_config(
+        TINY, ["export.every=5", "eval.every=7", "checkpoint.every=9", "log.every=3", "profile.steps=[2,4]"]
+    )
     components = {c.name: c for c in standard_components(cfg)}
-    assert list(components) == ["train_metrics", "evaluator", "checkpointer", "exporter", "done_marker"]
+    assert list(components) == [
+        "train_metrics",
+        "evaluator",
+        "checkpointer",
+        "exporter",
+        "done_marker",
+        "profiler",
+    ]
+    assert (components["profiler"].first, components["profiler"].last) == (2, 4)
     assert (
         components["train_metrics"].log_every,
         components["evaluator"].eval_every,
         components["checkpointer"].ckpt_every,
         components["exporter"].export_every,
     ) == (3, 7, 9, 5)
-    assert len(COMPONENTS) == 6  # and DownstreamEval (eval.downstream), off here
+    assert len(COMPONENTS) == 7  # and DownstreamEval (eval.downstream), off here
     assert every(3, 6) and not every(3, 7) and not every(0, 6)
