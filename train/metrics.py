@@ -8,7 +8,8 @@ step). The trainer passes plain dicts; the names this module and `slm report` un
   fraction), step_ms, data_wait (the fraction of step time spent waiting for batches), skipped_steps;
 - eval rows: step, val_loss, val_ppl, val_bpb;
 - downstream rows (kind "downstream", one per task and step): step, tokens, task, acc, acc_norm (and their
-  stderr), examples; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>.
+  stderr), examples, chance, centred; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>;
+- downstream_score rows (one per evaluation): step, tokens, centred_score, tasks; wandb downstream_score/centred_score.
 
 The logger adds `time` (unix seconds) and `kind` ("eval" when a key starts with "val_", else
 "train") unless the row has them. Tensors and numpy scalars become Python numbers; non-finite
@@ -228,6 +229,8 @@ class MetricsLogger:
                     for key, value in values.items()
                     if key != "tokens"
                 }
+            elif row["kind"] not in ("train", "eval"):  # other kinds (downstream_score) under their own name
+                values = {f"{row['kind']}/{key}": value for key, value in values.items() if key != "tokens"}
             step = row.get("step")
             self._wandb_run.log(values, step=int(step) if step is not None else None)
 
