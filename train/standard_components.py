@@ -14,6 +14,7 @@ exported after it is saved). See `train.components` for the interface.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -47,7 +48,8 @@ def grad_norm_now(engine: Any) -> Optional[float]:
 
 
 class TrainMetrics(Component):
-    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row."""
+    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row, and
+    where the run stands: the last step, time elapsed in this invocation and an ETA (bounded by train.max_time)."""
 
     name = "train_metrics"
 
@@ -74,6 +76,10 @@ class TrainMetrics(Component):
         if peak is None and device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(device), run.cfg.train.precision)
         self.peak_flops = peak
+        self.pace_since = (
+            time.time(),
+            run.progress.step,
+        )  # the ETA's pace: wall time per step, evals included
 
     def before_optimizer_step(self, run: LoopRun, event: StepEvent) -> None:
         self.grad_norm = None
@@ -107,8 +113,26 @@ class TrainMetrics(Component):
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
             del row["mfu"]
+        row.update(self.progress_fields(run, event.number))
         run.logger.log(row)
         self._reset_window()
+
+    def progress_fields(self, run: LoopRun, step: int) -> dict:
+        """max_steps (where the run ends), elapsed_s (since this invocation started, the clock of train.max_time),
+        eta_s (steps left at this invocation's pace, evaluations and checkpoints included; never past the time
+        budget) and, with train.max_time, time_left_s."""
+        now = time.time()
+        elapsed = now - run.started
+        since, first_step = self.pace_since
+        eta = (run.last_step - step) * (now - since) / (step - first_step) if step > first_step else None
+        fields = {"max_steps": run.last_step, "elapsed_s": elapsed}
+        max_time = run.cfg.train.max_time
+        if max_time is not None:
+            fields["time_left_s"] = max(max_time - elapsed, 0.0)
+            eta = fields["time_left_s"] if eta is None else min(eta, fields["time_left_s"])
+        if eta is not None:
+            fields["eta_s"] = eta
+        return fields
 
 
 class Evaluator(Component):
