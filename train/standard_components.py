@@ -1,7 +1,7 @@
 """The components every `slm train` run has, each on the cadence its config field sets.
 
     TrainMetrics   log.every          a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
-    Evaluator      eval.every         validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
+    Evaluator      eval.every         validation loss/ppl/bpb (and per source) every N steps, at the end and on time-out
     DownstreamEval eval.downstream    a row per task (train.downstream.component) every N steps, at the end and on time-out
     Checkpointer   checkpoint.every   a checkpoint every N steps and whenever the loop ends
     Exporter       export.every       a Hugging Face folder of that step's checkpoint every N steps (0: off)
@@ -25,7 +25,7 @@ from train.components import Component, LoopRun, StepEvent, every
 from train.config import Config
 from train.distributed import barrier, on_main_then_share
 from train.downstream.component import DownstreamEval
-from train.evaluate import evaluate
+from train.evaluate import evaluate, evaluate_sources
 from train.handoff.export import export
 from train.mfu import mfu, peak_flops_per_device
 
@@ -150,7 +150,10 @@ class Evaluator(Component):
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         due = event.finished or event.timed_out or every(self.eval_every, event.number)
         if due and not event.stop_requested:  # a signal leaves little time: save, skip the evaluation
-            result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
+            if run.val_sources:  # several sources: each one apart, and the mixed figure from them
+                result = evaluate_sources(run.engine, run.val_sources, run.dist_info.device)
+            else:
+                result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
             run.logger.log({"step": run.progress.step, "tokens": run.progress.tokens_seen, **result})
 
 
