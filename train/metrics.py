@@ -115,10 +115,10 @@ _NOT_PRINTED = {"step", "time", "kind", "max_steps"}
 
 
 def format_row(row: Dict[str, Any]) -> str:
-    """One compact console line with only the keys the row has, e.g. `train step 100/600 (16.7%) | loss 2.3456`."""
+    """One compact console line with only the keys the row has, e.g. `train step 100 of 600 (16.7%) | loss 2.3456`."""
     where = str(row["step"]) if "step" in row else ""
     if where and isinstance(row.get("max_steps"), int) and row["max_steps"] > 0:
-        where += f"/{row['max_steps']} ({100 * row['step'] / row['max_steps']:.1f}%)"
+        where += f" of {row['max_steps']} ({100 * row['step'] / row['max_steps']:.1f}%)"
     parts = [f"{row.get('kind', 'train')} step {where}" if where else str(row.get("kind", "train"))]
     known = {key for key, _ in _CONSOLE_KEYS} | _NOT_PRINTED
     parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if key in row]
