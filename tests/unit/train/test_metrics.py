@@ -106,7 +106,8 @@ def test_train_rows_say_step_of_max_steps_elapsed_and_eta():
     assert format_row(row) == "train step 150 of 600 (25.0%) | loss 3.0000 | elapsed 2m05s | eta 3h07m"
     budget = dict(step=7, max_steps=10**9, elapsed_s=59.6, eta_s=90_000, time_left_s=90_000)
     assert (
-        format_row(budget) == "train step 7 of 1000000000 (0.0%) | elapsed 1m00s | eta 1d01h | time left 1d01h"
+        format_row(budget)
+        == "train step 7 of 1000000000 (0.0%) | elapsed 1m00s | eta 1d01h | time left 1d01h"
     )
     assert [format_duration(s) for s in (0, 42.4, 3600, 86399.6)] == ["0s", "42s", "1h00m", "1d00h"]
 
