@@ -24,7 +24,7 @@ config field that sets its cadence; register it in `train.standard_components.CO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -32,6 +32,7 @@ from common.log import say
 from train.checkpoint import CheckpointSaver, Progress
 from train.config import Config
 from train.distributed import DistInfo
+from train.evaluate import ValSource
 from train.plan import RunPlan
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class LoopRun:
     """time.time() when this invocation started (train.max_time counts from it)."""
     plain_optimizer: bool = False
     """ZeRO 0 in fp32: DeepSpeed hands the step to our AdamW, with no grad norm or non-finite skip of its own."""
+    val_sources: List[ValSource] = field(default_factory=list)
+    """With several data sources, each one's own fixed validation batches (val_batches then holds them all)."""
 
     @property
     def last_step(self) -> int:

@@ -8,11 +8,17 @@ ranks' targets.
 Bits per byte makes runs with different tokenizers comparable:
     bpb = (mean loss in nats per token) / ln 2 / (text bytes per token)
 where bytes per token comes from the manifest's counts for the validation split.
+
+With several data sources each source's own validation split has its own fixed batches (`ValSource`), scored
+apart (`val/<source>/loss`, `val/<source>/bpb`); the mixed figure is then their combination by each source's
+share of the validation split (manifest counts): val_loss = sum_s (tokens_s / tokens) * loss_s, and
+val_bpb = sum_s (bytes_s / bytes) * bpb_s, which is val_loss / ln 2 / (bytes / tokens) of the whole split.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -53,3 +59,44 @@ def evaluate(
     if val_bpb is not None:  # instruction data has no byte counts: no bits per byte, rather than a blank
         result["val_bpb"] = val_bpb
     return result
+
+
+SOURCE_KEYS = ("val/{source}/loss", "val/{source}/bpb")
+"""The eval row's keys of one source's validation loss (nats per token) and bits per byte."""
+
+
+@dataclass(frozen=True)
+class ValSource:
+    """One data source's own validation split: this rank's fixed batches and the split's manifest counts."""
+
+    name: str
+    """The source's name in the manifest."""
+    batches: List[Batch]
+    """This rank's fixed validation batches drawn from this source only."""
+    tokens: int
+    """Validation tokens of the source (its weight in the mixed loss)."""
+    text_bytes: int
+    """Text bytes behind those tokens (its weight in the mixed bits per byte)."""
+
+
+@torch.no_grad()
+def evaluate_sources(
+    model: torch.nn.Module, sources: List[ValSource], device: torch.device
+) -> Dict[str, Optional[float]]:
+    """Each source's loss and bits per byte, and the mixed val_loss/val_ppl/val_bpb weighted by each source's
+    share of the validation split (collective call: every rank scores the sources in the same order)."""
+    result: Dict[str, Optional[float]] = {}
+    mixed, tokens, text_bytes = 0.0, 0, 0
+    for source in sources:
+        scores = evaluate(model, source.batches, device, source.text_bytes / source.tokens)
+        loss_key, bpb_key = (key.format(source=source.name) for key in SOURCE_KEYS)
+        result[loss_key], result[bpb_key] = scores["val_loss"], scores.get("val_bpb")
+        mixed += source.tokens * scores["val_loss"]
+        tokens, text_bytes = tokens + source.tokens, text_bytes + source.text_bytes
+    val_loss = mixed / tokens
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
+        "val_bpb": bits_per_byte(val_loss, text_bytes / tokens),
+        **result,
+    }

@@ -5,10 +5,13 @@ logged row and a resumed run appends to the same file (`slm report` keeps the la
 step). The trainer passes plain dicts; the names this module and `slm report` understand are:
 
 - train rows: step, loss, lr, tokens (seen so far), grad_norm, tokens_per_second, mfu (a
-  fraction), step_ms, data_wait (the fraction of step time spent waiting for batches), skipped_steps;
+  fraction), step_ms, data_wait (the fraction of step time spent waiting for batches), skipped_steps,
+  max_steps (the step the run ends at), elapsed_s (seconds since this invocation started), eta_s (seconds
+  to max_steps at this invocation's pace, capped by the time budget), time_left_s (with train.max_time);
 - eval rows: step, val_loss, val_ppl, val_bpb;
 - downstream rows (kind "downstream", one per task and step): step, tokens, task, acc, acc_norm (and their
-  stderr), examples; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>.
+  stderr), examples, chance, centred; LAMBADA's also perplexity. wandb gets them as downstream/<task>/<metric>;
+- downstream_score rows (one per evaluation): step, tokens, centred_score, tasks; wandb downstream_score/centred_score.
 
 The logger adds `time` (unix seconds) and `kind` ("eval" when a key starts with "val_", else
 "train") unless the row has them. Tensors and numpy scalars become Python numbers; non-finite
@@ -53,6 +56,24 @@ def _fmt_count(value: float) -> str:
     return f"{value:.0f}"
 
 
+def format_duration(seconds: float) -> str:
+    """A short duration for a console line: 42s, 5m03s, 2h07m, 3d04h."""
+    seconds = max(int(round(seconds)), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+_DURATIONS = ("elapsed_s", "eta_s", "time_left_s")
+
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "nan"
@@ -66,6 +87,8 @@ def _fmt(key: str, value: Any) -> str:
         return _fmt_count(value)
     if key == "step_ms":
         return f"{value:.0f}"
+    if key in _DURATIONS:
+        return format_duration(value)
     if isinstance(value, int):
         return str(value)
     return f"{value:.4f}" if abs(value) < 1e3 else f"{value:.4g}"
@@ -84,15 +107,19 @@ _CONSOLE_KEYS = (
     ("mfu", "mfu"),
     ("step_ms", "step_ms"),
     ("data_wait", "data"),
+    ("elapsed_s", "elapsed"),
+    ("eta_s", "eta"),
+    ("time_left_s", "time left"),
 )
-_NOT_PRINTED = {"step", "time", "kind"}
+_NOT_PRINTED = {"step", "time", "kind", "max_steps"}
 
 
 def format_row(row: Dict[str, Any]) -> str:
-    """One compact console line with only the keys the row has, e.g. `step 100 | loss 2.3456 | lr 3.00e-04`."""
-    parts = [
-        f"{row.get('kind', 'train')} step {row['step']}" if "step" in row else str(row.get("kind", "train"))
-    ]
+    """One compact console line with only the keys the row has, e.g. `train step 100 of 600 (16.7%) | loss 2.3456`."""
+    where = str(row["step"]) if "step" in row else ""
+    if where and isinstance(row.get("max_steps"), int) and row["max_steps"] > 0:
+        where += f" of {row['max_steps']} ({100 * row['step'] / row['max_steps']:.1f}%)"
+    parts = [f"{row.get('kind', 'train')} step {where}" if where else str(row.get("kind", "train"))]
     known = {key for key, _ in _CONSOLE_KEYS} | _NOT_PRINTED
     parts += [f"{label} {_fmt(key, row[key])}" for key, label in _CONSOLE_KEYS if key in row]
     parts += [f"{key} {_fmt(key, value)}" for key, value in row.items() if key not in known]
@@ -228,6 +255,8 @@ class MetricsLogger:
                     for key, value in values.items()
                     if key != "tokens"
                 }
+            elif row["kind"] not in ("train", "eval"):  # other kinds (downstream_score) under their own name
+                values = {f"{row['kind']}/{key}": value for key, value in values.items() if key != "tokens"}
             step = row.get("step")
             self._wandb_run.log(values, step=int(step) if step is not None else None)
 

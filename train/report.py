@@ -31,6 +31,8 @@ class RunMetrics:
     """Train steps logged first after a (re)start; their throughput includes start-up, so means skip them."""
     downstream: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
     """Downstream rows (eval.downstream) of each task, one per step, sorted by step."""
+    centred: List[Dict[str, Any]] = field(default_factory=list)
+    """downstream_score rows (the centred score over the evaluated tasks), one per step, sorted by step."""
 
 
 def _number(value: Any) -> Optional[float]:
@@ -53,6 +55,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
     train: Dict[int, Dict[str, Any]] = {}
     evals: Dict[int, Dict[str, Any]] = {}
     downstream: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    centred: Dict[int, Dict[str, Any]] = {}
     first_of_segment: Set[int] = set()
     last_train_step: Optional[int] = None
     for number, line in enumerate(lines, start=1):
@@ -80,6 +83,9 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         if row.get("kind") == "downstream" and isinstance(row.get("task"), str):
             downstream.setdefault(row["task"], {})[step] = row
             continue
+        if row.get("kind") == "downstream_score":
+            centred[step] = row
+            continue
         if row.get("kind") not in (None, "train"):
             continue
         if last_train_step is None or step <= last_train_step:
@@ -95,6 +101,7 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
         eval=[evals[s] for s in sorted(evals)],
         first_of_segment=first_of_segment,
         downstream={task: [rows[s] for s in sorted(rows)] for task, rows in sorted(downstream.items())},
+        centred=[centred[s] for s in sorted(centred)],
     )
 
 
@@ -139,6 +146,15 @@ def summarize(metrics: RunMetrics) -> Dict[str, Any]:
             task: {key: rows[-1][key] for key in ("step", "acc", "acc_norm") if key in rows[-1]}
             for task, rows in metrics.downstream.items()
         },
+        "centred_score": {key: metrics.centred[-1].get(key) for key in ("step", "centred_score", "tasks")}
+        if metrics.centred
+        else None,
+        "val_per_source": {
+            "step": metrics.eval[-1]["step"],
+            **{key: value for key, value in metrics.eval[-1].items() if key.startswith("val/")},
+        }
+        if metrics.eval and any(key.startswith("val/") for key in metrics.eval[-1])
+        else None,
     }
 
 
@@ -162,6 +178,22 @@ def format_summary(summary: Dict[str, Any]) -> str:
             f"{key} {show(last.get(key), '.4f')}" for key in ("acc", "acc_norm") if key in last
         )
         rows.append((f"downstream {task}", scores + at(last.get("step"))))
+    centred = summary.get("centred_score")
+    if centred:
+        rows.append(
+            (
+                "centred score",
+                show(centred["centred_score"], "+.4f") + f" over {centred['tasks']}" + at(centred["step"]),
+            )
+        )
+    per_source = summary.get("val_per_source")
+    if per_source:  # the last eval row's val/<source>/loss and bpb
+        names = [key.split("/")[1] for key in per_source if key.endswith("/loss")]
+        for name in names:
+            value = f"loss {show(per_source.get(f'val/{name}/loss'), '.4f')}"
+            if f"val/{name}/bpb" in per_source:
+                value += f", bpb {show(per_source[f'val/{name}/bpb'], '.4f')}"
+            rows.append((f"val {name}", value + at(per_source["step"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

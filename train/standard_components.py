@@ -1,7 +1,7 @@
 """The components every `slm train` run has, each on the cadence its config field sets.
 
     TrainMetrics   log.every          a train row (loss, lr, grad_norm, tokens/s, MFU...) every N steps and at the end
-    Evaluator      eval.every         validation loss/ppl/bpb every N steps, at the end and on time-out (not on a signal)
+    Evaluator      eval.every         validation loss/ppl/bpb (and per source) every N steps, at the end and on time-out
     DownstreamEval eval.downstream    a row per task (train.downstream.component) every N steps, at the end and on time-out
     Checkpointer   checkpoint.every   a checkpoint every N steps and whenever the loop ends
     Exporter       export.every       a Hugging Face folder of that step's checkpoint every N steps (0: off)
@@ -15,6 +15,7 @@ exported after it is saved). See `train.components` for the interface.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -25,7 +26,7 @@ from train.components import Component, LoopRun, StepEvent, every
 from train.config import Config
 from train.distributed import barrier, on_main_then_share
 from train.downstream.component import DownstreamEval
-from train.evaluate import evaluate
+from train.evaluate import evaluate, evaluate_sources
 from train.handoff.export import export
 from train.mfu import mfu, peak_flops_per_device
 from train.profiler import Profiler
@@ -49,7 +50,8 @@ def grad_norm_now(engine: Any) -> Optional[float]:
 
 
 class TrainMetrics(Component):
-    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row."""
+    """Train rows: the mean loss, throughput, MFU and data wait (share of step time) since the previous row, and
+    where the run stands: the last step, time elapsed in this invocation and an ETA (bounded by train.max_time)."""
 
     name = "train_metrics"
 
@@ -79,6 +81,10 @@ class TrainMetrics(Component):
         if peak is None and device.type == "cuda":
             peak = peak_flops_per_device(torch.cuda.get_device_name(device), run.cfg.train.precision)
         self.peak_flops = peak
+        self.pace_since = (
+            time.time(),
+            run.progress.step,
+        )  # the ETA's pace: wall time per step, evals included
 
     def before_optimizer_step(self, run: LoopRun, event: StepEvent) -> None:
         self.grad_norm = None
@@ -112,8 +118,26 @@ class TrainMetrics(Component):
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
             del row["mfu"]
+        row.update(self.progress_fields(run, event.number))
         run.logger.log(row)
         self._reset_window()
+
+    def progress_fields(self, run: LoopRun, step: int) -> dict:
+        """max_steps (where the run ends), elapsed_s (since this invocation started, the clock of train.max_time),
+        eta_s (steps left at this invocation's pace, evaluations and checkpoints included; never past the time
+        budget) and, with train.max_time, time_left_s."""
+        now = time.time()
+        elapsed = now - run.started
+        since, first_step = self.pace_since
+        eta = (run.last_step - step) * (now - since) / (step - first_step) if step > first_step else None
+        fields = {"max_steps": run.last_step, "elapsed_s": elapsed}
+        max_time = run.cfg.train.max_time
+        if max_time is not None:
+            fields["time_left_s"] = max(max_time - elapsed, 0.0)
+            eta = fields["time_left_s"] if eta is None else min(eta, fields["time_left_s"])
+        if eta is not None:
+            fields["eta_s"] = eta
+        return fields
 
 
 class Evaluator(Component):
@@ -131,7 +155,10 @@ class Evaluator(Component):
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         due = event.finished or event.timed_out or every(self.eval_every, event.number)
         if due and not event.stop_requested:  # a signal leaves little time: save, skip the evaluation
-            result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
+            if run.val_sources:  # several sources: each one apart, and the mixed figure from them
+                result = evaluate_sources(run.engine, run.val_sources, run.dist_info.device)
+            else:
+                result = evaluate(run.engine, run.val_batches, run.dist_info.device, run.bytes_per_token)
             run.logger.log({"step": run.progress.step, "tokens": run.progress.tokens_seen, **result})
 
 

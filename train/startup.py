@@ -22,7 +22,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.format.manifest import load_manifest, manifest_sha256
 from data_pipeline.format.names import MANIFEST, TOKENIZER
 from data_pipeline.instruct.data import build_instruct_loader
-from data_pipeline.loading.documents import document_masked
+from data_pipeline.loading.documents import add_document_ids, document_masked
 from data_pipeline.loading.loader import build_loader
 from data_pipeline.sources.corpus import source_weights
 from data_pipeline.storage.cache import default_cache_dir, local_copy
@@ -47,6 +47,7 @@ from train.deepspeed_config import build_deepspeed_config, validate_deepspeed_co
 from train.distributed import DistInfo, barrier, on_main_then_share
 from train.environment import write_environment
 from train.errors import TrainError
+from train.evaluate import ValSource
 from train.handoff.init_from import load_init_weights
 from train.handoff.remote_export import fetch_export
 from train.handoff.shapes import shape_differences
@@ -90,6 +91,8 @@ class RunSetup:
     """The resumable training loader."""
     val_batches: List[Batch]
     """This rank's fixed validation batches."""
+    val_sources: List[ValSource]
+    """With several data sources, each one's own validation batches (val_batches then holds them all)."""
     progress: Progress
     """Where the run stands (0 for a fresh start)."""
     identity: RunIdentity
@@ -134,8 +137,11 @@ def load_data(cfg: Config, dist_info: DistInfo) -> DataSetup:
     )
 
 
-def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> tuple:
-    """(train loader, fixed list of this rank's validation batches)."""
+def build_loaders(
+    cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo, pooled_val: bool = True
+) -> tuple:
+    """(train loader, fixed list of this rank's validation batches drawn from the pooled validation split;
+    empty without pooled_val, when each source has its own: build_val_sources)."""
     seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
     # eval.batches counts micro-batches over all ranks: the loaders' global cursor then hands every
     # world size the same validation samples (exactly, when the world size divides eval.batches).
@@ -163,22 +169,63 @@ def build_loaders(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInf
         cache_dir=cfg.data.cache_dir,
         cache_limit=cfg.data.cache_limit,
     )
-    val_loader = build_loader(
-        data_dir,
-        "val",
-        seq_len,
-        micro,
-        dist_info.rank,
-        dist_info.world_size,
-        cfg.run.seed,
-        cache_dir=cfg.data.cache_dir,
-        cache_limit=cfg.data.cache_limit,
-    )
-    if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
-        return document_masked(
-            train_loader, take_batches(val_loader, val_batches_per_rank), eot_id(tokenizer)
+    val_batches: List[Batch] = []
+    if pooled_val:
+        val_loader = build_loader(
+            data_dir,
+            "val",
+            seq_len,
+            micro,
+            dist_info.rank,
+            dist_info.world_size,
+            cfg.run.seed,
+            cache_dir=cfg.data.cache_dir,
+            cache_limit=cfg.data.cache_limit,
         )
-    return train_loader, take_batches(val_loader, val_batches_per_rank)
+        val_batches = take_batches(val_loader, val_batches_per_rank)
+    if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
+        return document_masked(train_loader, val_batches, eot_id(tokenizer))
+    return train_loader, val_batches
+
+
+def build_val_sources(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> List[ValSource]:
+    """With several prepared sources (not ift): each source's own fixed validation batches, eval.batches of
+    them over all ranks per source, drawn by a loader that weights that source alone. A source whose
+    validation split holds no window of seq_len + 1 tokens is left out (said once)."""
+    manifest = load_manifest(data_dir)
+    names = manifest.source_names()
+    if cfg.train.stage == "ift" or len(names) < 2:
+        return []
+    seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
+    per_rank = math.ceil(cfg.eval.batches / dist_info.world_size)
+    sources = []
+    for name in names:
+        shards = manifest.shards_of("val", name)
+        tokens = sum(s.tokens for s in shards)
+        if tokens < seq_len + 1:
+            say(
+                f"validation per source: '{name}' has {tokens} validation tokens, fewer than seq_len + 1 = "
+                f"{seq_len + 1}; it is left out of the per-source and mixed figures",
+                dist_info.is_main,
+            )
+            continue
+        loader = build_loader(
+            data_dir,
+            "val",
+            seq_len,
+            micro,
+            dist_info.rank,
+            dist_info.world_size,
+            cfg.run.seed,
+            weights={other: float(other == name) for other in names},
+            cache_dir=cfg.data.cache_dir,
+            cache_limit=cfg.data.cache_limit,
+        )
+        batches = take_batches(loader, per_rank)
+        if cfg.data.document_mask:
+            batches = [add_document_ids(batch, eot_id(tokenizer)) for batch in batches]
+        sources.append(ValSource(name, batches, tokens, sum(s.text_bytes for s in shards)))
+    return sources
 
 
 def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
@@ -354,13 +401,28 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     engine = build_engine(cfg, plan, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.optim.name == "muon":
         say(describe_muon(engine.module, cfg.optim), dist_info.is_main)
-    train_loader, val_batches = build_loaders(cfg, data.dir, data.tokenizer, dist_info)
+    val_sources = build_val_sources(cfg, data.dir, data.tokenizer, dist_info)
+    train_loader, val_batches = build_loaders(
+        cfg, data.dir, data.tokenizer, dist_info, pooled_val=not val_sources
+    )
+    if val_sources:
+        val_batches = [batch for source in val_sources for batch in source.batches]
     progress = Progress()
     if resume_from is not None and record is not None:
         progress = resume_into(engine, train_loader, resume_from, record, universal_dir, dist_info)
     write_run_dir(cfg, plan, dist_info, progress)
     return RunSetup(
-        cfg, plan, data, engine, train_loader, val_batches, progress, identity, started, resume_from
+        cfg,
+        plan,
+        data,
+        engine,
+        train_loader,
+        val_batches,
+        val_sources,
+        progress,
+        identity,
+        started,
+        resume_from,
     )
 
 

@@ -73,6 +73,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
             setup.data.bytes_per_token,
             setup.started,
             plain_optimizer=cfg.train.zero_stage == 0 and cfg.train.precision == "fp32",
+            val_sources=setup.val_sources,
         )
         components = standard_components(cfg) + list(extra_components)
         return TrainingLoop(run, setup.train_loader, components).run_steps()

@@ -134,8 +134,22 @@ def test_final_step_score_equals_slm_eval_on_that_steps_export(runs, eval_data, 
             ]
         )
     )
-    offline = json.loads(out.read_text())["tasks"]
+    payload = json.loads(out.read_text())
+    offline = payload["tasks"]
     rows = downstream_rows(runs["1p"])
+    # The one score: logged in the loop and printed by slm eval alike, and equal to a hand computation from
+    # the per-task accuracies (arc_easy: acc_norm; winogrande: acc) and the examples' numbers of choices.
+    hand = []
+    for task, metric in (("arc_easy", "acc_norm"), ("winogrande", "acc")):
+        lengths = [len(e["loglikelihoods"]) for e in payload["examples"] if e["task"] == task]
+        chance = sum(1 / n for n in lengths) / len(lengths)
+        assert rows[(STEPS, task)]["chance"] == pytest.approx(chance)
+        hand.append((offline[task][metric] - chance) / (1 - chance))
+    logged = [json.loads(line) for line in (runs["1p"] / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r for r in logged if r["kind"] == "downstream_score"}
+    assert sorted(scores) == [EVERY, STEPS] and scores[STEPS]["tasks"] == ",".join(TASKS)
+    assert scores[STEPS]["centred_score"] == pytest.approx(sum(hand) / len(hand), abs=1e-12)
+    assert payload["centred_score"]["score"] == pytest.approx(sum(hand) / len(hand), abs=1e-12)
     for task in TASKS:
         in_loop = rows[(STEPS, task)]
         assert (in_loop["acc"], in_loop["acc_norm"], in_loop["examples"]) == (
@@ -148,6 +162,7 @@ def test_final_step_score_equals_slm_eval_on_that_steps_export(runs, eval_data, 
     for task in TASKS:
         assert f"| {task} | acc_norm | {rows[(STEPS, task)]['acc_norm']:.4f} | {STEPS} |" in card
         assert card.count(f"| {task} | acc | ") == 1
+    assert f"Centred downstream score at step {STEPS}: " in card
 
 
 @pytest.mark.slow

@@ -22,11 +22,22 @@ from data_pipeline.tokenizer import load_tokenizer
 from train.checkpoint.layout import looks_like_checkpoint
 from train.downstream.evaluate import DownstreamResult, TaskRequests, build_task_requests, score_tasks, world
 from train.downstream.fetch import fetch_eval_data
+from train.downstream.metrics import CentredScore
 from train.errors import TrainError
 from train.handoff.init_from import build_model, load_weights, locate_weights
 
-EVAL_OUTPUT_KEYS = ("model", "settings", "tasks", "seconds", "examples_per_second", "examples")
+EVAL_OUTPUT_KEYS = (
+    "model",
+    "settings",
+    "tasks",
+    "centred_score",
+    "seconds",
+    "examples_per_second",
+    "examples",
+)
 """The top-level keys of `slm eval --output` JSON (how an earlier result is recognised before replacing it)."""
+OLDER_EVAL_OUTPUT_KEYS = tuple(key for key in EVAL_OUTPUT_KEYS if key != "centred_score")
+"""The keys of a result written before the centred score, recognised the same way."""
 
 
 def init_process_group(device: str) -> torch.device:
@@ -61,11 +72,32 @@ def format_table(
                 f"{metrics['examples']:>10}  {tr.split}"
             )
     lines.append("-" * 66)
+    lines.append(format_centred(result.centred))
     lines.append(
         f"{len(result.examples)} examples in {result.seconds:.1f} s: {result.examples_per_second:.1f} "
         f"examples/s ({processes} process(es), {device.type}, {shots}-shot)"
     )
     return "\n".join(lines)
+
+
+def format_centred(centred: CentredScore) -> str:
+    """The table's score line: the mean and each task's centred accuracy (which metric, what chance)."""
+    parts = ", ".join(
+        f"{name} {t.metric} {t.accuracy:.4f} vs chance {t.chance:.4f} -> {t.centred:+.4f}"
+        for name, t in centred.tasks.items()
+    )
+    return f"centred score {centred.score:+.4f} = mean of ({parts})"
+
+
+def centred_json(centred: CentredScore) -> Dict[str, Any]:
+    """The score and its parts, as `slm eval --output` writes them."""
+    return {
+        "score": centred.score,
+        "tasks": {
+            name: {"metric": t.metric, "accuracy": t.accuracy, "chance": t.chance, "centred": t.centred}
+            for name, t in centred.tasks.items()
+        },
+    }
 
 
 def result_json(
@@ -95,6 +127,7 @@ def result_json(
         "model": model,
         "settings": settings,
         "tasks": tasks,
+        "centred_score": centred_json(result.centred),
         "seconds": result.seconds,
         "examples_per_second": result.examples_per_second,
         "examples": examples,
@@ -108,7 +141,7 @@ def looks_like_eval_output(path: Path) -> bool:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(payload, dict) and set(payload) == set(EVAL_OUTPUT_KEYS)
+    return isinstance(payload, dict) and set(payload) in (set(EVAL_OUTPUT_KEYS), set(OLDER_EVAL_OUTPUT_KEYS))
 
 
 def inside_a_run_or_export(path: Path) -> Optional[Path]:

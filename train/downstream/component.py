@@ -7,7 +7,11 @@ every evaluation scores the same examples. Scoring is collective: every rank sco
 the same number of forward passes. Each task's metrics become one metrics.jsonl row:
 
     {"kind": "downstream", "step": 100, "tokens": ..., "task": "hellaswag", "acc": ..., "acc_stderr": ...,
-     "acc_norm": ..., "acc_norm_stderr": ..., "examples": 500}
+     "acc_norm": ..., "acc_norm_stderr": ..., "examples": 500, "chance": 0.25, "centred": 0.02}
+
+and the tasks' centred score one more (`train.downstream.metrics.CentredScore`):
+
+    {"kind": "downstream_score", "step": 100, "tokens": ..., "centred_score": 0.013, "tasks": "hellaswag,..."}
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from train.downstream.evaluate import (
 from train.errors import TrainError
 
 KIND = "downstream"
-"""The `kind` of the rows this component logs (read by `slm report` and the model card)."""
+"""The `kind` of the per-task rows this component logs (read by `slm report` and the model card)."""
+SCORE_KIND = "downstream_score"
+"""The `kind` of the row holding the centred score over the evaluated tasks."""
 
 
 class DownstreamEval(Component):
@@ -87,14 +93,22 @@ class DownstreamEval(Component):
         result = score_tasks(
             run.engine.module, self.requests, batch_size=self.config.batch_size, device=run.dist_info.device
         )
+        where = {"step": run.progress.step, "tokens": run.progress.tokens_seen}
         for tr in self.requests:
+            part = result.centred.tasks[tr.task.name]
             run.logger.log(
                 {
                     "kind": KIND,
-                    "step": run.progress.step,
-                    "tokens": run.progress.tokens_seen,
+                    **where,
                     "task": tr.task.name,
                     **result.metrics[tr.task.name],
+                    "chance": part.chance,
+                    "centred": part.centred,
                 }
             )
-        run.say(f"downstream at step {run.progress.step}: {result.examples_per_second:.1f} examples/s")
+        tasks = ",".join(tr.task.name for tr in self.requests)
+        run.logger.log({"kind": SCORE_KIND, **where, "centred_score": result.centred.score, "tasks": tasks})
+        run.say(
+            f"downstream at step {run.progress.step}: {result.seconds:.1f} s, "
+            f"{result.examples_per_second:.1f} examples/s"
+        )

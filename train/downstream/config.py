@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from common.checks import check_positive
-from train.downstream.tasks import get_task
+from train.downstream.tasks import expand_task_names, get_task
 
 
 @dataclass(frozen=True)
 class DownstreamConfig:
     tasks: List[str] = field(default_factory=list)
-    """Task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, sciq, openbookqa, boolq, copa, commonsense_qa, social_iqa, lambada_openai); empty disables."""
+    """Task names (hellaswag, arc_easy, arc_challenge, piqa, winogrande, sciq, openbookqa, boolq, copa, commonsense_qa, social_iqa, lambada_openai; core: the centred score's fixed set); empty disables."""
     every: int = 0
     """Evaluate the downstream tasks every this many steps (and at the end); 0 disables."""
     limit: Optional[int] = 500
@@ -28,7 +28,7 @@ class DownstreamConfig:
     """Sequences (context + choice) per forward pass."""
 
     def validate(self) -> None:
-        for name in self.tasks:
+        for name in expand_task_names(self.tasks):
             try:
                 get_task(name)
             except ValueError as err:

@@ -23,10 +23,10 @@ from tokenizers import Tokenizer
 from common.log import say
 from data_pipeline.tokenizer import EOT
 from train.downstream.data import TaskData, load_task_split
-from train.downstream.metrics import ExampleResult, task_metrics
+from train.downstream.metrics import CentredScore, ExampleResult, centred_score, task_metrics
 from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix
 from train.downstream.scoring import Pair, count_forwards, encode_pairs, score_groups
-from train.downstream.tasks import Task, get_task, prepare_doc
+from train.downstream.tasks import Task, expand_task_names, get_task, prepare_doc
 from train.errors import TrainError
 
 Metrics = Dict[str, Dict[str, Optional[float]]]
@@ -61,6 +61,8 @@ class DownstreamResult:
     """Every example's scores, in (task, index) order."""
     seconds: float
     """Wall time of the scoring (this rank)."""
+    centred: CentredScore
+    """Each task's accuracy rescaled so chance is 0 and perfect is 1, and their mean (the one score)."""
 
     @property
     def examples_per_second(self) -> float:
@@ -114,7 +116,7 @@ def build_task_requests(
     rank, world_size = world()
     prefix_id = tokenizer.token_to_id(EOT)
     out = []
-    for name in task_names:
+    for name in expand_task_names(task_names):
         try:
             task = get_task(name)
         except ValueError as err:
@@ -235,7 +237,8 @@ def score_tasks(
         tr.task.name: task_metrics(tr.task.kind, [r for r in results if r.task == tr.task.name])
         for tr in task_requests
     }
-    return DownstreamResult(metrics, results, seconds)
+    centred = centred_score([tr.task for tr in task_requests], results, metrics)
+    return DownstreamResult(metrics, results, seconds, centred)
 
 
 def evaluate_tasks(

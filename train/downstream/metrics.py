@@ -6,6 +6,9 @@
 - LAMBADA acc: the last word is the greedy continuation (every token the argmax); perplexity exp(-mean ll).
 - stderr of a mean: the sample standard deviation (ddof=1) over sqrt(n). The harness bootstraps perplexity's;
   we report none for it.
+- centred score (in the spirit of DCLM's CORE; not DCLM's CORE, whose task set differs): each task's
+  `Task.centred_metric` rescaled as (acc - chance) / (1 - chance), chance being the mean over the scored
+  examples of 1 / their number of choices (0 for LAMBADA's open completion), then averaged over the tasks.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from train.downstream.tasks import LOGLIKELIHOOD
+from train.downstream.tasks import LOGLIKELIHOOD, Task
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,53 @@ def task_metrics(kind: str, results: Sequence[ExampleResult]) -> Dict[str, Optio
         )
     out["examples"] = len(results)
     return out
+
+
+def chance_level(kind: str, results: Sequence[ExampleResult]) -> float:
+    """The accuracy of guessing: the mean of 1 / choices over the examples (0 for an open completion)."""
+    if kind == LOGLIKELIHOOD:
+        return 0.0
+    return sum(1.0 / len(r.loglikelihoods) for r in results) / len(results)
+
+
+@dataclass(frozen=True)
+class TaskCentred:
+    """One task's part of the centred score."""
+
+    metric: str
+    """The accuracy used (acc_norm where the harness reports it, else acc)."""
+    accuracy: float
+    """Its value."""
+    chance: float
+    """The accuracy of guessing on the same examples."""
+
+    @property
+    def centred(self) -> float:
+        """0 at chance, 1 when every answer is right (negative below chance)."""
+        return (self.accuracy - self.chance) / (1.0 - self.chance)
+
+
+@dataclass(frozen=True)
+class CentredScore:
+    """The tasks' centred accuracies and their mean."""
+
+    tasks: Dict[str, TaskCentred]
+    """Task name -> its centred part, in evaluation order."""
+
+    @property
+    def score(self) -> float:
+        """The mean of the tasks' centred accuracies."""
+        return sum(t.centred for t in self.tasks.values()) / len(self.tasks)
+
+
+def centred_score(
+    tasks: Sequence[Task], results: Sequence[ExampleResult], metrics: Dict[str, Dict[str, Optional[float]]]
+) -> CentredScore:
+    """The centred score of scored tasks from their metrics (task_metrics) and their examples (for chance)."""
+    parts = {}
+    for task in tasks:
+        accuracy = metrics[task.name][task.centred_metric]
+        assert accuracy is not None  # task_metrics always computes acc / acc_norm
+        chance = chance_level(task.kind, [r for r in results if r.task == task.name])
+        parts[task.name] = TaskCentred(task.centred_metric, accuracy, chance)
+    return CentredScore(parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 Doc = Dict[str, Any]
 
@@ -61,6 +61,11 @@ class Task:
     """Between the context and a choice (the harness default)."""
     fewshot_delimiter: str = "\n\n"
     """Between k-shot examples (the harness default)."""
+
+    @property
+    def centred_metric(self) -> str:
+        """The accuracy the centred score uses: acc_norm where the harness reports it, else acc."""
+        return "acc_norm" if "acc_norm" in self.metrics else "acc"
 
 
 def _label_index(strip: bool) -> Callable[[Doc], int]:
@@ -340,6 +345,22 @@ ALIASES = {
     "obqa": "openbookqa",
 }
 """Other names users type for the same tasks."""
+
+
+CORE = "core"
+"""A task name that stands for CORE_TASKS (in eval.downstream.tasks and `slm eval --tasks`)."""
+CORE_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "copa", "commonsense_qa")
+"""The fixed task set of the centred score's default (docs/evaluation.md: which tasks, shots, metric, cost)."""
+
+
+def expand_task_names(names: Sequence[str]) -> List[str]:
+    """Task names with `core` replaced by CORE_TASKS (a task named twice is kept once, first place)."""
+    out: List[str] = []
+    for name in names:
+        for one in CORE_TASKS if name.strip().lower() == CORE else (name,):
+            if one not in out:
+                out.append(one)
+    return out
 
 
 def get_task(name: str) -> Task:

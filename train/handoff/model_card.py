@@ -139,6 +139,22 @@ def evaluation_section(rows: List[Dict[str, Any]]) -> List[str]:
             f"{key} {_number(last[key])}" for key in ("val_loss", "val_ppl", "val_bpb") if key in last
         )
         lines.append(f"Held-out validation split at step {last.get('step')}: {scores}.")
+        per_source = [
+            f"{key.split('/')[1]} {_number(value)}"
+            for key, value in last.items()
+            if key.startswith("val/") and key.endswith("/loss") and value is not None
+        ]
+        if per_source:  # several data sources: each one's own validation split (train.evaluate.SOURCE_KEYS)
+            lines.append(f"Validation loss per source: {', '.join(per_source)}.")
+    centred = [r for r in rows if r.get("kind") == "downstream_score" and r.get("centred_score") is not None]
+    if centred:
+        last = centred[-1]
+        lines += [
+            "",
+            f"Centred downstream score at step {last.get('step')}: {_number(last['centred_score'])} (each task's "
+            f"accuracy rescaled so chance is 0 and perfect is 1, averaged over {last.get('tasks')}; not DCLM's "
+            "CORE, see slm-forge's docs/evaluation.md).",
+        ]
     downstream = [r for r in rows if r.get("kind") == "downstream"]
     if downstream:  # the latest evaluation's rows (eval.downstream logs one row per task every N steps)
         downstream = [r for r in downstream if r.get("step") == downstream[-1].get("step")]

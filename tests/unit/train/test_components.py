@@ -111,6 +111,14 @@ def test_a_component_defined_here_runs_at_its_points_without_a_loop_edit(
     ]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
     assert (run_dir / "DONE").is_file()
+    # Train rows say where the run stands: of how many steps, time spent, and none left at the end.
+    train = [r for r in rows if r["kind"] == "train"]
+    assert {r["max_steps"] for r in train} == {STEPS}
+    assert [r["elapsed_s"] for r in train] == sorted(r["elapsed_s"] for r in train) and train[0][
+        "elapsed_s"
+    ] > 0
+    assert train[-1]["eta_s"] == 0 and all(r["eta_s"] > 0 for r in train[1:-1])
+    assert "time_left_s" not in train[-1]  # no train.max_time
 
 
 def test_standard_components_follow_their_config_fields():

@@ -13,7 +13,7 @@ import torch
 
 from launch.config import Config
 from train.config import LogConfig, RunConfig, WandbConfig
-from train.metrics import MetricsLogger, format_row
+from train.metrics import MetricsLogger, format_duration, format_row
 
 
 def make_cfg(run_dir: Path, wandb_mode: str = "disabled", console: bool = True) -> Config:
@@ -99,6 +99,45 @@ def test_format_row_shows_only_present_keys_and_extras():
         format_row(dict(step=7, tokens=3_200_000_000, tokens_per_second=950.0))
         == "train step 7 | tok/s 950 | tokens 3.20B"
     )
+
+
+def test_train_rows_say_step_of_max_steps_elapsed_and_eta():
+    row = dict(step=150, loss=3.0, max_steps=600, elapsed_s=125.4, eta_s=3 * 3600 + 7 * 60 + 5)
+    assert format_row(row) == "train step 150 of 600 (25.0%) | loss 3.0000 | elapsed 2m05s | eta 3h07m"
+    budget = dict(step=7, max_steps=10**9, elapsed_s=59.6, eta_s=90_000, time_left_s=90_000)
+    assert (
+        format_row(budget)
+        == "train step 7 of 1000000000 (0.0%) | elapsed 1m00s | eta 1d01h | time left 1d01h"
+    )
+    assert [format_duration(s) for s in (0, 42.4, 3600, 86399.6)] == ["0s", "42s", "1h00m", "1d00h"]
+
+
+def test_progress_fields_of_a_time_budget_run():
+    """ETA from this invocation's pace (steps since it started), capped by what train.max_time leaves."""
+    import time
+
+    from launch.config import load_config
+    from tests.helpers import TINY
+    from train.checkpoint import Progress
+    from train.components import LoopRun
+    from train.plan import plan_run
+    from train.standard_components import TrainMetrics
+
+    def fields(overrides: list, resumed_at: int, step: int, seconds_in: float) -> dict:
+        cfg = load_config(TINY, ["train.max_steps=100", *overrides])
+        now = time.time()
+        run = LoopRun(
+            cfg, None, plan_run(cfg, 1), None, Progress(step=step), None, None, [], None, now - seconds_in
+        )
+        metrics = TrainMetrics(1)
+        metrics.pace_since = (now - seconds_in, resumed_at)
+        return metrics.progress_fields(run, step)
+
+    steps = fields([], resumed_at=40, step=50, seconds_in=20.0)  # 10 steps in 20 s: 50 steps left take 100 s
+    assert steps["max_steps"] == 100 and steps["eta_s"] == pytest.approx(100, rel=0.01)
+    assert steps["elapsed_s"] == pytest.approx(20, abs=1) and "time_left_s" not in steps
+    budget = fields(["train.max_time=50"], resumed_at=40, step=50, seconds_in=20.0)
+    assert budget["time_left_s"] == pytest.approx(30, abs=1) and budget["eta_s"] == budget["time_left_s"]
 
 
 def wandb_records(path: Path) -> list:

@@ -20,8 +20,9 @@ def test_card_reports_run_facts_data_and_scores(tiny_data_dir, tmp_path):
     rows = [
         {"kind": "train", "step": 10, "loss": 5.0},
         {"kind": "eval", "step": 10, "val_loss": 5.5, "val_ppl": 244.69, "val_bpb": 2.4},
-        {"kind": "eval", "step": 20, "val_loss": 4.25, "val_ppl": 70.1, "val_bpb": 1.9123},
+        {"kind": "eval", "step": 20, "val_loss": 4.25, "val_ppl": 70.1, "val_bpb": 1.9123, "val/a/loss": 4.0},
         {"kind": "downstream", "step": 20, "task": "hellaswag", "acc": 0.2512, "acc_norm": 0.26},
+        {"kind": "downstream_score", "step": 20, "centred_score": 0.0133, "tasks": "hellaswag"},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
     config = {
@@ -52,6 +53,8 @@ def test_card_reports_run_facts_data_and_scores(tiny_data_dir, tmp_path):
     train_tokens = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
     assert f"| tinyshakespeare | {manifest['sources'][0]['documents']:,} | {train_tokens:,} |" in card
     assert "step 20: val_loss 4.2500, val_ppl 70.1000, val_bpb 1.9123." in card  # the last eval row
+    assert "Validation loss per source: a 4.0000." in card
+    assert "Centred downstream score at step 20: 0.0133" in card and "averaged over hellaswag" in card
     assert "| hellaswag | acc | 0.2512 | 20 |" in card and "| hellaswag | acc_norm | 0.2600 | 20 |" in card
     assert "base (pretrained)" in card.lower() and "never trained on the ChatML template" in card
 

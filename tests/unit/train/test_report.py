@@ -112,6 +112,27 @@ def test_train_rows_only(tmp_path, capsys):
     png_size(run_dir / "report.png")
 
 
+def test_centred_score_and_per_source_validation_lines(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    last_eval = {
+        **eval_row(20, 3.5, 1.6, 3),
+        "val/books/loss": 3.25,
+        "val/books/bpb": 1.5,
+        "val/web/loss": 3.75,
+    }
+    score = {"kind": "downstream_score", "step": 20, "centred_score": 0.0125, "tasks": "piqa,copa"}
+    rows = [train_row(10, 5.0, 100.0, 1), eval_row(10, 4.0, 1.9, 2), train_row(20, 4.0, 100.0, 3), last_eval]
+    rows += [{**score, "step": 10, "centred_score": -0.02}, score]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = report(run_dir)
+    out = capsys.readouterr().out
+    assert summary["centred_score"] == {"step": 20, "centred_score": 0.0125, "tasks": "piqa,copa"}
+    assert "centred score       +0.0125 over piqa,copa (step 20)" in out
+    assert "val books           loss 3.2500, bpb 1.5000 (step 20)" in out
+    assert "val web             loss 3.7500 (step 20)" in out
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
