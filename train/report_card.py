@@ -35,8 +35,8 @@ from train.profiler import PROFILE_DIR
 from train.report import RunMetrics, format_summary, plot, read_metrics, summarize
 
 REPORT_MD = "report.md"
-AGGREGATE_KEY = re.compile(r"core|aggregate|centered", re.IGNORECASE)
-"""Keys of downstream rows that hold an aggregate score (issue 22 section 1), shown beside the per-task table."""
+AGGREGATE_KEY = re.compile(r"^centred_score$")
+"""The key of the downstream_score rows (train.downstream.component) holding the centred score over the tasks."""
 SAMPLE_PROMPTS = ("Once upon a time", "The king said")
 CHAT_PROMPTS = ("Give three tips for staying healthy.",)
 SAMPLE_TOKENS = 32
@@ -187,7 +187,7 @@ def spike_rows(stage: Stage) -> List[Dict[str, Any]]:
 
 
 def aggregates(stage: Stage) -> Dict[str, Any]:
-    """The latest value of every aggregate downstream score the run logged (keys like core / centered)."""
+    """The latest centred downstream score the run logged (the downstream_score rows), by key."""
     found: Dict[str, Any] = {}
     for row in stage.rows:
         if row.get("kind") in ("train", "eval", "spike"):

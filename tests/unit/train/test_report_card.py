@@ -18,7 +18,7 @@ def fake_run(path: Path, stage: str, init_from=None) -> Path:
     init = f"\n  init_from: {init_from}" if init_from else ""
     (path / "config.yaml").write_text(f"train:\n  stage: {stage}{init}\n")
     row = {"step": 2, "loss": 3.0, "tokens": 64, "time": 1.0, "kind": "train"}
-    aggregate = {"step": 2, "kind": "downstream", "task": "arc_easy", "acc": 0.5, "core_centered": 0.25}
+    aggregate = {"step": 2, "kind": "downstream_score", "centred_score": 0.25, "tasks": "arc_easy"}
     (path / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(aggregate) + "\n")
     return path
 
@@ -37,7 +37,7 @@ def test_the_chain_is_found_through_init_from_in_every_form(tmp_path):
     assert [s.name for s in find_chain([other])] == ["other"]  # an ancestor that is gone ends the chain
     card = write_report_card([ift], with_samples=False).read_text()
     assert card.startswith("# Report card: pretrain `pre` -> cpt `cpt` -> ift `ift`")
-    assert "Aggregate `core_centered` at step 2: **0.2500**" in card and "No complete checkpoint." in card
+    assert "Aggregate `centred_score` at step 2: **0.2500**" in card and "No complete checkpoint." in card
 
 
 def test_a_bad_config_yaml_is_named(tmp_path):
