@@ -6,6 +6,7 @@ step). The trainer passes plain dicts; the names this module and `slm report` un
 
 - train rows: step, loss, lr, tokens (seen so far), grad_norm, tokens_per_second, mfu (a
   fraction), step_ms, data_wait (the fraction of step time spent waiting for batches), skipped_steps,
+  peak_memory_gib (rank 0's peak since the last row: torch's allocations on a GPU, the process's RSS on a CPU),
   max_steps (the step the run ends at), elapsed_s (seconds since this invocation started), eta_s (seconds
   to max_steps at this invocation's pace, capped by the time budget), time_left_s (with train.max_time);
 - eval rows: step, val_loss, val_ppl, val_bpb;
@@ -87,6 +88,8 @@ def _fmt(key: str, value: Any) -> str:
         return _fmt_count(value)
     if key == "step_ms":
         return f"{value:.0f}"
+    if key == "peak_memory_gib":
+        return f"{value:.2f}G"
     if key in _DURATIONS:
         return format_duration(value)
     if isinstance(value, int):
@@ -107,6 +110,7 @@ _CONSOLE_KEYS = (
     ("mfu", "mfu"),
     ("step_ms", "step_ms"),
     ("data_wait", "data"),
+    ("peak_memory_gib", "mem"),
     ("elapsed_s", "elapsed"),
     ("eta_s", "eta"),
     ("time_left_s", "time left"),

@@ -33,16 +33,35 @@ def meminfo_available_bytes(path: str = "/proc/meminfo") -> Optional[int]:
     return None
 
 
+UNKNOWN = 2**62
+"""Stands for an unknown budget in the all-reduce (it never wins a minimum against a known one)."""
+
+
 def memory_budget_per_rank(dist_info: DistInfo) -> tuple[Optional[int], str]:
-    """Bytes one rank may use and where that number comes from."""
+    """Bytes this rank may use and where that number comes from: a GPU's free memory now (another process or a
+    previous job may hold some), or the host's MemAvailable shared by the node's ranks."""
     if dist_info.device.type == "cuda":
-        props = torch.cuda.get_device_properties(dist_info.device)
-        return props.total_memory, f"{props.name} memory"
+        free, _ = torch.cuda.mem_get_info(dist_info.device)
+        return free, f"free memory of {torch.cuda.get_device_name(dist_info.device)}"
     available = meminfo_available_bytes()
     if available is None:
         return None, "unknown host memory"
     share = max(1, dist_info.local_world_size)
     return available // share, f"host MemAvailable / {share} rank(s) on this node"
+
+
+def least_budget_over_ranks(dist_info: DistInfo) -> tuple[Optional[int], str]:
+    """memory_budget_per_rank on every rank, the smallest one kept (a collective: every rank calls it), so that
+    one crowded GPU or host fails the preflight instead of running out of memory mid-step."""
+    budget, source = memory_budget_per_rank(dist_info)
+    if dist_info.world_size == 1 or not torch.distributed.is_initialized():
+        return budget, source
+    least = torch.tensor([UNKNOWN if budget is None else budget], dtype=torch.int64, device=dist_info.device)
+    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    value = int(least.item())
+    if value == UNKNOWN:
+        return None, source
+    return value, f"{source}, the least of {dist_info.world_size} ranks"
 
 
 def check_memory(
@@ -88,8 +107,15 @@ def summary_lines(
     ]
 
 
-def preflight(model_cfg, train: TrainConfig, plan: RunPlan, dist_info: DistInfo) -> List[str]:
-    """Summary lines for the log; raises TrainError when the estimated memory does not fit."""
+def preflight(
+    model_cfg,
+    train: TrainConfig,
+    plan: RunPlan,
+    dist_info: DistInfo,
+    budget: Optional[tuple[Optional[int], str]] = None,
+) -> List[str]:
+    """Summary lines for the log; raises TrainError when the estimated memory does not fit `budget` (bytes and
+    where they come from: least_budget_over_ranks, else this rank's own)."""
     memory = training_memory_per_rank(
         model_cfg,
         train.zero_stage,
@@ -98,7 +124,7 @@ def preflight(model_cfg, train: TrainConfig, plan: RunPlan, dist_info: DistInfo)
         plan.seq_len,
         activation_checkpointing=train.activation_checkpointing,
     )
-    budget, source = memory_budget_per_rank(dist_info)
+    budget, source = budget or memory_budget_per_rank(dist_info)
     lines = summary_lines(plan, dist_info, train, memory, budget, source)
     check_memory(memory["total"], budget, source, train, dist_info.world_size)
     return lines

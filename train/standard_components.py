@@ -15,12 +15,14 @@ exported after it is saved). See `train.components` for the interface.
 from __future__ import annotations
 
 import math
+import resource
 import time
 from typing import Any, Callable, List, Optional
 
 import torch
 
 from common.atomic import atomic_write_text
+from common.files import GIB
 from model.stats import flops_per_token
 from train.components import Component, LoopRun, StepEvent, every
 from train.config import Config
@@ -47,6 +49,16 @@ def grad_norm_now(engine: Any) -> Optional[float]:
     if not grads:
         return None
     return float(torch.nn.utils.get_total_norm(grads))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak memory since the last train row: on a GPU what torch allocated (the counter is reset
+    here), on a CPU the process's peak resident set (ru_maxrss, which only grows)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 class TrainMetrics(Component):
@@ -118,6 +130,7 @@ class TrainMetrics(Component):
         }
         if row["mfu"] is None:  # no known peak (CPU, unlisted GPU): leave it out rather than log a blank
             del row["mfu"]
+        row["peak_memory_gib"] = peak_memory_bytes(run.dist_info.device) / GIB
         row.update(self.progress_fields(run, event.number))
         run.logger.log(row)
         self._reset_window()

@@ -54,7 +54,7 @@ from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics, set_aside_history
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.plan import RunPlan, plan_run, write_plan
-from train.preflight import preflight
+from train.preflight import least_budget_over_ranks, preflight
 
 
 @dataclasses.dataclass
@@ -365,8 +365,9 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     )
     data = load_data(cfg, dist_info)
     plan = settle_vocab(cfg, plan, dist_info, data)
+    budget = least_budget_over_ranks(dist_info)
     for line in on_main_then_share(
-        dist_info, lambda: preflight(plan.model(cfg.model), cfg.train, plan, dist_info), "Preflight"
+        dist_info, lambda: preflight(plan.model(cfg.model), cfg.train, plan, dist_info, budget), "Preflight"
     ):
         say(line, dist_info.is_main)
     init_weights = load_initial_weights(cfg, plan, dist_info, data.tokenizer_sha256)

@@ -14,7 +14,7 @@ from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.errors import TrainError
 from train.plan import plan_batches
-from train.preflight import check_memory, preflight
+from train.preflight import check_memory, least_budget_over_ranks, memory_budget_per_rank, preflight
 
 
 def test_batch_arithmetic_and_global_batch_check():
@@ -59,3 +59,26 @@ def test_preflight_refuses_what_cannot_fit_without_allocating():
     check_memory(10.0, None, "unknown", train, 1)  # an unknown budget never refuses
     with pytest.raises(TrainError, match="1.0 GiB is available"):
         check_memory(2 * 1024**3, 1024**3, "test", train, 1)
+
+
+def _budget_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # rank 1 says its node is crowded (4 ranks share the host's memory): its budget is the smaller one
+    place = DistInfo(rank, 2, 0, 1 if rank == 0 else 4, torch.device("cpu"), "gloo")
+    own, _ = memory_budget_per_rank(place)
+    least, source = least_budget_over_ranks(place)
+    Path(out_dir, f"{rank}.txt").write_text(f"{own}\n{least}\n{source}\n")
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_checks_its_memory_and_the_least_budget_wins(tmp_path):
+    """Two real gloo ranks: each reads its own budget, and both judge the run against the smaller one."""
+    torch.multiprocessing.spawn(
+        _budget_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    (own_0, least_0, source_0), (own_1, least_1, source_1) = (
+        (tmp_path / f"{rank}.txt").read_text().splitlines() for rank in (0, 1)
+    )
+    assert least_0 == least_1 and int(least_0) <= min(int(own_0), int(own_1))
+    assert int(least_0) < int(own_0) // 2  # rank 0's own budget (the whole host) lost to rank 1's quarter
+    assert source_0.endswith("the least of 2 ranks") and source_1.endswith("the least of 2 ranks")
