@@ -213,6 +213,9 @@ class CheckpointRecord:
                 f"Checkpoint metadata '{where}' lacks {', '.join(missing)}; it was not written by this slm train."
             )
         problem = field_problem(meta, FIELD_TYPES, minimum=MINIMUM) or _decay_problem(meta.get("timed_decay"))
+        if problem is None:  # every section of the saved config is a mapping (run, model, train, ...)
+            problem = field_problem(meta["config"], dict.fromkeys(meta["config"], dict))
+            problem = problem and f"config: {problem}"
         if problem:
             raise TrainError(
                 f"Checkpoint metadata '{where}' is damaged or hand-edited: {problem}. Use another checkpoint "
@@ -225,6 +228,7 @@ class CheckpointRecord:
         )
         config = meta["config"]
         saved_train = config.get("train") if isinstance(config, dict) else None
+        saved_train = saved_train if isinstance(saved_train, dict) else None
         precision = meta.get("precision", (saved_train or {}).get("precision"))
         identity = RunIdentity(
             config,

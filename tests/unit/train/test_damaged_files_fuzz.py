@@ -73,11 +73,15 @@ def cli_error(capsys, argv) -> str:
 def test_fuzzed_meta_json_is_read_or_refused(tmp_path_factory, data):
     step_dir = make_checkpoint(tmp_path_factory.mktemp("ckpt"), 4)
     meta = json.loads((step_dir / META).read_text())
+    meta["config"] = {"model": {"n_layers": 2}, "train": {"precision": "fp32"}}
     (step_dir / META).write_text(json.dumps(edited(meta, data)))
     try:
-        verify_checkpoint(step_dir, read_record(step_dir))
+        record = read_record(step_dir)
+        verify_checkpoint(step_dir, record)
     except TrainError as err:
         assert str(step_dir) in str(err) and "\n" not in str(err)
+        return
+    assert isinstance(record.identity.model, dict) and isinstance(record.identity.train, dict)
 
 
 def test_meta_json_with_wrong_types_is_named_by_the_cli(tmp_path, capsys):
