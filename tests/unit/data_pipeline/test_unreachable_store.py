@@ -32,3 +32,15 @@ def test_unreachable_store_fails_before_preparing(monkeypatch, capsys):
     with pytest.raises(DataError, match="Could not look up"):
         prepare_missing_data(cfg)
     assert "preparing the data now" not in capsys.readouterr().err
+
+
+def test_exists_on_a_real_store_tells_files_from_prefixes_and_absence(s3_env, tmp_path):
+    """exists() now asks fs.info (isfile swallowed connection errors): a file, a prefix, nothing."""
+    from tests.s3_localhost import BUCKET
+
+    store = DataStore(f"s3://{BUCKET}/exists-check")
+    local = tmp_path / "manifest.json"
+    local.write_text("{}")
+    store.upload(local, "sub/manifest.json")
+    assert store.exists("sub/manifest.json")
+    assert not store.exists("sub") and not store.exists("missing.json")
