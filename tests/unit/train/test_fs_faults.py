@@ -99,3 +99,20 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_data_dir, tm
         assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000001"]
         assert (ckpts / "latest").read_text().strip() == "step_00000001"
         verify_checkpoint(ckpts / "step_00000001", read_record(ckpts / "step_00000001"))
+
+
+def test_rank_zero_work_failing_on_the_filesystem_is_said_in_words(tmp_path):
+    """run.dir naming a file: the lock (rank 0's work, shared with every rank) says so instead of FileExistsError."""
+    import torch
+
+    from train.distributed import DistInfo, on_main_then_share
+    from train.errors import TrainError
+    from train.run_lock import acquire_run_lock
+
+    a_file = tmp_path / "run"
+    a_file.write_text("x")
+    single = DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    with pytest.raises(
+        TrainError, match=rf"^Locking run.dir failed: {a_file}: it is a file where a folder is needed"
+    ):
+        on_main_then_share(single, lambda: acquire_run_lock(a_file), "Locking run.dir")
