@@ -24,7 +24,7 @@ from common.log import say
 from data_pipeline.tokenizer import EOT
 from train.downstream.data import TaskData, load_task_split
 from train.downstream.metrics import ExampleResult, task_metrics
-from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix
+from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix, solved_example
 from train.downstream.scoring import Pair, count_forwards, encode_pairs, score_groups
 from train.downstream.tasks import LOGLIKELIHOOD, Doc, Task, get_task, prepare_doc
 from train.errors import TrainError
@@ -127,7 +127,9 @@ def build_task_requests(
                     f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0."
                 )
             shot_data = fewshot_data(task, data, data_dir, quiet=rank != 0)
-            fewshot_docs = [checked_row(task, shot_data, i, prepare_doc) for i in range(len(shot_data.docs))]
+            fewshot_docs = [
+                checked_row(task, shot_data, i, demonstration) for i in range(len(shot_data.docs))
+            ]
             same_split = shot_data is data
             pool = len(fewshot_docs) - (1 if same_split else 0)
             if pool < shots:
@@ -169,6 +171,16 @@ def checked_row(task: Task, data: TaskData, index: int, build: Callable[[Task, D
             f"[0, {len(out.pairs)}). Fix or remove the row."
         )
     return out
+
+
+def demonstration(task: Task, doc: Doc) -> Doc:
+    """A few-shot row prepared for use, checked like an evaluated row (its gold answer among its choices)."""
+    prepared = prepare_doc(task, doc)
+    request = build_requests(task, prepared, 0)
+    if task.kind != LOGLIKELIHOOD and not 0 <= request.gold < len(request.pairs):
+        raise ValueError(f"its gold label {request.gold} is outside its {len(request.pairs)} choices")
+    solved_example(task, prepared)
+    return prepared
 
 
 def example_requests(

@@ -61,6 +61,12 @@ def test_more_shots_than_the_pool_is_refused(tmp_path, tokenizer):
         TrainError, match=r"--shots / shots is 3 but piqa's few-shot examples .* number only 2"
     ):
         build_task_requests(["piqa"], tokenizer, shots=3, data_dir=str(tmp_path))
+    train = write_split(tmp_path, [PIQA, {**PIQA, "label": 7}], split="train")  # a bad demonstration row
+    with pytest.raises(
+        TrainError, match=r"split 'train'\), row 2 does not fit .*gold label 7 is outside"
+    ) as err:
+        build_task_requests(["piqa"], tokenizer, shots=1, data_dir=str(tmp_path))
+    assert train in str(err.value)
 
 
 VALUE = st.one_of(
