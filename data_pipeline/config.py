@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from common.checks import check_at_least, check_choice, check_finite_fields, check_positive
+from common.checks import check_at_least, check_choice, check_finite_fields, check_positive, check_range
 
 DOC_BOUNDARIES = ("file", "blank_line", "line")
 ENCODING_ERRORS = ("strict", "replace")
 OVERLONG = ("truncate", "drop")
+MAX_VOCAB_SIZE = 2**32
+"""Token ids are stored as uint16 or uint32 (data_pipeline/format/shards.py): no vocabulary may be larger."""
 
 
 @dataclass
@@ -52,6 +54,9 @@ class TokenizerConfig:
     def validate(self) -> None:
         """Raise ValueError naming the key."""
         check_positive("tokenizer.vocab_size", self.vocab_size)
+        check_range(
+            "tokenizer.vocab_size", self.vocab_size, 1, MAX_VOCAB_SIZE, what="a token count (uint32 ids)"
+        )
         if self.max_train_docs is not None:
             check_at_least("tokenizer.max_train_docs", self.max_train_docs, 1, " (null: every document)")
 

@@ -12,6 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from common.atomic import atomic_write_bytes, atomic_write_text
+from data_pipeline.config import MAX_VOCAB_SIZE
 from data_pipeline.errors import DataError
 
 EOT = "<|endoftext|>"
@@ -134,7 +135,13 @@ def model_vocab_size(tokenizer: Tokenizer) -> int:
 
 
 def token_dtype(vocab_size: int) -> str:
-    """Shard dtype: uint16 while the vocabulary fits in 65,535 ids' worth, uint32 beyond."""
+    """Shard dtype: uint16 while the vocabulary fits in 65,535 ids' worth, uint32 beyond (ValueError past
+    uint32)."""
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(
+            f"a vocabulary of {vocab_size:,} tokens does not fit the largest token dtype, uint32 (at most "
+            f"{MAX_VOCAB_SIZE:,} tokens)"
+        )
     return "uint16" if vocab_size <= 65535 else "uint32"
 
 

@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from common.log import library_logs_to_stderr
+from common.os_errors import describe_os_error
 from launch.config import ConfigError, load_config, to_yaml
 
 LOADS_DEEPSPEED = ("train", "convert", "export", "generate", "eval")
@@ -338,6 +339,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as err:
         if os.environ.get("RANK", "0") == "0":  # under a launcher every rank fails alike: say it once
             print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the filesystem refused (disk full, read-only, a file where a folder belongs...)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints on the first one)
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
@@ -144,12 +145,22 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         ) from None
 
 
-def _check_values(cfg: Config, origin: str) -> None:
+def _origin_of(message: str, path: Optional[str], overrides: Sequence[str]) -> str:
+    """Where the value an error names came from: the command-line override setting a key the message names
+    (the last one wins, as in the merge), else the config file (else the schema defaults)."""
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message):
+            return f"Command-line override '{item}'"
+    return f"Config file '{path}'" if path is not None else "Config defaults"
+
+
+def _check_values(cfg: Config, path: Optional[str], overrides: Sequence[str]) -> None:
     """Every section's validate() (beside its dataclass), with where the values came from."""
     try:
         cfg.validate()
     except ValueError as err:
-        raise ConfigError(f"{origin}: {err}") from None
+        raise ConfigError(f"{_origin_of(str(err), path, overrides)}: {err}") from None
 
 
 def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
@@ -165,8 +176,8 @@ def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
     except OmegaConfBaseException as err:
         key = _key_of(err)
         raise ConfigError(
-            f"Config file '{path}': config key '{key}' is missing or invalid: {str(err).splitlines()[0]}."
+            f"{_origin_of(key, path, overrides)}: config key '{key}' is missing or invalid: "
+            f"{str(err).splitlines()[0]}."
         ) from None
-    origin = f"Config '{path}'" + (" with overrides " + " ".join(overrides) if overrides else "")
-    _check_values(cfg, origin)
+    _check_values(cfg, path, overrides)
     return cfg

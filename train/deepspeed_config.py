@@ -9,7 +9,8 @@ precision) and a second source of truth would silently disagree with it.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping
+import difflib
+from typing import Any, Dict, Mapping, Set
 
 from train.config import TrainConfig
 from train.errors import TrainError
@@ -98,12 +99,53 @@ def build_deepspeed_config(
     return generated
 
 
+class _ReadRecorder(dict):
+    """A config dict that records which top-level keys are looked up (DeepSpeed probes with get, [], `in`
+    and `in d.keys()`), so that keys DeepSpeed never reads can be named instead of silently ignored."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        super().__init__(values)
+        self.read: set = set()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self) -> Any:  # `key in d.keys()` must be recorded too
+        recorder = self
+
+        class _Keys(list):
+            def __contains__(self, key: Any) -> bool:
+                return recorder.__contains__(key)
+
+        return _Keys(super().keys())
+
+
+def keys_read(ds_config: Mapping[str, Any]) -> Set[str]:
+    """Every top-level key DeepSpeedConfig looks up while it parses `ds_config` (it ignores all others)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    recorder = _ReadRecorder(copy.deepcopy(dict(ds_config)))
+    DeepSpeedConfig(recorder)
+    return {key for key in recorder.read if isinstance(key, str)}
+
+
 def validate_deepspeed_config(ds_config: Dict[str, Any], passthrough: Mapping[str, Any] | None) -> None:
-    """Run DeepSpeed's own validation now (needs torch.distributed) and turn its complaint into a TrainError."""
-    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    """Run DeepSpeed's own validation now (needs torch.distributed) and turn its complaint into a TrainError;
+    a top-level key of the deepspeed: block that DeepSpeed does not read (a typo, a removed option) is refused,
+    since DeepSpeed itself would ignore it without a word."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
 
     try:
-        DeepSpeedConfig(copy.deepcopy(ds_config))
+        read = keys_read(ds_config)
     except (DeepSpeedConfigError, ValueError, AssertionError, KeyError, TypeError) as err:
         detail = " ".join(str(err).split())
         if "errors.pydantic.dev" in detail:
@@ -113,3 +155,14 @@ def validate_deepspeed_config(ds_config: Dict[str, Any], passthrough: Mapping[st
             f"DeepSpeed rejected the generated DeepSpeed config{source}: {type(err).__name__}: {detail}. "
             "Fix the named key in the deepspeed: block (see https://www.deepspeed.ai/docs/config-json/)."
         ) from None
+    unknown = sorted(str(key) for key in (passthrough or {}) if key not in read)
+    if unknown:
+        import deepspeed
+
+        hint = difflib.get_close_matches(unknown[0], sorted(read), n=1)
+        suggestion = f" Did you mean '{hint[0]}'?" if hint else ""
+        raise TrainError(
+            f"The deepspeed: block of the config has the top-level key '{unknown[0]}', which DeepSpeed "
+            f"{deepspeed.__version__} does not read here (it would be ignored without a word).{suggestion} "
+            "Remove it, or spell it as https://www.deepspeed.ai/docs/config-json/ does."
+        )

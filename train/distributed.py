@@ -22,6 +22,7 @@ from typing import Any, Callable, List, TypeVar
 import torch
 
 from common.log import say
+from common.os_errors import describe_os_error
 from train.config import Config, TrainConfig
 from train.errors import TrainError
 
@@ -280,6 +281,8 @@ def on_main_then_share(dist_info: DistInfo, fn: Callable[[], T], what: str) -> T
     if dist_info.is_main:
         try:
             result = fn()
+        except OSError as err:  # the filesystem refused: said in words, naming the path
+            error = ("TrainError", f"{what} failed: {describe_os_error(err)}")
         except Exception as err:  # re-raised on every rank below
             error = (type(err).__name__, str(err))
     result, error = broadcast_object((result, error))

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, TextIO
 
 from common.atomic import atomic_write_text
+from common.json_fields import field_problem
 from train.errors import TrainError
 
 if TYPE_CHECKING:
@@ -136,12 +137,26 @@ def rewind_metrics(run_dir: str | os.PathLike, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            if number == len(lines):
+                continue  # a torn last line
+            raise TrainError(
+                f"Metrics file '{path}' line {number} is not valid JSON: {line[:80]!r}; a resume keeps every row up "
+                "to its checkpoint and will not drop this one. Fix or remove the line."
+            ) from None
+        problem = field_problem(row, {"step": int}, required=("step",))
+        if problem:
+            raise TrainError(
+                f"Metrics file '{path}' line {number} is not a metrics row ({problem}); a resume keeps every row "
+                "up to its checkpoint and will not drop this one. Fix or remove the line."
+            )
+        if row["step"] <= step:
             kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 

@@ -213,7 +213,10 @@ def _check_dtype(manifest: Manifest, shards: Sequence[ShardRecord]) -> None:
         raise DataError(
             f"Manifest {manifest.path} declares dtype {manifest.dtype!r}; expected one of {', '.join(DTYPES)}."
         )
-    needed = token_dtype(manifest.vocab_size)
+    try:
+        needed = token_dtype(manifest.vocab_size)
+    except ValueError as err:
+        raise DataError(f"Manifest {manifest.path} is damaged or hand-edited: {err}.") from None
     if np.dtype(manifest.dtype).itemsize < np.dtype(needed).itemsize:
         raise DataError(
             f"Manifest {manifest.path} declares dtype {manifest.dtype} but its tokenizer has {manifest.vocab_size} tokens, "

@@ -11,6 +11,7 @@ them, so a fresh start requires data.dir to be absent, empty, or left by an earl
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer
 
 from common import faults
 from common.files import file_sha256
+from common.json_fields import field_problem
 from common.log import say
 from data_pipeline.config import DataConfig, TokenizerConfig
 from data_pipeline.errors import DataError
@@ -32,6 +34,86 @@ from data_pipeline.tokenizer import eot_id, load_tokenizer, token_dtype, tokeniz
 CHUNK_BYTES = 1 << 18
 """Text per tokenization task (common.faults.prepare_chunk_bytes overrides it for tests and tuning)."""
 T = TypeVar("T")
+
+
+STATE_FIELDS = {
+    "format_version": int,
+    "prepared_from": dict,
+    "tokenizer_sha256": str,
+    "journal_bytes": int,
+    "sources_done": list,
+    "source_index": int,
+    "source": dict,
+}
+"""The JSON type of each field of .prepare/state.json (the last commit of an unfinished prepare)."""
+SOURCE_FIELDS = {
+    "documents": int,
+    "train_documents": int,
+    "val_documents": int,
+    "replaced_chars": int,
+    "val_rule": str,
+    "position": list,
+    "partial": dict,
+}
+
+
+def read_prepare_state(path: Path) -> Dict[str, Any]:
+    """The state of an interrupted prepare in a local data.dir (parse_prepare_state)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        text = f"<not UTF-8: {err}>"
+    return parse_prepare_state(text, str(path), str(path.parent.parent))
+
+
+def parse_prepare_state(text: str, where: str, data_dir: str) -> Dict[str, Any]:
+    """The state of an interrupted prepare, every field of the type `engine.PrepareRun._state` writes; a
+    truncated, empty or hand-edited file is a DataError naming it (it is written atomically, so only damage
+    from outside gets here)."""
+
+    def damaged(problem: str) -> DataError:
+        return DataError(
+            f"The state of an interrupted prepare, {where}, is damaged ({problem}), so the prepare cannot resume "
+            f"where it stopped. Delete {data_dir} (everything in it was written by slm prepare) and prepare again."
+        )
+
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise damaged(f"not JSON: {err}") from None
+    problem = field_problem(state, STATE_FIELDS, required=tuple(STATE_FIELDS), minimum={"journal_bytes": 0})
+    source = state["source"] if problem is None else None
+    problem = problem or field_problem(source, SOURCE_FIELDS, required=tuple(SOURCE_FIELDS))
+    if problem is None:
+        position, partial = source["position"], source["partial"]
+        if len(position) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in position):
+            problem = f"source.position is {position!r}; expected [file index, row]"
+        elif any(
+            field_problem(part, {"index": int, "tokens": int}, ("index", "tokens"))
+            for part in partial.values()
+        ):
+            problem = "source.partial holds an entry without integer index and tokens"
+    if problem:
+        raise damaged(problem)
+    return state
+
+
+def read_journal(path: Path) -> List[ShardRecord]:
+    """The sealed shards an interrupted prepare journaled (one ShardRecord per line); a damaged line is a
+    DataError naming the file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(ShardRecord(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise DataError(
+                    f"{path}:{number}: the shard journal of an interrupted prepare is damaged ({err}). Delete "
+                    f"{path.parent.parent} (everything in it was written by slm prepare) and prepare again."
+                ) from None
+    return records
 
 
 def resolve_num_proc(num_proc: int) -> int:

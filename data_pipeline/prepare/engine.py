@@ -41,7 +41,7 @@ from data_pipeline.format.names import JOURNAL, SPLITS, STATE, TOKENIZER, WORK_D
 from data_pipeline.format.shards import ShardRecord, ShardWriter
 from data_pipeline.format.splits import tail_split, validation_mask
 from data_pipeline.prepare import encode
-from data_pipeline.prepare.common import build_manifest, text_chunks
+from data_pipeline.prepare.common import build_manifest, read_journal, read_prepare_state, text_chunks
 from data_pipeline.prepare.tokenizer import empty_source
 from data_pipeline.sources.corpus import iter_documents, resolve_files, source_names
 from data_pipeline.tokenizer import (
@@ -195,7 +195,7 @@ class PrepareRun:
             self._new_writers(SourceProgress().partial)
             self._commit()
             return
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = read_prepare_state(state_path)
         if not journal_path.exists() or journal_path.stat().st_size < state["journal_bytes"]:
             raise DataError(
                 f"Cannot resume prepare: the shard journal {journal_path} is shorter than {state_path} "
@@ -203,8 +203,7 @@ class PrepareRun:
             )
         with open(journal_path, "r+b") as f:
             f.truncate(state["journal_bytes"])
-        with open(journal_path, encoding="utf-8") as f:
-            self.records = [ShardRecord(**json.loads(line)) for line in f if line.strip()]
+        self.records = read_journal(journal_path)
         self.journal = open(journal_path, "ab")
         self.sources_done = state["sources_done"]
         self.source_index = state["source_index"]

@@ -5,7 +5,6 @@ is claimed and prepared (engine.py does the work). remote.py prepares a URL data
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict
 
@@ -19,6 +18,7 @@ from data_pipeline.prepare.common import (
     claim_fresh_data_dir,
     prepare_fingerprint,
     prepare_lock,
+    read_prepare_state,
     report_complete,
     resolve_num_proc,
 )
@@ -66,7 +66,7 @@ def prepare_into(
     num_proc = resolve_num_proc(data_cfg.num_proc)
     state_path = data_dir / WORK_DIR / STATE
     if state_path.exists():
-        state = json.loads(state_path.read_text(encoding="utf-8"))
+        state = read_prepare_state(state_path)
         check_same_origin(
             state_path,
             data_dir,

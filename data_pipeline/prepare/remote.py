@@ -38,6 +38,7 @@ from data_pipeline.format.names import (
 )
 from data_pipeline.prepare.common import (
     check_same_origin,
+    parse_prepare_state,
     prepare_fingerprint,
     prepare_lock,
     report_complete,
@@ -108,7 +109,11 @@ def _restore_snapshot(store: DataStore, staging: Path, names: List[str]) -> None
     work = staging / WORK_DIR
     if (work / STATE).exists() or not store.exists(f"{WORK_DIR}/{STATE}"):
         return
-    state = json.loads(store.read_bytes(f"{WORK_DIR}/{STATE}").decode("utf-8"))
+    state = parse_prepare_state(
+        store.read_bytes(f"{WORK_DIR}/{STATE}").decode("utf-8", errors="replace"),
+        store.url(f"{WORK_DIR}/{STATE}"),
+        str(store),
+    )
     work.mkdir(parents=True, exist_ok=True)
     wanted = [JOURNAL] + [
         shard_file_name(names[state["source_index"]], split, part["index"]) + ".partial"

@@ -19,6 +19,19 @@ from data_pipeline.errors import DataError
 
 READ_BATCH = 1024
 """Rows fetched from `datasets` per batch, as one Arrow table."""
+MAX_DOCUMENT_CHARS = 8 * 2**20
+"""Longest document (characters) prepare accepts: tokenizing one document holds ~100 bytes per character at
+once (a 48 MB record peaked at 6 GB), so a longer one is refused naming its file and line (docs/guarantees.md)."""
+
+
+def check_document_size(text: str, where: str) -> None:
+    """Refuse a document too long to tokenize in bounded memory, naming where it is and what to do."""
+    if len(text) > MAX_DOCUMENT_CHARS:
+        raise DataError(
+            f"{where}: a document of {len(text):,} characters; slm prepare accepts documents of at most "
+            f"{MAX_DOCUMENT_CHARS:,} characters (tokenizing one holds ~100 bytes per character in memory). Split "
+            "it into smaller documents (for plain text, doc_boundary: blank_line or line)."
+        )
 
 
 @dataclass(frozen=True)
@@ -110,5 +123,6 @@ class FileReader:
                         f"string with the document text in every record."
                     )
                 if text.strip():
+                    check_document_size(text, self.where(path, row + offset))
                     yield Document(file_index, row + offset, text)
             row += len(texts)

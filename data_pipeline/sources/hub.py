@@ -8,7 +8,7 @@ from typing import Iterator
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources.base import Document
+from data_pipeline.sources.base import Document, check_document_size
 
 
 def hub_documents(source: SourceConfig, start_row: int) -> Iterator[Document]:
@@ -26,6 +26,7 @@ def hub_documents(source: SourceConfig, start_row: int) -> Iterator[Document]:
                     f"Hugging Face dataset {source.path} row {row}: field '{source.text_field}' is not a string."
                 )
             if text.strip():
+                check_document_size(text, f"Hugging Face dataset {source.path} row {row}")
                 yield Document(0, row, text)
     except DataError:
         raise

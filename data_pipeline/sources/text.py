@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from data_pipeline.config import SourceConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources.base import FileReader, load_streaming
+from data_pipeline.sources.base import FileReader, check_document_size, load_streaming
 
 BOUNDARY_TO_SAMPLE_BY = {"file": "document", "blank_line": "paragraph", "line": "line"}
 
@@ -58,4 +58,5 @@ def line_documents(path: Path, start: int, end: int, encoding_errors: str) -> It
             pieces = text.split("\n")
             for line in pieces[:-1] if text.endswith("\n") else pieces:
                 if line.strip():
+                    check_document_size(line, f"{path} (the line at byte {f.tell() - len(raw)})")
                     yield line

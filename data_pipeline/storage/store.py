@@ -123,8 +123,10 @@ class DataStore:
     def exists(self, name: str) -> bool:
         if self.root is not None:
             return (self.root / name).is_file()
-        try:
-            return bool(self.fs.isfile(self._remote_path(name)))
+        try:  # not fs.isfile: s3fs answers False when the store cannot be reached at all
+            return self.fs.info(self._remote_path(name)).get("type") == "file"
+        except FileNotFoundError:
+            return False
         except Exception as err:  # noqa: BLE001
             raise self._failed("look up", name, err) from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from common.files import file_sha256
+from common.json_fields import field_problem
 from common.log import say
 from train.checkpoint.layout import (
     COMPLETE,
@@ -97,6 +98,13 @@ def verify_files(step_dir: Path, checkpoint: CheckpointRecord, hashes: bool = Tr
             f"Checkpoint {step_dir}: meta.json's '{FILES_KEY}' is not a mapping of file records."
         )
     for name, entry in sorted(record.items()):
+        problem = field_problem(entry, {"size": int, "hash": str}, required=("size", "hash"))
+        if problem or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointDamaged(
+                f"Checkpoint {step_dir}: meta.json's file record for {name!r} is damaged or hand-edited "
+                f"({problem or 'a name outside the step folder'}); expected {{'size': bytes, 'hash': digest}} "
+                "for a file inside the folder."
+            )
         path = step_dir / name
         if not path.is_file():
             raise CheckpointDamaged(

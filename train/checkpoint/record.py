@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from common.json_fields import field_problem
 from train.checkpoint.layout import META
 from train.config import Config
 from train.errors import TrainError
@@ -32,6 +33,24 @@ REQUIRED = (
 """The keys every meta.json written by slm train holds (loader, precision and the file record came later)."""
 FILES_KEY = "files"
 HASH_KEY = "files_hash"
+FIELD_TYPES = {
+    "step": int,
+    "tokens_seen": int,
+    "skipped_steps": int,
+    "timed_decay": (dict, None),
+    "config": dict,
+    "tokenizer_sha256": str,
+    "manifest_sha256": (str, None),
+    "world_size": int,
+    "zero_stage": int,
+    "precision": (str, None),
+    "plan": (dict, None),
+    "loader": (dict, None),
+    FILES_KEY: (dict, None),
+    HASH_KEY: str,
+}
+"""The JSON type of every meta.json field slm train writes (a hand-edited record is refused naming the field)."""
+MINIMUM = {"step": 0, "tokens_seen": 0, "skipped_steps": 0, "world_size": 1, "zero_stage": 0}
 
 
 @dataclass
@@ -190,10 +209,19 @@ class CheckpointRecord:
     def from_meta(cls, meta: Dict[str, Any], step_dir: Optional[Path] = None) -> CheckpointRecord:
         """The record of a parsed meta.json; TrainError when it lacks what slm train always writes."""
         where = Path(step_dir or ".") / META
-        missing = [k for k in REQUIRED if k not in meta]
+        missing = [k for k in REQUIRED if k not in meta] if isinstance(meta, dict) else []
         if missing:
             raise TrainError(
                 f"Checkpoint metadata '{where}' lacks {', '.join(missing)}; it was not written by this slm train."
+            )
+        problem = field_problem(meta, FIELD_TYPES, minimum=MINIMUM) or _decay_problem(meta.get("timed_decay"))
+        if problem is None:  # every section of the saved config is a mapping (run, model, train, ...)
+            problem = field_problem(meta["config"], dict.fromkeys(meta["config"], dict))
+            problem = problem and f"config: {problem}"
+        if problem:
+            raise TrainError(
+                f"Checkpoint metadata '{where}' is damaged or hand-edited: {problem}. Use another checkpoint "
+                "(checkpoint.resume=auto falls back past a damaged one), or restore the file."
             )
         decay = meta.get("timed_decay")
         timed_decay = TimedDecay(int(decay["start_step"]), int(decay["steps"])) if decay else None
@@ -206,6 +234,7 @@ class CheckpointRecord:
         )
         config = meta["config"]
         saved_train = config.get("train") if isinstance(config, dict) else None
+        saved_train = saved_train if isinstance(saved_train, dict) else None
         precision = meta.get("precision", (saved_train or {}).get("precision"))
         identity = RunIdentity(
             config,
@@ -224,6 +253,13 @@ class CheckpointRecord:
             files_hash=str(meta.get(HASH_KEY, "sha256")),
             step_dir=None if step_dir is None else Path(step_dir),
         )
+
+
+def _decay_problem(decay: Any) -> Optional[str]:
+    if decay is None:
+        return None
+    inner = field_problem(decay, {"start_step": int, "steps": int}, required=("start_step", "steps"))
+    return f"timed_decay: {inner}" if inner else None
 
 
 def read_meta(step_dir: str | os.PathLike) -> Dict[str, Any]:

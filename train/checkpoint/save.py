@@ -14,6 +14,7 @@ from common import faults
 from common.atomic import atomic_write_json, atomic_write_text, replace_dir
 from common.files import fsync_dir
 from common.log import say
+from common.os_errors import disk_is_full
 from train.checkpoint.files import record_files
 from train.checkpoint.folders import prune_checkpoints
 from train.checkpoint.layout import (
@@ -29,6 +30,7 @@ from train.checkpoint.layout import (
 from train.checkpoint.record import CheckpointRecord, Progress, RunIdentity
 from train.checkpoint.rng_state import rng_state
 from train.distributed import DistInfo, barrier
+from train.errors import TrainError
 
 
 def _sleep_in_save_hook(step: int) -> None:
@@ -44,8 +46,39 @@ def _sleep_in_save_hook(step: int) -> None:
 def save_checkpoint(
     engine: Any, run_dir: Path, record: CheckpointRecord, tokenizer_path: Path, keep: int, dist_info: DistInfo
 ) -> Path:
-    """Save collectively (every rank calls this); returns the final step folder."""
+    """Save collectively (every rank calls this); returns the final step folder. A save that fails because
+    the disk is full removes its own partial folder and says so (the previous checkpoint stays the resume point)."""
     ckpt_dir = checkpoints_dir(run_dir)
+    tag = step_tag(record.progress.step)
+    tmp_dir = ckpt_dir / (TMP_PREFIX + tag)
+    try:
+        return _save(engine, ckpt_dir, record, tokenizer_path, keep, dist_info)
+    except (OSError, RuntimeError) as err:
+        if not (ckpt_dir.is_dir() and disk_is_full(err, ckpt_dir)):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # ours, incomplete, and holding the space
+        latest = ckpt_dir / LATEST
+        previous = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+        kept = (
+            f"the previous checkpoint {ckpt_dir / previous} stays the resume point"
+            if previous
+            else "no earlier checkpoint exists, so a restart begins at step 0"
+        )
+        raise TrainError(
+            f"Saving checkpoint {tag} into {ckpt_dir} failed: the disk is full ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:120]}). The partial {tmp_dir.name} was removed and {kept}. Free space "
+            f"on that disk (or lower checkpoint.keep) and run the same command to resume."
+        ) from None
+
+
+def _save(
+    engine: Any,
+    ckpt_dir: Path,
+    record: CheckpointRecord,
+    tokenizer_path: Path,
+    keep: int,
+    dist_info: DistInfo,
+) -> Path:
     step = record.progress.step
     tag = step_tag(step)
     tmp_tag = TMP_PREFIX + tag

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -24,9 +24,9 @@ from common.log import say
 from data_pipeline.tokenizer import EOT
 from train.downstream.data import TaskData, load_task_split
 from train.downstream.metrics import CentredScore, ExampleResult, centred_score, task_metrics
-from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix
+from train.downstream.requests import ExampleRequests, build_requests, fewshot_prefix, solved_example
 from train.downstream.scoring import Pair, count_forwards, encode_pairs, score_groups
-from train.downstream.tasks import Task, expand_task_names, get_task, prepare_doc
+from train.downstream.tasks import LOGLIKELIHOOD, Doc, Task, expand_task_names, get_task, prepare_doc
 from train.errors import TrainError
 
 Metrics = Dict[str, Dict[str, Optional[float]]]
@@ -129,15 +129,19 @@ def build_task_requests(
                     f"{task.name} has no few-shot split (the harness evaluates it zero-shot); use shots=0."
                 )
             shot_data = fewshot_data(task, data, data_dir, quiet=rank != 0)
-            fewshot_docs, same_split = [prepare_doc(task, doc) for doc in shot_data.docs], shot_data is data
+            fewshot_docs = [
+                checked_row(task, shot_data, i, demonstration) for i in range(len(shot_data.docs))
+            ]
+            same_split = shot_data is data
+            pool = len(fewshot_docs) - (1 if same_split else 0)
+            if pool < shots:
+                raise TrainError(
+                    f"--shots / shots is {shots} but {task.name}'s few-shot examples ({shot_data.source}, split "
+                    f"'{shot_data.split}') number only {max(pool, 0)}; expected shots <= {max(pool, 0)}."
+                )
         chosen = select_examples(len(data.docs), limit, seed, task.name)
         requests = [
-            build_requests(
-                task,
-                prepare_doc(task, data.docs[index]),
-                index,
-                fewshot_prefix(task, index, shots, seed or 0, fewshot_docs, same_split),
-            )
+            example_requests(task, data, index, shots, seed or 0, fewshot_docs, same_split)
             for index in chosen[rank::world_size]
         ]
         tokens = group_like(
@@ -145,6 +149,58 @@ def build_task_requests(
         )
         out.append(TaskRequests(task, data.split, data.source, len(chosen), requests, tokens))
     return out
+
+
+def checked_row(task: Task, data: TaskData, index: int, build: Callable[[Task, Doc], Any]) -> Any:
+    """`build(task, row)` for one row, with a row that lacks a field, has one of the wrong type or a gold label
+    outside its choices refused naming the file and row (never scored, never a traceback)."""
+    where = f"{task.name} data {data.source} (split '{data.split}'), row {index + 1}"
+    try:
+        out = build(task, data.docs[index])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, SyntaxError, RecursionError) as err:
+        detail = f"{type(err).__name__}: {err}"
+        row = data.docs[index]
+        empty = [key for key, value in row.items() if value is None] if isinstance(row, dict) else []
+        if empty:
+            detail = f"no value in field(s) {', '.join(empty)}; {detail}"
+        raise TrainError(
+            f"{where} does not fit the {task.name} schema ({detail}); expected the fields of {task.dataset_path} "
+            f"with their types (docs/evaluation.md)."
+        ) from None
+    if isinstance(out, ExampleRequests) and task.kind != LOGLIKELIHOOD and not 0 <= out.gold < len(out.pairs):
+        raise TrainError(
+            f"{where}: its gold label is {out.gold}, outside its {len(out.pairs)} choices; expected an index in "
+            f"[0, {len(out.pairs)}). Fix or remove the row."
+        )
+    return out
+
+
+def demonstration(task: Task, doc: Doc) -> Doc:
+    """A few-shot row prepared for use, checked like an evaluated row (its gold answer among its choices)."""
+    prepared = prepare_doc(task, doc)
+    request = build_requests(task, prepared, 0)
+    if task.kind != LOGLIKELIHOOD and not 0 <= request.gold < len(request.pairs):
+        raise ValueError(f"its gold label {request.gold} is outside its {len(request.pairs)} choices")
+    solved_example(task, prepared)
+    return prepared
+
+
+def example_requests(
+    task: Task,
+    data: TaskData,
+    index: int,
+    shots: int = 0,
+    seed: int = 0,
+    fewshot_docs: Optional[Sequence[Doc]] = None,
+    same_split: bool = False,
+) -> ExampleRequests:
+    """The requests of row `index` of `data` (a row that does not fit the task is refused by checked_row)."""
+
+    def build(task: Task, doc: Doc) -> ExampleRequests:
+        prefix = fewshot_prefix(task, index, shots, seed, fewshot_docs, same_split)
+        return build_requests(task, prepare_doc(task, doc), index, prefix)
+
+    return checked_row(task, data, index, build)
 
 
 def group_like(flat: List[Pair], requests: Sequence[ExampleRequests]) -> List[List[Pair]]:

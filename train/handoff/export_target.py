@@ -75,6 +75,25 @@ def _enclosing_conflict(out: Path) -> Optional[str]:
     return None
 
 
+def _check_writable_parent(out: Path, out_dir: str | os.PathLike) -> None:
+    """The export is built beside OUT_DIR and renamed into place: its nearest existing parent must be a
+    writable folder (checked before the weights are loaded, not after)."""
+    parent = out.parent
+    while not os.path.lexists(parent) and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainError(
+            f"Cannot export to {out_dir}: {parent} is a file, not a folder. Give a path whose parents are folders."
+        )
+    if not os.access(parent, os.W_OK):
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        raise TrainError(
+            f"Cannot export to {out_dir}: {parent} is not writable "
+            f"({'a read-only file system' if read_only else 'permission denied'}); the export is written beside "
+            f"OUT_DIR and renamed into place. Choose a folder you can write to."
+        )
+
+
 def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, force: bool = False) -> None:
     """TrainError naming the conflict when exporting SRC to OUT_DIR could delete something we did not write."""
     out, source = Path(os.path.abspath(out_dir)), Path(os.path.abspath(src))
@@ -87,6 +106,12 @@ def check_export_target(out_dir: str | os.PathLike, src: str | os.PathLike, forc
         )
     if out_real.is_relative_to(source_real) and not _in_run_exports(out_real, source_real):
         raise TrainError(f"Refusing to export to {out_dir}: it lies inside the source {src}. {advice}")
+    if out_real == Path.cwd().resolve() or out_real.parent == out_real:
+        raise TrainError(
+            f"Refusing to export to {out_dir}: it is the current folder (or the root), which an export cannot "
+            f"replace by a rename. Give the path of a new folder, e.g. {Path(out_dir) / 'export'}."
+        )
+    _check_writable_parent(out, out_dir)
     conflict = _enclosing_conflict(out_real)
     if conflict:
         raise TrainError(

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from common.json_fields import field_problem
 from data_pipeline.instruct.chat import CHAT_TEMPLATE
 from data_pipeline.tokenizer import EOT, IM_END, IM_START, PAD, load_tokenizer
 from model.config import ModelConfig
@@ -89,8 +90,34 @@ def hf_config(cfg: ModelConfig, ids: Dict[str, int], dtype: str, chat: bool) -> 
     }
 
 
+HF_CONFIG_FIELDS = {
+    "model_type": str,
+    "num_hidden_layers": int,
+    "hidden_size": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": (int, None),
+    "intermediate_size": int,
+    "vocab_size": int,
+    "max_position_embeddings": int,
+    "rope_theta": float,
+    "rope_parameters": (dict, None),
+    "rope_scaling": (dict, None),
+    "rms_norm_eps": float,
+    "tie_word_embeddings": bool,
+    "initializer_range": float,
+    "attention_bias": bool,
+    "mlp_bias": bool,
+    "hidden_act": str,
+    "head_dim": (int, None),
+}
+"""The JSON type of each Llama config.json field we read (a hand-edited one is refused naming the field)."""
+
+
 def model_config_from_hf(config: Dict[str, Any], source: str) -> ModelConfig:
     """Our ModelConfig from a Llama config.json (refusing features our model does not have)."""
+    problem = field_problem(config, HF_CONFIG_FIELDS)
+    if problem:
+        raise TrainError(f"{source} is not a Llama config.json we can load: {problem}.")
     if config.get("model_type") != "llama":
         raise TrainError(
             f"{source}: model_type is {config.get('model_type')!r}; expected 'llama' (a LlamaForCausalLM export)."
@@ -119,6 +146,8 @@ def model_config_from_hf(config: Dict[str, Any], source: str) -> ModelConfig:
         )
     except KeyError as err:
         raise TrainError(f"{source}: config.json lacks the key {err.args[0]!r} of a Llama config.") from None
+    except (TypeError, ValueError) as err:  # e.g. a rope_parameters value that is not a number
+        raise TrainError(f"{source}: a value of config.json has the wrong type ({err}).") from None
     if config.get("head_dim") not in (None, cfg.head_dim):
         raise TrainError(
             f"{source}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads; not supported."
@@ -232,7 +261,15 @@ def load_hf_folder(folder: Path) -> tuple[Dict[str, torch.Tensor], ModelConfig]:
             raise TrainError(
                 f"{file} is listed in {folder / 'model.safetensors.index.json'} but does not exist."
             )
-        hf_state_dict.update(load_file(str(file)))
+        try:
+            hf_state_dict.update(load_file(str(file)))
+        except (
+            Exception
+        ) as err:  # safetensors raises its own SafetensorError (truncated header, bad offsets...)
+            raise TrainError(
+                f"{file} could not be read as safetensors ({type(err).__name__}: {err}); the file is truncated or "
+                "damaged. Export the model again."
+            ) from None
     state_dict = from_hf_state_dict(hf_state_dict, cfg)
     check_state_dict(state_dict, cfg, str(folder))
     return state_dict, cfg

@@ -127,3 +127,35 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_overlong_document_is_refused_naming_file_and_line(tmp_path, monkeypatch):
+    import data_pipeline.sources.base as base
+
+    monkeypatch.setattr(base, "MAX_DOCUMENT_CHARS", 1000)
+    path = write(tmp_path / "long.jsonl", b'{"text": "short"}\n\n{"text": "' + b"word " * 300 + b'"}\n')
+    with pytest.raises(DataError, match=r"long\.jsonl:3: a document of 1,500 characters.*at most 1,000"):
+        prepare_source(tmp_path, SourceConfig(path=path))
+
+
+@pytest.mark.slow
+def test_48mb_single_record_is_refused_in_bounded_memory(tmp_path):
+    """A 48 MB one-line jsonl (issue 21: prepare peaked at 8 GB) gets the clear refusal, and the whole command
+    stays under 1.5 GB RSS (measured in a fresh parent so other tests' children do not count). ~20 s."""
+    import json
+    import sys
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "word " * 9_600_000}) + "\n", encoding="utf-8")
+    cmd = slm_cmd(["prepare", TINY, f"data.dir={tmp_path / 'data'}", f"data.sources=[{{path: {big}}}]"])
+    probe = (
+        "import resource, subprocess, sys; "
+        f"p = subprocess.run({cmd!r}, capture_output=True, text=True); "
+        "sys.stderr.write(p.stderr); "
+        "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    proc = run([sys.executable, "-c", probe])
+    code, peak_kib = map(int, proc.stdout.split())
+    assert code == 2 and "Traceback" not in proc.stderr
+    assert re.search(rf"error: {re.escape(str(big))}:1: a document of 48,000,000 characters", proc.stderr)
+    assert peak_kib < 1.5 * 2**20, f"peak RSS {peak_kib / 2**20:.2f} GiB"

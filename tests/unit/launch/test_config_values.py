@@ -114,3 +114,17 @@ def test_override_key_with_an_empty_part_is_named(item):
 def test_generate_refuses_a_non_finite_temperature_before_loading(tmp_path, temperature):
     with pytest.raises(TrainError, match="--temperature"):
         generate_cli(tmp_path / "nothing", "hi", temperature=temperature)
+
+
+def test_an_error_names_where_the_bad_value_came_from(tmp_path):
+    """Issue 21: an override's bad value was reported as the config file's."""
+    with pytest.raises(ConfigError, match=r"^Command-line override 'model.n_layers=-1': model.n_layers=-1"):
+        load_config(TINY, ["train.max_steps=5", "model.n_layers=-1"])
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("model:\n  n_layers: -2\n")
+    with pytest.raises(ConfigError, match=rf"^Config file '{preset}': model.n_layers=-2"):
+        load_config(str(preset), ["train.max_steps=5"])
+    with pytest.raises(
+        ConfigError, match=r"'tokenizer.vocab_size' is 1000000000000; expected .* \[1, 4294967296\]"
+    ):
+        load_config(TINY, ["tokenizer.vocab_size=1000000000000"])  # no "needs uint32" claim past uint32

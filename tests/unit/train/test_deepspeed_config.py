@@ -64,3 +64,15 @@ def test_deepspeed_validation_error_is_one_clear_paragraph():
     validate_deepspeed_config(
         build_deepspeed_config(TrainConfig(), OptimConfig(), 1, None), None
     )  # the generated one is valid
+
+
+def test_unknown_top_level_deepspeed_key_is_refused_naming_it():
+    """DeepSpeed ignores a top-level key it does not read; the config names it instead (issue 21)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    extra = {"zero_optimisation": {"stage": 1}, "comms_logger": {"enabled": False}}
+    ds = build_deepspeed_config(TrainConfig(), OptimConfig(), 1, extra)
+    with pytest.raises(TrainError, match=r"'zero_optimisation'.*Did you mean 'zero_optimization'") as err:
+        validate_deepspeed_config(ds, extra)
+    assert "\n" not in str(err.value)
+    known = {"comms_logger": {"enabled": False}, "activation_checkpointing": {}, "wandb": {"enabled": False}}
+    validate_deepspeed_config(build_deepspeed_config(TrainConfig(), OptimConfig(), 1, known), known)
