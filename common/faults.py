@@ -10,6 +10,8 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
                                     rollback skips, so the spike does not come back (exercises train.guard)
   SLM_SLEEP_IN_SAVE=[STEP:]SECONDS  sleep between DeepSpeed's save and the COMPLETE marker/rename (only at
                                     STEP when given), so a test can `kill -9` a save deterministically
+  SLM_SAVE_RELEASE_FILE=PATH        end that sleep early once PATH exists (a test holds a save exactly as long
+                                    as it needs, however slowly the machine starts its other processes)
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
   SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
   SLM_PREPARE_REMOTE_COMMIT_SECONDS=S  mirror a commit of a prepare into a URL to the remote at most every S
@@ -19,11 +21,13 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
 SPIKE_AT_DATA_STEP = "SLM_SPIKE_AT_DATA_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
+SAVE_RELEASE_FILE = "SLM_SAVE_RELEASE_FILE"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
 PREPARE_REMOTE_COMMIT_SECONDS = "SLM_PREPARE_REMOTE_COMMIT_SECONDS"
@@ -53,6 +57,16 @@ def sleep_in_save(step: int) -> Optional[float]:
     if at_step and int(at_step) != step:
         return None
     return float(seconds)
+
+
+def pause_in_save(seconds: float) -> None:
+    """Sleep `seconds`, or less if SLM_SAVE_RELEASE_FILE names a file that appears meanwhile."""
+    release = os.environ.get(SAVE_RELEASE_FILE)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if release and os.path.exists(release):
+            return
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def prepare_chunk_bytes(default: int = 1 << 18) -> int:

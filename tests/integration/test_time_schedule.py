@@ -16,7 +16,7 @@ from train.checkpoint import find_checkpoint, read_record
 
 pytestmark = pytest.mark.slow
 
-LR, MIN_LR, MAX_TIME = 3e-3, 3e-4, 20
+LR, MIN_LR, MAX_TIME = 3e-3, 3e-4, 30  # the decay starts at 18 s: after start-up even on a busy machine
 ARGS = [
     "model.n_layers=2",
     "model.d_model=64",
@@ -37,7 +37,10 @@ ARGS = [
     "schedule.name=wsd_time",
     f"train.max_time={MAX_TIME}",
     "schedule.decay_fraction=0.4",
-    "schedule.decay_time_margin=0.5",  # the decay ends by step count unless steps turn twice as slow after the decision f"optim.lr={LR}", f"schedule.min_lr={MIN_LR}",
+    # the decay ends by step count unless steps turn twice as slow after the decision
+    "schedule.decay_time_margin=0.5",
+    f"optim.lr={LR}",
+    f"schedule.min_lr={MIN_LR}",
 ]
 
 

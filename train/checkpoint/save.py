@@ -40,7 +40,7 @@ def _sleep_in_save_hook(step: int) -> None:
     say(
         f"fault injection ({faults.SLEEP_IN_SAVE}): sleeping {seconds:g} s inside the save of {step_tag(step)}"
     )
-    time.sleep(seconds)
+    faults.pause_in_save(seconds)
 
 
 def save_checkpoint(

@@ -74,15 +74,18 @@ def test_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkey
 def test_two_trainings_on_one_run_dir(tmp_path, tiny_data_dir):
     """The second `slm train` on a busy run.dir fails at once; the first finishes with its records intact.
 
-    About 25 s: the first run is held 15 s inside its step-6 save (long enough for the second to start up and be
-    refused), then finishes its 12 steps."""
+    About 20 s: the first run is held inside its step-6 save until the second has been refused (at most 240 s),
+    then finishes its 12 steps."""
     from tests.runs import losses, read_until, start, train_args
 
     run_dir = tmp_path / "run"
-    first = start(slm_cmd(train_args(run_dir, tiny_data_dir)), env=make_env({"SLM_SLEEP_IN_SAVE": "6:15"}))
+    release = tmp_path / "release"
+    held = make_env({"SLM_SLEEP_IN_SAVE": "6:240", "SLM_SAVE_RELEASE_FILE": str(release)})
+    first = start(slm_cmd(train_args(run_dir, tiny_data_dir)), env=held)
     seen = []
     read_until(first, "fault injection", seen)  # inside its step-6 save, holding the lock
     second = run(slm_cmd(train_args(run_dir, tiny_data_dir)), check=False, timeout=120)
+    release.touch()
     assert second.returncode == 2 and f"run.dir {run_dir} is in use by another slm train" in second.stderr
     first.stdout.read()
     assert first.wait(timeout=240) == 0
