@@ -20,7 +20,9 @@ def model_summary(cfg: Config, world_size: int) -> str:
     counts = param_counts(model)
     seq_len, micro_batch = model.max_seq_len, train.micro_batch_size
     flops = flops_per_token(model, seq_len)
-    checkpointing = "on" if train.activation_checkpointing else "off"
+    checkpointing = {True: "on", False: "off", None: "auto (shown off; on if it does not fit)"}[
+        train.activation_checkpointing
+    ]
     lines = [
         f"model: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} heads "
         f"({model.n_kv_heads} key/value, head_dim {model.head_dim}), ffn_hidden {model.ffn_hidden_size}, "
@@ -40,7 +42,7 @@ def model_summary(cfg: Config, world_size: int) -> str:
     ]
     for stage in ZERO_STAGES:
         memory = training_memory_per_rank(
-            model, stage, world_size, micro_batch, seq_len, train.activation_checkpointing
+            model, stage, world_size, micro_batch, seq_len, bool(train.activation_checkpointing)
         )
         marker = "  <- train.zero_stage" if stage == train.zero_stage else ""
         lines.append(

@@ -39,7 +39,7 @@ from train.config import Config
 from train.distributed import DistInfo, skip_cpu_shm_comm_op
 from train.errors import TrainError
 from train.plan import RunPlan, plan_batches, plan_run
-from train.preflight import check_memory, meminfo_available_bytes
+from train.preflight import check_memory, choose_activation_checkpointing, meminfo_available_bytes
 
 MIB = 1 << 20
 GPU_MEMORY_MIB = {
@@ -549,12 +549,20 @@ def dry_run(cfg: Config, options: DryRunOptions) -> DryRunReport:
     if shape_error:
         report.errors.append(shape_error)
     plan = make_plan(cfg, options.world_size, report)
+    checkpointing = ""
+    if cfg.train.activation_checkpointing is None:  # auto: decided against the target GPU's memory
+        gpu_bytes = GPU_MEMORY_MIB[options.gpu] * MIB if options.gpu else None
+        chosen = choose_activation_checkpointing(
+            plan.model(cfg.model), cfg.train, plan, options.world_size, gpu_bytes
+        )
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=chosen))
+        checkpointing = f" (auto, against {options.gpu})" if options.gpu else " (auto: no --gpu to judge by)"
     stage = cfg.train.zero_stage
     report.add(
         f"plan at world size {options.world_size} (rank {options.rank})",
         [
             f"ZeRO stage {stage}, precision {cfg.train.precision}{auto}, activation checkpointing "
-            f"{'on' if cfg.train.activation_checkpointing else 'off'}",
+            f"{'on' if cfg.train.activation_checkpointing else 'off'}{checkpointing}",
             f"global batch {plan.global_batch_size:,} = micro {plan.micro_batch_size} x accum {plan.grad_accum_steps}"
             f" x world {plan.world_size}; {plan.tokens_per_step:,} tokens per step",
             f"{plan.max_steps:,} steps = {plan.tokens_per_step * plan.max_steps:,} tokens",

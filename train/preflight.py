@@ -107,6 +107,26 @@ def summary_lines(
     ]
 
 
+def choose_activation_checkpointing(
+    model_cfg, train: TrainConfig, plan: RunPlan, world_size: int, budget_bytes: Optional[int]
+) -> bool:
+    """train.activation_checkpointing, or for null (auto) on only when the estimate without it exceeds the budget
+    (the least over ranks, so every rank decides the same). An unknown budget keeps it off."""
+    if train.activation_checkpointing is not None:
+        return train.activation_checkpointing
+    if budget_bytes is None:
+        return False
+    without = training_memory_per_rank(
+        model_cfg,
+        train.zero_stage,
+        world_size,
+        train.micro_batch_size,
+        plan.seq_len,
+        activation_checkpointing=False,
+    )
+    return without["total"] > budget_bytes
+
+
 def preflight(
     model_cfg,
     train: TrainConfig,

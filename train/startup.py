@@ -54,7 +54,7 @@ from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics, set_aside_history
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
 from train.plan import RunPlan, plan_run, write_plan
-from train.preflight import least_budget_over_ranks, preflight
+from train.preflight import choose_activation_checkpointing, least_budget_over_ranks, preflight
 
 
 @dataclasses.dataclass
@@ -348,6 +348,19 @@ def resume_into(
     return progress
 
 
+def with_activation_checkpointing(
+    cfg: Config, plan: RunPlan, dist_info: DistInfo, budget_bytes: Optional[int]
+) -> Config:
+    """`cfg` with train.activation_checkpointing=null (auto) decided for this run's memory, and said."""
+    chosen = choose_activation_checkpointing(
+        plan.model(cfg.model), cfg.train, plan, dist_info.world_size, budget_bytes
+    )
+    if cfg.train.activation_checkpointing is None:
+        why = "the estimate does not fit without it" if chosen else "the estimate fits without it"
+        say(f"train.activation_checkpointing=auto -> {'on' if chosen else 'off'}: {why}", dist_info.is_main)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=chosen))
+
+
 def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     """Everything before the first step, in the order that fails fastest (config, data, memory, weights)."""
     started = time.time()
@@ -366,6 +379,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
     data = load_data(cfg, dist_info)
     plan = settle_vocab(cfg, plan, dist_info, data)
     budget = least_budget_over_ranks(dist_info)
+    cfg = with_activation_checkpointing(cfg, plan, dist_info, budget[0])
     for line in on_main_then_share(
         dist_info, lambda: preflight(plan.model(cfg.model), cfg.train, plan, dist_info, budget), "Preflight"
     ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,12 +10,19 @@ import pytest
 import torch
 
 from launch.config import load_config
+from model.stats import training_memory_per_rank
 from tests.helpers import TINY
 from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.errors import TrainError
 from train.plan import plan_batches
-from train.preflight import check_memory, least_budget_over_ranks, memory_budget_per_rank, preflight
+from train.preflight import (
+    check_memory,
+    choose_activation_checkpointing,
+    least_budget_over_ranks,
+    memory_budget_per_rank,
+    preflight,
+)
 
 
 def test_batch_arithmetic_and_global_batch_check():
@@ -82,3 +90,25 @@ def test_every_rank_checks_its_memory_and_the_least_budget_wins(tmp_path):
     assert least_0 == least_1 and int(least_0) <= min(int(own_0), int(own_1))
     assert int(least_0) < int(own_0) // 2  # rank 0's own budget (the whole host) lost to rank 1's quarter
     assert source_0.endswith("the least of 2 ranks") and source_1.endswith("the least of 2 ranks")
+
+
+def test_auto_activation_checkpointing_is_on_only_when_the_estimate_does_not_fit():
+    """1b at micro-batch 8 x 1024 on 8 ranks: about 7 GiB per rank with recomputation, far more without."""
+    cfg = load_config(str(Path(TINY).parent / "1b.yaml"), [])
+    assert cfg.train.activation_checkpointing is None  # the preset leaves it to the preflight
+    plan = plan_batches(cfg.train, 8, cfg.model.max_seq_len)
+
+    def total(checkpointing: bool) -> float:
+        memory = training_memory_per_rank(
+            cfg.model, cfg.train.zero_stage, 8, cfg.train.micro_batch_size, plan.seq_len, checkpointing
+        )
+        return memory["total"]
+
+    with_it, without = total(True), total(False)
+    assert with_it < without / 2
+    choose = lambda train, budget: choose_activation_checkpointing(cfg.model, train, plan, 8, budget)  # noqa: E731
+    assert choose(cfg.train, int(without) + 1) is False  # an 80 GB card: no recomputation
+    assert choose(cfg.train, int((with_it + without) / 2)) is True  # fits only with it
+    assert choose(cfg.train, None) is False  # unknown memory: off, as before
+    forced = dataclasses.replace(cfg.train, activation_checkpointing=True)
+    assert choose(forced, int(without) + 1) is True  # an explicit choice is kept
