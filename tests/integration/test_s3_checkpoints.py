@@ -20,6 +20,7 @@ from tests.helpers import run, slm_cmd
 from tests.helpers import test_env as make_env
 from tests.runs import ONE_PROC, losses, read_until, rows, start, train_args
 from tests.s3_localhost import BUCKET
+from train.checkpoint import RemoteCheckpoints
 
 pytestmark = pytest.mark.slow
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -116,3 +117,69 @@ def test_export_from_a_checkpoint_url_equals_export_from_the_local_copy(s3_ckpt_
     assert all(
         torch.equal(from_url[k], from_local[k]) for k in from_local
     )  # bitwise (the header names the source)
+
+
+def test_two_processes_zero2_resume_from_the_url_and_a_universal_conversion_from_it(
+    s3_server, tiny_data_dir, two_proc_run, tmp_path
+):
+    """2 ranks, ZeRO-2, checkpoints on s3://, killed after step 8: resumed from the URL in a fresh run.dir and cache
+    (bitwise the uninterrupted 2-process curve), and step 6 resumed at 1 rank through a universal checkpoint
+    converted in the local cache. Four short runs (the reference is shared): about 3 minutes on 2 busy cores."""
+    fs, prefix = s3_server.filesystem(), f"{BUCKET}/ckpt2-{uuid.uuid4().hex[:8]}"
+    url, env = f"s3://{prefix}", make_env(s3_server.env)
+
+    def args(run_dir: str, cache: str, *extra: str) -> list:
+        return train_args(
+            tmp_path / run_dir,
+            tiny_data_dir,
+            "train.zero_stage=2",
+            f"data.cache_dir={tmp_path / cache}",
+            *extra,
+        )
+
+    kill_after(slm_cmd(args("first", "cache_a", f"checkpoint.dir={url}"), nproc=2), env, "train step 8 ")
+    assert sorted(steps_on(fs, prefix)) == ["step_00000006"]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in steps_on(fs, prefix)["step_00000006"]
+    out = run(slm_cmd(args("second", "cache_b", f"checkpoint.dir={url}"), nproc=2), env=env)
+    assert "at step 6 " in out.stderr
+    reference = losses(two_proc_run(2))
+    assert losses(tmp_path / "second") == {s: reference[s] for s in range(7, 13)}  # bitwise
+    out = run(
+        slm_cmd(
+            args(
+                "one_rank",
+                "cache_c",
+                *ONE_PROC,
+                f"checkpoint.resume={url}/step_00000006",
+            )
+        ),
+        env=env,
+    )
+    assert "universal checkpoint" in out.stderr and "at step 6 " in out.stderr
+    one = losses(tmp_path / "one_rank")
+    assert sorted(one) == list(range(7, 13))
+    # The same state on one rank instead of two (sums in another order): equal to float precision.
+    assert all(one[s] == pytest.approx(reference[s], rel=1e-5) for s in (7, 8))
+    assert (tmp_path / "cache_c").is_dir() and list((tmp_path / "cache_c").rglob("universal/COMPLETE"))
+
+
+def test_store_ignores_a_half_uploaded_step_and_rotation_deletes_only_recorded_files(
+    s3_env, single_run, tmp_path, capfd
+):
+    """RemoteCheckpoints on the real server, no training: the run's two local checkpoints uploaded as they are."""
+    fs, prefix = s3_env.filesystem(), f"{BUCKET}/store-{uuid.uuid4().hex[:8]}"
+    for tag in ("step_00000006", "step_00000012"):
+        fs.put(str(single_run / "checkpoints" / tag) + "/", f"{prefix}/{tag}", recursive=True)
+    half = single_run / "checkpoints" / "step_00000012"  # a newer step killed mid-upload: no COMPLETE
+    fs.put_file(str(half / MODEL_STATES), f"{prefix}/step_00000018/{MODEL_STATES}")
+    fs.pipe_file(f"{prefix}/step_00000006/notes.txt", b"a user's file")
+    remote = RemoteCheckpoints(f"s3://{prefix}", None, str(tmp_path / "cache"))
+    assert remote.complete_steps() == ["step_00000006", "step_00000012"]
+    newest = remote.newest_intact(hashes=True)
+    assert newest == remote.copy_dir("step_00000012") and (newest / "COMPLETE").is_file()
+    assert "downloading checkpoint" in capfd.readouterr().err
+    assert remote.fetch("step_00000012") == newest and "downloading" not in capfd.readouterr().err  # reused
+    assert remote.prune(keep=1) == ["step_00000006"]
+    assert steps_on(fs, prefix)["step_00000006"] == ["notes.txt"]  # only what our record listed was deleted
+    assert remote.complete_steps() == ["step_00000012"]
+    assert "step_00000018" in steps_on(fs, prefix)  # never ours to delete: it has no record

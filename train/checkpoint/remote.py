@@ -38,6 +38,12 @@ COPIES = "steps"
 """The node-local folder holding the local copy of a checkpoint."""
 
 
+def inside(name: str) -> bool:
+    """Whether a file name from the store or a record stays inside its folder (no `..`, not absolute)."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and "" not in parts
+
+
 class RemoteCheckpoints:
     """The checkpoint folder at a URL, with its node-local staging folder and copies."""
 
@@ -144,6 +150,12 @@ class RemoteCheckpoints:
             return copy
         step_store = DataStore(f"{self.url}/{tag}", self.storage_options)
         listing = step_store.listing()
+        outside = sorted(name for name in listing if not inside(name))
+        if outside:
+            raise CheckpointDamaged(
+                f"Checkpoint {self.url}/{tag} holds {outside[0]!r}, a name that leads outside its folder; "
+                "slm train never writes one."
+            )
         copy.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", suffix=".tmp", dir=copy.parent))
         say(f"downloading checkpoint {self.url}/{tag} to {copy}")
