@@ -7,6 +7,8 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
                                     (exercises train.on_nonfinite)
   SLM_SLEEP_IN_SAVE=[STEP:]SECONDS  sleep between DeepSpeed's save and the COMPLETE marker/rename (only at
                                     STEP when given), so a test can `kill -9` a save deterministically
+  SLM_FAIL_SAVE_AT_STEP=K           make rank 0's finishing of the save of step K fail after every file is
+                                    written (and uploaded), before meta.json and COMPLETE (a failed upload)
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
   SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
   SLM_PREPARE_REMOTE_COMMIT_SECONDS=S  mirror a commit of a prepare into a URL to the remote at most every S
@@ -20,6 +22,7 @@ from typing import Optional
 
 INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
+FAIL_SAVE_AT_STEP = "SLM_FAIL_SAVE_AT_STEP"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
 PREPARE_REMOTE_COMMIT_SECONDS = "SLM_PREPARE_REMOTE_COMMIT_SECONDS"
@@ -40,6 +43,12 @@ def sleep_in_save(step: int) -> Optional[float]:
     if at_step and int(at_step) != step:
         return None
     return float(seconds)
+
+
+def fail_save(step: int) -> bool:
+    """Whether the save of `step` is to fail before its meta.json and COMPLETE."""
+    value = os.environ.get(FAIL_SAVE_AT_STEP)
+    return bool(value) and int(value) == step
 
 
 def prepare_chunk_bytes(default: int = 1 << 18) -> int:

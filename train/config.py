@@ -170,6 +170,9 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (resume from the latest complete checkpoint in checkpoint.dir), false (refuse a non-empty run.dir), or a
     checkpoint path or URL."""
+    async_save: bool = False
+    """Block training only while the states are written to local disk; hash, upload, COMPLETE and rotation run in
+    a background thread (one save in flight; runs on several nodes save synchronously)."""
     verify_hashes: bool = True
     """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
 

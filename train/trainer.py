@@ -20,6 +20,7 @@ from train.distributed import (
     teardown_distributed,
     with_precision_resolved,
 )
+from train.errors import TrainError
 from train.loop import TrainingLoop
 from train.metrics import MetricsLogger
 from train.run_lock import acquire_run_lock, release_run_lock
@@ -58,6 +59,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         dist_info,
         last_saved=setup.progress.step if setup.progress.step > 0 else None,
         remote=remote_location(cfg),
+        background=cfg.checkpoint.async_save,
     )
     logger = MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank)
     try:
@@ -75,6 +77,11 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
             plain_optimizer=cfg.train.zero_stage == 0 and cfg.train.precision == "fp32",
         )
         components = standard_components(cfg) + list(extra_components)
-        return TrainingLoop(run, setup.train_loader, components).run_steps()
+        code = TrainingLoop(run, setup.train_loader, components).run_steps()
+        checkpoints.wait()  # the save in flight (checkpoint.async_save) finishes before the run ends
+        if checkpoints.failed:
+            raise TrainError(f"The run ended, but {checkpoints.failed}.")
+        return code
     finally:
+        checkpoints.wait()
         logger.close()

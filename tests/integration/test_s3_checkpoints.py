@@ -183,3 +183,48 @@ def test_store_ignores_a_half_uploaded_step_and_rotation_deletes_only_recorded_f
     assert steps_on(fs, prefix)["step_00000006"] == ["notes.txt"]  # only what our record listed was deleted
     assert remote.complete_steps() == ["step_00000012"]
     assert "step_00000018" in steps_on(fs, prefix)  # never ours to delete: it has no record
+
+
+def test_async_saves_to_s3_follow_the_curve_and_a_failed_upload_leaves_the_previous_resume_point(
+    s3_server, tiny_data_dir, single_run, tmp_path
+):
+    """checkpoint.async_save: uploads overlap the next steps; the last save's upload fails (SLM_FAIL_SAVE_AT_STEP,
+    after its files are on the server, before meta.json and COMPLETE): the run says so and exits non-zero, and a
+    fresh machine resumes from the previous complete checkpoint with the same curve, bitwise."""
+    fs, prefix = s3_server.filesystem(), f"{BUCKET}/async-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{prefix}"
+
+    def args(run_dir: str, cache: str) -> list:
+        return train_args(
+            tmp_path / run_dir,
+            tiny_data_dir,
+            *ONE_PROC,
+            f"checkpoint.dir={url}",
+            "checkpoint.every=3",
+            "checkpoint.async_save=true",
+            f"data.cache_dir={tmp_path / cache}",
+        )
+
+    out = run(
+        slm_cmd(args("first", "a")),
+        env=make_env({**s3_server.env, "SLM_FAIL_SAVE_AT_STEP": "12"}),
+        check=False,
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "hashing, upload and COMPLETE continue in the background" in out.stderr
+    assert (
+        "waited for" in out.stderr
+    )  # the save of step 3 finished while steps 4.. trained, or waited at step 6
+    assert f"the background save of {url}/step_00000012 failed" in out.stderr
+    reference = losses(single_run)
+    assert losses(tmp_path / "first") == reference  # saving in a thread changes nothing in the training
+    on_store = steps_on(fs, prefix)
+    assert "COMPLETE" not in on_store["step_00000012"] and MODEL_STATES in on_store["step_00000012"]
+    assert sorted(t for t, names in on_store.items() if "COMPLETE" in names) == [
+        "step_00000006",
+        "step_00000009",
+    ]
+    again = run(slm_cmd(args("second", "b")), env=make_env(s3_server.env))
+    assert "at step 9 " in again.stderr
+    assert losses(tmp_path / "second") == {s: reference[s] for s in (10, 11, 12)}
+    assert "COMPLETE" in steps_on(fs, prefix)["step_00000012"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,6 +43,18 @@ def _sleep_in_save_hook(step: int) -> None:
     time.sleep(seconds)
 
 
+Finish = Optional[Callable[[], Path]]
+"""Rank 0's rest of a save once every rank's states are on local disk (hashes, upload, meta.json, COMPLETE,
+rotation); None on the other ranks."""
+
+
+def _fail_save_hook(step: int) -> None:
+    if faults.fail_save(step):
+        raise OSError(
+            f"fault injection ({faults.FAIL_SAVE_AT_STEP}): the save of {step_tag(step)} fails here"
+        )
+
+
 def save_checkpoint(
     engine: Any,
     ckpt_dir: Path,
@@ -53,15 +66,38 @@ def save_checkpoint(
 ) -> Path:
     """Save collectively (every rank calls this) into the checkpoint folder `ckpt_dir`, or to `remote` through its
     node-local staging folder; returns the final step folder (with `remote`: its local copy)."""
+    final_dir, finish = stage_checkpoint(engine, ckpt_dir, record, tokenizer_path, keep, dist_info, remote)
+    if finish is not None:
+        finish()
+    barrier()
+    return final_dir
+
+
+def stage_checkpoint(
+    engine: Any,
+    ckpt_dir: Path,
+    record: CheckpointRecord,
+    tokenizer_path: Path,
+    keep: int,
+    dist_info: DistInfo,
+    remote: Optional[RemoteCheckpoints] = None,
+) -> Tuple[Path, Finish]:
+    """The collective part of a save: every rank's states written to local disk (and, on several nodes with a
+    URL, each node's part uploaded). Returns the final step folder and rank 0's `Finish`, which may run in a
+    background thread (it calls no collective)."""
+    tag = step_tag(record.progress.step)
     if remote is not None:
-        return _save_remote(engine, remote, record, tokenizer_path, keep, dist_info)
-    step = record.progress.step
-    tag = step_tag(step)
+        return remote.copy_dir(tag), _stage_remote(engine, remote, record, tokenizer_path, keep, dist_info)
     tmp_dir, final_dir = ckpt_dir / (TMP_PREFIX + tag), ckpt_dir / tag
     _write_states(engine, ckpt_dir, tag, dist_info, dist_info.is_main)
-    if dist_info.is_main:
+    if not dist_info.is_main:
+        return final_dir, None
+
+    def finish() -> Path:
         shutil.copyfile(tokenizer_path, tokenizer_file(tmp_dir))
-        atomic_write_json(tmp_dir / META, record.to_meta(record_files(tmp_dir)))  # every file's size and hash
+        files = record_files(tmp_dir)
+        _fail_save_hook(record.progress.step)
+        atomic_write_json(tmp_dir / META, record.to_meta(files))  # every file's size and hash
         atomic_write_text(tmp_dir / COMPLETE, f"{tag}\n")
         fsync_dir(tmp_dir)
         replace_dir(
@@ -70,8 +106,9 @@ def save_checkpoint(
         fsync_dir(ckpt_dir)
         atomic_write_text(ckpt_dir / LATEST, f"{tag}\n")
         prune_checkpoints(ckpt_dir, keep)
-    barrier()
-    return final_dir
+        return final_dir
+
+    return final_dir, finish
 
 
 def _write_states(engine: Any, ckpt_dir: Path, tag: str, dist_info: DistInfo, prepares: bool) -> None:
@@ -89,41 +126,74 @@ def _write_states(engine: Any, ckpt_dir: Path, tag: str, dist_info: DistInfo, pr
     _sleep_in_save_hook(step_of(Path(tag)))
 
 
-def _save_remote(
+def _stage_remote(
     engine: Any,
     remote: RemoteCheckpoints,
     record: CheckpointRecord,
     tokenizer_path: Path,
     keep: int,
     dist_info: DistInfo,
-) -> Path:
-    """A save to a URL (train.checkpoint.remote): staged per node, each node's files uploaded by its first rank,
-    then meta.json (the record of every node's files), COMPLETE and `latest` by rank 0, then the rotation."""
+) -> Finish:
+    """A save to a URL (train.checkpoint.remote), staged per node. On one node rank 0's Finish uploads every file;
+    on several, each node's first rank uploads its node's files here and rank 0 gathers their records. Finish then
+    uploads meta.json (the record of every file), COMPLETE and `latest`, and rotates."""
     tag = step_tag(record.progress.step)
     tmp_dir = remote.staging / (TMP_PREFIX + tag)
     if dist_info.is_main:
         remote.open_step(tag)
     _write_states(engine, remote.staging, tag, dist_info, dist_info.local_rank == 0)
-    part: Dict[str, Any] = {}
-    if dist_info.local_rank == 0:
-        if dist_info.is_main:
+    parts: Optional[List[Dict[str, Any]]] = None
+    if dist_info.n_nodes > 1:
+        part: Dict[str, Any] = {}
+        if dist_info.local_rank == 0:
+            if dist_info.is_main:
+                shutil.copyfile(tokenizer_path, tokenizer_file(tmp_dir))
+            part = remote.upload_files(tmp_dir, tag)
+            if not dist_info.is_main:
+                shutil.rmtree(tmp_dir, ignore_errors=True)  # this node's part is on the store
+        parts = [p for p in gather_objects(part) if p]
+    if not dist_info.is_main:
+        return None
+
+    def finish() -> Path:
+        uploaded = parts
+        if uploaded is None:  # one node: every rank's files are in this staging folder
             shutil.copyfile(tokenizer_path, tokenizer_file(tmp_dir))
-        part = remote.upload_files(tmp_dir, tag)
-    parts = [p for p in gather_objects(part) if p]
-    copy = remote.copy_dir(tag)
-    if dist_info.is_main:
-        files = {name: entry for p in parts for name, entry in p[FILES_KEY].items()}
-        atomic_write_json(tmp_dir / META, record.to_meta({FILES_KEY: files, HASH_KEY: parts[0][HASH_KEY]}))
+            uploaded = [remote.upload_files(tmp_dir, tag)]
+        files = {name: entry for p in uploaded for name, entry in p[FILES_KEY].items()}
+        _fail_save_hook(record.progress.step)
+        atomic_write_json(tmp_dir / META, record.to_meta({FILES_KEY: files, HASH_KEY: uploaded[0][HASH_KEY]}))
         copy = remote.publish(tmp_dir, tag)
         remote.prune(keep)
-    elif dist_info.local_rank == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # this node's part is on the store
-    barrier()
-    return copy
+        return copy
+
+    return finish
+
+
+class BackgroundSave:
+    """Rank 0's Finish of one save, running in a thread while training goes on (checkpoint.async_save)."""
+
+    def __init__(self, finish: Callable[[], Path], where: str, started: float) -> None:
+        self.where, self.started = where, started
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, args=(finish,), name="checkpoint-save", daemon=True)
+        self.thread.start()
+
+    def _run(self, finish: Callable[[], Path]) -> None:
+        try:
+            finish()
+        except BaseException as err:  # reported by CheckpointSaver.wait on the training thread
+            self.error = err
 
 
 class CheckpointSaver:
-    """Saves this run's checkpoints: the record of each is built here from the progress and the loader's state."""
+    """Saves this run's checkpoints: the record of each is built here from the progress and the loader's state.
+
+    With `background` (checkpoint.async_save, one node), a save blocks training only while every rank writes its
+    states to local disk; rank 0 then hashes, uploads, writes meta.json and COMPLETE and rotates in a thread. At
+    most one save is in flight: the next save, an export and the end of the run (finished, timed out, or stopped
+    by a signal) wait for it first.
+    """
 
     def __init__(
         self,
@@ -136,35 +206,87 @@ class CheckpointSaver:
         dist_info: DistInfo,
         last_saved: Optional[int],
         remote: Optional[RemoteCheckpoints] = None,
+        background: bool = False,
     ) -> None:
-        self.engine, self.ckpt_dir, self.identity, self.train_loader = (
-            engine,
-            ckpt_dir,
-            identity,
-            train_loader,
-        )
-        self.remote = remote
-        """The checkpoint folder's URL (None when ckpt_dir is a local folder)."""
+        self.engine, self.ckpt_dir, self.identity = engine, ckpt_dir, identity
+        self.train_loader, self.remote = train_loader, remote
+        """remote: the checkpoint folder's URL (None when ckpt_dir is a local folder)."""
         self.tokenizer_path, self.keep, self.dist_info = tokenizer_path, keep, dist_info
+        self.background = background and dist_info.n_nodes == 1
+        """Finish saves in a thread (on several nodes each node uploads its part inside the collective save)."""
         self.last_saved = last_saved
         """The step of the newest checkpoint this run stands on (the resumed one, or the last saved)."""
         self.saved_dir: Optional[Path] = None
         """The folder saved by this invocation at step `last_saved` (None before the first save)."""
+        self.pending: Optional[BackgroundSave] = None
+        """Rank 0: the save in flight."""
+        self.failed: Optional[str] = None
+        """Rank 0: why the last background save failed (None when it did not)."""
 
-    def save(self, progress: Progress) -> Path:
-        """Save now (collective); returns the final step folder."""
+    def _where(self, step_dir: Path) -> str:
+        return f"{self.remote.url}/{step_dir.name}" if self.remote is not None else str(step_dir)
+
+    def save(self, progress: Progress, wait: bool = True) -> Path:
+        """Save now (collective); returns the final step folder. With background saving and `wait=False` the
+        folder is complete only once `wait()` returns."""
+        self.wait()  # at most one save in flight (the other ranks wait for rank 0 inside the save's barrier)
         record = CheckpointRecord(replace(progress), self.train_loader.state_dict(), self.identity)
         started = time.time()
-        step_dir = save_checkpoint(
-            self.engine, self.ckpt_dir, record, self.tokenizer_path, self.keep, self.dist_info, self.remote
+        args = (
+            self.engine,
+            self.ckpt_dir,
+            record,
+            self.tokenizer_path,
+            self.keep,
+            self.dist_info,
+            self.remote,
         )
-        where = f"{self.remote.url}/{step_dir.name}" if self.remote is not None else step_dir
-        say(f"saved checkpoint {where} ({time.time() - started:.1f} s)", self.dist_info.is_main)
+        if not self.background:
+            step_dir = save_checkpoint(*args)
+            say(
+                f"saved checkpoint {self._where(step_dir)} ({time.time() - started:.1f} s)",
+                self.dist_info.is_main,
+            )
+        else:
+            step_dir, finish = stage_checkpoint(*args)
+            if finish is not None:
+                self.pending = BackgroundSave(finish, self._where(step_dir), started)
+            say(
+                f"checkpoint {self._where(step_dir)}: states written in {time.time() - started:.1f} s (training "
+                "blocked); hashing, upload and COMPLETE continue in the background",
+                self.dist_info.is_main,
+            )
+            if wait:
+                self.wait()
         self.last_saved, self.saved_dir = progress.step, step_dir
         return step_dir
 
-    def ensure_saved(self, progress: Progress) -> Path:
-        """The checkpoint of this step: saved now unless this invocation already saved it (collective)."""
+    def wait(self) -> None:
+        """Rank 0: let the save in flight finish (no collective). A failure is reported, and kept in `failed`: the
+        previous complete checkpoint stays the resume point."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        waited = time.time()
+        pending.thread.join()
+        if pending.error is not None:
+            self.failed = (
+                f"the background save of {pending.where} failed ({type(pending.error).__name__}: {pending.error}); "
+                "it is not complete, so a resume uses the previous complete checkpoint"
+            )
+            say(f"warning: {self.failed}")
+            return
+        self.failed = None
+        say(
+            f"saved checkpoint {pending.where} ({time.time() - pending.started:.1f} s; "
+            f"{time.time() - waited:.1f} s of it waited for)"
+        )
+
+    def ensure_saved(self, progress: Progress, wait: bool = True) -> Path:
+        """The checkpoint of this step: saved now unless this invocation already saved it (collective); complete
+        on return unless `wait=False`."""
         if self.saved_dir is not None and self.last_saved == progress.step:
+            if wait:
+                self.wait()
             return self.saved_dir
-        return self.save(progress)
+        return self.save(progress, wait)
