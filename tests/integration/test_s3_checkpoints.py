@@ -114,9 +114,13 @@ def test_export_from_a_checkpoint_url_equals_export_from_the_local_copy(s3_ckpt_
         load_file(str(tmp_path / d / "model.safetensors")) for d in ("from_url", "from_local")
     )
     assert sorted(from_url) == sorted(from_local)
-    assert all(
-        torch.equal(from_url[k], from_local[k]) for k in from_local
-    )  # bitwise (the header names the source)
+    # Bitwise the same tensors (the safetensors header names the source, so its bytes differ).
+    assert all(torch.equal(from_url[k], from_local[k]) for k in from_local)
+    # slm generate on the checkpoint folder's URL: its newest complete step (12), reused from the local copy.
+    prompt = ["--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]
+    remote = run(slm_cmd(["generate", url, *prompt]), env=env)
+    assert "downloading" not in remote.stderr
+    assert remote.stdout == run(slm_cmd(["generate", str(local), *prompt]), env=env).stdout
 
 
 def test_two_processes_zero2_resume_from_the_url_and_a_universal_conversion_from_it(

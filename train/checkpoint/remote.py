@@ -17,6 +17,7 @@ Node-local folders, under data.cache_dir (node-local temp by default), one per U
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import tempfile
@@ -79,13 +80,15 @@ class RemoteCheckpoints:
     # --- saving --------------------------------------------------------------------------------------
     def open_step(self, tag: str) -> None:
         """Before a save of `tag` uploads anything: a complete folder of that step (a resumed run saving its
-        step again) stops being complete first, and files of a killed upload of it are removed (rank 0)."""
+        step again) stops being complete first, and the pickles and meta.json of an earlier upload of it (a killed
+        one, or another world size) are removed, since a load refuses a .pt file its record does not list (rank 0)."""
         prefix = tag + "/"
         present = [name for name in self.listing() if name.startswith(prefix)]
         if f"{tag}/{COMPLETE}" in present:
             self.store.remove([f"{tag}/{COMPLETE}"])
-        stale = [name for name in present if name.endswith((".pt", ".json")) and "/universal/" not in name]
-        self.store.remove(stale)
+        self.store.remove(
+            [n for n in present if n.count("/") == 1 and (n.endswith(".pt") or n == prefix + META)]
+        )
 
     def upload_files(self, tmp_dir: Path, tag: str) -> Dict[str, Any]:
         """Hash and upload every file of this node's part of a save; returns their record (train.checkpoint.files)."""
@@ -138,7 +141,14 @@ class RemoteCheckpoints:
     # --- reading -------------------------------------------------------------------------------------
     def fetch(self, tag: str) -> Path:
         """The local copy of the complete checkpoint `tag`: reused when its meta.json equals the store's, else
-        downloaded whole (beside it, then renamed). Not verified here: every load verifies it."""
+        downloaded whole (beside it, then renamed). Not verified here: every load verifies it. One process of a
+        node at a time (the ranks of `slm eval` each ask): the others then find the copy made."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        with open(self.local / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._fetch(tag)
+
+    def _fetch(self, tag: str) -> Path:
         try:
             meta = self.store.read_bytes(f"{tag}/{META}")
         except FileNotFoundError:
