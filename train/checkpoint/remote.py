@@ -50,7 +50,10 @@ class RemoteCheckpoints:
 
     def __init__(self, url: str, storage_options: Optional[Dict[str, Any]], cache_dir: Optional[str]):
         self.storage_options = storage_options
-        self.store = DataStore(url, storage_options)
+        try:
+            self.store = DataStore(url, storage_options)
+        except DataError as err:  # it names data.dir, the usual user of a DataStore
+            raise TrainError(f"checkpoint folder {url}: {err}".replace("data.dir ", "")) from None
         self.url = self.store.location
         self.local = dataset_cache_dir(self.store, cache_dir)
         """This URL's node-local folder (the same path on every node)."""
