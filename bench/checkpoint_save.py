@@ -5,7 +5,7 @@ Each cell is one `slm train` of a few steps saving every 2 steps; the blocked ti
 status line reports: "saved checkpoint ... (X s)" when synchronous, "states written in X s" when asynchronous
 (the rest overlaps the next steps). Prints a markdown table (the line in docs/benchmarks-train.md comes from it).
 
-    python bench/checkpoint_save.py [--steps 6] [--shapes tiny,50m]
+    python bench/checkpoint_save.py [--steps 6] [--shapes tiny,50m] [--targets local,s3] [--modes sync,async]
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--shapes", default="tiny,50m")
+    parser.add_argument("--targets", default="local,s3")
+    parser.add_argument("--modes", default="sync,async")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     data = scratch / "data"
@@ -72,8 +74,8 @@ def main() -> None:
     rows = []
     try:
         for shape in args.shapes.split(","):
-            for target in ("local", "s3"):
-                for mode in ("sync", "async"):
+            for target in args.targets.split(","):
+                for mode in args.modes.split(","):
                     run_dir = scratch / f"{shape}-{target}-{mode}"
                     remote = (
                         [f"checkpoint.dir=s3://{BUCKET}/bench-{uuid.uuid4().hex[:8]}"]
