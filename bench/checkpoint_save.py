@@ -41,12 +41,16 @@ SHAPES = {
 }
 """Overrides of configs/tiny.yaml; 50m: 51M parameters in the layers plus a 2.6M tied embedding (4096 tokens)."""
 BLOCKED = re.compile(r"(?:saved checkpoint \S+ \((\d+\.\d+) s\)|states written in (\d+\.\d+) s)")
+WAITED = re.compile(r"(\d+\.\d+) s of it waited for\)")
 
 
 def blocked_seconds(stderr: str) -> list:
-    """The blocked time of every save of a run, from its status lines (a background save's completion line,
-    "saved checkpoint ... (X s; Y s of it waited for)", does not match)."""
-    return [float(a or b) for a, b in BLOCKED.findall(stderr)]
+    """The blocked time of every save of a run, from its status lines: the whole save when synchronous; with
+    async_save the writing of the states plus, spread evenly, every wait for a save in flight (at the next save
+    and at the end of the run: "saved checkpoint ... (X s; Y s of it waited for)")."""
+    saves = [float(a or b) for a, b in BLOCKED.findall(stderr)]
+    waited = sum(float(w) for w in WAITED.findall(stderr))
+    return [s + waited / len(saves) for s in saves] if saves else saves
 
 
 def main() -> None:
