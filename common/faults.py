@@ -12,6 +12,8 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
                                     STEP when given), so a test can `kill -9` a save deterministically
   SLM_SAVE_RELEASE_FILE=PATH        end that sleep early once PATH exists (a test holds a save exactly as long
                                     as it needs, however slowly the machine starts its other processes)
+  SLM_FAIL_SAVE_AT_STEP=K           make rank 0's finishing of the save of step K fail after every file is
+                                    written (and uploaded), before meta.json and COMPLETE (a failed upload)
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
   SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
   SLM_PREPARE_REMOTE_COMMIT_SECONDS=S  mirror a commit of a prepare into a URL to the remote at most every S
@@ -28,6 +30,7 @@ INJECT_NAN_AT_STEP = "SLM_INJECT_NAN_AT_STEP"
 SPIKE_AT_DATA_STEP = "SLM_SPIKE_AT_DATA_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
 SAVE_RELEASE_FILE = "SLM_SAVE_RELEASE_FILE"
+FAIL_SAVE_AT_STEP = "SLM_FAIL_SAVE_AT_STEP"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
 PREPARE_REMOTE_COMMIT_SECONDS = "SLM_PREPARE_REMOTE_COMMIT_SECONDS"
@@ -67,6 +70,12 @@ def pause_in_save(seconds: float) -> None:
         if release and os.path.exists(release):
             return
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def fail_save(step: int) -> bool:
+    """Whether the save of `step` is to fail before its meta.json and COMPLETE."""
+    value = os.environ.get(FAIL_SAVE_AT_STEP)
+    return bool(value) and int(value) == step
 
 
 def prepare_chunk_bytes(default: int = 1 << 18) -> int:

@@ -161,14 +161,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    """The `checkpoint` section: when checkpoints are written, how many are kept, and which one a run resumes."""
+    """The `checkpoint` section: where checkpoints are written, when, how many are kept, and which one a run resumes."""
 
+    dir: Optional[str] = None
+    """Folder or fsspec URL (s3://, gs://, az://) of the checkpoints; null is run.dir/checkpoints. A URL is reached
+    with data.storage_options through node-local folders under data.cache_dir."""
     every: int = 100
     """Save a checkpoint every this many steps (and at the end)."""
     keep: int = 2
     """How many complete checkpoints to keep."""
     resume: str = "auto"
-    """auto (resume from the latest complete checkpoint in run.dir), false (refuse a non-empty run.dir), or a checkpoint path."""
+    """auto (resume from the latest complete checkpoint in checkpoint.dir), false (refuse a non-empty run.dir), or a
+    checkpoint path or URL."""
+    async_save: bool = False
+    """Block training only while the states are written to local disk; hash, upload, COMPLETE and rotation run in
+    a background thread (one save in flight; runs on several nodes save synchronously)."""
     verify_hashes: bool = True
     """Check the hash of every checkpoint file before loading it (sizes are always checked); false for huge ones."""
 
@@ -176,6 +183,10 @@ class CheckpointConfig:
         """Raise ValueError naming the key."""
         for key in ("every", "keep"):
             check_positive(f"checkpoint.{key}", getattr(self, key))
+        if self.dir is not None and not str(self.dir).strip():
+            raise ValueError(
+                "checkpoint.dir is empty; expected a folder, an fsspec URL, or null for run.dir/checkpoints."
+            )
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's Python object, in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    found: List[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(found, obj)
+    return found
+
+
 def on_main_then_share(dist_info: DistInfo, fn: Callable[[], T], what: str) -> T:
     """Run `fn` on rank 0 only while the others wait; its result (or its error) reaches every rank.
 

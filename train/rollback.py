@@ -15,7 +15,7 @@ from typing import Any, Dict
 from common.log import say
 from train.checkpoint import ensure_universal, load_checkpoint, load_mode, read_record
 from train.components import LoopRun
-from train.distributed import on_main_then_share
+from train.distributed import barrier, on_main_then_share
 from train.errors import TrainError
 from train.guard import Spike, SpikeGuard, fresh_state
 
@@ -40,6 +40,8 @@ def roll_back(run: LoopRun, loader: Any, spike: Spike, max_rollbacks: int) -> No
             "Spikes that survive skipping data point at the optimization, not the data: lower optim.lr, raise "
             "schedule.warmup_steps or optim.grad_clip, or raise guard.threshold."
         )
+    run.checkpoints.wait()  # rank 0: a background save of that checkpoint completes first (checkpoint.async_save)
+    barrier()
     step, step_dir = run.checkpoints.last_saved, run.checkpoints.last_dir
     assert (
         step is not None and step_dir is not None

@@ -189,7 +189,9 @@ class Checkpointer(Component):
 
     def after_step(self, run: LoopRun, event: StepEvent) -> None:
         if event.last or every(self.ckpt_every, event.number):
-            run.checkpoints.ensure_saved(run.progress)
+            run.checkpoints.ensure_saved(
+                run.progress, wait=False
+            )  # checkpoint.async_save: finished in a thread
 
 
 class Exporter(Component):

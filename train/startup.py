@@ -33,13 +33,16 @@ from train.batch import Batch, take_batches
 from train.checkpoint import (
     CheckpointRecord,
     Progress,
+    RemoteCheckpoints,
     RunIdentity,
     check_resumable,
+    checkpoints_location,
     ensure_universal,
     intact_resume,
     load_checkpoint,
     load_mode,
     read_record,
+    remote_resume,
     resolve_resume,
 )
 from train.config import Config, to_dict, to_yaml
@@ -49,7 +52,7 @@ from train.environment import write_environment
 from train.errors import TrainError
 from train.evaluate import ValSource
 from train.handoff.init_from import load_init_weights
-from train.handoff.remote_export import fetch_export
+from train.handoff.remote_export import fetch_weights
 from train.handoff.shapes import shape_differences
 from train.metrics import rewind_metrics, set_aside_history
 from train.optim import build_optimizer, describe_muon, param_groups, set_compile_stance
@@ -229,15 +232,15 @@ def build_val_sources(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: Dis
 
 
 def local_init_source(cfg: Config, dist_info: DistInfo) -> str:
-    """train.init_from as a local path: an export URL is copied into the node-local cache by each node's
-    first rank (the others wait, then find the copy complete)."""
+    """train.init_from as a local path: an export or checkpoint URL is copied into the node-local cache by each
+    node's first rank (the others wait, then find the copy complete)."""
     source = str(cfg.train.init_from)
     if not is_remote(source):
         return source
     if dist_info.local_rank == 0:
-        fetch_export(source, cfg.data.storage_options, cfg.data.cache_dir)
+        fetch_weights(source, cfg.data.storage_options, cfg.data.cache_dir)
     barrier()
-    return str(fetch_export(source, cfg.data.storage_options, cfg.data.cache_dir))
+    return str(fetch_weights(source, cfg.data.storage_options, cfg.data.cache_dir))
 
 
 def load_initial_weights(
@@ -328,6 +331,40 @@ def settle_vocab(cfg: Config, plan: RunPlan, dist_info: DistInfo, data: DataSetu
     return dataclasses.replace(plan, vocab_size=vocab)
 
 
+def remote_location(cfg: Config) -> Optional[RemoteCheckpoints]:
+    """checkpoint.dir as a URL with its node-local folders (None when it is a local folder)."""
+    location = checkpoints_location(cfg.checkpoint.dir, Path(cfg.run.dir))
+    if not is_remote(location):
+        return None
+    return RemoteCheckpoints(location, cfg.data.storage_options, cfg.data.cache_dir)
+
+
+def find_resume(cfg: Config, dist_info: DistInfo) -> Optional[Path]:
+    """The intact checkpoint to resume from (checkpoint.resume), as a local folder on every node: checkpoints on a
+    URL are chosen and fetched by rank 0, then fetched once by each other node's first rank."""
+    run_dir = Path(cfg.run.dir)
+    remote = remote_location(cfg)
+    ckpt_dir = Path(checkpoints_location(cfg.checkpoint.dir, run_dir))
+    if remote is None and not is_remote(str(cfg.checkpoint.resume)):
+        chosen = resolve_resume(cfg.checkpoint.resume, run_dir, ckpt_dir)
+        return on_main_then_share(
+            dist_info,
+            lambda: intact_resume(cfg.checkpoint, run_dir, chosen, ckpt_dir),
+            "Checking the checkpoint's files",
+        )
+    found, folder = on_main_then_share(
+        dist_info,
+        lambda: remote_resume(
+            cfg.checkpoint, run_dir, remote or ckpt_dir, cfg.data.storage_options, cfg.data.cache_dir
+        ),
+        "Fetching the checkpoint",
+    )
+    if found is not None and folder is not None and dist_info.local_rank == 0 and not dist_info.is_main:
+        RemoteCheckpoints(folder, cfg.data.storage_options, cfg.data.cache_dir).fetch(found.name)
+    barrier()
+    return found
+
+
 def resume_into(
     engine: Any,
     train_loader: Any,
@@ -370,12 +407,7 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
             "from those weights, or remove train.init_from."
         )
     plan = plan_run(cfg, dist_info.world_size)
-    resume_from = resolve_resume(cfg.checkpoint.resume, Path(cfg.run.dir))
-    resume_from = on_main_then_share(
-        dist_info,
-        lambda: intact_resume(cfg.checkpoint, Path(cfg.run.dir), resume_from),
-        "Checking the checkpoint's files",
-    )
+    resume_from = find_resume(cfg, dist_info)
     data = load_data(cfg, dist_info)
     plan = settle_vocab(cfg, plan, dist_info, data)
     budget = least_budget_over_ranks(dist_info)
@@ -412,6 +444,9 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
                 lambda: ensure_universal(resume_from),
                 "Converting the checkpoint to a universal checkpoint",
             )
+            if remote_location(cfg) is not None and dist_info.local_rank == 0 and not dist_info.is_main:
+                ensure_universal(resume_from)  # in this node's local copy
+            barrier()
 
     engine = build_engine(cfg, plan, dist_info, init_weights, universal=universal_dir is not None)
     if cfg.optim.name == "muon":

@@ -1,7 +1,7 @@
 """`slm train`: set up the run (`train.startup`), then the step loop (`train.loop`) with its components
 (`train.standard_components`, on the interface of `train.components`).
 
-Everything the run writes lives under `run.dir`.
+Everything the run writes lives under `run.dir`, except the checkpoints when checkpoint.dir is set.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from data_pipeline.tokenizer import tokenizers_single_threaded
-from train.checkpoint import CheckpointSaver
+from train.checkpoint import CheckpointSaver, checkpoints_location
 from train.components import Component, LoopRun
 from train.config import Config
 from train.distributed import (
@@ -20,11 +20,12 @@ from train.distributed import (
     teardown_distributed,
     with_precision_resolved,
 )
+from train.errors import TrainError
 from train.loop import TrainingLoop
 from train.metrics import MetricsLogger
 from train.run_lock import acquire_run_lock, release_run_lock
 from train.standard_components import standard_components
-from train.startup import set_up_run
+from train.startup import remote_location, set_up_run
 
 
 def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int:
@@ -50,7 +51,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
     cfg = setup.cfg
     checkpoints = CheckpointSaver(
         setup.engine,
-        Path(cfg.run.dir),
+        Path(checkpoints_location(cfg.checkpoint.dir, Path(cfg.run.dir))),
         setup.identity,
         setup.train_loader,
         setup.data.tokenizer_path,
@@ -58,6 +59,8 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         dist_info,
         last_saved=setup.progress.step if setup.progress.step > 0 else None,
         last_dir=setup.resumed_from,
+        remote=remote_location(cfg),
+        background=cfg.checkpoint.async_save,
     )
     logger = MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank)
     try:
@@ -76,6 +79,11 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
             val_sources=setup.val_sources,
         )
         components = standard_components(cfg) + list(extra_components)
-        return TrainingLoop(run, setup.train_loader, components).run_steps()
+        code = TrainingLoop(run, setup.train_loader, components).run_steps()
+        checkpoints.wait()  # the save in flight (checkpoint.async_save) finishes before the run ends
+        if checkpoints.failed:
+            raise TrainError(f"The run ended, but {checkpoints.failed}.")
+        return code
     finally:
+        checkpoints.wait()
         logger.close()

@@ -4,7 +4,8 @@ A `DataStore` is the dataset folder seen through the few operations the pipeline
 listing with sizes (so 100,000 shards are checked with one request, not one stat each), whole-file reads
 and writes, ranged reads and uploads. Credentials and endpoints come from where each fsspec backend
 normally finds them (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws) or from
-`data.storage_options`; none of them is ever written into our files. Nothing here deletes a remote file.
+`data.storage_options`; none of them is ever written into our files. The one deletion, `remove`, is called only by
+the checkpoint rotation, on files its own record lists.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from data_pipeline.errors import DataError
 
@@ -170,6 +171,22 @@ class DataStore:
                 f"Upload of {source} to {self.url(name)} left {size} bytes instead of "
                 f"{source.stat().st_size}; run prepare again to resume."
             )
+
+    def remove(self, names: List[str]) -> None:
+        """Delete these files (missing ones are skipped): only for files of ours that a record lists."""
+        if not names:
+            return
+        if self.root is not None:
+            for name in names:
+                (self.root / name).unlink(missing_ok=True)
+            return
+        paths = [self._remote_path(name) for name in names]
+        try:
+            present = [path for path in paths if self.fs.isfile(path)]
+            if present:
+                self.fs.rm(present)
+        except Exception as err:  # noqa: BLE001
+            raise self._failed("delete", names[0], err) from None
 
     def listing_size(self, name: str) -> Optional[int]:
         try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
 from tests.helpers import run, slm_cmd
+from tests.runs import train_args
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,38 @@ def single_run(tmp_path_factory, tiny_data_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("single") / "run"
     run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC)))
     return run_dir
+
+
+STAGE_EXTRAS = {
+    1: ["train.precision=bf16", "train.activation_checkpointing=true", "train.grad_accum_steps=2"]
+}
+
+
+class TwoProcRuns:
+    """The 2-process run of each ZeRO stage (micro-batch 4 per rank), made on first use.
+
+    The ZeRO-0 run starts on an unprepared data.dir: rank 0 prepares it while rank 1 waits.
+    """
+
+    def __init__(self, tmp_path_factory, tiny_data_dir: Path):
+        self.factory, self.tiny_data_dir = tmp_path_factory, tiny_data_dir
+        self.made: Dict[int, Path] = {}
+        self.outputs: Dict[int, str] = {}
+        self.fresh_data_dir = tmp_path_factory.mktemp("fresh_data") / "data"
+
+    def data_dir(self, stage: int) -> Path:
+        return self.fresh_data_dir if stage == 0 else self.tiny_data_dir
+
+    def __call__(self, stage: int) -> Path:
+        if stage not in self.made:
+            run_dir = self.factory.mktemp(f"zero{stage}") / "run"
+            extras = [f"train.zero_stage={stage}", "data.num_proc=1", *STAGE_EXTRAS.get(stage, [])]
+            out = run(slm_cmd(train_args(run_dir, self.data_dir(stage), *extras), nproc=2))
+            self.made[stage], self.outputs[stage] = run_dir, out.stderr  # status lines
+        return self.made[stage]
+
+
+@pytest.fixture(scope="session")
+def two_proc_run(tmp_path_factory, tiny_data_dir) -> TwoProcRuns:
+    """The 2-process runs (test_training_runs.py; ZeRO-2 also test_s3_checkpoints.py), made once per session."""
+    return TwoProcRuns(tmp_path_factory, tiny_data_dir)

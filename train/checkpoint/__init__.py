@@ -10,6 +10,7 @@ of a checkpoint or walks its meta.json.
   save        save_checkpoint (complete or invisible), CheckpointSaver
   load        load into a DeepSpeed engine; consolidated fp32 weights
   universal   conversion to a DeepSpeed universal checkpoint
+  remote      checkpoints on an object store: staging, upload (COMPLETE last), rotation, node-local copies
   resume      checkpoint.resume resolution (falling back past a damaged checkpoint) and the fit checks
 """
 
@@ -23,6 +24,7 @@ from train.checkpoint.layout import (
     META,
     TOKENIZER,
     checkpoints_dir,
+    checkpoints_location,
     has_record,
     is_complete,
     looks_like_checkpoint,
@@ -33,7 +35,8 @@ from train.checkpoint.layout import (
 )
 from train.checkpoint.load import consolidate_checkpoint, load_checkpoint, load_module_weights
 from train.checkpoint.record import CheckpointRecord, Progress, RunIdentity, read_record
-from train.checkpoint.resume import check_resumable, intact_resume, load_mode, resolve_resume
+from train.checkpoint.remote import RemoteCheckpoints, fetch_checkpoint_url, holds_checkpoints
+from train.checkpoint.resume import check_resumable, intact_resume, load_mode, remote_resume, resolve_resume
 from train.checkpoint.safe_load import safe_load, scan_pickles
 from train.checkpoint.save import CheckpointSaver, save_checkpoint
 from train.checkpoint.universal import ensure_universal
@@ -48,13 +51,17 @@ __all__ = [
     "CheckpointDamaged",
     "CheckpointRecord",
     "CheckpointSaver",
+    "RemoteCheckpoints",
     "Progress",
     "RunIdentity",
     "check_resumable",
     "checkpoints_dir",
+    "checkpoints_location",
     "complete_checkpoints",
     "consolidate_checkpoint",
     "ensure_universal",
+    "fetch_checkpoint_url",
+    "holds_checkpoints",
     "find_checkpoint",
     "has_record",
     "intact_resume",
@@ -66,6 +73,7 @@ __all__ = [
     "prune_checkpoints",
     "read_latest",
     "read_record",
+    "remote_resume",
     "record_files",
     "resolve_resume",
     "rng_file",

@@ -11,13 +11,15 @@ A save writes under the temporary tag `tmp.step_00000100`; only when every rank 
 rank 0 add meta.json, the tokenizer and COMPLETE, rename the folder to its final name and replace
 `latest`. A kill at any moment therefore leaves either the new checkpoint or the previous one; a
 folder without COMPLETE is never loaded. DeepSpeed's own `latest` file (written in place) is not
-used. All ranks must see the same `run.dir` (a shared filesystem on multi-node jobs).
+used. All ranks must see the same checkpoint folder (a shared filesystem on multi-node jobs), or
+checkpoint.dir is a URL (train.checkpoint.remote: the same step folders on an object store).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Optional
 
 from train.errors import TrainError
 
@@ -69,6 +71,11 @@ def is_complete(step_dir: Path) -> bool:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoints_location(checkpoint_dir: Optional[str], run_dir: Path) -> str:
+    """Where a run's checkpoints live: checkpoint.dir (a folder or URL), or run.dir/checkpoints when unset."""
+    return str(checkpoint_dir).rstrip("/") if checkpoint_dir else str(checkpoints_dir(run_dir))
 
 
 def rng_file(step_dir: Path, rank: int) -> Path:

@@ -10,13 +10,15 @@ damaged newest checkpoint is skipped, saying so, for the previous complete one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from common.log import say
+from data_pipeline.storage.store import is_remote
 from train.checkpoint.files import newest_intact, verify_checkpoint
 from train.checkpoint.folders import complete_checkpoints, find_checkpoint
-from train.checkpoint.layout import checkpoints_dir, step_of
+from train.checkpoint.layout import checkpoints_dir, step_of, step_tag
 from train.checkpoint.record import CheckpointRecord, read_record
+from train.checkpoint.remote import RemoteCheckpoints, fetch_checkpoint_url, split_step_url
 from train.config import CheckpointConfig
 from train.errors import TrainError
 from train.handoff.shapes import shape_differences
@@ -26,13 +28,15 @@ RESUME_OFF = ("false", "no", "off", "0", "never")
 RESUME_AUTO = ("auto", "true", "yes", "on", "1")
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """The step folder to resume from (None for a fresh start) according to checkpoint.resume."""
+def resolve_resume(resume: str, run_dir: Path, ckpt_dir: Optional[Path] = None) -> Optional[Path]:
+    """The step folder to resume from (None for a fresh start) according to checkpoint.resume; `ckpt_dir` is the
+    run's checkpoint folder (checkpoint.dir; run.dir/checkpoints when None)."""
+    ckpt_dir = checkpoints_dir(run_dir) if ckpt_dir is None else ckpt_dir
     value = str(resume).strip()
     if value.lower() in RESUME_AUTO:
-        return find_checkpoint(run_dir)
+        return find_checkpoint(ckpt_dir)
     if value.lower() in RESUME_OFF:
-        leftovers = [p.name for p in (checkpoints_dir(run_dir), run_dir / METRICS_FILE) if p.exists()]
+        leftovers = [str(p) for p in (ckpt_dir, run_dir / METRICS_FILE) if p.exists()]
         if leftovers:
             raise TrainError(
                 f"checkpoint.resume is false but run.dir '{run_dir}' already holds {', '.join(leftovers)}; "
@@ -45,18 +49,26 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
             f"checkpoint.resume is '{value}', but no complete checkpoint is there; expected a run dir, its checkpoints "
             "folder or a step_XXXXXXXX folder containing COMPLETE (or checkpoint.resume=auto / false)."
         )
-    newer = [p.name for p in complete_checkpoints(checkpoints_dir(run_dir)) if step_of(p) > step_of(found)]
-    if newer:
-        raise TrainError(
-            f"checkpoint.resume is '{value}' (step {step_of(found)}), but run.dir '{run_dir}' holds newer complete "
-            f"checkpoints ({', '.join(newer)}) that this run would overwrite as it passes their steps. Move them out "
-            f"of {checkpoints_dir(run_dir)} first if you mean to go back, resume the newest (checkpoint.resume=auto), "
-            "or resume into another run.dir."
-        )
+    refuse_newer(value, step_of(found), [step_of(p) for p in complete_checkpoints(ckpt_dir)], str(ckpt_dir))
     return found
 
 
-def intact_resume(checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[Path]) -> Optional[Path]:
+def refuse_newer(value: str, step: int, run_steps: List[int], ckpt_dir: str) -> None:
+    """checkpoint.resume names step `step`, but the run's checkpoint folder holds newer complete checkpoints that
+    the run would overwrite as it passes their steps: refused."""
+    newer = [step_tag(s) for s in run_steps if s > step]
+    if newer:
+        raise TrainError(
+            f"checkpoint.resume is '{value}' (step {step}), but the run's checkpoint folder '{ckpt_dir}' holds newer "
+            f"complete checkpoints ({', '.join(newer)}) that this run would overwrite as it passes their steps. Move "
+            f"them out of {ckpt_dir} first if you mean to go back, resume the newest (checkpoint.resume=auto), "
+            "or resume into another run.dir (and checkpoint.dir)."
+        )
+
+
+def intact_resume(
+    checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[Path], ckpt_dir: Optional[Path] = None
+) -> Optional[Path]:
     """`chosen` (from checkpoint.resume) if its files match its meta.json; with resume=auto the newest intact one."""
     if chosen is None:
         return None
@@ -64,12 +76,57 @@ def intact_resume(checkpoint: CheckpointConfig, run_dir: Path, chosen: Optional[
     if str(checkpoint.resume).strip().lower() in RESUME_AUTO:
         candidates = [
             p
-            for p in reversed(complete_checkpoints(checkpoints_dir(run_dir)))
+            for p in reversed(
+                complete_checkpoints(checkpoints_dir(run_dir) if ckpt_dir is None else ckpt_dir)
+            )
             if step_of(p) <= step_of(chosen)
         ]
         return newest_intact(candidates, hashes, say)
     verify_checkpoint(chosen, read_record(chosen), hashes)
     return chosen
+
+
+def remote_resume(
+    checkpoint: CheckpointConfig,
+    run_dir: Path,
+    ckpt: Union[Path, RemoteCheckpoints],
+    storage_options: Optional[Dict[str, Any]],
+    cache_dir: Optional[str],
+) -> Tuple[Optional[Path], Optional[str]]:
+    """checkpoint.resume when checkpoint.dir (`ckpt`) or checkpoint.resume is a URL (rank 0): (the verified local
+    copy to resume from or None, the URL of the checkpoint folder it was fetched from, for the other nodes)."""
+    value, hashes = str(checkpoint.resume).strip(), checkpoint.verify_hashes
+    run_steps = (
+        [step_of(Path(tag)) for tag in ckpt.complete_steps()]
+        if isinstance(ckpt, RemoteCheckpoints)
+        else [step_of(p) for p in complete_checkpoints(ckpt)]
+    )
+    where = ckpt.url if isinstance(ckpt, RemoteCheckpoints) else str(ckpt)
+    if value.lower() in RESUME_AUTO and isinstance(ckpt, RemoteCheckpoints):
+        return ckpt.newest_intact(hashes), ckpt.url
+    if value.lower() in RESUME_AUTO:
+        return intact_resume(checkpoint, run_dir, find_checkpoint(ckpt), ckpt), None
+    if value.lower() in RESUME_OFF:
+        leftovers = ([where] if run_steps else []) + [str(p) for p in (run_dir / METRICS_FILE,) if p.exists()]
+        if leftovers:
+            raise TrainError(
+                f"checkpoint.resume is false but {', '.join(leftovers)} already hold(s) an earlier run's checkpoints "
+                "or records; choose an empty run.dir and checkpoint.dir, or set checkpoint.resume=auto to continue "
+                "that run."
+            )
+        return None, None
+    folder = split_step_url(value)[0] if is_remote(value) else None
+    found = (
+        fetch_checkpoint_url(value, storage_options, cache_dir, hashes) if folder else find_checkpoint(value)
+    )
+    if found is None:
+        raise TrainError(
+            f"checkpoint.resume is '{value}', but no complete checkpoint is there; expected a checkpoint folder or a "
+            "step_XXXXXXXX folder containing COMPLETE (or checkpoint.resume=auto / false)."
+        )
+    verify_checkpoint(found, read_record(found), hashes)
+    refuse_newer(value, step_of(found), run_steps, where)
+    return found, folder
 
 
 def load_mode(saved: CheckpointRecord, world_size: int, zero_stage: int) -> str:

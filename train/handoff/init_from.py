@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from common.files import file_sha256
+from data_pipeline.storage.store import is_remote
 from model import Transformer
 from model.config import ModelConfig
 from train.checkpoint import (
@@ -34,6 +35,7 @@ from train.checkpoint import (
 )
 from train.errors import TrainError
 from train.handoff.hf_format import load_hf_folder
+from train.handoff.remote_export import fetch_weights
 from train.handoff.shapes import check_state_dict
 
 
@@ -56,7 +58,10 @@ def is_hf_export(path: Path) -> bool:
 
 
 def locate_weights(path: str | os.PathLike) -> WeightsSource:
-    """Resolve a run dir, checkpoints dir, step folder or export folder; TrainError if none of these."""
+    """Resolve a run dir, checkpoints dir, step folder or export folder, or a URL of a checkpoint folder, a step
+    folder or an export (copied into the node-local cache first); TrainError if none of these."""
+    if is_remote(str(path)):
+        path = fetch_weights(str(path))
     path = Path(path)
     if not path.exists():
         raise TrainError(

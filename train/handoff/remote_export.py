@@ -1,7 +1,8 @@
-"""An export named by a URL (`train.init_from=s3://bucket/exports/step_X`): copied once into the local cache.
+"""Weights named by a URL (`train.init_from`, `slm export`, `slm generate`, `slm eval`): an export or a checkpoint,
+copied once into the local cache.
 
-Only exports are read from a URL: they are a handful of plain files (safetensors, JSON, tokenizer) with no
-pickle, so a copy is all it takes. The copy goes to a folder of the node-local cache (`data.cache_dir`) named
+A checkpoint URL (checkpoint.dir, or one step folder of it) is fetched and verified by train.checkpoint.remote.
+An export is a handful of plain files (safetensors, JSON, tokenizer) with no pickle, so a copy is all it takes. The copy goes to a folder of the node-local cache (`data.cache_dir`) named
 by the URL, is written beside it and renamed into place, and is reused while every file keeps its size on
 the store. Nothing on the store is written or deleted.
 """
@@ -17,6 +18,7 @@ from common.atomic import replace_dir
 from common.log import say
 from data_pipeline.storage.cache import dataset_cache_dir
 from data_pipeline.storage.store import DataStore
+from train.checkpoint import fetch_checkpoint_url, holds_checkpoints
 from train.errors import TrainError
 
 EXPORT_MARKS = ("config.json", "tokenizer.json")
@@ -39,8 +41,8 @@ def fetch_export(
         found = ", ".join(sorted(listing)[:8]) or "nothing"
         raise TrainError(
             f"{url} is not a Hugging Face export (found {found}; expected config.json, tokenizer.json and "
-            "*.safetensors). From a URL only an `slm export` folder can be read: export the checkpoint first "
-            "(slm export RUN_DIR OUT_DIR) and upload OUT_DIR."
+            "*.safetensors) nor a checkpoint folder (step_XXXXXXXX/COMPLETE); expected an `slm export` folder, "
+            "a checkpoint.dir URL or one step folder of it."
         )
     target = dataset_cache_dir(store, cache_dir)
     if target.is_dir() and _sizes(target) == listing:
@@ -61,3 +63,16 @@ def fetch_export(
         shutil.rmtree(tmp, ignore_errors=True)
     say(f"copied the export {url} to {target}")
     return target
+
+
+def fetch_weights(
+    url: str, storage_options: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None
+) -> Path:
+    """The local copy of the checkpoint (its newest intact complete step, or the step folder named) or export at
+    `url`."""
+    if holds_checkpoints(url, storage_options):
+        found = fetch_checkpoint_url(url, storage_options, cache_dir)
+        if found is None:
+            raise TrainError(f"{url} holds no intact complete checkpoint.")
+        return found
+    return fetch_export(url, storage_options, cache_dir)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from launch.config import load_config, to_dict
+from launch.config import ConfigError, load_config, to_dict
 from tests.helpers import TINY
 from tests.unit.train.test_checkpoint import fake_step
 from train.checkpoint import (
@@ -14,6 +14,7 @@ from train.checkpoint import (
     META,
     CheckpointRecord,
     check_resumable,
+    checkpoints_location,
     load_mode,
     read_record,
     resolve_resume,
@@ -195,3 +196,18 @@ def test_the_vocab_size_compared_is_the_one_each_run_built_from_its_plan():
     assert differences(record_of(meta), bigger, "a" * 64, "b" * 64, world_size=2) == [
         "model.vocab_size is 320 in the checkpoint but 384 in this run"
     ]
+
+
+def test_checkpoint_dir_elsewhere_is_where_resume_looks(tmp_path):
+    run, elsewhere = tmp_path / "run", tmp_path / "ckpts"
+    assert checkpoints_location(None, run) == str(run / "checkpoints")
+    assert checkpoints_location("s3://b/ckpt/", run) == "s3://b/ckpt"
+    newest = fake_step(elsewhere, 5)
+    assert resolve_resume("auto", run) is None  # run.dir/checkpoints is not the folder any more
+    assert resolve_resume("auto", run, elsewhere) == newest
+    with pytest.raises(TrainError, match="already holds .*ckpts"):
+        resolve_resume("false", run, elsewhere)
+    with pytest.raises(TrainError, match="holds newer complete checkpoints"):
+        resolve_resume(str(fake_step(tmp_path / "old", 2)), run, elsewhere)
+    with pytest.raises(ConfigError, match="checkpoint.dir is empty; expected a folder, an fsspec URL"):
+        load_config(TINY, ["checkpoint.dir=' '"])

@@ -1,0 +1,234 @@
+"""Checkpoints on a real S3 server (SeaweedFS on loopback, configured only by the standard AWS_* variables):
+`slm train` with checkpoint.dir=s3://... killed with SIGKILL, a byte of the newest checkpoint changed on the
+server, and the run resumed from the URL alone in a fresh run.dir with a fresh cache ("another machine"); the
+loss curve equals the uninterrupted local run bitwise, at 1 process and at 2 processes (ZeRO-2), and the
+rotation leaves only complete step folders of ours. Export from the URL equals export from a local copy.
+
+Each test trains the shrunk tiny model for 12 steps two or three times (about 30-60 s each on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import run, slm_cmd
+from tests.helpers import test_env as make_env
+from tests.runs import ONE_PROC, losses, read_until, rows, start, train_args
+from tests.s3_localhost import BUCKET
+from train.checkpoint import RemoteCheckpoints
+
+pytestmark = pytest.mark.slow
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def steps_on(fs, prefix: str) -> dict:
+    """step tag -> sorted file names of every step folder on the server."""
+    fs.invalidate_cache()
+    found: dict = {}
+    for path in fs.find(prefix):
+        rel = path[len(prefix) + 1 :]
+        if "/" in rel:
+            tag, name = rel.split("/", 1)
+            found.setdefault(tag, []).append(name)
+    return {tag: sorted(names) for tag, names in found.items()}
+
+
+def kill_after(cmd, env, marker: str) -> str:
+    proc, seen = start(cmd, env=env), []
+    read_until(proc, marker, seen)
+    proc.kill()  # SIGKILL
+    proc.wait(timeout=60)
+    return "".join(seen)
+
+
+def flip_a_byte(fs, path: str) -> None:
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+
+
+@pytest.fixture(scope="module")
+def s3_ckpt_run(s3_server, tiny_data_dir, single_run, tmp_path_factory):
+    """One process, checkpoints every 3 steps on s3:// (keep 2), killed after step 8; then step 6 damaged on the
+    server and the run resumed from the URL on "another machine". Returns (url, fs, prefix, first, resumed, out)."""
+    fs, prefix = s3_server.filesystem(), f"{BUCKET}/ckpt-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{prefix}"
+    env = make_env(s3_server.env)
+    base = tmp_path_factory.mktemp("s3ckpt")
+    first, resumed = base / "first", base / "resumed"
+
+    def cmd(run_dir: Path, cache: str) -> list:
+        return slm_cmd(
+            train_args(
+                run_dir,
+                tiny_data_dir,
+                *ONE_PROC,
+                f"checkpoint.dir={url}",
+                "checkpoint.every=3",
+                "checkpoint.keep=2",
+                f"data.cache_dir={base / cache}",
+            )
+        )
+
+    kill_after(cmd(first, "cache_a"), env, "train step 8 ")
+    assert sorted(steps_on(fs, prefix)) == ["step_00000003", "step_00000006"]
+    flip_a_byte(fs, f"{prefix}/step_00000006/{MODEL_STATES}")
+    out = run(cmd(resumed, "cache_b"), env=env)
+    return url, fs, prefix, first, resumed, out.stderr
+
+
+def test_s3_checkpoints_survive_kill_9_and_a_damaged_byte_on_another_machine(s3_ckpt_run, single_run):
+    url, fs, prefix, first, resumed, output = s3_ckpt_run
+    assert not (first / "checkpoints").exists() and not (resumed / "checkpoints").exists()  # all on the store
+    assert f"step_00000006 is damaged: {MODEL_STATES} has" in output  # found by its hash, naming the file
+    assert "resuming from step_00000003 instead of the damaged step_00000006" in output
+    assert "resumed from " in output and "at step 3 " in output
+    reference = losses(single_run)
+    assert {s: losses(first)[s] for s in range(1, 9)} == {s: reference[s] for s in range(1, 9)}
+    assert losses(resumed) == {s: reference[s] for s in range(4, 13)}  # bitwise, every step after the resume
+    assert [r["step"] for r in rows(resumed)] == list(range(4, 13))
+    # Rotation: only the newest two complete step folders of ours remain, each complete; `latest` names the last.
+    on_store = steps_on(fs, prefix)
+    assert sorted(on_store) == ["step_00000009", "step_00000012"]
+    assert fs.cat_file(f"{prefix}/latest").decode().strip() == "step_00000012"
+    for tag in ("step_00000009", "step_00000012"):
+        assert {"COMPLETE", "meta.json", "tokenizer.json", MODEL_STATES} <= set(on_store[tag])
+
+
+def test_export_from_a_checkpoint_url_equals_export_from_the_local_copy(s3_ckpt_run, tmp_path, s3_server):
+    url, fs, prefix, *_ = s3_ckpt_run
+    local = tmp_path / "ckpt" / "step_00000012"
+    fs.get(f"{prefix}/step_00000012/", str(local), recursive=True)
+    env = make_env({**s3_server.env, "TMPDIR": str(tmp_path)})  # the node-local cache of a fresh machine
+    run(slm_cmd(["export", str(local), str(tmp_path / "from_local")]), env=env)
+    out = run(slm_cmd(["export", f"{url}/step_00000012", str(tmp_path / "from_url")]), env=env)
+    assert "downloading checkpoint" in out.stderr
+    for name in ("config.json", "tokenizer.json"):
+        assert (tmp_path / "from_url" / name).read_bytes() == (tmp_path / "from_local" / name).read_bytes()
+    from_url, from_local = (
+        load_file(str(tmp_path / d / "model.safetensors")) for d in ("from_url", "from_local")
+    )
+    assert sorted(from_url) == sorted(from_local)
+    # Bitwise the same tensors (the safetensors header names the source, so its bytes differ).
+    assert all(torch.equal(from_url[k], from_local[k]) for k in from_local)
+    # slm generate on the checkpoint folder's URL: its newest complete step (12), reused from the local copy.
+    prompt = ["--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"]
+    remote = run(slm_cmd(["generate", url, *prompt]), env=env)
+    assert "downloading" not in remote.stderr
+    assert remote.stdout == run(slm_cmd(["generate", str(local), *prompt]), env=env).stdout
+
+
+def test_two_processes_zero2_resume_from_the_url_and_a_universal_conversion_from_it(
+    s3_server, tiny_data_dir, two_proc_run, tmp_path
+):
+    """2 ranks, ZeRO-2, checkpoints on s3://, killed after step 8: resumed from the URL in a fresh run.dir and cache
+    (bitwise the uninterrupted 2-process curve), and step 6 resumed at 1 rank through a universal checkpoint
+    converted in the local cache. Four short runs (the reference is shared): about 3 minutes on 2 busy cores."""
+    fs, prefix = s3_server.filesystem(), f"{BUCKET}/ckpt2-{uuid.uuid4().hex[:8]}"
+    url, env = f"s3://{prefix}", make_env(s3_server.env)
+
+    def args(run_dir: str, cache: str, *extra: str) -> list:
+        return train_args(
+            tmp_path / run_dir,
+            tiny_data_dir,
+            "train.zero_stage=2",
+            f"data.cache_dir={tmp_path / cache}",
+            *extra,
+        )
+
+    kill_after(slm_cmd(args("first", "cache_a", f"checkpoint.dir={url}"), nproc=2), env, "train step 8 ")
+    assert sorted(steps_on(fs, prefix)) == ["step_00000006"]
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in steps_on(fs, prefix)["step_00000006"]
+    out = run(slm_cmd(args("second", "cache_b", f"checkpoint.dir={url}"), nproc=2), env=env)
+    assert "at step 6 " in out.stderr
+    reference = losses(two_proc_run(2))
+    assert losses(tmp_path / "second") == {s: reference[s] for s in range(7, 13)}  # bitwise
+    out = run(
+        slm_cmd(
+            args(
+                "one_rank",
+                "cache_c",
+                *ONE_PROC,
+                f"checkpoint.resume={url}/step_00000006",
+            )
+        ),
+        env=env,
+    )
+    assert "universal checkpoint" in out.stderr and "at step 6 " in out.stderr
+    one = losses(tmp_path / "one_rank")
+    assert sorted(one) == list(range(7, 13))
+    # The same state on one rank instead of two (sums in another order): equal to float precision.
+    assert all(one[s] == pytest.approx(reference[s], rel=1e-5) for s in (7, 8))
+    assert (tmp_path / "cache_c").is_dir() and list((tmp_path / "cache_c").rglob("universal/COMPLETE"))
+
+
+def test_store_ignores_a_half_uploaded_step_and_rotation_deletes_only_recorded_files(
+    s3_env, single_run, tmp_path, capfd
+):
+    """RemoteCheckpoints on the real server, no training: the run's two local checkpoints uploaded as they are."""
+    fs, prefix = s3_env.filesystem(), f"{BUCKET}/store-{uuid.uuid4().hex[:8]}"
+    for tag in ("step_00000006", "step_00000012"):
+        fs.put(str(single_run / "checkpoints" / tag) + "/", f"{prefix}/{tag}", recursive=True)
+    half = single_run / "checkpoints" / "step_00000012"  # a newer step killed mid-upload: no COMPLETE
+    fs.put_file(str(half / MODEL_STATES), f"{prefix}/step_00000018/{MODEL_STATES}")
+    fs.pipe_file(f"{prefix}/step_00000006/notes.txt", b"a user's file")
+    remote = RemoteCheckpoints(f"s3://{prefix}", None, str(tmp_path / "cache"))
+    assert remote.complete_steps() == ["step_00000006", "step_00000012"]
+    newest = remote.newest_intact(hashes=True)
+    assert newest == remote.copy_dir("step_00000012") and (newest / "COMPLETE").is_file()
+    assert "downloading checkpoint" in capfd.readouterr().err
+    assert remote.fetch("step_00000012") == newest and "downloading" not in capfd.readouterr().err  # reused
+    assert remote.prune(keep=1) == ["step_00000006"]
+    assert steps_on(fs, prefix)["step_00000006"] == ["notes.txt"]  # only what our record listed was deleted
+    assert remote.complete_steps() == ["step_00000012"]
+    assert "step_00000018" in steps_on(fs, prefix)  # never ours to delete: it has no record
+
+
+def test_async_saves_to_s3_follow_the_curve_and_a_failed_upload_leaves_the_previous_resume_point(
+    s3_server, tiny_data_dir, single_run, tmp_path
+):
+    """checkpoint.async_save: uploads overlap the next steps; the last save's upload fails (SLM_FAIL_SAVE_AT_STEP,
+    after its files are on the server, before meta.json and COMPLETE): the run says so and exits non-zero, and a
+    fresh machine resumes from the previous complete checkpoint with the same curve, bitwise."""
+    fs, prefix = s3_server.filesystem(), f"{BUCKET}/async-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{prefix}"
+
+    def args(run_dir: str, cache: str) -> list:
+        return train_args(
+            tmp_path / run_dir,
+            tiny_data_dir,
+            *ONE_PROC,
+            f"checkpoint.dir={url}",
+            "checkpoint.every=3",
+            "checkpoint.async_save=true",
+            f"data.cache_dir={tmp_path / cache}",
+        )
+
+    out = run(
+        slm_cmd(args("first", "a")),
+        env=make_env({**s3_server.env, "SLM_FAIL_SAVE_AT_STEP": "12"}),
+        check=False,
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "hashing, upload and COMPLETE continue in the background" in out.stderr
+    assert (
+        "waited for" in out.stderr
+    )  # the save of step 3 finished while steps 4.. trained, or waited at step 6
+    assert f"the background save of {url}/step_00000012 failed" in out.stderr
+    reference = losses(single_run)
+    assert losses(tmp_path / "first") == reference  # saving in a thread changes nothing in the training
+    on_store = steps_on(fs, prefix)
+    assert "COMPLETE" not in on_store["step_00000012"] and MODEL_STATES in on_store["step_00000012"]
+    assert sorted(t for t, names in on_store.items() if "COMPLETE" in names) == [
+        "step_00000006",
+        "step_00000009",
+    ]
+    again = run(slm_cmd(args("second", "b")), env=make_env(s3_server.env))
+    assert "at step 9 " in again.stderr
+    assert losses(tmp_path / "second") == {s: reference[s] for s in (10, 11, 12)}
+    assert "COMPLETE" in steps_on(fs, prefix)["step_00000012"]
