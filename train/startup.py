@@ -174,21 +174,28 @@ def build_loaders(
     )
     val_batches: List[Batch] = []
     if pooled_val:
-        val_loader = build_loader(
-            data_dir,
-            "val",
-            seq_len,
-            micro,
-            dist_info.rank,
-            dist_info.world_size,
-            cfg.run.seed,
-            cache_dir=cfg.data.cache_dir,
-            cache_limit=cfg.data.cache_limit,
-        )
-        val_batches = take_batches(val_loader, val_batches_per_rank)
+        val_batches = take_batches(val_loader(cfg, data_dir, dist_info), val_batches_per_rank)
     if cfg.data.document_mask:  # attention within documents, positions restarting at each EOT
         return document_masked(train_loader, val_batches, eot_id(tokenizer))
     return train_loader, val_batches
+
+
+def val_loader(
+    cfg: Config, data_dir: Any, dist_info: DistInfo, weights: Optional[Dict[str, float]] = None
+) -> Any:
+    """This rank's loader of the validation split (all sources mixed as prepared, or as `weights` say)."""
+    return build_loader(
+        data_dir,
+        "val",
+        cfg.model.max_seq_len,
+        cfg.train.micro_batch_size,
+        dist_info.rank,
+        dist_info.world_size,
+        cfg.run.seed,
+        weights=weights,
+        cache_dir=cfg.data.cache_dir,
+        cache_limit=cfg.data.cache_limit,
+    )
 
 
 def build_val_sources(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: DistInfo) -> List[ValSource]:
@@ -199,7 +206,7 @@ def build_val_sources(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: Dis
     names = manifest.source_names()
     if cfg.train.stage == "ift" or len(names) < 2:
         return []
-    seq_len, micro = cfg.model.max_seq_len, cfg.train.micro_batch_size
+    seq_len = cfg.model.max_seq_len
     per_rank = math.ceil(cfg.eval.batches / dist_info.world_size)
     sources = []
     for name in names:
@@ -212,18 +219,7 @@ def build_val_sources(cfg: Config, data_dir: Any, tokenizer: Any, dist_info: Dis
                 dist_info.is_main,
             )
             continue
-        loader = build_loader(
-            data_dir,
-            "val",
-            seq_len,
-            micro,
-            dist_info.rank,
-            dist_info.world_size,
-            cfg.run.seed,
-            weights={other: float(other == name) for other in names},
-            cache_dir=cfg.data.cache_dir,
-            cache_limit=cfg.data.cache_limit,
-        )
+        loader = val_loader(cfg, data_dir, dist_info, {other: float(other == name) for other in names})
         batches = take_batches(loader, per_rank)
         if cfg.data.document_mask:
             batches = [add_document_ids(batch, eot_id(tokenizer)) for batch in batches]
