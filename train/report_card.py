@@ -29,6 +29,7 @@ from common.atomic import atomic_write_text
 from train.checkpoint import checkpoints_dir, complete_checkpoints, has_record, read_record
 from train.environment import ENVIRONMENT_FILE
 from train.errors import TrainError
+from train.handoff.model_card import read_metrics as metric_rows
 from train.metrics import METRICS_FILE
 from train.plan import PLAN_FILE
 from train.profiler import PROFILE_DIR
@@ -84,21 +85,6 @@ def _json_file(path: Path) -> Optional[Dict[str, Any]]:
     return value if isinstance(value, dict) else None
 
 
-def _raw_rows(run_dir: Path) -> List[Dict[str, Any]]:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # read_metrics names a garbled line; here only spike and aggregate rows are looked for
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def load_stage(run_dir: Path) -> Stage:
     """A run's records; TrainError naming the folder when it is no run dir."""
     config_path = run_dir / "config.yaml"
@@ -118,7 +104,7 @@ def load_stage(run_dir: Path) -> Stage:
         _json_file(run_dir / PLAN_FILE),
         _json_file(run_dir / ENVIRONMENT_FILE),
         metrics,
-        _raw_rows(run_dir),
+        metric_rows(run_dir),
     )
 
 
