@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from data_pipeline.errors import DataError
 
@@ -158,6 +158,21 @@ class DataStore:
             self.fs.get_file(self._remote_path(name), str(target))
         except Exception as err:  # noqa: BLE001
             raise self._failed("download", name, err) from None
+
+    def download_listing(
+        self, listing: Dict[str, int], folder: Path, error: Callable[[str], Exception] = DataError
+    ) -> None:
+        """Download each file of a listing (name relative to this folder -> size on the store) into `folder`,
+        checking every size; a short download raises `error(message)` naming the URL."""
+        for name, size in sorted(listing.items()):
+            target = folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.download(name, target)
+            got = target.stat().st_size
+            if got != size:
+                raise error(
+                    f"Download of {self.url(name)} gave {got} bytes, not the {size} the store lists; try again."
+                )
 
     def upload(self, source: Path, name: str) -> None:
         """Put a local file at `name`. An object store makes an object visible only once it is complete."""

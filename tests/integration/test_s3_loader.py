@@ -166,3 +166,21 @@ def test_reservations_hold_the_bound_across_processes_and_stale_ones_are_cleared
     stale = reserve(stale_cache, manifest.shards_of("val")[0].file, 10**12)  # a dead process's: no lock held
     stale_cache.tokens(names[2], 0, 4)
     assert cached(tmp_path / "stale") == {names[0], names[2]} and not stale.exists()
+
+
+def test_download_listing_checks_every_size_and_raises_the_callers_error(s3_data, tmp_path):
+    """The one download of a listing (checkpoint fetch, export copy): a file that changed on the server since it
+    was listed is refused by URL, with the error type the caller chose."""
+    url, fs = s3_data
+    store = DataStore(url)
+    listing = store.listing()
+    store.download_listing(listing, tmp_path / "copy")
+    assert {n: (tmp_path / "copy" / n).stat().st_size for n in listing} == listing
+    assert (tmp_path / "copy" / "manifest.json").read_bytes() == fs.cat_file(f"{url}/manifest.json")
+    fs.pipe_file(f"{url}/manifest.json", fs.cat_file(f"{url}/manifest.json") + b"\n")  # changed after listing
+
+    class CallersError(Exception):
+        pass
+
+    with pytest.raises(CallersError, match=rf"{url}/manifest.json gave {listing['manifest.json'] + 1} bytes"):
+        store.download_listing(listing, tmp_path / "again", CallersError)

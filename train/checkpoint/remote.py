@@ -173,16 +173,12 @@ class RemoteCheckpoints:
         tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", suffix=".tmp", dir=copy.parent))
         say(f"downloading checkpoint {self.url}/{tag} to {copy}")
         try:
-            for name, size in sorted(listing.items()):
-                if name in (META, COMPLETE) or name.startswith(("universal/", TMP_PREFIX)):
-                    continue
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                step_store.download(name, tmp / name)
-                if (tmp / name).stat().st_size != size:
-                    raise CheckpointDamaged(
-                        f"Download of {step_store.url(name)} gave {(tmp / name).stat().st_size} bytes, not the "
-                        f"{size} the store lists; try again."
-                    )
+            wanted = {
+                name: size
+                for name, size in listing.items()
+                if name not in (META, COMPLETE) and not name.startswith(("universal/", TMP_PREFIX))
+            }
+            step_store.download_listing(wanted, tmp, CheckpointDamaged)
             (tmp / META).write_bytes(meta)
             atomic_write_text(tmp / COMPLETE, f"{tag}\n")
             replace_dir(tmp, copy)

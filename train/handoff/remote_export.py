@@ -50,14 +50,7 @@ def fetch_export(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        for name, size in sorted(listing.items()):
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            store.download(name, tmp / name)
-            if (tmp / name).stat().st_size != size:
-                raise TrainError(
-                    f"Download of {store.url(name)} gave {(tmp / name).stat().st_size} bytes, not the "
-                    f"{size} the store lists; try again."
-                )
+        store.download_listing(listing, tmp, TrainError)
         replace_dir(tmp, target)  # target is our own cache folder for this URL
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
