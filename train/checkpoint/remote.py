@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from common import faults
 from common.atomic import atomic_write_text, replace_dir
 from common.log import say
 from data_pipeline.errors import DataError
@@ -96,8 +97,15 @@ class RemoteCheckpoints:
     def upload_files(self, tmp_dir: Path, tag: str) -> Dict[str, Any]:
         """Hash and upload every file of this node's part of a save; returns their record (train.checkpoint.files)."""
         record = record_of(tmp_dir, checkpoint_files(tmp_dir))
-        for name in sorted(record["files"]):
+        names = sorted(record["files"])
+        for done, name in enumerate(names, start=1):
             self.store.upload(tmp_dir / name, f"{tag}/{name}")
+            if done == 1 and faults.hold_upload(step_of(Path(tag))):
+                say(
+                    f"fault injection ({faults.HOLD_UPLOAD_AT_STEP}): holding the upload of {self.url}/{tag} "
+                    f"after 1 of its {len(names)} files"
+                )
+                faults.pause_in_save(600)
         return record
 
     def publish(self, tmp_dir: Path, tag: str) -> Path:
