@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -146,7 +147,7 @@ def preempted_run(slurm_cluster, s3_server, tiny_data_dir, tmp_path_factory) -> 
     """Submit, let a few steps pass, send USR1 to the batch shell, and wait until the job is over for good."""
     run_dir = tmp_path_factory.mktemp("slurm_run")
     store = {
-        "url": f"s3://{BUCKET}/slurm-{run_dir.name}",
+        "url": f"s3://{BUCKET}/slurm-{uuid.uuid4().hex[:8]}",
         "cache": tmp_path_factory.mktemp("slurm_cache"),
         "env": make_env(s3_server.env),
     }
