@@ -1,9 +1,10 @@
 """The DeepSpeed JSON, generated from the typed config so that one YAML describes the whole run.
 
-The generated keys include the communication options (overlap_comm, bucket sizes from the model's layer size)
-and, at ZeRO-1 in bf16, fp32 gradient accumulation. A `deepspeed:` block in the YAML is deep-merged over them
-and wins (offload, other bucket sizes, comms_logger...). Keys that the typed config owns are refused there, because the training loop reads the typed values (batch arithmetic, LR,
-precision) and a second source of truth would silently disagree with it.
+The generated keys include the communication options (overlap_comm, bucket sizes from the model's layer size) and,
+at ZeRO-1 in bf16, fp32 gradient accumulation. A `deepspeed:` block in the YAML is deep-merged over them and wins
+(offload, other bucket sizes, comms_logger...). Keys that the typed config owns are refused there, because the
+training loop reads the typed values (batch arithmetic, LR, precision) and a second source of truth would silently
+disagree with it.
 """
 
 from __future__ import annotations

@@ -451,7 +451,8 @@ def deepspeed_checks(
         try:
             engine = build_engine(cfg, plan, dist_info, None, universal=False)
         except TrainError as err:
-            report.errors.append(str(err))
+            if str(err) not in report.errors:  # a deepspeed: block error is found first by target_deepspeed
+                report.errors.append(str(err))
             return
         except Exception as err:  # DeepSpeed's own assertion (a bucket or partition that cannot hold, ...)
             report.errors.append(
