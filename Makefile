@@ -41,7 +41,8 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python bench/suite.py --quick --out runs/benchmarks-quick.md
 
-# GPU checks and preset throughput, appended to docs/benchmarks.md; exits 2 without CUDA.
+# GPU checks, a bare loop and `slm train` at 125m/350m (ZeRO 0-3, resume, document masks, compile, Muon),
+# appended to docs/benchmarks.md; exits 2 without CUDA (`python bench/gpu.py --cpu-smoke` checks the harness).
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py
 

@@ -1,28 +1,41 @@
-"""`make bench-gpu`: the GPU-only checks, then tokens/s, MFU and peak memory of the 125m/350m/1b presets.
+"""`make bench-gpu`: the GPU-only checks, a bare loop over the presets' models, then `slm train` itself.
 
-    python bench/gpu.py [--presets 125m,350m,1b] [--micro-batches 1,4,8] [--steps 10] [--compile] [--out FILE]
+    python bench/gpu.py [--presets 125m,350m,1b] [--micro-batches 8] [--steps 10] [--compile]
+                        [--train-presets 125m,350m] [--train-steps 20] [--skip-train] [--data-dir DIR]
+                        [--budget-minutes 9] [--out FILE]
+    python bench/gpu.py --cpu-smoke [--data-dir DIR] [--out FILE]
 
-Checks (each pass/fail with a reason, none stops the others): bf16 support, NCCL (one all-reduce over a
-1-process group), the flash SDPA kernel (causal, grouped-query), flex_attention document masks against the
-dense mask (loss and gradients: flex has no backward on CPU, so this is its gradient test), fused AdamW
-against the unfused step, torch.compile against eager, and `slm train` under DeepSpeed ZeRO-2 and ZeRO-3 (and
-ZeRO-2 with optim.name=muon) on every GPU present (torchrun, the tiny preset, a few steps). Throughput: a plain loop over the preset's model
-(bf16 weights, fused AdamW, the preset's activation checkpointing, random tokens, seq = the preset's
-max_seq_len) for each micro-batch size; MFU = model.stats.flops_per_token x tokens/s / the device's dense
-bf16 peak (train.mfu). The report is appended to docs/benchmarks.md below bench/suite.py's GPU marker.
-On a machine without CUDA it exits with status 2 and says so.
+Checks (each pass/fail with a reason, none stops the others): bf16 support, NCCL (one all-reduce over a 1-process
+group), the flash SDPA kernel (causal, grouped-query), flex_attention document masks against the dense mask (loss
+and gradients: flex has no backward on CPU, so this is its gradient test), fused AdamW against the unfused step,
+torch.compile against eager. Bare loop: a plain loop over the preset's model (bf16 weights, fused AdamW, random
+tokens, seq = the preset's max_seq_len) per micro-batch size; MFU = model.stats.flops_per_token x tokens/s / the
+device's dense bf16 peak (train.mfu). `slm train` matrix (what a user runs, on every GPU present: torchrun when
+there are several): ZeRO 0-3 at each --train-presets preset, each run at the first preset resumed from its middle
+checkpoint and its losses compared with the uninterrupted run's, with document masks (flex inside the trainer),
+train.compile and Muon at the first preset; tokens/s, MFU and peak memory come from the train rows of
+metrics.jsonl (the first row, warm-up and compilation, left out) and are set against the bare loop (at the
+vocabulary the prepared tinyshakespeare tokenizer gives both). Cases that would start after --budget-minutes are
+reported as not run, the larger presets' last. The report is appended to docs/benchmarks.md below bench/suite.py's
+GPU marker. Without CUDA it exits with status 2 and says so; --cpu-smoke runs one tiny ZeRO-1 case with its resume
+and the bare loop on the CPU instead, to check the harness (command lines, rows, table), measuring nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -149,62 +162,247 @@ def check_compile() -> str:
     return f"torch.compile = eager within {diff:.1e}"
 
 
-def check_zero(stage: int, extra: Tuple[str, ...] = ()) -> Callable[[], str]:
-    def run() -> str:
-        gpus = torch.cuda.device_count()
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                str(gpus),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                str(29500 + stage),
-                "-m",
-                "launch",
-                "train",
-                str(REPO / "configs" / "tiny.yaml"),
-                f"run.dir={tmp}/run",
-                f"data.dir={tmp}/data",
-                "data.num_proc=1",
-                f"train.zero_stage={stage}",
-                "train.precision=bf16",
-                "train.max_steps=10",
-                "eval.every=10",
-                "checkpoint.every=10",
-                "log.every=5",
-                "eval.batches=2",
-                *extra,
-            ]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
+@dataclass(frozen=True)
+class TrainCase:
+    """One `slm train` run of the matrix: a preset, the overrides that make the case, and whether it is resumed."""
+
+    name: str
+    """What the table calls it (ZeRO-1, train.compile, ...)."""
+    preset: str
+    """configs/<preset>.yaml."""
+    overrides: Tuple[str, ...] = ()
+    """The case's own config overrides."""
+    resume: bool = False
+    """Also resume a second run from the middle checkpoint and compare its losses with the first run's."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How long every case runs and on what: the GPU default, or the CPU smoke mode's tiny shapes."""
+
+    steps: int
+    """Optimizer steps per case (a resumed run starts at steps // 2)."""
+    log_every: int
+    """Train rows every this many steps; the first row (warm-up, compilation) is left out of the figures."""
+    extra: Tuple[str, ...] = ()
+    """Overrides for every case (the smoke mode's shrunk model and CPU device)."""
+
+
+GPU_RUN = RunSettings(steps=20, log_every=5, extra=("train.grad_accum_steps=2",))
+"""Budget (estimated, not yet timed on a GPU): 20 steps of 2 micro-batches of 8 x 1024 are a few seconds at 125m
+(about 0.1 s a micro-batch on an H100) and about 10 s at 350m; start-up, data loading, compilation and checkpoint
+saves add 20-60 s a run, so the 15 runs of the matrix should take 6-8 minutes and the whole bench about 10."""
+SMOKE_MODEL = (
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
+    "model.max_seq_len=32",
+    "train.micro_batch_size=4",
+)
+SMOKE_RUN = RunSettings(
+    steps=4,
+    log_every=1,
+    extra=(*SMOKE_MODEL, "train.precision=fp32", "train.device=cpu", "train.grad_accum_steps=2"),
+)
+"""--cpu-smoke: the harness's plumbing (command lines, rows, resume, table) on the tiny preset, in seconds."""
+
+
+def train_cases(presets: List[str]) -> List[TrainCase]:
+    """ZeRO 0-3 at the first preset, each resumed from its middle checkpoint; that preset with document masks
+    (flex attention inside the trainer), train.compile and Muon; then ZeRO 0-3 at the other presets (last, so
+    that a spent --budget-minutes leaves out the larger models first)."""
+    first, others = presets[0], presets[1:]
+    zero = [
+        TrainCase(f"ZeRO-{stage}", first, (f"train.zero_stage={stage}",), resume=True) for stage in range(4)
+    ]
+    features = [
+        TrainCase("document masks", first, ("data.document_mask=true",)),
+        TrainCase("train.compile", first, ("train.compile=true",)),
+        TrainCase("Muon", first, ("optim.name=muon", "optim.grad_clip=0")),
+    ]
+    rest = [
+        TrainCase(f"ZeRO-{stage}", p, (f"train.zero_stage={stage}",)) for p in others for stage in range(4)
+    ]
+    return zero + features + rest
+
+
+def train_command(
+    case: TrainCase, run_dir: Path, data_dir: Path, settings: RunSettings, gpus: int, *more: str
+) -> List[str]:
+    """`slm train` for one case: torchrun over every GPU when there are several, else one plain process."""
+    launcher = [sys.executable]
+    if gpus > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", "29531"]
+    steps, half = settings.steps, settings.steps // 2
+    return [
+        *launcher,
+        "-m",
+        "launch",
+        "train",
+        str(REPO / "configs" / f"{case.preset}.yaml"),
+        f"run.dir={run_dir}",
+        f"data.dir={data_dir}",
+        f"train.max_steps={steps}",
+        f"schedule.warmup_steps={max(1, steps // 4)}",  # the presets warm up over 1000 steps
+        f"log.every={settings.log_every}",
+        f"eval.every={steps}",
+        "eval.batches=2",
+        f"checkpoint.every={half if case.resume else steps}",
+        *settings.extra,
+        *case.overrides,
+        *more,
+    ]
+
+
+def steady_figures(rows: List[dict]) -> dict:
+    """tokens/s and MFU (medians of the train rows after the first, which holds the warm-up), the peak memory
+    (the largest row's) and the last loss."""
+    steady = rows[1:] or rows
+    mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
+    return {
+        "tokens_per_second": statistics.median(r["tokens_per_second"] for r in steady),
+        "mfu": statistics.median(mfus) if mfus else None,
+        "peak_memory_gib": max(r.get("peak_memory_gib", 0.0) for r in rows),
+        "loss": rows[-1]["loss"],
+    }
+
+
+def run_slm(cmd: List[str], deadline: Optional[float] = None) -> None:
+    """Run an `slm` command; its `error:` lines (or its output's tail) when it fails or passes the deadline (a
+    time.monotonic() value)."""
+    timeout = None if deadline is None else max(60.0, deadline - time.monotonic())
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).splitlines()
+        errors = [line for line in output if line.startswith("error:")]
+        tail = " ".join(" ".join(errors or output[-5:]).split())[-400:]
+        raise RuntimeError(f"slm {cmd[cmd.index('launch') + 1]} exited {proc.returncode}: {tail}")
+
+
+def run_case(
+    case: TrainCase,
+    data_dir: Path,
+    settings: RunSettings,
+    gpus: int,
+    work: Path,
+    deadline: Optional[float] = None,
+) -> dict:
+    """Run one case (and its resume), return its figures; a failure is returned as {"error": ...}."""
+    from bench.slm_runs import metrics
+    from train.checkpoint.layout import step_tag
+
+    run_dir = work / case.preset / case.name.replace(" ", "-").replace(".", "-") / "run"
+    started = time.perf_counter()
+    try:
+        run_slm(train_command(case, run_dir, data_dir, settings, gpus), deadline)
+        result = steady_figures(metrics(run_dir, "train"))
+        if case.resume:
+            half = settings.steps // 2
+            resumed = run_dir.parent / "resumed"
+            middle = run_dir / "checkpoints" / step_tag(half)
+            resume = f"checkpoint.resume={middle}"
+            run_slm(train_command(case, resumed, data_dir, settings, gpus, resume), deadline)
+            first = {r["step"]: r["loss"] for r in metrics(run_dir, "train")}
+            again = {r["step"]: r["loss"] for r in metrics(resumed, "train")}
+            if sorted(again) != [s for s in sorted(first) if s > half]:
                 raise RuntimeError(
-                    f"slm train exited {proc.returncode}: {(proc.stdout + proc.stderr)[-300:]}"
+                    f"the resumed run logged steps {sorted(again)}, expected those after {half}"
                 )
-        return f"slm train, ZeRO-{stage}, {gpus} GPU(s), 10 bf16 steps{' ' + ' '.join(extra) if extra else ''}: ok"
+            diff = max(abs(again[s] - first[s]) for s in again)
+            result["resume"] = f"from step {half}: " + ("bitwise" if diff == 0 else f"loss within {diff:.1e}")
+    except Exception as err:  # noqa: BLE001 - every case is reported, none stops the others
+        return {"error": f"{type(err).__name__}: {str(err)[:300]}", "seconds": time.perf_counter() - started}
+    finally:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)  # checkpoints of 125m/350m are GBs
+    result["seconds"] = time.perf_counter() - started
+    return result
 
-    return run
+
+def prepare_data(preset: str, data_dir: Path, settings: RunSettings) -> None:
+    """Tokenizer and shards for the matrix, once (every case of the presets shares them: the same data section)."""
+    if (data_dir / "manifest.json").is_file():
+        return
+    cmd = [sys.executable, "-m", "launch", "prepare", str(REPO / "configs" / f"{preset}.yaml")]
+    run_slm([*cmd, f"data.dir={data_dir}", *[o for o in settings.extra if o.startswith("data.")]])
 
 
-def throughput(preset: str, micro_batch: int, steps: int, compile_model: bool) -> dict:
-    """tokens/s, MFU and peak memory of a plain bf16 training loop over a preset's model on this GPU."""
+def train_matrix(
+    cases: List[TrainCase],
+    data_dirs: Dict[str, Path],
+    settings: RunSettings,
+    gpus: int,
+    deadline: Optional[float] = None,
+) -> List[Tuple[TrainCase, dict]]:
+    """Every case in turn (scratch run folders, removed after each case); past the deadline (time.monotonic())
+    the remaining cases are reported as not run, and a run still going then is stopped."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="slm-bench-runs-") as tmp:
+        for case in cases:
+            if deadline is not None and time.monotonic() >= deadline:
+                results.append((case, {"error": "not run: --budget-minutes spent", "seconds": 0.0}))
+                continue
+            result = run_case(case, data_dirs[case.preset], settings, gpus, Path(tmp), deadline)
+            results.append((case, result))
+            print(f"[train] {case.preset} {case.name}: {result}", flush=True)
+    return results
+
+
+def render_train(results: List[Tuple[TrainCase, dict]], bare: dict, gpus: int) -> List[str]:
+    """The `slm train` table: each case's figures against the bare loop's tokens/s per GPU at its preset."""
+    lines = [
+        "",
+        f"`slm train` on {gpus} device(s) (tokens/s over all of them; vs bare loop: per device, against the plain "
+        "loop at the same micro-batch):",
+        "",
+        "| case | preset | tokens/s | vs bare loop | MFU | peak memory | last loss | resume | wall |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for case, r in results:
+        if "error" in r:
+            lines.append(
+                f"| {case.name} | {case.preset} | FAIL: {r['error']} | | | | | | {r['seconds']:.0f} s |"
+            )
+            continue
+        base = bare.get(case.preset)
+        ratio = f"{r['tokens_per_second'] / gpus / base:.2f}x" if base else "no bare row"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "unknown peak"
+        lines.append(
+            f"| {case.name} | {case.preset} | {r['tokens_per_second']:,.0f} | {ratio} | {mfu} "
+            f"| {r['peak_memory_gib']:.1f} GiB | {r['loss']:.3f} | {r.get('resume', '')} | {r['seconds']:.0f} s |"
+        )
+    return lines
+
+
+def throughput(
+    preset: str,
+    micro_batch: int,
+    steps: int,
+    compile_model: bool,
+    device: str = "cuda",
+    overrides: Tuple[str, ...] = (),
+) -> dict:
+    """tokens/s, MFU and peak memory of a plain training loop over a preset's model: bf16 weights and fused AdamW
+    on a GPU, fp32 on the CPU (the smoke mode)."""
     from launch.config import load_config
     from model import Transformer
     from model.stats import flops_per_token
     from train.mfu import peak_flops_per_device
 
-    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"))
+    cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"), list(overrides))
+    cuda = device == "cuda"
     torch.manual_seed(0)
-    model = Transformer(cfg.model).cuda().to(torch.bfloat16)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    model = Transformer(cfg.model).to(device)
+    if cuda:
+        model = model.to(torch.bfloat16)
+    model.set_activation_checkpointing(bool(cfg.train.activation_checkpointing))
     step_model = torch.compile(model) if compile_model else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     seq = cfg.model.max_seq_len
-    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq + 1), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
+    tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq + 1), device=device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def step() -> None:
         _, loss = step_model(tokens[:, :-1], targets=tokens[:, 1:])
@@ -214,29 +412,50 @@ def throughput(preset: str, micro_batch: int, steps: int, compile_model: bool) -
 
     for _ in range(3):  # warm-up (and compilation)
         step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     tps = micro_batch * seq * steps / (time.perf_counter() - started)
+    if not cuda:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"tokens_per_second": tps, "mfu": None, "peak_memory": peak_memory}
     peak = peak_flops_per_device(torch.cuda.get_device_name(), "bf16")
     mfu = flops_per_token(cfg.model, seq) * tps / peak if peak else None
     return {"tokens_per_second": tps, "mfu": mfu, "peak_memory": torch.cuda.max_memory_allocated()}
 
 
-def render(device: str, checks: List[Check], rows: List[tuple], command: str) -> str:
+def bare_per_preset(rows: List[tuple], micro_batch: Dict[str, int]) -> Dict[str, float]:
+    """The bare loop's tokens/s of each preset at the micro-batch its `slm train` cases use."""
+    return {
+        preset: result["tokens_per_second"]
+        for preset, micro, _seq, result in rows
+        if not isinstance(result, str) and micro == micro_batch.get(preset)
+    }
+
+
+def render(
+    device: str,
+    checks: List[Check],
+    rows: List[tuple],
+    command: str,
+    train_lines: Optional[List[str]] = None,
+) -> str:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"### {device}, {date}",
+    lines = [f"### {device}, {date}", "", f"`{command}`, torch {torch.__version__}", ""]
+    if checks:
+        lines += ["| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
+        lines.append("")
+    lines += [
+        "Bare loop (the preset's model, random tokens, no DeepSpeed):",
         "",
-        f"`{command}`, torch {torch.__version__}",
-        "",
-        "| check | result | detail |",
-        "|---|---|---|",
+        "| preset | micro-batch x seq | tokens/s | MFU | peak memory |",
+        "|---|---|---:|---:|---:|",
     ]
-    lines += [f"| {name} | {'pass' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
-    lines += ["", "| preset | micro-batch x seq | tokens/s | MFU | peak memory |", "|---|---|---:|---:|---:|"]
     for preset, micro, seq, result in rows:
         if isinstance(result, str):
             lines.append(f"| {preset} | {micro} x {seq} | {result} | | |")
@@ -246,7 +465,7 @@ def render(device: str, checks: List[Check], rows: List[tuple], command: str) ->
                 f"| {preset} | {micro} x {seq} | {result['tokens_per_second']:,.0f} | {mfu} "
                 f"| {result['peak_memory'] / 2**30:.1f} GiB |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (train_lines or [])) + "\n"
 
 
 def append_report(path: Path, section: str) -> None:
@@ -259,17 +478,77 @@ def append_report(path: Path, section: str) -> None:
     atomic_write_text(path, f"{head}{GPU_MARKER}\n{tail.strip()}\n\n{section}".replace("\n\n\n", "\n\n"))
 
 
+def data_vocab(data_dir: Path) -> int:
+    """The model vocabulary `slm train` sets from the prepared data's tokenizer (tinyshakespeare trains fewer tokens
+    than the presets' 50,304)."""
+    from data_pipeline.tokenizer import load_tokenizer, model_vocab_size
+
+    return model_vocab_size(load_tokenizer(data_dir / "tokenizer.json"))
+
+
+def data_dirs(presets: List[str], root: Path, settings: RunSettings) -> Dict[str, Path]:
+    """Prepared data for each preset under root, shared by presets whose data and tokenizer sections match."""
+    from launch.config import load_config
+
+    dirs: Dict[str, Path] = {}
+    made: Dict[str, Path] = {}
+    for preset in presets:
+        cfg = load_config(str(REPO / "configs" / f"{preset}.yaml"))
+        key = repr((dataclasses.replace(cfg.data, dir=""), cfg.tokenizer))
+        if key not in made:
+            made[key] = root / preset
+            prepare_data(preset, made[key], settings)
+        dirs[preset] = made[key]
+    return dirs
+
+
+def cpu_smoke(args: argparse.Namespace, command: str) -> int:
+    """The harness on the CPU: one tiny ZeRO-1 case with its resume and the bare loop at the same shapes."""
+    cases = [TrainCase("ZeRO-1", "tiny", ("train.zero_stage=1",), resume=True)]
+    with tempfile.TemporaryDirectory(prefix="slm-bench-smoke-") as tmp:
+        data = args.data_dir or Path(tmp) / "data"
+        prepare_data("tiny", data, SMOKE_RUN)
+        overrides = (*SMOKE_MODEL, "train.precision=fp32", f"model.vocab_size={data_vocab(data)}")
+        rows = [("tiny", 4, 32, throughput("tiny", 4, 2, False, device="cpu", overrides=overrides))]
+        results = train_matrix(cases, {"tiny": data}, SMOKE_RUN, 1)
+    bare = bare_per_preset(rows, {"tiny": 4})
+    section = render("CPU smoke run (not a benchmark)", [], rows, command, render_train(results, bare, 1))
+    print(section)
+    append_report(args.out, section)
+    return 0 if all("error" not in r for _, r in results) else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="125m,350m,1b")
-    parser.add_argument("--micro-batches", default="1,4,8")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--presets", default="125m,350m,1b", help="presets of the bare loop")
+    parser.add_argument("--micro-batches", default="8", help="micro-batch sizes of the bare loop")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the bare loop")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the model in the throughput loop"
     )
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--train-presets", default="125m,350m", help="presets of the slm train matrix")
+    parser.add_argument("--train-steps", type=int, default=GPU_RUN.steps, help="steps per slm train case")
+    parser.add_argument("--skip-train", action="store_true", help="leave out the slm train matrix")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=9.0,
+        help="wall-clock budget of the whole bench (9: a 10-minute GPU lease with room for the report); slm train "
+        "cases that would start after it are reported as not run, and a run still going is stopped",
+    )
+    parser.add_argument("--data-dir", type=Path, help="prepared data to train on (default: prepared here)")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny shapes on the CPU: checks the harness, measures nothing",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
+    deadline = time.monotonic() + 60 * args.budget_minutes
+    command = ("python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    if args.cpu_smoke:
+        return cpu_smoke(args, command)
     if not torch.cuda.is_available():
         print(NO_CUDA.format(version=torch.__version__), file=sys.stderr)
         return 2
@@ -282,32 +561,45 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("flex attention", check_flex),
             ("fused AdamW", check_fused_adamw),
             ("torch.compile", check_compile),
-            ("ZeRO-2", check_zero(2)),
-            ("ZeRO-3", check_zero(3)),
-            ("Muon, ZeRO-2", check_zero(2, ("optim.name=muon", "optim.grad_clip=0"))),
         ]:
             checks.append(run_check(name, fn))
             print(f"[check] {' | '.join(map(str, checks[-1]))}", flush=True)
-    rows = []
-    for preset in args.presets.split(","):
-        for micro in map(int, args.micro_batches.split(",")):
-            from launch.config import load_config
+    from launch.config import load_config
 
-            seq = load_config(str(REPO / "configs" / f"{preset}.yaml")).model.max_seq_len
-            try:
-                result = throughput(preset, micro, args.steps, args.compile)
-            except torch.cuda.OutOfMemoryError:
-                result = "out of memory"
-            torch.cuda.empty_cache()
-            rows.append((preset, micro, seq, result))
-            print(f"[throughput] {preset} {micro}x{seq}: {result}", flush=True)
-    command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = render(
-        f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", checks, rows, command.strip()
-    )
+    gpus = torch.cuda.device_count()
+    train_presets = [] if args.skip_train else args.train_presets.split(",")
+    settings = dataclasses.replace(GPU_RUN, steps=args.train_steps)
+    with tempfile.TemporaryDirectory(prefix="slm-bench-data-") as tmp:
+        if args.data_dir:
+            dirs = {p: args.data_dir for p in train_presets}
+        else:
+            dirs = data_dirs(train_presets, Path(tmp), settings)
+        rows = []
+        for preset in args.presets.split(","):
+            # the trained tokenizer sets the vocabulary `slm train` builds: the bare loop uses the same one
+            vocab = (f"model.vocab_size={data_vocab(dirs[preset])}",) if preset in dirs else ()
+            for micro in map(int, args.micro_batches.split(",")):
+                seq = load_config(str(REPO / "configs" / f"{preset}.yaml")).model.max_seq_len
+                try:
+                    result = throughput(preset, micro, args.steps, args.compile, overrides=vocab)
+                except torch.cuda.OutOfMemoryError:
+                    result = "out of memory"
+                torch.cuda.empty_cache()
+                rows.append((preset, micro, seq, result))
+                print(f"[throughput] {preset} {micro}x{seq}: {result}", flush=True)
+        cases = train_cases(train_presets) if train_presets else []
+        results = train_matrix(cases, dirs, settings, gpus, deadline)
+    train_lines: List[str] = []
+    if results:
+        micro = {
+            p: load_config(str(REPO / "configs" / f"{p}.yaml")).train.micro_batch_size for p in train_presets
+        }
+        train_lines = render_train(results, bare_per_preset(rows, micro), gpus)
+    section = render(f"{gpus} x {torch.cuda.get_device_name()}", checks, rows, command, train_lines)
     print(section)
     append_report(args.out, section)
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    passed = all(ok for _, ok, _ in checks) and all("error" not in r for _, r in results)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from common.atomic import atomic_write_text  # noqa: E402
 
 GPU_MARKER = "<!-- GPU results: bench/gpu.py appends below this line -->"
 NO_GPU_YET = "GPU figures: unmeasured (no CUDA machine has run `make bench-gpu` for this file yet)."
+GPU_INTRO = "`make bench-gpu` (bench/gpu.py; its steps are budgeted for about 10 minutes on one H100/H200, not yet timed on one) runs the GPU-only checks, a bare training loop over the 125m/350m/1b models, then `slm train` itself at 125m and 350m for ZeRO 0-3 (each 125m run resumed from its middle checkpoint and compared with the uninterrupted run), with document masks (flex attention), `train.compile` and Muon: tokens/s, MFU and peak memory of each against the bare loop."
+"""The GPU section's first paragraph (above the marker, so `make bench` rewrites it with the CPU part)."""
 
 
 @dataclass
@@ -197,7 +199,7 @@ def render(
     ]
     for bench, (cmd, table, seconds) in results:
         lines += [f"## {bench.title}", "", f"`{cmd}` ({seconds:.0f} s)", "", table, ""]
-    lines += ["## GPU", "", gpu.rstrip(), ""]
+    lines += ["## GPU", "", GPU_INTRO, "", gpu.rstrip(), ""]
     return "\n".join(lines)
 
 

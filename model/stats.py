@@ -12,7 +12,9 @@ not; the embedding lookup costs nothing) and 12*L*H*Q*T is attention's scores an
 Training memory per rank, bf16 mixed precision with Adam (Rajbhandari et al., ZeRO), Psi = total parameters
 and N = data-parallel world size: every parameter costs 2 (bf16 weight) + 2 (bf16 gradient) + 12 (fp32 master
 weight, Adam m and v) = 16 bytes, of which ZeRO shards more and more:
-    stage 0: 16*Psi    stage 1: 4*Psi + 12*Psi/N    stage 2: 2*Psi + 14*Psi/N    stage 3: 16*Psi/N
+    stage 0: 16*Psi    stage 1: 8*Psi + 12*Psi/N    stage 2: 2*Psi + 14*Psi/N    stage 3: 16*Psi/N
+Stage 1 adds a whole fp32 gradient (4 bytes): the trainer accumulates micro-batch gradients in fp32 there
+(DeepSpeed's BF16_Optimizer), next to the bf16 gradient of the micro-batch being computed.
 
 Activations (bytes, b = micro batch, s = seq_len): what autograd keeps for the backward pass, counted for this
 model in bf16 with a fused attention kernel (no s*s score matrix is stored, as on GPUs with flash attention):
@@ -33,7 +35,7 @@ from typing import Dict
 
 from model.config import ModelConfig
 
-BYTES_PER_PARAM_BY_STAGE = {0: (16, 0), 1: (4, 12), 2: (2, 14), 3: (0, 16)}
+BYTES_PER_PARAM_BY_STAGE = {0: (16, 0), 1: (8, 12), 2: (2, 14), 3: (0, 16)}
 """ZeRO stage -> (replicated bytes per parameter, sharded bytes per parameter) for bf16 + fp32 Adam."""
 
 

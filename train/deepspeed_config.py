@@ -1,17 +1,20 @@
 """The DeepSpeed JSON, generated from the typed config so that one YAML describes the whole run.
 
-A `deepspeed:` block in the YAML is deep-merged over the generated keys for everything the typed
-config does not cover (bucket sizes, offload, communication settings...). Keys that the typed config
-owns are refused there, because the training loop reads the typed values (batch arithmetic, LR,
-precision) and a second source of truth would silently disagree with it.
+The generated keys include the communication options (overlap_comm, bucket sizes from the model's layer size) and,
+at ZeRO-1 in bf16, fp32 gradient accumulation. A `deepspeed:` block in the YAML is deep-merged over them and wins
+(offload, other bucket sizes, comms_logger...). Keys that the typed config owns are refused there, because the
+training loop reads the typed values (batch arithmetic, LR, precision) and a second source of truth would silently
+disagree with it.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-from typing import Any, Dict, Mapping, Set
+from typing import Any, Dict, Mapping, Optional, Set
 
+from model.config import ModelConfig
+from model.stats import param_counts
 from train.config import TrainConfig
 from train.errors import TrainError
 from train.optim import deepspeed_optimizer_block
@@ -55,16 +58,68 @@ def _check_passthrough(extra: Mapping[str, Any]) -> None:
             )
 
 
+BUCKET_FLOOR = 2**22
+"""Fewest elements in a communication bucket (8 MiB of bf16): smaller collectives are latency-bound on NVLink/IB."""
+
+
+def bucket_elements(model: ModelConfig) -> int:
+    """One transformer layer's parameters (at least BUCKET_FLOOR), a multiple of 8 for DeepSpeed's alignment."""
+    layer = (param_counts(model)["non_embedding"] - model.d_model) // model.n_layers  # less the final norm
+    return -(-max(layer, BUCKET_FLOOR) // 8) * 8
+
+
+def communication_options(zero_stage: int, model: Optional[ModelConfig], device_type: str) -> Dict[str, Any]:
+    """The zero_optimization keys that decide how ZeRO communicates, set on purpose instead of DeepSpeed's
+    defaults (whose 5e8-element buckets are larger than the 125m-1b models: one bucket, reduced after the whole
+    backward pass, and 1 GB buffers). Without `model`, the bucket sizes stay DeepSpeed's."""
+    options: Dict[str, Any] = {}
+    if zero_stage in (2, 3):
+        # Reduce each full bucket on a side stream while the backward pass goes on; needs CUDA streams (on
+        # CPU/gloo there is nothing to overlap with, only extra copies).
+        options["overlap_comm"] = device_type == "cuda"
+        # Copy gradients into one flat buffer as they are produced: no fragmentation, one buffer to reduce.
+        options["contiguous_gradients"] = True
+    if model is None or zero_stage == 0:
+        return options
+    bucket = bucket_elements(model)
+    # ZeRO 2/3 reduce a bucket as soon as it is full: one layer's gradients, so reduction starts while lower layers
+    # are still in backward, and overlap_comm's two buffers are a few MB instead of 2 x 1 GB. (ZeRO-1 in bf16
+    # all-reduces its fp32 gradients once per step without it; ZeRO-1 in fp32/fp16 reduces in such buckets.)
+    options["reduce_bucket_size"] = bucket
+    if zero_stage in (1, 2):
+        # The weight all-gather after the step uses it only where the backend lacks all_gather_into_tensor
+        # (NCCL has it); sized like the reduce bucket so that fallback needs no 1 GB buffer either.
+        options["allgather_bucket_size"] = bucket
+    if zero_stage == 3:
+        # Gather the next layer's weights while this one computes: one layer ahead, no more.
+        options["stage3_prefetch_bucket_size"] = bucket
+        # Vectors up to 10 x d_model (the norms) stay whole on every rank, gathering them each forward costs
+        # more in latency than they weigh; every matrix (at least d_model x head_dim) is partitioned.
+        options["stage3_param_persistence_threshold"] = 10 * model.d_model
+    return options
+
+
 def build_deepspeed_config(
-    train: TrainConfig, optim: OptimConfig, world_size: int, extra: Mapping[str, Any] | None = None
+    train: TrainConfig,
+    optim: OptimConfig,
+    world_size: int,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    model: Optional[ModelConfig] = None,
+    device_type: str = "cpu",
 ) -> Dict[str, Any]:
-    """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough)."""
+    """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough, which wins over
+    every generated key it does not refuse; `model` and `device_type` size and switch the communication
+    options)."""
     generated: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
         "gradient_clipping": float(optim.grad_clip),
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {
+            "stage": train.zero_stage,
+            **communication_options(train.zero_stage, model, device_type),
+        },
         # We pass our own torch AdamW (param groups without decay on norms/embeddings).
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": train.precision == "bf16"},
@@ -74,6 +129,10 @@ def build_deepspeed_config(
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if train.zero_stage == 1 and train.precision == "bf16":
+        # ZeRO-1 + bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer: micro-batch gradients add up in
+        # fp32 (bf16 sums lose the small ones), reduced once per step (ZeRO-2 reduce-scatters every micro-batch).
+        generated["data_types"] = {"grad_accum_dtype": "fp32"}
     optimizer = deepspeed_optimizer_block(optim)
     if (
         optimizer is not None

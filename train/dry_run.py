@@ -12,6 +12,7 @@ target GPU. Every problem found is collected, not only the first. It never touch
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -310,12 +311,23 @@ def _numel(tensors: Any) -> int:
 def partition_sizes(engine: Any, zero_stage: int) -> Dict[str, int]:
     """Elements this rank holds, read from DeepSpeed's own flat partitions: "params" (the bit16 weights this
     rank keeps), "grads" (its gradient buffer), "master" (fp32 master weights) and "optimizer_state" (fp32
-    elements of the optimizer's state tensors; 0 before the first step creates them)."""
+    elements of the optimizer's state tensors; 0 before the first step creates them), and "grad_bytes", the bytes
+    of one gradient element (4 where ZeRO-1 accumulates in fp32, DeepSpeed's BF16_Optimizer)."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)
     state = sum(
         int(v.numel()) for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0
     )
+    if hasattr(opt, "fp32_groups_gradients_flat"):  # BF16_Optimizer: ZeRO-1 with fp32 gradient accumulation
+        rank = torch.distributed.get_rank()
+        return {
+            "params": _numel(opt.bf16_groups_flat),
+            "params_partition": _numel(groups[rank] for groups in opt.bf16_partitioned_groups),
+            "grads": _numel(opt.fp32_groups_gradients_flat),
+            "grad_bytes": opt.fp32_groups_gradients_flat[0].element_size(),
+            "master": _numel(opt.fp32_groups_flat_partition),
+            "optimizer_state": state,
+        }
     if zero_stage in (1, 2):
         rank = torch.distributed.get_rank()
         partition = _numel(groups[rank] for groups in opt.parallel_partitioned_bit16_groups)
@@ -324,6 +336,7 @@ def partition_sizes(engine: Any, zero_stage: int) -> Dict[str, int]:
             "params": flat,
             "params_partition": partition,
             "grads": partition if zero_stage == 2 else flat,
+            "grad_bytes": opt.bit16_groups_flat[0].element_size(),
             "master": _numel(opt.single_partition_of_fp32_groups),
             "optimizer_state": state,
         }
@@ -332,6 +345,7 @@ def partition_sizes(engine: Any, zero_stage: int) -> Dict[str, int]:
             "params": _numel(opt.fp16_partitioned_groups_flat),
             "params_partition": _numel(opt.fp16_partitioned_groups_flat),
             "grads": int(opt.grad_partitions_flat_buffer.numel()),
+            "grad_bytes": opt.grad_partitions_flat_buffer.element_size(),
             "master": _numel(opt.fp32_partitioned_groups_flat),
             "optimizer_state": state,
         }
@@ -340,6 +354,7 @@ def partition_sizes(engine: Any, zero_stage: int) -> Dict[str, int]:
         "params": total,
         "params_partition": total,
         "grads": total,
+        "grad_bytes": next(engine.module.parameters()).element_size(),
         "master": total,
         "optimizer_state": state,
     }
@@ -347,9 +362,17 @@ def partition_sizes(engine: Any, zero_stage: int) -> Dict[str, int]:
 
 def measured_state_bytes(sizes: Dict[str, int], bit16_bytes: int) -> int:
     """Bytes of model states per rank from the partitions (Adam: two fp32 states per master element, counted
-    from the master partition before the first step creates them)."""
+    from the master partition before the first step creates them; with fp32 accumulation, also the bit16
+    gradient autograd makes for each micro-batch)."""
     state = sizes["optimizer_state"] or 2 * sizes["master"]
-    return (sizes["params"] + sizes["grads"]) * bit16_bytes + (sizes["master"] + state) * 4
+    grad_bytes = sizes["grad_bytes"]
+    micro_grads = sizes["params"] * bit16_bytes if grad_bytes > bit16_bytes else 0
+    return (
+        sizes["params"] * bit16_bytes
+        + sizes["grads"] * grad_bytes
+        + micro_grads
+        + (sizes["master"] + state) * 4
+    )
 
 
 def random_batches(plan: RunPlan, vocab_size: int, seed: int) -> Any:
@@ -410,6 +433,8 @@ def deepspeed_checks(
     bit16 = 4 if cfg.train.precision == "fp32" else 2
     psi = param_counts(plan.model(cfg.model))["total"]
     init_bytes = psi * (4 + bit16) + 16 * psi / n
+    if stage == 1 and bit16 == 2:  # BF16_Optimizer's whole fp32 gradient buffer
+        init_bytes += 4 * psi
     available = meminfo_available_bytes()
     if available is not None and init_bytes > HOST_HEADROOM * available:
         report.skipped.append(
@@ -426,7 +451,8 @@ def deepspeed_checks(
         try:
             engine = build_engine(cfg, plan, dist_info, None, universal=False)
         except TrainError as err:
-            report.errors.append(str(err))
+            if str(err) not in report.errors:  # a deepspeed: block error is found first by target_deepspeed
+                report.errors.append(str(err))
             return
         except Exception as err:  # DeepSpeed's own assertion (a bucket or partition that cannot hold, ...)
             report.errors.append(
@@ -442,12 +468,14 @@ def deepspeed_checks(
             step_report(cfg, plan, options, manifest, engine, dist_info, report, available)
         sizes = report.partitions = partition_sizes(engine, stage)
         measured = measured_state_bytes(sizes, bit16)
+        grad_bytes = sizes["grad_bytes"]
         state = sizes["optimizer_state"]
         lines = [
             f"initialised in {init_seconds:.1f} s: {psi:,} parameters, precision {cfg.train.precision}",
             f"parameters held       {sizes['params']:>14,}  ({sizes['params'] * bit16 / GIB:.3f} GiB)"
             + (f"; own partition {sizes['params_partition']:,}" if stage in (1, 2) else ""),
-            f"gradients             {sizes['grads']:>14,}  ({sizes['grads'] * bit16 / GIB:.3f} GiB)",
+            f"gradients             {sizes['grads']:>14,}  ({sizes['grads'] * grad_bytes / GIB:.3f} GiB)"
+            + (" fp32 accumulation (BF16_Optimizer)" if grad_bytes > bit16 else ""),
             f"fp32 master weights   {sizes['master']:>14,}  ({sizes['master'] * 4 / GIB:.3f} GiB)",
             (
                 f"optimizer state       {state:>14,}  ({state * 4 / GIB:.3f} GiB)"
@@ -527,6 +555,52 @@ def step_report(
     report.add(f"{options.steps} real step(s) on {source}", lines)
 
 
+def target_deepspeed(cfg: Config, plan: RunPlan, options: DryRunOptions, report: DryRunReport) -> List[str]:
+    """The communication options and gradient accumulation the job's GPUs get (this CPU dry run initialises
+    DeepSpeed with overlap_comm off), and whether ZeRO-1 would spare per-micro-batch reductions."""
+    from train.deepspeed_config import build_deepspeed_config
+
+    try:
+        ds = build_deepspeed_config(
+            cfg.train,
+            cfg.optim,
+            options.world_size,
+            cfg.deepspeed,
+            model=plan.model(cfg.model),
+            device_type="cuda",
+        )
+    except TrainError as err:
+        report.errors.append(str(err))
+        return ["not built (see the errors)"]
+    stage, accum = cfg.train.zero_stage, plan.grad_accum_steps
+    lines = ["zero_optimization " + json.dumps(ds["zero_optimization"])]
+    if ds.get("data_types", {}).get("grad_accum_dtype") == "fp32" and stage == 1:
+        lines.append(
+            f"ZeRO 1, bf16: gradients of the {accum} micro-batch(es) accumulate in fp32 (BF16_Optimizer) and are "
+            "all-reduced once per step"
+        )
+    elif stage == 2 and accum > 1:
+        lines.append(
+            f"ZeRO 2 reduce-scatters the gradients after each of the {accum} micro-batches of a step"
+        )
+        if options.gpu:
+            one = training_memory_per_rank(
+                plan.model(cfg.model),
+                1,
+                options.world_size,
+                plan.micro_batch_size,
+                plan.seq_len,
+                activation_checkpointing=cfg.train.activation_checkpointing,
+            )["total"]
+            budget = GPU_MEMORY_MIB[options.gpu] * MIB
+            if one <= budget:
+                lines.append(
+                    f"train.zero_stage=1 would fit ({gib(one)} of {gib(budget)} estimated) and reduce once per "
+                    "step, with fp32 accumulation"
+                )
+    return lines
+
+
 def resolve_target_precision(cfg: Config, options: DryRunOptions) -> Config:
     """train.precision=auto as a GPU of the table would resolve it (bf16: all of them compute it natively)."""
     if cfg.train.precision != "auto":
@@ -567,6 +641,10 @@ def dry_run(cfg: Config, options: DryRunOptions) -> DryRunReport:
             f" x world {plan.world_size}; {plan.tokens_per_step:,} tokens per step",
             f"{plan.max_steps:,} steps = {plan.tokens_per_step * plan.max_steps:,} tokens",
         ],
+    )
+    report.add(
+        "DeepSpeed config on the target GPUs (zero_optimization as built for CUDA)",
+        target_deepspeed(cfg, plan, options, report),
     )
     manifest = None
     try:

@@ -5,9 +5,11 @@ resumed progress. `set_up_run` returns it all as one `RunSetup`; `train.loop` ta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -301,16 +303,25 @@ def build_engine(
             )
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
-    ds_config = build_deepspeed_config(cfg.train, cfg.optim, dist_info.world_size, cfg.deepspeed)
+    ds_config = build_deepspeed_config(
+        cfg.train,
+        cfg.optim,
+        dist_info.world_size,
+        cfg.deepspeed,
+        model=plan.model(cfg.model),
+        device_type=dist_info.device.type,
+    )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     validate_deepspeed_config(ds_config, cfg.deepspeed)
-    if optimizer is None:  # Muon: DeepSpeed builds it from ds_config over our decay / no-decay groups
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
-        )
-    else:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # BF16_Optimizer (ZeRO-1 in bf16) prints memory lines with print(): they are status, so stderr, not stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        if optimizer is None:  # Muon: DeepSpeed builds it from ds_config over our decay / no-decay groups
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
+            )
+        else:
+            engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.train.compile:
         engine.compile()
     return engine

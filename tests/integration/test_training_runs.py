@@ -18,6 +18,7 @@ import pytest
 
 from tests.helpers import TINY, run, slm_cmd
 from tests.helpers import test_env as make_env
+from tests.integration.conftest import STAGE_EXTRAS
 from tests.runs import ONE_PROC, SHRINK, STEPS, losses, read_until, rows, start, train_args
 from train.checkpoint import find_checkpoint, read_record
 
@@ -36,6 +37,9 @@ def test_zero_stage_on_two_processes_learns(two_proc_run, stage):
     record = read_record(find_checkpoint(run_dir))
     assert (record.step, record.world_size, record.zero_stage) == (STEPS, 2, stage)
     assert (run_dir / "DONE").is_file()
+    if stage == 1:  # bf16 + accumulation 2: DeepSpeed's BF16_Optimizer, gradients accumulated in fp32
+        names = sorted(p.name for p in find_checkpoint(run_dir).glob("*_optim_states.pt"))
+        assert names == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], names
     if stage == 0:
         assert "manifest.json not found: preparing the data now" in two_proc_run.outputs[0]
         assert (two_proc_run.data_dir(0) / "manifest.json").is_file()
@@ -54,7 +58,7 @@ def test_zero2_two_processes_follow_the_one_process_curve(two_proc_run, single_r
         assert val_two[step] == pytest.approx(val_one[step], rel=1e-5, abs=1e-5), (step, val_one, val_two)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
     full = two_proc_run(stage)
     step6 = full / "checkpoints" / "step_00000006"
@@ -66,6 +70,7 @@ def test_two_process_resume_is_bitwise_exact(two_proc_run, tmp_path, stage):
                 two_proc_run.data_dir(stage),
                 f"train.zero_stage={stage}",
                 f"checkpoint.resume={step6}",
+                *STAGE_EXTRAS.get(stage, []),
             ),
             nproc=2,
         )

@@ -32,6 +32,66 @@ def test_gpu_bench_without_cuda_exits_2_with_a_clear_message():
     assert "needs a CUDA GPU" in proc.stderr and "make bench" in proc.stderr
 
 
+def test_gpu_train_matrix_covers_what_a_user_runs_with_valid_command_lines(tmp_path):
+    """Every `slm train` command of the GPU matrix loads as a valid config (as `slm train` would refuse it on
+    the GPU machine otherwise), with the case's overrides in force."""
+    from launch.config import load_config
+
+    gpu = load("gpu")
+    cases = gpu.train_cases(["125m", "350m"])
+    covered = {(c.preset, c.name, c.resume) for c in cases}
+    for stage in range(4):
+        assert ("125m", f"ZeRO-{stage}", True) in covered and ("350m", f"ZeRO-{stage}", False) in covered
+    names = {c.name for c in cases}
+    assert {"document masks", "train.compile", "Muon"} <= names
+    for case in cases:
+        cmd = gpu.train_command(
+            case, tmp_path / "run", tmp_path / "data", gpu.GPU_RUN, 1, "checkpoint.resume=x"
+        )
+        config = cmd.index("train") + 1
+        assert cmd[:3] == [sys.executable, "-m", "launch"] and cmd[config].endswith(f"{case.preset}.yaml")
+        cfg = load_config(cmd[config], cmd[config + 1 :])
+        assert cfg.train.max_steps == gpu.GPU_RUN.steps and cfg.checkpoint.resume == "x"
+        if case.name == "Muon":
+            assert cfg.optim.name == "muon"
+        if case.name == "document masks":
+            assert cfg.data.document_mask
+    several = gpu.train_command(cases[0], tmp_path, tmp_path, gpu.GPU_RUN, 8)
+    assert several[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "8"]
+    # a spent --budget-minutes runs nothing more and says so in the table
+    spent = gpu.train_matrix(cases[:2], {"125m": tmp_path}, gpu.GPU_RUN, 1, deadline=0.0)
+    assert [r["error"] for _, r in spent] == ["not run: --budget-minutes spent"] * 2
+    assert "| ZeRO-0 | 125m | FAIL: not run: --budget-minutes spent |" in "\n".join(
+        gpu.render_train(spent, {}, 1)
+    )
+
+
+@pytest.mark.slow
+def test_gpu_bench_cpu_smoke_trains_resumes_and_tabulates(tmp_path, tiny_data_dir):
+    """bench/gpu.py --cpu-smoke: the harness's `slm train` runs, row parsing, resume comparison and table on a
+    2-layer model (two short `slm train` runs and the bare loop; 40-90 s on 2 busy cores)."""
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--cpu-smoke", "--data-dir", str(tiny_data_dir)]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=test_env(),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.index(load("gpu").GPU_MARKER) < text.index("CPU smoke run")
+    bare = next(line for line in text.splitlines() if line.startswith("| tiny | 4 x 32 |"))
+    assert float(bare.split("|")[3].replace(",", "")) > 0
+    row = next(line for line in text.splitlines() if line.startswith("| ZeRO-1 | tiny |"))
+    _, _, tps, ratio, mfu, peak, loss, resume, wall = [c.strip() for c in row.strip("|").split("|")]
+    assert float(tps.replace(",", "")) > 0 and float(ratio.rstrip("x")) > 0 and mfu == "unknown peak"
+    assert float(peak.removesuffix(" GiB")) > 0 and float(loss) > 0 and wall.endswith(" s")
+    assert resume == "from step 2: bitwise"  # on the CPU a resume repeats the uninterrupted run exactly
+
+
 def test_gpu_report_goes_below_the_suite_marker_and_keeps_the_cpu_tables(tmp_path):
     suite, gpu = load("suite"), load("gpu")
     assert suite.GPU_MARKER == gpu.GPU_MARKER

@@ -84,6 +84,8 @@ def test_125m_partitions_are_deepspeeds(partitions_125m, stage, n):
     measured = partitions_125m[f"{stage}/{n}"]
     assert {k: measured[k] for k in ("params", "params_partition", "grads", "master")} == expected(stage, n)
     assert measured["optimizer_state"] == 0  # no step: Adam's state does not exist yet
+    # The preset is bf16: ZeRO-1 accumulates in fp32 (DeepSpeed's BF16_Optimizer), ZeRO 2-3 in bf16.
+    assert measured["grad_bytes"] == (4 if stage == 1 else 2)
     total = sum(sum(g) for g in shapes_125m().values())
     assert total == 123_587_328  # the preset's count (README, slm model summary)
 
@@ -122,6 +124,8 @@ def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp
     )
     assert "1 real step(s) on rank 1's batches of" in out and "step 1: loss" in out
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out and "no errors found" in out
+    # the DeepSpeed config the GPUs would get, though this dry run initialised DeepSpeed on the CPU
+    assert 'zero_optimization {"stage": 2, "overlap_comm": true, "contiguous_gradients": true' in out
     assert "optimizer state" in out and "created by the first step" not in out  # the step made Adam's state
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before, "run.dir was touched"
     assert not list(scratch.glob("slm-dry-run-*")), "the scratch checkpoint must be removed"
@@ -178,6 +182,30 @@ def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
         for e in errors
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_reports_the_gradient_reduction_and_whether_zero1_fits():
+    """In-process and config-level (no DeepSpeed engine): ZeRO-1 in bf16 accumulates in fp32; ZeRO-2 with
+    accumulation reduces every micro-batch, and the dry run says when ZeRO-1's states would fit the --gpu."""
+    from train.dry_run import DryRunOptions, DryRunReport, target_deepspeed
+    from train.plan import plan_run
+
+    def lines(overrides: List[str], gpu: str) -> List[str]:
+        cfg = load_config(PRESET_125M, overrides)
+        report = DryRunReport()
+        out = target_deepspeed(cfg, plan_run(cfg, 8), DryRunOptions(world_size=8, gpu=gpu), report)
+        assert not report.errors
+        return out
+
+    zero1 = lines([], "h100")
+    assert '"stage": 1' in zero1[0] and '"overlap_comm"' not in zero1[0]
+    assert "accumulate in fp32 (BF16_Optimizer) and are all-reduced once per step" in zero1[1]
+    zero2 = lines(["train.zero_stage=2"], "h100")
+    assert '"overlap_comm": true' in zero2[0]
+    assert "reduce-scatters the gradients after each of the 8 micro-batches" in zero2[1]
+    assert "train.zero_stage=1 would fit (4.12 GiB of 79.65 GiB estimated)" in zero2[2]
+    big = ["train.zero_stage=2", "train.micro_batch_size=64", "train.activation_checkpointing=false"]
+    assert len(lines(big, "l4")) == 2  # ZeRO-1 would not fit a 24 GB card: no such hint
 
 
 @pytest.mark.parametrize(
