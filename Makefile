@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo
 
-# Two pytest workers share the cores; a module's tests stay on one worker (tests/conftest.py).
+# Two pytest workers share the cores; a module's tests (and its module fixtures) stay on one worker.
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # CPU benchmarks -> docs/benchmarks.md (bench-quick: tiny sizes, checks the harness only).
 bench: $(STAMP)

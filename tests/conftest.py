@@ -25,18 +25,6 @@ os.environ["PATH"] = venv_path()
 # core then oversubscribes the cores, and its spinning threads made an in-process 130-step test 12x slower.
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-# Modules that share a machine-wide service run on one worker, one after another: both Slurm modules drive the
-# one localhost cluster (tests/integration/slurm_localhost.sh starts and stops it).
-SHARED_WORKER = {"test_slurm_cluster.py": "slurm", "test_slurm_prepare.py": "slurm"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n N --dist loadgroup` (make test) a module's tests stay on one worker, so its module
-    fixtures (often a trained run) are made once; distinct modules run in parallel."""
-    for item in items:
-        group = SHARED_WORKER.get(item.path.name, item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
-
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:

@@ -8,11 +8,13 @@ resumes from the store and finishes; then a chained pair of segments finds the r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +30,7 @@ from train.checkpoint import RemoteCheckpoints, read_record
 pytestmark = pytest.mark.slow
 
 CLUSTER_SCRIPT = REPO / "tests" / "integration" / "slurm_localhost.sh"
+CLUSTER_LOCK = Path(tempfile.gettempdir()) / "slm-slurm-localhost.lock"
 MAX_STEPS = 100
 SMALL = [
     "model.n_layers=2",
@@ -68,12 +71,18 @@ def slurm_cluster():
         )
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
         pytest.skip("slurm-wlm is not installed and apt-get is not available to install it")
-    was_up = slurm_is_up()
-    proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"slurm_localhost.sh start failed:\n{proc.stdout}\n{proc.stderr}"
-    yield
-    if not was_up:
-        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=60)
+    # One module at a time owns the cluster: under `make test` the two Slurm modules may run on two pytest
+    # workers at once, and the one that started the daemons stops them when it is done.
+    with open(CLUSTER_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        was_up = slurm_is_up()
+        proc = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=900
+        )
+        assert proc.returncode == 0, f"slurm_localhost.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+        yield
+        if not was_up:
+            subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
 def job_info(job_id: str) -> Dict[str, str]:
