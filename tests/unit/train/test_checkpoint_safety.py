@@ -94,6 +94,16 @@ def step(run_dir: Path, n: int) -> Path:
     return run_dir / "checkpoints" / f"step_{n:08d}"
 
 
+def export_here(capsys, *args) -> tuple:
+    """`slm export ARGS` through the CLI's main in this process: its exit code and stderr, as a subprocess would
+    give them, without a process start-up (several seconds on a busy machine) for each refusal."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    code = main(["export", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
 def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_path):
     """Slow (about 35-45 s on 2 busy cores): two `slm train` processes, since the crafted file is met only where a
     resume loads it: one falls back to step 2 and trains to 6, one is refused at the load after DeepSpeed starts."""
@@ -147,32 +157,20 @@ def test_damaged_weights_are_named_and_resume_falls_back(run_copy, tiny_data_dir
     assert steps == list(range(1, 7))
 
 
-def test_missing_model_states_file_is_named(run_copy):
+def test_missing_model_states_file_is_named(run_copy, capsys):
     (step(run_copy, 4) / "mp_rank_00_model_states.pt").unlink()
-    out = go(slm_cmd(["export", str(step(run_copy, 4)), str(run_copy.parent / "out")]), check=False)
-    assert out.returncode == 2 and "incomplete: mp_rank_00_model_states.pt is missing" in out.stderr
+    code, err = export_here(capsys, step(run_copy, 4), run_copy.parent / "out")
+    assert code == 2 and "incomplete: mp_rank_00_model_states.pt is missing" in err, err
 
 
-def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tmp_path):
+def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tmp_path, capsys):
     tokenizer = step(run_copy, 4) / "tokenizer.json"
     text = json.loads(tokenizer.read_text())
     text["added_tokens"][0]["content"] = "<|swapped|>"
     tokenizer.write_text(json.dumps(text))
     forge_record(step(run_copy, 4))  # even with a matching file record, meta.json's tokenizer sha256 differs
-    out = go(slm_cmd(["export", str(run_copy), str(tmp_path / "out")]), check=False)
-    assert (
-        out.returncode == 2 and "tokenizer.json has sha256" in out.stderr and not (tmp_path / "out").exists()
-    )
-
-
-def export_here(capsys, *args) -> tuple:
-    """`slm export ARGS` through the CLI's main in this process: its exit code and stderr, as a subprocess would
-    give them, without a process start-up (several seconds on a busy machine) for a refusal that loads nothing."""
-    from launch.cli import main
-
-    capsys.readouterr()
-    code = main(["export", *map(str, args)])
-    return code, capsys.readouterr().err
+    code, err = export_here(capsys, run_copy, tmp_path / "out")
+    assert code == 2 and "tokenizer.json has sha256" in err and not (tmp_path / "out").exists(), err
 
 
 def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path, capsys):
