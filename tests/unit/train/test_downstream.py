@@ -94,16 +94,17 @@ AGREEMENT_TASKS = ("hellaswag", "arc_easy", "piqa", "winogrande")
 
 @pytest.fixture(scope="module")
 def harness(eval_data_dir, tmp_path_factory):
-    """Every task of ours written as an lm-eval task config, and one lm-eval TaskManager that indexes them with the
-    harness's own: building that index parses every YAML lm-eval ships (tens of seconds on a busy machine), the
-    same work for every caller, so the module builds it once; each test still builds its own Task objects."""
+    """Every task of ours written as an lm-eval task config, and one lm-eval TaskManager that indexes only them:
+    our configs include the harness's task YAMLs by path, so its index of every task lm-eval ships (tens of
+    seconds on a busy machine, and simple_evaluate builds one when given no manager) is not needed. Each test still
+    builds its own Task objects."""
     from lm_eval.tasks import TaskManager
 
     from train.downstream.harness import write_harness_tasks
 
     folder = tmp_path_factory.mktemp("harness_tasks")
     mapping = write_harness_tasks([*BUNDLE_TASKS, "lambada_openai"], str(eval_data_dir), folder)
-    return mapping, TaskManager(include_path=str(folder))
+    return mapping, TaskManager(include_path=str(folder), include_defaults=False)
 
 
 def harness_tasks(harness, names):
@@ -135,8 +136,8 @@ def choice_scores(examples, task):
 
 def test_slm_eval_agrees_with_lm_eval_on_every_example(tiny_export, eval_data_dir, harness, tmp_path):
     """Our evaluator and lm_eval each score the same 230 examples (50 of four tasks, 30 of LAMBADA: over 600
-    continuations) with the exported model, about 15 s on 2 busy cores. lm_eval reuses the module's task index (the
-    `harness` fixture) instead of building its own."""
+    continuations) with the exported model, under 15 s on 2 busy cores. lm_eval gets the module's task manager (the
+    `harness` fixture) instead of indexing all of its own tasks."""
     from lm_eval.models.huggingface import HFLM
 
     from launch.cli import main as slm_main
@@ -163,7 +164,7 @@ def test_slm_eval_agrees_with_lm_eval_on_every_example(tiny_export, eval_data_di
         num_fewshot=0,
         log_samples=True,
         samples=samples,
-        task_manager=harness[1],  # the module's index: without it simple_evaluate builds its own, to no use
+        task_manager=harness[1],  # without it simple_evaluate indexes every task lm-eval ships, to no use
     )
     for name in AGREEMENT_TASKS:
         samples, mine = theirs["samples"][mapping[name]], choice_scores(ours["examples"], name)
