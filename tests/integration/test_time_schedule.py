@@ -86,8 +86,8 @@ def test_lr_reaches_min_lr_on_the_last_step_within_the_time_budget(timed_run):
 
 
 def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, tiny_data_dir, tmp_path):
-    """Slow (about 30 s on 2 busy cores): a second 2-process run under torchrun, resumed after the decision and
-    trained to the recorded end of the decay (the last ~40% of the timed run's steps)."""
+    """Slow (about 30 s on 2 busy cores): a second 2-process run under torchrun, resumed from the first checkpoint
+    after the decision and trained to the recorded end of the decay."""
     decay = read_record(find_checkpoint(timed_run)).progress.timed_decay
     start, end = decay.start_step, decay.start_step + decay.steps
     after = sorted(p for p in (timed_run / "checkpoints").glob("step_*") if start < int(p.name[5:]) < end)
