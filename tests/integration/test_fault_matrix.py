@@ -19,6 +19,8 @@ def test_points_are_seeded_and_include_a_save():
 
 
 def test_kill_9_at_random_points_resumes_bitwise(tiny_data_dir, tmp_path):
+    """Slow (about 45 s on 2 busy cores): seven `slm train` start-ups, the 12-step reference and the same command
+    killed at 5 points and restarted until it finishes; each kill is a separate process, the point of the test."""
     result = run_matrix(tmp_path, tiny_data_dir, SEED, POINTS, STEPS)
     assert result["losses_equal"] and result["steps_once"] and result["params_equal"] and result["done"], (
         result

@@ -67,7 +67,9 @@ def loss_of(source, batch) -> float:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, tiny_data_dir):
-    """Runs the whole chain once; the tests below check its parts."""
+    """Runs the whole chain once; the tests below check its parts. Slow (about 35 s on 2 busy cores): the session's
+    2-rank ZeRO-3 checkpoints if no other module made them yet, two `slm train` start-ups (CPT, IFT) and two
+    exports that each load the result in transformers to verify it."""
     root = tmp_path_factory.mktemp("handoff")
     pretrain = build_checkpoints(tmp_path_factory, tiny_data_dir / "tokenizer.json") / "zero3_tied_gqa"
     pretrain_export = export(pretrain, root / "pretrain_export", dtype="fp32")

@@ -85,6 +85,8 @@ def test_torchrun_two_nodes_with_c10d_rendezvous(tiny_data_dir, tmp_path):
 
 
 def test_deepspeed_two_nodes_without_ssh(tiny_data_dir, tmp_path):
+    """Slow (about 40 s on 2 busy cores): launch/deepspeed.sh started twice, as two "nodes" of one process each,
+    through the DeepSpeed launcher (its own Python start-up before each rank's) for a short real run."""
     run_dir = tmp_path / "deepspeed_run"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine: two "nodes"

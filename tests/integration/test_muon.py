@@ -68,6 +68,8 @@ def test_two_processes_follow_the_whole_matrix_curve(muon_runs, stage):
 
 
 def test_muon_resume_is_bitwise_exact(muon_runs, tmp_path, tiny_data_dir):
+    """Slow (about 30 s on 2 busy cores): a 2-process torchrun run resumed from step 6 of the module's ZeRO-2 Muon
+    run (shared with the curve test), with its DeepSpeed start-up and checkpoint load on both ranks."""
     full, _ = muon_runs(2, 2)
     resumed = tmp_path / "resumed"
     out = run(

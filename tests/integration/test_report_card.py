@@ -35,6 +35,9 @@ SHORT = [
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, tiny_data_dir) -> Dict[str, Path]:
+    """The pretrain -> CPT -> IFT runs, made once for the module's tests. Slow (about 60 s on 2 busy cores): three
+    `slm train` processes, each with its own start-up and an arc_easy evaluation at its end; the chain is the
+    report's subject, and its runs are already short (3 + 2 + 2 steps)."""
     from train.downstream.fetch import fetch_eval_data
 
     try:

@@ -63,7 +63,10 @@ def flip_a_byte(fs, path: str) -> None:
 @pytest.fixture(scope="module")
 def s3_ckpt_run(s3_server, tiny_data_dir, single_run, tmp_path_factory):
     """One process, checkpoints every 3 steps on s3:// (keep 2), killed after step 8; then step 6 damaged on the
-    server and the run resumed from the URL on "another machine". Returns (url, fs, prefix, first, resumed, out)."""
+    server and the run resumed from the URL on "another machine". Returns (url, fs, prefix, first, resumed, out).
+
+    Slow (about 45 s on 2 busy cores): two `slm train` start-ups, 8 and 9 steps, saving every 3 steps to the S3
+    server and reading the resume point back from it."""
     fs, prefix = s3_server.filesystem(), f"{BUCKET}/ckpt-{uuid.uuid4().hex[:8]}"
     url = f"s3://{prefix}"
     env = make_env(s3_server.env)
@@ -109,6 +112,8 @@ def test_s3_checkpoints_survive_kill_9_and_a_damaged_byte_on_another_machine(s3_
 
 
 def test_export_from_a_checkpoint_url_equals_export_from_the_local_copy(s3_ckpt_run, tmp_path, s3_server):
+    """Slow (about 60 s on 2 busy cores): four CLI processes (two exports, two generates), each a fresh start-up
+    that loads the checkpoint, one side from the URL and the other from the local copy it is compared with."""
     url, fs, prefix, *_ = s3_ckpt_run
     local = tmp_path / "ckpt" / "step_00000012"
     fs.get(f"{prefix}/step_00000012/", str(local), recursive=True)

@@ -23,7 +23,11 @@ SOURCES = f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]"
 
 @pytest.fixture(scope="module")
 def s3_dataset(s3_server, tiny_data_dir, tmp_path_factory):
-    """tinyshakespeare prepared by `slm prepare` into s3://, with the tiny data's tokenizer read from s3://."""
+    """tinyshakespeare prepared by `slm prepare` into s3://, with the tiny data's tokenizer read from s3://.
+
+    Slow (about 40 s on 2 busy cores, charged to the module's first test): two `slm prepare` processes, the first
+    killed mid-way, each committing to the S3 server after every 4 KB chunk so that the kill lands between
+    commits and the resume has a remote snapshot to restore."""
     fs, prefix = s3_server.filesystem(), f"{BUCKET}/train-{uuid.uuid4().hex[:8]}"
     fs.put_file(str(tiny_data_dir / "tokenizer.json"), f"{prefix}/tok/tokenizer.json")
     url, cache = f"s3://{prefix}/data", tmp_path_factory.mktemp("prep_cache")
@@ -92,6 +96,8 @@ def test_prepare_to_s3_resumes_and_equals_a_local_prepare(s3_dataset, tiny_data_
 def test_train_from_s3_killed_and_resumed_with_a_tiny_cache_equals_local(
     s3_dataset, single_run, s3_server, tmp_path
 ):
+    """Slow (about 30 s on 2 busy cores): two 1-process `slm train` start-ups, one killed after step 8 and one
+    resumed to step 12 reading its shards from the S3 server through a cache smaller than a shard."""
     url, fs, _, _ = s3_dataset
     run_dir = tmp_path / "run"
     cmd = slm_cmd(train_args(run_dir, url, *ONE_PROC, f"data.cache_dir={tmp_path / 'cache'}"))

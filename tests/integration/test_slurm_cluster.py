@@ -153,7 +153,11 @@ def wait_for(condition, timeout: float, what: str, run_dir: Path, job_id: str) -
 
 @pytest.fixture(scope="module")
 def preempted_run(slurm_cluster, s3_server, tiny_data_dir, tmp_path_factory) -> Dict:
-    """Submit, let a few steps pass, send USR1 to the batch shell, and wait until the job is over for good."""
+    """Submit, let a few steps pass, send USR1 to the batch shell, and wait until the job is over for good.
+
+    Slow (about 90 s on 2 busy cores): a real Slurm job runs two attempts of a 2-process torchrun training
+    (start-up, checkpoint to S3 on USR1, requeue, resume from the store, finish): the story every test here checks,
+    made once for the module."""
     run_dir = tmp_path_factory.mktemp("slurm_run")
     store = {
         "url": f"s3://{BUCKET}/slurm-{uuid.uuid4().hex[:8]}",

@@ -51,6 +51,9 @@ def test_scripts_chain_tokenizer_array_and_merge(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_as_slurm_jobs_equals_a_single_prepare(slurm_cluster, tmp_path):  # noqa: F811
+    """Slow (about 45 s on 2 busy cores): four real Slurm jobs (the tokenizer, a job array of two parts, the merge
+    that waits for them), each a fresh Python start-up, then a single prepare in the test process to compare
+    with, byte for byte."""
     folder = corpus(tmp_path)
     data_dir = tmp_path / "slurm_data"
     out = run(

@@ -46,6 +46,8 @@ def tensors_equal(a: Any, b: Any) -> bool:
 
 
 def test_warn_logs_the_spike_and_skip_drops_its_update(tiny_data_dir, tmp_path):
+    """Slow (about 30 s on 2 busy cores): two 6-step runs, one per action, each its own `slm train` start-up,
+    checkpointing every step so that the skipped step's weights can be compared with the step before."""
     warn_dir, skip_dir = tmp_path / "warn", tmp_path / "skip"
     short = ["train.max_steps=6", "checkpoint.every=1", "checkpoint.keep=6"]
     warned = guarded(warn_dir, tiny_data_dir, "warn", *short)
@@ -78,7 +80,10 @@ def train_rows(run_dir: Path) -> list:
 
 
 def test_rollback_skips_the_window_and_resumes_exactly_before_and_after_it(tiny_data_dir, tmp_path):
-    """Checkpoints at 3, 6, 8; the spike at step 5 rolls back to 3 and skips data steps 4-5 (samples [24, 40))."""
+    """Checkpoints at 3, 6, 8; the spike at step 5 rolls back to 3 and skips data steps 4-5 (samples [24, 40)).
+
+    Slow (about 40 s on 2 busy cores): three `slm train` start-ups, the 8-step run and its resumes from after and
+    from before the rollback."""
     full = tmp_path / "full"
     cadence = ["train.max_steps=8", "checkpoint.every=3", "checkpoint.keep=3"]
     out = guarded(full, tiny_data_dir, "rollback", *cadence)

@@ -62,6 +62,8 @@ def train(run_dir: Path, data_dir: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def timed_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """The 2-process wsd_time run, shared by the module's tests. Slow (about 40 s on 2 busy cores) by design: the
+    schedule is decided by the clock, so the run trains for its train.max_time of 30 s after a torchrun start-up."""
     run_dir = tmp_path_factory.mktemp("wsd_time") / "run"
     out = train(run_dir, tiny_data_dir)
     assert "lr decays to min_lr over the next" in out.stderr, out.stderr[-3000:]
@@ -84,6 +86,8 @@ def test_lr_reaches_min_lr_on_the_last_step_within_the_time_budget(timed_run):
 
 
 def test_a_run_resumed_after_the_decision_replays_the_same_schedule(timed_run, tiny_data_dir, tmp_path):
+    """Slow (about 30 s on 2 busy cores): a second 2-process run under torchrun, resumed from the first checkpoint
+    after the decision and trained to the recorded end of the decay."""
     decay = read_record(find_checkpoint(timed_run)).progress.timed_decay
     start, end = decay.start_step, decay.start_step + decay.steps
     after = sorted(p for p in (timed_run / "checkpoints").glob("step_*") if start < int(p.name[5:]) < end)

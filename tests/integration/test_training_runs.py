@@ -290,7 +290,10 @@ def test_cpt_refuses_an_init_source_trained_with_another_tokenizer(single_run, t
 
 
 def test_torch_compile_follows_the_eager_curve(single_run, tmp_path, tiny_data_dir):
-    """train.compile=true (torch.compile through DeepSpeed's engine.compile) trains the same model."""
+    """train.compile=true (torch.compile through DeepSpeed's engine.compile) trains the same model.
+
+    Slow (about 30 s on 2 busy cores): one 12-step run, most of it Inductor compiling the forward and backward
+    graphs to C++ (the eager reference is the session's single_run)."""
     run_dir = tmp_path / "compiled"
     run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.compile=true")), timeout=600)
     eager, compiled = losses(single_run), losses(run_dir)

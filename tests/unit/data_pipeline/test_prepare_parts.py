@@ -78,7 +78,10 @@ def test_parts_and_merge_equal_a_single_prepare(tmp_path, sources):
 
 
 def test_parts_through_the_cli(tmp_path, sources):
-    """The same through `slm prepare` (2 parts), ending in a dataset a second plain prepare finds complete."""
+    """The same through `slm prepare` (2 parts), ending in a dataset a second plain prepare finds complete.
+
+    Slow (about 30 s on 2 busy cores): five `slm prepare` processes (tokenizer, two parts, merge, the check), each
+    a fresh Python start-up; the separate processes are what the CLI path is about."""
     data_dir = tmp_path / "data"
     over = [
         f"data.dir={data_dir}",

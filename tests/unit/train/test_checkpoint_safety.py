@@ -77,6 +77,7 @@ def forge_record(step_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tiny_data_dir) -> Path:
+    """A 4-step run (checkpoints at 2 and 4) that every test copies: one `slm train` start-up for the module."""
     run_dir = tmp_path_factory.mktemp("safety") / "run"
     go(train_cmd(run_dir, tiny_data_dir, 4))
     return run_dir
@@ -93,7 +94,19 @@ def step(run_dir: Path, n: int) -> Path:
     return run_dir / "checkpoints" / f"step_{n:08d}"
 
 
+def export_here(capsys, *args) -> tuple:
+    """`slm export ARGS` through the CLI's main in this process: its exit code and stderr, as a subprocess would
+    give them, without a process start-up (several seconds on a busy machine) for each refusal."""
+    from launch.cli import main
+
+    capsys.readouterr()
+    code = main(["export", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
 def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_path):
+    """Slow (about 35-45 s on 2 busy cores): two `slm train` processes, since the crafted file is met only where a
+    resume loads it: one falls back to step 2 and trains to 6, one is refused at the load after DeepSpeed starts."""
     target = tmp_path / "pwned"
     craft(step(run_copy, 4) / "rng_rank00000.pt", target)
     out = go(train_cmd(run_copy, tiny_data_dir, 6))  # the record catches it: back to step 2
@@ -144,50 +157,51 @@ def test_damaged_weights_are_named_and_resume_falls_back(run_copy, tiny_data_dir
     assert steps == list(range(1, 7))
 
 
-def test_missing_model_states_file_is_named(run_copy):
+def test_missing_model_states_file_is_named(run_copy, capsys):
     (step(run_copy, 4) / "mp_rank_00_model_states.pt").unlink()
-    out = go(slm_cmd(["export", str(step(run_copy, 4)), str(run_copy.parent / "out")]), check=False)
-    assert out.returncode == 2 and "incomplete: mp_rank_00_model_states.pt is missing" in out.stderr
+    code, err = export_here(capsys, step(run_copy, 4), run_copy.parent / "out")
+    assert code == 2 and "incomplete: mp_rank_00_model_states.pt is missing" in err, err
 
 
-def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tmp_path):
+def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tmp_path, capsys):
     tokenizer = step(run_copy, 4) / "tokenizer.json"
     text = json.loads(tokenizer.read_text())
     text["added_tokens"][0]["content"] = "<|swapped|>"
     tokenizer.write_text(json.dumps(text))
     forge_record(step(run_copy, 4))  # even with a matching file record, meta.json's tokenizer sha256 differs
-    out = go(slm_cmd(["export", str(run_copy), str(tmp_path / "out")]), check=False)
-    assert (
-        out.returncode == 2 and "tokenizer.json has sha256" in out.stderr and not (tmp_path / "out").exists()
-    )
+    code, err = export_here(capsys, run_copy, tmp_path / "out")
+    assert code == 2 and "tokenizer.json has sha256" in err and not (tmp_path / "out").exists(), err
 
 
-def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path):
+def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path, capsys):
+    """The six refusals run in this process (export_here): they stop before anything is loaded, so a process each
+    would only add start-ups; the two exports that write run as real `slm export` processes."""
     before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
     for src, out in (
         (run_copy, run_copy),
         (step(run_copy, 4), run_copy / "checkpoints"),
         (run_copy, run_copy / "hf"),
     ):
-        proc = go(slm_cmd(["export", str(src), str(out)]), check=False)
-        assert proc.returncode == 2 and "Refusing to export" in proc.stderr, proc.stderr
+        code, err = export_here(capsys, src, out)
+        assert code == 2 and "Refusing to export" in err, err
     assert sorted(p.relative_to(run_copy) for p in run_copy.rglob("*")) == before
     user = tmp_path / "mine"
     (user / "sub").mkdir(parents=True)
     (user / "notes.txt").write_text("precious")
     for force in ([], ["--force"]):
-        proc = go(slm_cmd(["export", str(run_copy), str(user), *force]), check=False)
-        assert proc.returncode == 2 and "not an slm export" in proc.stderr
+        code, err = export_here(capsys, run_copy, user, *force)
+        assert code == 2 and "not an slm export" in err, err
     assert (user / "notes.txt").read_text() == "precious" and (user / "sub").is_dir()
     export = tmp_path / "export"
     go(slm_cmd(["export", str(run_copy), str(export)]))
-    again = go(slm_cmd(["export", str(run_copy), str(export)]), check=False)
-    assert again.returncode == 2 and "pass --force" in again.stderr
+    code, err = export_here(capsys, run_copy, export)
+    assert code == 2 and "pass --force" in err, err
     go(slm_cmd(["export", str(run_copy), str(export), "--force"]))
     assert (export / "slm_export.json").is_file()
 
 
 def test_ctrl_c_checkpoints_and_exits_3(tiny_data_dir, tmp_path):
+    """About 30 s on 2 busy cores: one real `slm train` process (start-up, 3 steps, SIGINT, the checkpoint save)."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         train_cmd(run_dir, tiny_data_dir, 400, "checkpoint.every=1000"),
