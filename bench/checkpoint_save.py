@@ -21,10 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.slm_runs import slm  # noqa: E402
-from data_pipeline.prepare.dispatch import prepare  # noqa: E402
-from launch.config import load_config  # noqa: E402
-from tests.helpers import SHAKESPEARE, TINY  # noqa: E402
+from bench.slm_runs import prepare_tiny_shakespeare, slm  # noqa: E402
+from tests.helpers import TINY  # noqa: E402
 from tests.s3_localhost import BUCKET, start_s3  # noqa: E402
 
 SHAPES = {
@@ -61,16 +59,7 @@ def main() -> None:
     parser.add_argument("--modes", default="sync,async")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
-    data = scratch / "data"
-    cfg = load_config(
-        TINY,
-        [
-            f"data.dir={data}",
-            "data.num_proc=1",
-            f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]",
-        ],
-    )
-    prepare(cfg.data, cfg.tokenizer)
+    data = prepare_tiny_shakespeare(scratch / "data")
     (scratch / "s3").mkdir()
     servers = start_s3(scratch / "s3")
     server = next(servers)

@@ -16,10 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_pipeline.prepare.dispatch import prepare  # noqa: E402
-from launch.config import load_config  # noqa: E402
+from bench.slm_runs import prepare_tiny_shakespeare  # noqa: E402
 from tests.fault_matrix import run_matrix  # noqa: E402
-from tests.helpers import SHAKESPEARE, TINY  # noqa: E402
 
 
 def main() -> None:
@@ -29,16 +27,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp) / "data"
-        cfg = load_config(
-            TINY,
-            [
-                f"data.dir={data_dir}",
-                "data.num_proc=1",
-                f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]",
-            ],
-        )
-        prepare(cfg.data, cfg.tokenizer)
+        data_dir = prepare_tiny_shakespeare(Path(tmp) / "data")
         started = time.time()
         result = run_matrix(Path(tmp), data_dir, args.seed, args.points, args.steps)
         result["seconds"] = round(time.time() - started, 1)

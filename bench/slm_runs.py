@@ -1,4 +1,5 @@
-"""What the benchmarks share about `slm` runs: starting one as a subprocess, and reading its metrics.jsonl."""
+"""What the benchmarks share about `slm` runs: tiny Shakespeare prepared into a scratch folder, starting a run as a
+subprocess, and reading its metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def prepare_tiny_shakespeare(data_dir: Path) -> Path:
+    """tinyshakespeare tokenized with configs/tiny.yaml's settings into `data_dir` (one process, documents at blank
+    lines, as the tests prepare it); returns data_dir."""
+    from data_pipeline.prepare.dispatch import prepare
+    from launch.config import load_config
+    from tests.helpers import SHAKESPEARE, TINY
+
+    cfg = load_config(
+        TINY,
+        [
+            f"data.dir={data_dir}",
+            "data.num_proc=1",
+            f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]",
+        ],
+    )
+    prepare(cfg.data, cfg.tokenizer)
+    return data_dir
 
 
 def slm(args: list, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:

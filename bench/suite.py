@@ -83,7 +83,7 @@ BENCHES = [
     Bench(
         "train_throughput",
         "Training throughput: `slm train` against a bare PyTorch loop",
-        ["bench/train_throughput.py", "--steps", "120", "--log-every", "20", "--repeats", "3"],
+        ["bench/train_throughput.py", "--steps", "60", "--log-every", "10", "--repeats", "3"],
         [
             "bench/train_throughput.py",
             "--steps",
@@ -94,6 +94,10 @@ BENCHES = [
             "1",
             "--precisions",
             "fp32",
+            "--shapes",
+            "tiny",
+            "--stages",
+            "2",
         ],
     ),
     Bench(

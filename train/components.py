@@ -104,7 +104,8 @@ class LoopRun:
     started: float
     """time.time() when this invocation started (train.max_time counts from it)."""
     plain_optimizer: bool = False
-    """ZeRO 0 in fp32: DeepSpeed hands the step to our AdamW, with no grad norm or non-finite skip of its own."""
+    """ZeRO 0 in fp32: DeepSpeed hands the step to our optimizer, with no grad norm, non-finite skip or clipping of its
+    own (the loop clips: train.deepspeed_config.plain_optimizer)."""
     val_sources: List[ValSource] = field(default_factory=list)
     """With several data sources, each one's own fixed validation batches (val_batches then holds them all)."""
 

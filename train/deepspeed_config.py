@@ -99,6 +99,11 @@ def communication_options(zero_stage: int, model: Optional[ModelConfig], device_
     return options
 
 
+def plain_optimizer(train: TrainConfig) -> bool:
+    """ZeRO 0 in fp32: DeepSpeed calls our optimizer directly, with no gradient norm or non-finite skip of its own."""
+    return train.zero_stage == 0 and train.precision == "fp32"
+
+
 def build_deepspeed_config(
     train: TrainConfig,
     optim: OptimConfig,
@@ -115,7 +120,10 @@ def build_deepspeed_config(
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
         "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
-        "gradient_clipping": float(optim.grad_clip),
+        # ZeRO 0 in fp32 hands the step to our optimizer as it is (train.components.LoopRun.plain_optimizer): the
+        # loop clips there with torch's fused clip_grad_norm_, since DeepSpeed's per-parameter clip fails on a step
+        # whose gradients the non-finite skip dropped and costs a one-rank all-reduce besides.
+        "gradient_clipping": 0.0 if plain_optimizer(train) else float(optim.grad_clip),
         "zero_optimization": {
             "stage": train.zero_stage,
             **communication_options(train.zero_stage, model, device_type),
@@ -133,6 +141,11 @@ def build_deepspeed_config(
         # ZeRO-1 + bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer: micro-batch gradients add up in
         # fp32 (bf16 sums lose the small ones), reduced once per step (ZeRO-2 reduce-scatters every micro-batch).
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
+    if world_size == 1 and device_type == "cpu" and train.zero_stage in (1, 2):
+        # One CPU rank has nothing to reduce: contiguous_gradients only adds a copy of every gradient into a bucket
+        # on each backward (4% of a tiny-preset step, bench/train_step_profile.py); the values are the same. (On
+        # a GPU it stays: there the flat buffer spares the allocator and the copy is cheap.)
+        generated["zero_optimization"]["contiguous_gradients"] = False
     optimizer = deepspeed_optimizer_block(optim)
     if (
         optimizer is not None

@@ -44,14 +44,23 @@ class NonfiniteWatch:
     Hooks see the local gradient before ZeRO reduces or partitions it, so the check is the same for
     every stage. Under fp16 overflowing scaled gradients are normal (DeepSpeed's loss scaler skips
     those steps), so only the loss is checked there.
+
+    `accumulated` (one rank, ZeRO 0 in fp32, guard not measuring the norm): the gradients stay in `param.grad`
+    until the optimizer step and a NaN/inf stays non-finite when later micro-batches add to it, so one fused
+    norm over the accumulated gradients at the step replaces a hook and a reduction per parameter and micro-batch.
     """
 
-    def __init__(self, model: torch.nn.Module, enabled: bool, measure_norm: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, enabled: bool, measure_norm: bool = False, accumulated: bool = False
+    ) -> None:
         self.sums: List[torch.Tensor] = []
         self.squares: List[torch.Tensor] = []
         self.measure_norm = measure_norm
         self.handles = []
-        if enabled or measure_norm:
+        self.params: List[torch.nn.Parameter] = []
+        if accumulated and enabled and not measure_norm:
+            self.params = [param for param in model.parameters() if param.requires_grad]
+        elif enabled or measure_norm:
             for param in model.parameters():
                 if param.requires_grad:
                     self.handles.append(param.register_hook(self._record))
@@ -67,6 +76,9 @@ class NonfiniteWatch:
         if self.sums:
             total = total + torch.stack(self.sums).sum()
         self.sums = []
+        grads = [param.grad for param in self.params if param.grad is not None]
+        if grads:
+            total = total + torch.nn.utils.get_total_norm(grads, foreach=True).float()
         return (~torch.isfinite(total)).float()
 
     def squared_norm(self) -> torch.Tensor:
@@ -116,7 +128,9 @@ class TrainingLoop:
             run.engine.module,
             enabled=self.train.precision != "fp16",
             measure_norm="grad_norm" in self.guard_signals,
+            accumulated=run.plain_optimizer and run.dist_info.world_size == 1,
         )
+        self.trainable = [param for param in run.engine.module.parameters() if param.requires_grad]
         if self.guard and run.progress.guard is None:
             run.progress.guard = fresh_state()  # a fresh run (or a checkpoint from before the guard)
         # A loss spike judged before this step's last backward pass: its update is dropped.
@@ -325,6 +339,9 @@ class TrainingLoop:
             return dataclasses.replace(event, rolled_back=True)
         for component in self.components:
             component.before_optimizer_step(run, event)
+        if run.plain_optimizer and not event.nonfinite and self.optim.grad_clip > 0:
+            # DeepSpeed's clipping is off for the plain optimizer (train.deepspeed_config): clip here, fused.
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.optim.grad_clip, foreach=True)
         run.engine.step()
         run.progress.step = number
         run.progress.tokens_seen += run.plan.tokens_per_step

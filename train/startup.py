@@ -322,6 +322,10 @@ def build_engine(
             )
         else:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if dist_info.world_size == 1 and cfg.train.zero_stage == 0:
+        # ZeRO 0 all-reduces every gradient after backward (flatten, a one-rank all_reduce, copy back): the
+        # identity on one rank, and 3% of a tiny-preset step (bench/train_step_profile.py).
+        engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()
     return engine

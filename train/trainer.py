@@ -13,6 +13,7 @@ from data_pipeline.tokenizer import tokenizers_single_threaded
 from train.checkpoint import CheckpointSaver, checkpoints_location
 from train.components import Component, LoopRun
 from train.config import Config
+from train.deepspeed_config import plain_optimizer
 from train.distributed import (
     DistInfo,
     on_main_then_share,
@@ -75,7 +76,7 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
             setup.val_batches,
             setup.data.bytes_per_token,
             setup.started,
-            plain_optimizer=cfg.train.zero_stage == 0 and cfg.train.precision == "fp32",
+            plain_optimizer=plain_optimizer(cfg.train),
             val_sources=setup.val_sources,
         )
         components = standard_components(cfg) + list(extra_components)

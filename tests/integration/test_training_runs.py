@@ -192,6 +192,31 @@ def test_injected_nan_stops_before_the_optimizer_step(tiny_data_dir, tmp_path):
     assert [r["step"] for r in rows(run_dir)] == [1, 2]
 
 
+def test_a_skipped_step_at_zero0_in_fp32_is_dropped_and_the_run_finishes(tiny_data_dir, tmp_path):
+    """ZeRO 0 in fp32 (the CPU recipe's engine): the skip drops the step's gradients, which DeepSpeed's own clip
+    could not take (IndexError); the loop clips that optimizer itself (train.deepspeed_config.plain_optimizer)."""
+    run_dir = tmp_path / "run"
+    out = run(
+        slm_cmd(
+            train_args(
+                run_dir,
+                tiny_data_dir,
+                *ONE_PROC,
+                "train.zero_stage=0",
+                "train.precision=fp32",
+                "train.on_nonfinite=skip",
+                "train.max_steps=4",
+                "eval.every=4",
+                "checkpoint.every=4",
+            )
+        ),
+        env=make_env({"SLM_INJECT_NAN_AT_STEP": "3"}),
+    )
+    assert "step 3: non-finite loss or gradient, step skipped" in out.stderr
+    last = rows(run_dir)[-1]
+    assert last["step"] == 4 and last["skipped_steps"] == 1 and last["loss"] is not None
+
+
 def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_counts(
     two_proc_run, tiny_data_dir, tmp_path
 ):

@@ -30,3 +30,26 @@ def test_nonfinite_watch_sees_a_nan_gradient_with_a_finite_loss():
     assert torch.isfinite(loss) and watch.nonfinite(loss.detach()).item() == 1.0
     assert watch.nonfinite(loss.detach()).item() == 0.0  # each call starts afresh
     assert NonfiniteWatch(model, enabled=False).handles == []
+
+
+def test_accumulated_watch_sees_a_nan_from_an_earlier_micro_batch():
+    """One rank at ZeRO 0 in fp32: no hooks; the fused check over the accumulated gradients still sees a NaN that
+    only the first of two micro-batches produced."""
+    torch.manual_seed(0)
+    model = Transformer(SMALL)
+    watch = NonfiniteWatch(model, enabled=True, accumulated=True)
+    assert watch.handles == []
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 8))
+    poison = model.norm.weight.register_hook(lambda g: g * float("nan"))
+    _, loss = model(tokens, targets=tokens)
+    loss.backward()
+    poison.remove()
+    _, loss = model(tokens, targets=tokens)
+    loss.backward()
+    assert torch.isfinite(loss) and watch.nonfinite(loss.detach()).item() == 1.0
+    model.zero_grad(set_to_none=True)
+    _, loss = model(tokens, targets=tokens)
+    loss.backward()
+    assert watch.nonfinite(loss.detach()).item() == 0.0
+    # The guard's gradient norm is summed per micro-batch, so measuring it keeps the hooks.
+    assert NonfiniteWatch(model, enabled=True, measure_norm=True, accumulated=True).handles
