@@ -86,11 +86,15 @@ def deepspeed_optimizer_block(optim: OptimConfig) -> Optional[Dict[str, Any]]:
     }
 
 
-def set_compile_stance(device: torch.device, compile_model: bool) -> None:
+def set_compile_stance(device: torch.device, compile_model: bool, muon: bool) -> None:
     """On CPU, nothing is compiled unless train.compile is set: DeepSpeed wraps Muon's Newton-Schulz kernels in
     torch.compile, and inductor spends 7-26 s of a CPU run's start-up on them for a 10-20% faster update
-    (measured on the recipe's matrices; docs/benchmarks.md). On GPU DeepSpeed's choice stands."""
+    (measured on the recipe's matrices; docs/benchmarks.md). On GPU DeepSpeed's choice stands. A CPU run that
+    compiles nothing (no train.compile, no Muon) leaves the stance alone: setting it imports torch._dynamo, about
+    2 s of CPU at start-up."""
     eager = device.type == "cpu" and not compile_model
+    if eager and not muon:
+        return
     torch.compiler.set_stance("force_eager" if eager else "default")
 
 

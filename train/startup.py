@@ -290,7 +290,7 @@ def build_engine(
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
     import deepspeed  # heavy: imported when an engine is built
 
-    set_compile_stance(dist_info.device, cfg.train.compile)
+    set_compile_stance(dist_info.device, cfg.train.compile, muon=cfg.optim.name == "muon")
     seed_everything(cfg.run.seed)
     model = Transformer(plan.model(cfg.model))
     if init_weights is not None:
