@@ -108,7 +108,8 @@ class BareLoop:
     def __init__(self, cfg, data_dir: Path, precision: str, rank: int = 0, world: int = 1) -> None:
         from train.optim import set_compile_stance
 
-        set_compile_stance(torch.device("cpu"), False)  # Muon's kernels run eagerly on CPU, as in slm train
+        # Muon's kernels run eagerly on CPU, as in slm train
+        set_compile_stance(torch.device("cpu"), False, muon=cfg.optim.name == "muon")
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.step_number = cfg, 0
         self.dtype = DTYPES[precision]
@@ -352,34 +353,23 @@ def main() -> None:
         stage_override = [] if stage is None else [f"train.zero_stage={stage}"]
         flops = flops_per_token(cfg.model, cfg.model.max_seq_len)
         slm, bare, base, loads = [], [], [], []
+
+        # One case's `slm train` arguments, measured in this checkout and (with --baseline-repo) in the other one.
+        slm_args = (
+            str(preset),
+            data_dir,
+            precision,
+            args.steps,
+            args.log_every,
+            args.threads,
+            [*overrides, *stage_override],
+            nproc,
+        )
         for _ in range(args.repeats):
             loads.append(os.getloadavg()[0])
             if args.baseline_repo:
-                base.append(
-                    slm_train_tokens_per_second(
-                        str(preset),
-                        data_dir,
-                        precision,
-                        args.steps,
-                        args.log_every,
-                        args.threads,
-                        [*overrides, *stage_override],
-                        nproc,
-                        args.baseline_repo,
-                    )
-                )
-            slm.append(
-                slm_train_tokens_per_second(
-                    str(preset),
-                    data_dir,
-                    precision,
-                    args.steps,
-                    args.log_every,
-                    args.threads,
-                    [*overrides, *stage_override],
-                    nproc,
-                )
-            )
+                base.append(slm_train_tokens_per_second(*slm_args, args.baseline_repo))
+            slm.append(slm_train_tokens_per_second(*slm_args))
             if nproc == 1:
                 cfg_run = load_config(str(preset), [f"data.dir={data_dir}", *overrides])
                 bare.append(
