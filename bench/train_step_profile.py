@@ -55,15 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    from train.checkpoint import CheckpointSaver, checkpoints_location
-    from train.components import LoopRun
-    from train.deepspeed_config import plain_optimizer
     from train.distributed import setup_distributed, with_precision_resolved
     from train.loop import TrainingLoop
-    from train.metrics import MetricsLogger
     from train.signals import StopRequest
     from train.standard_components import standard_components
-    from train.startup import remote_location, set_up_run
+    from train.startup import set_up_run
+    from train.trainer import loop_run
 
     total = args.rounds * args.steps + args.steps
     variants = [("slm", [])] + [(v.split("|")[0], v.split("|", 1)[1].split()) for v in args.variant]
@@ -85,30 +82,7 @@ def main() -> None:
         cfg = with_precision_resolved(cfg, dist_info.device.type, dist_info.is_main)
         setup = set_up_run(cfg, dist_info)
         cfg = setup.cfg
-        checkpoints = CheckpointSaver(
-            setup.engine,
-            Path(checkpoints_location(cfg.checkpoint.dir, Path(cfg.run.dir))),
-            setup.identity,
-            setup.train_loader,
-            setup.data.tokenizer_path,
-            cfg.checkpoint.keep,
-            dist_info,
-            last_saved=None,
-            remote=remote_location(cfg),
-        )
-        run = LoopRun(
-            cfg,
-            dist_info,
-            setup.plan,
-            setup.engine,
-            setup.progress,
-            MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank),
-            checkpoints,
-            setup.val_batches,
-            setup.data.bytes_per_token,
-            setup.started,
-            plain_optimizer=plain_optimizer(cfg.train),
-        )
+        run = loop_run(setup, dist_info)
         loop = TrainingLoop(run, setup.train_loader, standard_components(cfg))
         for component in loop.components:
             component.on_start(run)

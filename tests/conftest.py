@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHAKESPEARE, TINY, venv_path
+from tests.helpers import venv_path
 
 for _key, _value in dict(
     HF_DATASETS_OFFLINE="1",
@@ -28,21 +28,11 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    """tinyshakespeare prepared once per session with the tiny preset (tokenizer, shards, manifest)."""
-    from data_pipeline.prepare.dispatch import prepare
-    from launch.config import load_config
+    """tinyshakespeare prepared once per session with the tiny preset (tokenizer, shards, manifest), the way the
+    benchmarks prepare it."""
+    from bench.slm_runs import prepare_tiny_shakespeare
 
-    data_dir = tmp_path_factory.mktemp("tiny_data")
-    cfg = load_config(
-        TINY,
-        [
-            f"data.dir={data_dir}",
-            "data.num_proc=1",
-            f"data.sources=[{{path: {SHAKESPEARE}, doc_boundary: blank_line}}]",
-        ],
-    )
-    prepare(cfg.data, cfg.tokenizer)
-    return data_dir
+    return prepare_tiny_shakespeare(tmp_path_factory.mktemp("tiny_data"))
 
 
 @pytest.fixture(scope="session")

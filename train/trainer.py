@@ -26,7 +26,7 @@ from train.loop import TrainingLoop
 from train.metrics import MetricsLogger
 from train.run_lock import acquire_run_lock, release_run_lock
 from train.standard_components import standard_components
-from train.startup import remote_location, set_up_run
+from train.startup import RunSetup, remote_location, set_up_run
 
 
 def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int:
@@ -47,8 +47,9 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
         teardown_distributed()
 
 
-def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Component]) -> int:
-    setup = set_up_run(cfg, dist_info)
+def loop_run(setup: RunSetup, dist_info: DistInfo) -> LoopRun:
+    """The state the step loop works on, from a set-up run: its checkpoint saver (resuming its rotation where the run
+    left off) and its metrics logger included."""
     cfg = setup.cfg
     checkpoints = CheckpointSaver(
         setup.engine,
@@ -63,22 +64,28 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         remote=remote_location(cfg),
         background=cfg.checkpoint.async_save,
     )
-    logger = MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank)
+    return LoopRun(
+        cfg,
+        dist_info,
+        setup.plan,
+        setup.engine,
+        setup.progress,
+        MetricsLogger(Path(cfg.run.dir), cfg, dist_info.rank),
+        checkpoints,
+        setup.val_batches,
+        setup.data.bytes_per_token,
+        setup.started,
+        plain_optimizer=plain_optimizer(cfg.train),
+        val_sources=setup.val_sources,
+    )
+
+
+def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Component]) -> int:
+    setup = set_up_run(cfg, dist_info)
+    cfg = setup.cfg
+    run = loop_run(setup, dist_info)
+    checkpoints = run.checkpoints
     try:
-        run = LoopRun(
-            cfg,
-            dist_info,
-            setup.plan,
-            setup.engine,
-            setup.progress,
-            logger,
-            checkpoints,
-            setup.val_batches,
-            setup.data.bytes_per_token,
-            setup.started,
-            plain_optimizer=plain_optimizer(cfg.train),
-            val_sources=setup.val_sources,
-        )
         components = standard_components(cfg) + list(extra_components)
         code = TrainingLoop(run, setup.train_loader, components).run_steps()
         checkpoints.wait()  # the save in flight (checkpoint.async_save) finishes before the run ends
@@ -87,4 +94,4 @@ def _train(cfg: Config, dist_info: DistInfo, extra_components: Sequence[Componen
         return code
     finally:
         checkpoints.wait()
-        logger.close()
+        run.logger.close()
