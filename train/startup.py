@@ -292,7 +292,8 @@ def build_engine(
 
     set_compile_stance(dist_info.device, cfg.train.compile, muon=cfg.optim.name == "muon")
     seed_everything(cfg.run.seed)
-    model = Transformer(plan.model(cfg.model))
+    model_cfg = plan.model(cfg.model)
+    model = Transformer(model_cfg)
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
@@ -308,7 +309,7 @@ def build_engine(
         cfg.optim,
         dist_info.world_size,
         cfg.deepspeed,
-        model=plan.model(cfg.model),
+        model=model_cfg,
         device_type=dist_info.device.type,
     )
     if universal:
