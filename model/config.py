@@ -37,6 +37,8 @@ class ModelConfig:
     """Kernel for document-masked attention: auto (flex on CUDA, dense-mask SDPA on CPU), flex or sdpa."""
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the output head + cross-entropy in training (no full logits); 0 = full logits."""
+    dropout: float = 0.0
+    """Training-only dropout on the embeddings and on each attention and MLP output; 0 for large corpora."""
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +74,8 @@ class ModelConfig:
             )
         if self.ffn_hidden is not None and self.ffn_hidden <= 0:
             raise ValueError(f"model.ffn_hidden={self.ffn_hidden} must be a positive integer or null.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be at least 0 and below 1.")
         for key in ("rope_theta", "norm_eps", "init_std"):
             value = getattr(self, key)
             if not math.isfinite(value):

@@ -68,6 +68,9 @@ def activation_bytes(
         head = 8 * tokens * d + 2 * vocab * d
     else:
         head = 6 * tokens * d + 6 * tokens * vocab
+    if cfg.dropout > 0:  # dropout masks, in the activations' dtype on CPU (CUDA keeps 1-byte masks)
+        per_layer += 2 * 2 * tokens * d  # one per branch output
+        head += 2 * tokens * d  # the embeddings'
     if activation_checkpointing:
         return cfg.n_layers * 2 * tokens * d + per_layer + head
     return cfg.n_layers * per_layer + head

@@ -16,6 +16,9 @@
   document (a block-diagonal causal mask: dense for SDPA, or a flex_attention BlockMask, see model/attention.py).
 - Loss: with model.loss_chunk_tokens > 0 the output head and cross-entropy run chunk by chunk (model/loss.py),
   so the float32 logits of a whole micro-batch never exist; prefill computes the last position's logits only.
+- Dropout (model.dropout, 0 by default): while training, on the embeddings and on each attention and MLP
+  output before it joins the residual stream (nanoGPT's places, without dropout on attention probabilities).
+  It draws from torch's global RNG, which checkpoints save, so a resumed run draws the same masks.
 - `generate` decodes with a key/value cache; `set_activation_checkpointing(True)` recomputes each block's
   activations in the backward pass instead of storing them.
 """
@@ -154,12 +157,14 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_cache: Optional[KVCache] = None
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        x = x + F.dropout(attended, self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.dropout, self.training)
 
 
 class OutputHead(nn.Linear):
@@ -247,7 +252,7 @@ class Transformer(nn.Module):
         past_len = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=tokens.device).expand(B, T)  # (B, T)
-        x = self.embed_tokens(tokens)  # (B, T, d_model)
+        x = F.dropout(self.embed_tokens(tokens), self.cfg.dropout, self.training)  # (B, T, d_model)
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, hd) each
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = attention_mask(

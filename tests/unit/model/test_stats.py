@@ -100,9 +100,10 @@ def saved_activation_bytes(model: Transformer, tokens: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("loss_chunk_tokens", [0, 256])  # full logits; chunked loss (4 chunks of the batch)
-def test_activation_estimate_matches_what_autograd_saves_in_bf16(loss_chunk_tokens):
-    cfg = replace(load_config(TINY).model, loss_chunk_tokens=loss_chunk_tokens)
+# full logits; chunked loss (4 chunks of the batch); chunked with dropout masks
+@pytest.mark.parametrize("loss_chunk_tokens,dropout", [(0, 0.0), (256, 0.0), (256, 0.1)])
+def test_activation_estimate_matches_what_autograd_saves_in_bf16(loss_chunk_tokens, dropout):
+    cfg = replace(load_config(TINY).model, loss_chunk_tokens=loss_chunk_tokens, dropout=dropout)
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.bfloat16).train()
     batch, seq_len = 4, cfg.max_seq_len

@@ -241,6 +241,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-10, atol=1e-13, msg=name)
 
 
+def test_dropout_acts_only_in_training_and_recomputes_the_same_masks():
+    tokens = random_tokens(2, 16)
+    plain, dropped = small_model(), small_model(dropout=0.3)
+    torch.testing.assert_close(dropped(tokens)[0], plain(tokens)[0], rtol=0, atol=0)  # eval: no dropout
+    torch.manual_seed(5)
+    first = dropped.train()(tokens)[0]
+    assert not torch.allclose(first, plain(tokens)[0])  # training: masks drawn
+    assert not torch.allclose(first, dropped(tokens)[0])  # a new draw each forward
+
+    def gradients(checkpointing: bool) -> dict:
+        model = small_model(dropout=0.3).train()
+        model.set_activation_checkpointing(checkpointing)
+        torch.manual_seed(7)
+        _, loss = model(tokens, targets=tokens)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    stored, recomputed = gradients(False), gradients(True)
+    for name in stored:  # the recompute in backward draws the masks the forward drew
+        torch.testing.assert_close(recomputed[name], stored[name], rtol=1e-10, atol=1e-13, msg=name)
+    with pytest.raises(ValueError, match=r"model.dropout=1.0 must be at least 0 and below 1"):
+        ModelConfig(**{**SMALL, "dropout": 1.0}).validate()
+
+
 def test_kv_cache_with_several_new_tokens_matches_full_forward():
     model = small_model()
     tokens = random_tokens(2, 12)
