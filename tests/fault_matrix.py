@@ -39,6 +39,7 @@ SHRINK = [
     f"checkpoint.every={CKPT_EVERY}",
     "data.num_workers=0",
     "checkpoint.keep=2",
+    "model.dropout=0.1",  # its masks come from the RNG state each checkpoint saves: they must resume too
 ]
 
 
