@@ -74,7 +74,8 @@ def partitions_125m(tmp_path_factory) -> Dict[str, Dict[str, int]]:
     """The dry run of 125m at ZeRO 1-3 x N = 8, 64, 512 (no step, so the parameters are not initialised: the
     partitions must still be the preset's), all nine in one child process.
 
-    About 60-130 s on 2 busy cores: nine DeepSpeed initialisations of a 124M-parameter model, the point of the test."""
+    About 8-12 s on 2 busy cores (18-35 s when the parameters were still initialised): nine DeepSpeed
+    initialisations of a 124M-parameter model, the point of the test."""
     tmp = tmp_path_factory.mktemp("dry125m")
     proc = run(
         [sys.executable, "-c", PARTITIONS_SCRIPT, PRESET_125M, str(tmp / "run"), str(tmp / "no-data")],
