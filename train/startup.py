@@ -280,20 +280,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(
-    cfg: Config,
-    plan: RunPlan,
-    dist_info: DistInfo,
-    init_weights: Optional[Dict[str, torch.Tensor]],
-    universal: bool,
-) -> Any:
-    """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
-    import deepspeed  # heavy: imported when an engine is built
-
-    set_compile_stance(dist_info.device, cfg.train.compile, muon=cfg.optim.name == "muon")
+def build_model(cfg: Config, plan: RunPlan, init_weights: Optional[Dict[str, torch.Tensor]]) -> Transformer:
+    """The run's model: the seeded random init (every rank draws the same weights), then the train.init_from
+    weights over it (cpt/ift). Apart from the engine, so the dry run can build it without filling it."""
     seed_everything(cfg.run.seed)
-    model_cfg = plan.model(cfg.model)
-    model = Transformer(model_cfg)
+    model = Transformer(plan.model(cfg.model))
     if init_weights is not None:
         missing, unexpected = model.load_state_dict(init_weights, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
@@ -303,13 +294,22 @@ def build_engine(
                 f"unexpected {unexpected}."
             )
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    return model
+
+
+def deepspeed_engine(cfg: Config, dist_info: DistInfo, model: Transformer, universal: bool) -> Any:
+    """`model` and its optimizer wrapped by deepspeed.initialize for this run's ZeRO stage and world size (the
+    buckets sized from model.cfg; `universal`: the engine will load a universal checkpoint)."""
+    import deepspeed  # heavy: imported when an engine is built
+
+    set_compile_stance(dist_info.device, cfg.train.compile, muon=cfg.optim.name == "muon")
     optimizer = build_optimizer(model, cfg.optim)
     ds_config = build_deepspeed_config(
         cfg.train,
         cfg.optim,
         dist_info.world_size,
         cfg.deepspeed,
-        model=model_cfg,
+        model=model.cfg,
         device_type=dist_info.device.type,
     )
     if universal:
@@ -330,6 +330,17 @@ def build_engine(
     if cfg.train.compile:
         engine.compile()
     return engine
+
+
+def build_engine(
+    cfg: Config,
+    plan: RunPlan,
+    dist_info: DistInfo,
+    init_weights: Optional[Dict[str, torch.Tensor]],
+    universal: bool,
+) -> Any:
+    """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
+    return deepspeed_engine(cfg, dist_info, build_model(cfg, plan, init_weights), universal)
 
 
 def settle_vocab(cfg: Config, plan: RunPlan, dist_info: DistInfo, data: DataSetup) -> RunPlan:

@@ -1,5 +1,6 @@
 """`slm train --dry-run --world-size N`: the partitions DeepSpeed really makes at N for the 125m preset, the errors
-that only show at N (each a clear sentence, all of them collected), and that a dry run leaves run.dir alone.
+that only show at N (each a clear sentence, all of them collected), that a dry run leaves run.dir alone, and that
+one taking no step skips the parameters' random init (RandomInitSkipped).
 
 Every dry run here runs in a child process: the fake process group and DeepSpeed's globals must not outlive it.
 """
@@ -8,10 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
 import sys
 from typing import Dict, List
 
+import numpy as np
 import pytest
+import torch
 
 from launch.config import load_config
 from tests.helpers import REPO, TINY, run, slm_cmd, test_env
@@ -66,9 +71,11 @@ def expected(stage: int, n: int) -> Dict[str, int]:
 
 @pytest.fixture(scope="module")
 def partitions_125m(tmp_path_factory) -> Dict[str, Dict[str, int]]:
-    """The dry run of 125m at ZeRO 1-3 x N = 8, 64, 512 (no step), all nine in one child process.
+    """The dry run of 125m at ZeRO 1-3 x N = 8, 64, 512 (no step, so the parameters are not initialised: the
+    partitions must still be the preset's), all nine in one child process.
 
-    About 60-130 s on 2 busy cores: nine DeepSpeed initialisations of a 124M-parameter model, the point of the test."""
+    About 8-12 s on 2 busy cores (18-35 s when the parameters were still initialised): nine DeepSpeed
+    initialisations of a 124M-parameter model, the point of the test."""
     tmp = tmp_path_factory.mktemp("dry125m")
     proc = run(
         [sys.executable, "-c", PARTITIONS_SCRIPT, PRESET_125M, str(tmp / "run"), str(tmp / "no-data")],
@@ -122,13 +129,83 @@ def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp
         "rank 1 reads samples [8, 16) of each" in out
         and "rank 1's first micro-batch reads tinyshakespeare-train-" in out
     )
-    assert "1 real step(s) on rank 1's batches of" in out and "step 1: loss" in out
+    assert "1 real step(s) on rank 1's batches of" in out
+    loss = float(re.search(r"step 1: loss (\S+) ", out).group(1))
+    assert abs(loss - math.log(4096)) < 1, out  # a step from the initialised weights: about ln(vocab)
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in out and "no errors found" in out
     # the DeepSpeed config the GPUs would get, though this dry run initialised DeepSpeed on the CPU
     assert 'zero_optimization {"stage": 2, "overlap_comm": true, "contiguous_gradients": true' in out
     assert "optimizer state" in out and "created by the first step" not in out  # the step made Adam's state
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before, "run.dir was touched"
     assert not list(scratch.glob("slm-dry-run-*")), "the scratch checkpoint must be removed"
+
+
+@pytest.fixture
+def global_rngs():
+    """Put back the random, numpy and torch generators that build_model seeds."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
+def test_random_init_skipped_leaves_tensors_untouched():
+    """Every init the model's modules run (nn.Linear, nn.Embedding, Transformer.reset_parameters) and the nn.init
+    fills leave a sentinel in place under RandomInitSkipped, and run again once it is left."""
+    from model import Transformer
+    from train.dry_run import RandomInitSkipped
+    from train.plan import plan_run
+
+    cfg = load_config(TINY)
+    model = Transformer(plan_run(cfg, 1).model(cfg.model))
+    tensor = torch.full((8, 8), 7.0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(7.0)
+    with RandomInitSkipped():
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        for init in (
+            torch.nn.init.normal_,
+            torch.nn.init.uniform_,
+            torch.nn.init.zeros_,
+            torch.nn.init.ones_,
+            torch.nn.init.kaiming_uniform_,
+            torch.nn.init.kaiming_normal_,
+            torch.nn.init.xavier_normal_,
+        ):
+            assert init(tensor) is tensor
+        assert torch.nn.init.constant_(tensor=tensor, val=3.0) is tensor
+    assert all(bool((p == 7.0).all()) for p in model.parameters())
+    assert bool((tensor == 7.0).all())
+    assert bool((torch.nn.init.normal_(tensor) != 7.0).all())  # outside the mode, init runs
+
+
+def test_dry_run_model_is_initialised_only_when_the_dry_run_steps(global_rngs):
+    """steps=0: the model has the run's parameter shapes and dtypes, and its build drew no random number (the torch
+    generator is where the seed left it); steps=1: the weights `slm train` starts from."""
+    from train.dry_run import dry_run_model
+    from train.plan import plan_run
+    from train.startup import build_model
+
+    cfg = load_config(TINY)
+    plan = plan_run(cfg, 1)
+    trained = dict(build_model(cfg, plan, None).named_parameters())
+    torch.manual_seed(cfg.run.seed)
+    seeded = torch.get_rng_state()
+
+    skipped = dict(dry_run_model(cfg, plan, steps=0).named_parameters())
+    assert torch.equal(torch.get_rng_state(), seeded)
+    assert {k: (p.shape, p.dtype) for k, p in skipped.items()} == {
+        k: (p.shape, p.dtype) for k, p in trained.items()
+    }
+
+    stepping = dict(dry_run_model(cfg, plan, steps=1).named_parameters())
+    assert not torch.equal(torch.get_rng_state(), seeded)
+    assert stepping.keys() == trained.keys()
+    assert all(torch.equal(stepping[k], trained[k]) for k in trained)
 
 
 def test_errors_at_n_are_all_reported(tmp_path, tiny_data_dir):
