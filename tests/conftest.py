@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import venv_path
+from tests.helpers import built_once_per_run, shared_builds_changed, venv_path
 
 for _key, _value in dict(
     HF_DATASETS_OFFLINE="1",
@@ -26,13 +26,22 @@ os.environ["PATH"] = venv_path()
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_builds_unchanged():
+    """At the end of each worker's session: the builds shared by the workers (built_once_per_run) are as they were
+    built. A test that wrote into one would change what tests on the other worker read."""
+    yield
+    changed = shared_builds_changed()
+    assert not changed, "tests wrote into shared builds (copy them first):\n" + "\n".join(changed[:20])
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> Path:
-    """tinyshakespeare prepared once per session with the tiny preset (tokenizer, shards, manifest), the way the
-    benchmarks prepare it."""
+    """tinyshakespeare prepared once per run with the tiny preset (tokenizer, shards, manifest), the way the
+    benchmarks prepare it; shared by the workers, so read-only (copy it to change it)."""
     from bench.slm_runs import prepare_tiny_shakespeare
 
-    return prepare_tiny_shakespeare(tmp_path_factory.mktemp("tiny_data"))
+    return built_once_per_run(tmp_path_factory, "tiny_data", prepare_tiny_shakespeare)
 
 
 @pytest.fixture(scope="session")

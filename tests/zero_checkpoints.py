@@ -9,15 +9,15 @@ OUT_DIR/<variant>/checkpoints/step_00000002/ with DeepSpeed's files, meta.json, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict
 
 import torch
 
-from tests.helpers import REPO, free_port, run
+from tests.helpers import REPO, built_once_per_run, free_port, run
 
 STEPS = 2
 VARIANTS = {
@@ -32,14 +32,11 @@ def reference_tokens(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(123))
 
 
-_BUILT: Dict[str, Path] = {}
-
-
 def build_checkpoints(tmp_path_factory, tokenizer_path: Path) -> Path:
-    """Run this script once per pytest session (2 processes, ~15 s) and share its output folder."""
-    key = str(tokenizer_path)
-    if key not in _BUILT:
-        out_dir = tmp_path_factory.mktemp("zero_checkpoints")
+    """Run this script once per pytest run (2 processes, ~15 s) and share its output folder with every worker:
+    read-only (copy what a test changes)."""
+
+    def build(out_dir: Path) -> None:
         run(
             [
                 sys.executable,
@@ -57,8 +54,9 @@ def build_checkpoints(tmp_path_factory, tokenizer_path: Path) -> Path:
             ],
             timeout=300,
         )
-        _BUILT[key] = out_dir
-    return _BUILT[key]
+
+    name = "zero_checkpoints_" + hashlib.sha256(str(tokenizer_path).encode()).hexdigest()[:12]
+    return built_once_per_run(tmp_path_factory, name, build)
 
 
 def step_dir(checkpoints: Path, variant: str) -> Path:

@@ -15,7 +15,7 @@ from typing import Dict
 import pytest
 import torch
 
-from tests.helpers import SELF_INSTRUCT, run, slm_cmd
+from tests.helpers import SELF_INSTRUCT, run, slm_cmd, slm_in_process
 from tests.helpers import test_env as make_env
 from tests.runs import train_args
 from train.errors import TrainError
@@ -112,9 +112,11 @@ def test_report_card_of_a_chain_names_every_stage_with_its_downstream_rows(chain
     assert text.count("### Samples") == 1 and "Give three tips for staying healthy. -> " in text  # IFT: chat
 
 
-def test_report_of_runs_given_in_order_without_samples(chain, tmp_path):
+def test_report_of_runs_given_in_order_without_samples(chain, tmp_path, capsys):
+    """`slm report` in this process (slm_in_process): without samples it loads no model and starts no process."""
     runs = [str(chain[name]) for name in ("pre", "cpt", "ift")]
-    run(slm_cmd(["report", *runs, "--out", str(tmp_path), "--no-samples"]))
+    code, _, err = slm_in_process(capsys, "report", *runs, "--out", tmp_path, "--no-samples")
+    assert code == 0, err
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# Report card: pretrain `pre` -> cpt `cpt` -> ift `ift`")
     assert "### Samples" not in text and (tmp_path / "report-3-ift.png").is_file()

@@ -1,7 +1,7 @@
 """Real `slm train` runs (plain process and torchrun, gloo on CPU) on the tiny preset shrunk further.
 
 Runs are shared through fixtures: the 2-process run of each ZeRO stage is also the reference curve and
-the checkpoint source for the resume tests, and the 1-process run (single_run, session-scoped in
+the checkpoint source for the resume tests, and the 1-process run (single_run, built once per run in
 tests/integration/conftest.py) is the reference for the interrupted (SIGTERM, kill -9) runs, whose losses must
 match it bitwise.
 Fault-injection hooks (common.faults): SLM_SLEEP_IN_SAVE and SLM_INJECT_NAN_AT_STEP.
@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_stage_on_two_processes_learns(two_proc_run, stage):
+    """10-30 s on 2 busy cores where this test builds the stage's shared 2-process run (a torchrun start-up and 12
+    steps); the resume tests and test_s3_checkpoints.py reuse it."""
     run_dir = two_proc_run(stage)
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, STEPS + 1))
@@ -136,6 +138,7 @@ def test_metrics_config_and_checkpoint_layout(single_run):
 
 
 def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_dir, tmp_path):
+    """15-30 s on 2 busy cores: two `slm train` processes, the one stopped by SIGTERM and its resume to step 12."""
     run_dir = tmp_path / "run"
     cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC))
     proc, seen = start(cmd), []
@@ -157,6 +160,7 @@ def test_sigterm_checkpoints_exits_3_and_resumes_exactly(single_run, tiny_data_d
 
 
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(single_run, tiny_data_dir, tmp_path):
+    """15-30 s on 2 busy cores: two `slm train` processes, the one killed inside a save and its resume to step 12."""
     run_dir = tmp_path / "run"
     cmd = slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "checkpoint.every=2"))
     proc, seen = start(cmd, env=make_env({"SLM_SLEEP_IN_SAVE": "4:120"})), []
@@ -221,8 +225,10 @@ def test_world_size_change_resumes_through_a_universal_checkpoint_and_skip_count
     two_proc_run, tiny_data_dir, tmp_path
 ):
     """2 ranks (ZeRO-2) -> 1 rank with the same global batch; a NaN at step 9 is skipped (on_nonfinite=skip).
-    The checkpoint is converted ahead with `slm convert`, as a user does before queueing the job."""
-    source = two_proc_run(2)
+    The checkpoint is converted ahead with `slm convert`, as a user does before queueing the job: in a copy of the
+    shared 2-process run, since the conversion writes into the step folder."""
+    source = tmp_path / "source"
+    shutil.copytree(two_proc_run(2), source)
     step_6 = source / "checkpoints" / "step_00000006"
     converted = run(slm_cmd(["convert", str(step_6)]))
     assert converted.stdout.strip() == str(step_6 / "universal")  # stdout: the result only
@@ -317,8 +323,9 @@ def test_cpt_refuses_an_init_source_trained_with_another_tokenizer(single_run, t
 def test_torch_compile_follows_the_eager_curve(single_run, tmp_path, tiny_data_dir):
     """train.compile=true (torch.compile through DeepSpeed's engine.compile) trains the same model.
 
-    Slow (about 30 s on 2 busy cores): one 12-step run, most of it Inductor compiling the forward and backward
-    graphs to C++ (the eager reference is the session's single_run)."""
+    Slow (about 15-30 s on 2 busy cores with Inductor's cache of an earlier run, over 100 s without it): one
+    12-step run, most of it Inductor compiling the forward and backward graphs to C++ (the eager reference is the
+    shared single_run)."""
     run_dir = tmp_path / "compiled"
     run(slm_cmd(train_args(run_dir, tiny_data_dir, *ONE_PROC, "train.compile=true")), timeout=600)
     eager, compiled = losses(single_run), losses(run_dir)

@@ -12,7 +12,7 @@ from data_pipeline.config import DataConfig, SourceConfig, TokenizerConfig
 from data_pipeline.errors import DataError
 from data_pipeline.prepare.dispatch import prepare
 from data_pipeline.tokenizer import train_tokenizer
-from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
+from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd, slm_in_process
 
 TEXT = Path(SHAKESPEARE).read_text(encoding="utf-8")[:20_000]
 
@@ -117,16 +117,15 @@ def test_tokenizer_without_the_special_tokens(tmp_path):
         prepare_source(tmp_path, SourceConfig(path=path), path=str(tmp_path / "gpt2_like.json"))
 
 
-@pytest.mark.slow
-def test_cli_prints_one_line_without_traceback(tmp_path):
+def test_cli_prints_one_line_without_traceback(tmp_path, capsys):
+    """`slm prepare` in this process (slm_in_process): the refusal comes before any data is read."""
     missing = tmp_path / "nowhere" / "corpus.txt"
-    proc = run(
-        slm_cmd(["prepare", TINY, f"data.dir={tmp_path / 'data'}", f"data.sources=[{{path: {missing}}}]"]),
-        check=False,
+    code, _, err = slm_in_process(
+        capsys, "prepare", TINY, f"data.dir={tmp_path / 'data'}", f"data.sources=[{{path: {missing}}}]"
     )
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert code == 2
+    assert err.startswith("error: ") and str(missing) in err
+    assert "Traceback" not in err
 
 
 def test_overlong_document_is_refused_naming_file_and_line(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The `slm` command line as a user runs it: real subprocesses, exit codes, messages."""
+"""The `slm` command line as a user runs it: exit codes, messages. The CLI's main runs in this process
+(slm_in_process): these commands start no process group and each subprocess would only add a start-up."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import re
 import pytest
 
 from launch.cli import build_parser
-from tests.helpers import TINY, run, slm_cmd
+from tests.helpers import TINY, slm_in_process
 
 COMMANDS = ("config", "model", "prepare", "train", "report", "export", "generate", "slurm")
 
 
-def test_help_lists_the_subcommands():
-    out = run(slm_cmd(["--help"])).stdout
+def test_help_lists_the_subcommands(capsys):
+    code, out, _ = slm_in_process(capsys, "--help")
+    assert code == 0
     # The command list only (argparse indents each sub-command by four spaces under COMMAND), not the
     # description, which says "pretrain small language models" and so contains "train" and "model" anyway.
     listed = re.findall(r"^    ([a-z]+) ", out, flags=re.MULTILINE)
@@ -24,8 +26,9 @@ def test_help_lists_the_subcommands():
         assert exited.value.code == 0
 
 
-def test_config_show_applies_overrides():
-    out = run(slm_cmd(["config", "show", TINY, "model.n_layers=3"])).stdout
+def test_config_show_applies_overrides(capsys):
+    code, out, _ = slm_in_process(capsys, "config", "show", TINY, "model.n_layers=3")
+    assert code == 0
     assert "n_layers: 3" in out and "d_model: 128" in out
 
 
@@ -37,8 +40,8 @@ def test_config_show_applies_overrides():
         (["model", "summary", TINY, "model.d_model=130"], "model.d_model"),
     ],
 )
-def test_bad_input_exits_nonzero_without_traceback(args, needle):
-    proc = run(slm_cmd(args), check=False)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_exits_nonzero_without_traceback(args, needle, capsys):
+    code, _, err = slm_in_process(capsys, *args)
+    assert code != 0
+    assert needle in err
+    assert "Traceback" not in err

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY, run, slm_cmd
+from tests.helpers import REPO, TINY, run, slm_cmd, slm_in_process
 from tests.helpers import test_env as make_env
 from train.checkpoint import META, record_files
 
@@ -95,13 +95,10 @@ def step(run_dir: Path, n: int) -> Path:
 
 
 def export_here(capsys, *args) -> tuple:
-    """`slm export ARGS` through the CLI's main in this process: its exit code and stderr, as a subprocess would
-    give them, without a process start-up (several seconds on a busy machine) for each refusal."""
-    from launch.cli import main
-
-    capsys.readouterr()
-    code = main(["export", *map(str, args)])
-    return code, capsys.readouterr().err
+    """`slm export ARGS` through the CLI's main in this process (slm_in_process): its exit code and stderr, as a
+    subprocess would give them, without a process start-up (several seconds on a busy machine) each time."""
+    code, _, err = slm_in_process(capsys, "export", *args)
+    return code, err
 
 
 def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_path):
@@ -124,15 +121,17 @@ def test_crafted_rng_file_runs_nothing_on_resume(run_copy, tiny_data_dir, tmp_pa
     assert "Traceback" not in failed.stderr and not target.exists()
 
 
-def test_crafted_model_states_runs_nothing_on_generate(run_copy, tmp_path):
+def test_crafted_model_states_runs_nothing_on_generate(run_copy, tmp_path, capsys):
+    """`slm generate` in this process (slm_in_process): both refusals come at the load, before any generation;
+    a load that ran the pickle would create `target` here as well as in a subprocess."""
     target = tmp_path / "pwned"
     model_states = step(run_copy, 4) / "mp_rank_00_model_states.pt"
     craft(model_states, target)
-    damaged = go(slm_cmd(["generate", str(run_copy), "--prompt", "hi"]), check=False)
-    assert damaged.returncode == 2 and "mp_rank_00_model_states.pt has" in damaged.stderr
+    code, _, err = slm_in_process(capsys, "generate", run_copy, "--prompt", "hi")
+    assert code == 2 and "mp_rank_00_model_states.pt has" in err
     forge_record(step(run_copy, 4))
-    forged = go(slm_cmd(["generate", str(run_copy), "--prompt", "hi"]), check=False)
-    assert forged.returncode == 2 and "Refusing to load" in forged.stderr and "Traceback" not in forged.stderr
+    code, _, err = slm_in_process(capsys, "generate", run_copy, "--prompt", "hi")
+    assert code == 2 and "Refusing to load" in err and "Traceback" not in err
     assert not target.exists()
 
 
@@ -174,8 +173,8 @@ def test_swapped_tokenizer_in_a_checkpoint_is_refused_before_export(run_copy, tm
 
 
 def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path, capsys):
-    """The six refusals run in this process (export_here): they stop before anything is loaded, so a process each
-    would only add start-ups; the two exports that write run as real `slm export` processes."""
+    """Every `slm export` runs in this process (export_here): the six refusals stop before anything is loaded and
+    the two exports that write start no process group, so a process each would only add start-ups."""
     before = sorted(p.relative_to(run_copy) for p in run_copy.rglob("*"))
     for src, out in (
         (run_copy, run_copy),
@@ -193,10 +192,12 @@ def test_export_never_deletes_what_it_did_not_write(run_copy, tmp_path, capsys):
         assert code == 2 and "not an slm export" in err, err
     assert (user / "notes.txt").read_text() == "precious" and (user / "sub").is_dir()
     export = tmp_path / "export"
-    go(slm_cmd(["export", str(run_copy), str(export)]))
+    code, err = export_here(capsys, run_copy, export)
+    assert code == 0, err
     code, err = export_here(capsys, run_copy, export)
     assert code == 2 and "pass --force" in err, err
-    go(slm_cmd(["export", str(run_copy), str(export), "--force"]))
+    code, err = export_here(capsys, run_copy, export, "--force")
+    assert code == 0, err
     assert (export / "slm_export.json").is_file()
 
 

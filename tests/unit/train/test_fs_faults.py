@@ -11,18 +11,18 @@ import os
 import pytest
 
 from common.os_errors import describe_os_error, disk_is_full
-from launch.cli import main
 from tests.fs_faults import read_only, small_disk
-from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd
+from tests.helpers import SHAKESPEARE, TINY, run, slm_cmd, slm_in_process
 from tests.runs import SHRINK
 from train.checkpoint import read_record
 from train.checkpoint.files import verify_checkpoint
 
 
 def cli_error(capsys, argv) -> str:
-    """Run `slm ARGV` in this process; it must fail with code 2 and one `error:` paragraph."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    """Run `slm ARGV` in this process (slm_in_process); it must fail with code 2 and one `error:` paragraph."""
+    code, _, err = slm_in_process(capsys, *argv)
+    assert code == 2
+    err = err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "Traceback" not in err
     return err
 
@@ -69,8 +69,9 @@ def test_cli_names_a_file_or_loop_where_a_folder_belongs(tmp_path, capsys, monke
     assert "Refusing to export to .: it is the current folder" in err
 
 
-def test_read_only_folders_are_named(tmp_path, capsys):
-    """prepare into, export into and train in a read-only folder (the run needs a subprocess: ~20 s)."""
+def test_read_only_folders_are_named(tmp_path, capsys, tiny_data_dir):
+    """prepare into, export into and train in a read-only folder (the run needs a subprocess; it trains on the
+    shared prepared data, tiny_data_dir, instead of preparing its own)."""
     with read_only(tmp_path / "src", tmp_path / "ro") as ro:
         source = f"data.sources=[{{path: {SHAKESPEARE}}}]"
         err = cli_error(capsys, ["prepare", TINY, f"data.dir={ro / 'data'}", source])
@@ -78,7 +79,7 @@ def test_read_only_folders_are_named(tmp_path, capsys):
         err = cli_error(capsys, ["export", str(tmp_path / "run"), str(ro / "out")])
         assert f"{ro} is not writable (a read-only file system)" in err
         proc = run(
-            slm_cmd(["train", TINY, f"run.dir={ro / 'run'}", f"data.dir={tmp_path / 'data'}"]), check=False
+            slm_cmd(["train", TINY, f"run.dir={ro / 'run'}", f"data.dir={tiny_data_dir}"]), check=False
         )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert f"{ro / 'run'}: it is on a read-only file system" in proc.stderr
