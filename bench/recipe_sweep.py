@@ -30,17 +30,13 @@ STARTUP_S = 6.0
 PROBE_STEPS = 20
 VARIANTS = [
     ("recipe", []),
-    ("AdamW instead of Muon", ["optim.name=adamw"]),
-    ("vocabulary 4096", ["tokenizer.vocab_size=4096", "model.vocab_size=4096"]),
-    ("vocabulary 8192", ["tokenizer.vocab_size=8192", "model.vocab_size=8192"]),
-    ("vocabulary 16384", ["tokenizer.vocab_size=16384", "model.vocab_size=16384"]),
+    ("no dropout", ["model.dropout=0"]),
+    ("dropout 0.2", ["model.dropout=0.2"]),
     ("2 layers", ["model.n_layers=2"]),
     ("4 layers", ["model.n_layers=4"]),
-    ("micro-batch 8", ["train.micro_batch_size=8"]),
-    ("untied embeddings", ["model.tie_embeddings=false"]),
-    ("muon_lr 0.03", ["optim.muon_lr=0.03"]),
-    ("weight decay 0", ["optim.weight_decay=0"]),
-    ("warmup 15 steps", ["schedule.warmup_steps=15"]),
+    ("width 384", ["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6", "model.ffn_hidden=1152"]),
+    ("AdamW instead of Muon", ["optim.name=adamw"]),
+    ("standard Newton-Schulz", ["optim.muon_ns_method=standard"]),
 ]
 """Variants of the recipe, one change each (a variant that repeats the recipe's own value is the recipe again)."""
 

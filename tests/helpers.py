@@ -76,6 +76,41 @@ def slm_cmd(args: Sequence[str], nproc: int = 1) -> List[str]:
     ]
 
 
+def _children_by_parent() -> Dict[int, List[int]]:
+    """Every live process's children, read from /proc/PID/stat (this kernel has no /proc/PID/task/*/children)."""
+    children: Dict[int, List[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after_name = stat_file.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended while we looked
+        children.setdefault(int(after_name[1]), []).append(int(stat_file.parent.name))
+    return children
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it, as a machine failure would, then reap it.
+
+    torchrun starts its workers in sessions of their own, so killing torchrun or its process group leaves them
+    training (and saving) on their own. Each process is stopped before its children are read, so none is
+    started between the look and the kill."""
+    stopped, pending = [], [proc.pid]
+    while pending:
+        pid = pending.pop()
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        stopped.append(pid)
+        pending.extend(_children_by_parent().get(pid, []))
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+
+
 def run(
     cmd: Sequence[str],
     timeout: float = 300,

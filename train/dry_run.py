@@ -299,10 +299,10 @@ class RandomInitSkipped(torch.overrides.TorchFunctionMode):
 def dry_run_model(cfg: Config, plan: RunPlan, steps: int) -> Any:
     """The run's model as `slm train` builds it (from scratch: the dry run loads no init_from weights); with no
     step to take, under RandomInitSkipped."""
-    from train.startup import build_model
+    from train.startup import seeded_model
 
     with RandomInitSkipped() if steps == 0 else contextlib.nullcontext():
-        return build_model(cfg, plan, None)
+        return seeded_model(cfg, plan, None)
 
 
 def fake_process_group(options: DryRunOptions) -> DistInfo:

@@ -280,7 +280,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, plan: RunPlan, init_weights: Optional[Dict[str, torch.Tensor]]) -> Transformer:
+def seeded_model(cfg: Config, plan: RunPlan, init_weights: Optional[Dict[str, torch.Tensor]]) -> Transformer:
     """The run's model: the seeded random init (every rank draws the same weights), then the train.init_from
     weights over it (cpt/ift). Apart from the engine, so the dry run can build it without filling it."""
     seed_everything(cfg.run.seed)
@@ -340,7 +340,7 @@ def build_engine(
     universal: bool,
 ) -> Any:
     """The model (seeded init, or the init_from weights) wrapped in a DeepSpeed engine with its optimizer."""
-    return deepspeed_engine(cfg, dist_info, build_model(cfg, plan, init_weights), universal)
+    return deepspeed_engine(cfg, dist_info, seeded_model(cfg, plan, init_weights), universal)
 
 
 def settle_vocab(cfg: Config, plan: RunPlan, dist_info: DistInfo, data: DataSetup) -> RunPlan:

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline.loading.loader import build_loader
-from tests.helpers import BIN, REPO, free_port, run, slm_cmd
+from tests.helpers import BIN, REPO, free_port, kill_tree, run, slm_cmd
 from tests.helpers import test_env as make_env
 from tests.runs import ONE_PROC, losses, read_until, rows, start, train_args
 from tests.s3_localhost import BUCKET
@@ -49,8 +49,7 @@ def steps_on(fs, prefix: str) -> dict:
 def kill_after(cmd, env, marker: str) -> str:
     proc, seen = start(cmd, env=env), []
     read_until(proc, marker, seen)
-    proc.kill()  # SIGKILL
-    proc.wait(timeout=60)
+    kill_tree(proc)  # torchrun's workers too: left alive, they would save steps past the kill
     return "".join(seen)
 
 

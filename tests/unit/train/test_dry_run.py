@@ -142,7 +142,7 @@ def test_dry_run_takes_a_step_reads_this_ranks_data_and_leaves_run_dir_alone(tmp
 
 @pytest.fixture
 def global_rngs():
-    """Put back the random, numpy and torch generators that build_model seeds."""
+    """Put back the random, numpy and torch generators that seeded_model seeds."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     yield
     random.setstate(states[0])
@@ -188,11 +188,11 @@ def test_dry_run_model_is_initialised_only_when_the_dry_run_steps(global_rngs):
     generator is where the seed left it); steps=1: the weights `slm train` starts from."""
     from train.dry_run import dry_run_model
     from train.plan import plan_run
-    from train.startup import build_model
+    from train.startup import seeded_model
 
     cfg = load_config(TINY)
     plan = plan_run(cfg, 1)
-    trained = dict(build_model(cfg, plan, None).named_parameters())
+    trained = dict(seeded_model(cfg, plan, None).named_parameters())
     torch.manual_seed(cfg.run.seed)
     seeded = torch.get_rng_state()
 
