@@ -11,8 +11,6 @@ Each test trains the shrunk tiny model for 12 steps two or three times (about 30
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -379,8 +377,7 @@ def test_two_nodes_upload_their_own_parts_and_each_fetches_into_its_own_cache(
         read_until(nodes[0], "train step 8 ", seen)
     finally:
         for proc in nodes:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            kill_tree(proc)  # the torchrun and its worker, which runs in a session of its own
     on_store = steps_on(fs, prefix)
     assert sorted(on_store) == ["step_00000006"]
     for rank in (0, 1):  # each node's part, uploaded by that node
