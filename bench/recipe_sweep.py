@@ -30,7 +30,7 @@ STARTUP_S = 6.0
 PROBE_STEPS = 20
 VARIANTS = [
     ("recipe", []),
-    ("no dropout", ["model.dropout=0"]),
+    ("dropout 0.1", ["model.dropout=0.1"]),
     ("dropout 0.2", ["model.dropout=0.2"]),
     ("2 layers", ["model.n_layers=2"]),
     ("4 layers", ["model.n_layers=4"]),
