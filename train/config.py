@@ -278,6 +278,12 @@ class Config:
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     """Extra DeepSpeed JSON keys merged over the generated ones (DeepSpeed validates them)."""
 
+    @property
+    def skips_steps(self) -> bool:
+        """Some step may be skipped rather than stop the run (train.on_nonfinite=skip, guard.action skip or
+        rollback): the loop then hands the optimizer a step whose gradients are non-finite, to be dropped."""
+        return self.train.on_nonfinite == "skip" or self.guard.action in ("skip", "rollback")
+
     def validate(self) -> None:
         """Each section's own validate(), then the checks that span sections; ValueError naming the first bad key."""
         for section in (

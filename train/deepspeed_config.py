@@ -112,10 +112,11 @@ def build_deepspeed_config(
     *,
     model: Optional[ModelConfig] = None,
     device_type: str = "cpu",
+    skips_steps: bool = True,
 ) -> Dict[str, Any]:
     """The DeepSpeed config dict for this run (`extra` is the YAML's `deepspeed:` passthrough, which wins over
     every generated key it does not refuse; `model` and `device_type` size and switch the communication
-    options)."""
+    options; `skips_steps` is Config.skips_steps)."""
     generated: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -141,6 +142,11 @@ def build_deepspeed_config(
         # ZeRO-1 + bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer: micro-batch gradients add up in
         # fp32 (bf16 sums lose the small ones), reduced once per step (ZeRO-2 reduce-scatters every micro-batch).
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
+    if train.precision == "bf16" and not skips_steps:
+        # ZeRO 1-2 in bf16 look for a NaN/inf in every gradient before each step (a scan of all gradients, 3% of a
+        # tiny-preset step) to skip it. Only a skipping run hands it such a step: otherwise the loop stops before
+        # the optimizer step on any non-finite gradient it saw (train.loop.NonfiniteWatch).
+        generated["bf16"]["check_grad_overflow"] = False
     if world_size == 1 and device_type == "cpu" and train.zero_stage in (1, 2):
         # One CPU rank has nothing to reduce: contiguous_gradients only adds a copy of every gradient into a bucket
         # on each backward (4% of a tiny-preset step, bench/train_step_profile.py); the values are the same. (On

@@ -617,6 +617,7 @@ def target_deepspeed(cfg: Config, plan: RunPlan, options: DryRunOptions, report:
             cfg.deepspeed,
             model=plan.model(cfg.model),
             device_type="cuda",
+            skips_steps=cfg.skips_steps,
         )
     except TrainError as err:
         report.errors.append(str(err))

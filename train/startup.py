@@ -311,6 +311,7 @@ def deepspeed_engine(cfg: Config, dist_info: DistInfo, model: Transformer, unive
         cfg.deepspeed,
         model=model.cfg,
         device_type=dist_info.device.type,
+        skips_steps=cfg.skips_steps,
     )
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -325,7 +326,9 @@ def deepspeed_engine(cfg: Config, dist_info: DistInfo, model: Transformer, unive
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if dist_info.world_size == 1 and cfg.train.zero_stage == 0:
         # ZeRO 0 all-reduces every gradient after backward (flatten, a one-rank all_reduce, copy back): the
-        # identity on one rank, and 3% of a tiny-preset step (bench/train_step_profile.py).
+        # identity on one rank, and 3% of a tiny-preset step (bench/train_step_profile.py). (Not at ZeRO 1 in
+        # bf16, although BF16_Optimizer takes the same path: it rounds the fp32-accumulated gradients to bf16
+        # for the all-reduce, so there it is not the identity.)
         engine.enable_backward_allreduce = False
     if cfg.train.compile:
         engine.compile()

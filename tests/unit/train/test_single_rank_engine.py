@@ -1,5 +1,6 @@
 """train.startup / train.deepspeed_config: on one process the engine skips DeepSpeed work that is the identity there
-(ZeRO 0's gradient all-reduce; on CPU ZeRO 1-2's contiguous gradient copies) and trains bitwise as DeepSpeed's defaults do."""
+(ZeRO 0's gradient all-reduce; on CPU ZeRO 1-2's contiguous gradient copies), and in bf16
+the NaN scan a run that never skips a step does not need; it trains bitwise as DeepSpeed's defaults do."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import pytest
 
 from tests.helpers import REPO, TINY
 from tests.helpers import test_env as make_env
-from train.config import TrainConfig
+from train.config import Config, TrainConfig
 from train.deepspeed_config import build_deepspeed_config
+from train.guard import GuardConfig
 from train.optim_config import OptimConfig
 
 CHILD = """
-import sys
+import json, sys
 sys.path.insert(0, {repo!r})
 import torch
 from launch.config import load_config
@@ -24,28 +26,56 @@ from train.distributed import setup_distributed
 from train.plan import plan_run
 from train.startup import build_engine
 
-stage = {stage}
-overrides = [f"train.zero_stage={{stage}}", "train.precision=fp32", "model.n_layers=2", "model.d_model=64",
+stage, precision = {stage}, {precision!r}
+overrides = [f"train.zero_stage={{stage}}", f"train.precision={{precision}}", "model.n_layers=2", "model.d_model=64",
              "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128", "model.max_seq_len=32",
              "model.vocab_size=512", "train.micro_batch_size=4", "train.grad_accum_steps=2"]
 dist_info = setup_distributed(load_config({tiny!r}, overrides).train)
+one_rank_allreduce = stage == 0
+flat_buckets = stage == 2 or (stage == 1 and precision != "bf16")
+overflow_scan = stage == 2 and precision == "bf16"
+
+
+def engine_for(extra):
+    cfg = load_config({tiny!r}, overrides + extra)
+    return build_engine(cfg, plan_run(cfg, 1), dist_info, None, universal=False)
+
+
+def backward(engine, scale=1.0):
+    tokens = torch.randint(0, 512, (4, 33))
+    engine.backward(scale * batch_loss(engine, {{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}}))
+
+
 results = []
 for deepspeed_defaults in (False, True):
-    extra = ["deepspeed={{zero_optimization: {{contiguous_gradients: true}}}}"] if deepspeed_defaults and stage else []
-    cfg = load_config({tiny!r}, overrides + extra)
-    engine = build_engine(cfg, plan_run(cfg, 1), dist_info, None, universal=False)
-    if stage == 0:
+    block = {{}}
+    if deepspeed_defaults and flat_buckets:
+        block["zero_optimization"] = {{"contiguous_gradients": True}}
+    if deepspeed_defaults and overflow_scan:
+        block["bf16"] = {{"check_grad_overflow": True}}
+    engine = engine_for([f"deepspeed={{json.dumps(block)}}"] if block else [])
+    if one_rank_allreduce:
         assert engine.enable_backward_allreduce is False  # build_engine turns it off on one rank
         engine.enable_backward_allreduce = deepspeed_defaults
-    else:
+    if flat_buckets:
         assert engine.optimizer.contiguous_gradients is deepspeed_defaults
+    if overflow_scan:
+        assert engine.optimizer.check_grad_overflow is deepspeed_defaults
     torch.manual_seed(5)
     for _ in range(6):  # 3 optimizer steps of 2 micro-batches
-        tokens = torch.randint(0, 512, (4, 33))
-        engine.backward(batch_loss(engine, {{"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}}))
+        backward(engine)
         engine.step()
     results.append([p.detach().clone() for p in engine.module.parameters()])
 print("EQUAL" if all(torch.equal(a, b) for a, b in zip(*results)) else "DIFFERENT")
+if overflow_scan:  # a run that skips steps keeps the scan, and DeepSpeed drops a NaN step
+    engine = engine_for(["train.on_nonfinite=skip"])
+    assert engine.optimizer.check_grad_overflow is True
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    backward(engine)
+    engine.step()
+    backward(engine, float("nan"))
+    engine.step()
+    print("SKIPPED" if all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters())) else "STEPPED")
 """
 
 
@@ -66,6 +96,23 @@ def test_one_rank_settings_are_generated_only_for_one_cpu_rank():
     )
 
 
+def test_the_bf16_nan_scan_is_kept_only_for_runs_that_skip_steps():
+    def scan(precision: str, skips_steps: bool, extra=None) -> object:
+        built = build_deepspeed_config(
+            TrainConfig(precision=precision), OptimConfig(), 1, extra, skips_steps=skips_steps
+        )
+        return built["bf16"].get("check_grad_overflow", "default")
+
+    assert scan("bf16", skips_steps=False) is False
+    assert scan("bf16", skips_steps=True) == "default"  # DeepSpeed's own default: on
+    assert scan("fp32", skips_steps=False) == "default"
+    assert scan("bf16", False, {"bf16": {"check_grad_overflow": True}}) is True  # the deepspeed: block decides
+    assert not Config().skips_steps
+    assert Config(train=TrainConfig(on_nonfinite="skip")).skips_steps
+    for action, skips in (("warn", False), ("skip", True), ("rollback", True)):
+        assert Config(guard=GuardConfig(action=action)).skips_steps is skips
+
+
 def test_the_plain_optimizer_is_clipped_by_the_loop_not_by_deepspeed():
     assert (
         build_deepspeed_config(TrainConfig(zero_stage=0, precision="fp32"), OptimConfig(), 1)[
@@ -78,15 +125,23 @@ def test_the_plain_optimizer_is_clipped_by_the_loop_not_by_deepspeed():
         assert built["gradient_clipping"] == OptimConfig().grad_clip
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_one_rank_engine_trains_bitwise_as_deepspeed_defaults(stage):
-    """Three real DeepSpeed steps with our one-rank settings and with DeepSpeed's defaults: the same parameters."""
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_one_rank_engine_trains_bitwise_as_deepspeed_defaults(stage, precision):
+    """Three real DeepSpeed steps with our one-rank settings and with DeepSpeed's defaults: the same parameters.
+    In bf16 at ZeRO 2 a run that skips steps keeps DeepSpeed's NaN scan, which drops a step with a NaN gradient."""
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD.format(repo=str(REPO), tiny=str(TINY), stage=stage)],
+        [
+            sys.executable,
+            "-c",
+            CHILD.format(repo=str(REPO), tiny=str(TINY), stage=stage, precision=precision),
+        ],
         env=make_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "EQUAL", proc.stdout[-2000:]
+    printed = proc.stdout.strip().splitlines()
+    assert "EQUAL" in printed, proc.stdout[-2000:]
+    if (stage, precision) == (2, "bf16"):
+        assert printed[-1] == "SKIPPED", proc.stdout[-2000:]
