@@ -106,7 +106,9 @@ def test_the_bf16_nan_scan_is_kept_only_for_runs_that_skip_steps():
     assert scan("bf16", skips_steps=False) is False
     assert scan("bf16", skips_steps=True) == "default"  # DeepSpeed's own default: on
     assert scan("fp32", skips_steps=False) == "default"
-    assert scan("bf16", False, {"bf16": {"check_grad_overflow": True}}) is True  # the deepspeed: block decides
+    assert (
+        scan("bf16", False, {"bf16": {"check_grad_overflow": True}}) is True
+    )  # the deepspeed: block decides
     assert not Config().skips_steps
     assert Config(train=TrainConfig(on_nonfinite="skip")).skips_steps
     for action, skips in (("warn", False), ("skip", True), ("rollback", True)):
