@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    from train.distributed import setup_distributed, with_precision_resolved
+    from train.distributed import setup_distributed, with_auto_resolved
     from train.loop import TrainingLoop
     from train.signals import StopRequest
     from train.standard_components import standard_components
@@ -79,7 +79,7 @@ def main() -> None:
     runs = []
     for index, (label, extra) in enumerate(variants):
         cfg = load_config(args.preset, [f"run.dir={tmp}/run{index}", *base, *extra])
-        cfg = with_precision_resolved(cfg, dist_info.device.type, dist_info.is_main)
+        cfg = with_auto_resolved(cfg, dist_info.device.type, dist_info.is_main)
         setup = set_up_run(cfg, dist_info)
         cfg = setup.cfg
         run = loop_run(setup, dist_info)

@@ -153,7 +153,7 @@ class BareLoop:
             for p in group["params"]:
                 name = by_id.get(id(p), "")
                 p.use_muon = p.ndim >= 2 and "embed" not in name and "lm_head" not in name
-        settings = dict(deepspeed_optimizer_block(optim)["params"])
+        settings = dict(deepspeed_optimizer_block(optim, "cpu")["params"])
         settings.pop("torch_adam")
         muon_groups = DeepSpeedEngine._muon_param_groups(groups, settings)
         return MuonWithAuxAdam(

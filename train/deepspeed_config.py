@@ -152,7 +152,7 @@ def build_deepspeed_config(
         # on each backward (4% of a tiny-preset step, bench/train_step_profile.py); the values are the same. (On
         # a GPU it stays: there the flat buffer spares the allocator and the copy is cheap.)
         generated["zero_optimization"]["contiguous_gradients"] = False
-    optimizer = deepspeed_optimizer_block(optim)
+    optimizer = deepspeed_optimizer_block(optim, device_type)
     if (
         optimizer is not None
     ):  # Muon: DeepSpeed builds it (AdamW is passed to deepspeed.initialize as an object)

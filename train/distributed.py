@@ -84,9 +84,15 @@ def choose_precision(cfg: TrainConfig, device: str) -> str:
     return "fp16" if device == "cuda" else "fp32"
 
 
-def with_precision_resolved(cfg: Config, device: str, is_main: bool) -> Config:
-    """`cfg` with train.precision=auto replaced by the precision it means on `device`, so that the run's records
-    and a resume compare what was trained. Says the choice, and warns when bf16 is asked of a CPU that emulates it."""
+def with_auto_resolved(cfg: Config, device: str, is_main: bool) -> Config:
+    """`cfg` with train.precision=auto and optim.muon_ns_method=auto replaced by what they mean on `device`, so that
+    the run's records and a resume compare what was trained. Says each choice, and warns when bf16 is asked of a CPU
+    that emulates it."""
+    method = newton_schulz_method(cfg.optim.muon_ns_method, device)
+    if method != cfg.optim.muon_ns_method:
+        if is_main and cfg.optim.name == "muon":
+            say(f"optim.muon_ns_method=auto -> {method} on this {device}")
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, muon_ns_method=method))
     precision = choose_precision(cfg.train, device)
     if is_main and device == "cpu" and precision == "bf16" and not native_bf16(device):
         say(
@@ -105,6 +111,15 @@ def with_precision_resolved(cfg: Config, device: str, is_main: bool) -> Config:
             f"train.precision=auto means {precision} on this {device}, and then: {err}"
         ) from None
     return resolved
+
+
+def newton_schulz_method(method: str, device: str) -> str:
+    """optim.muon_ns_method, with auto resolved for `device`: DeepSpeed's standard iteration computes in bf16, which
+    a CPU without native bf16 emulates (its Muon step 4.1x slower than gram's on an AVX2 EPYC); where bf16 is
+    native, standard is the faster one (about 10% per step on an AMX Xeon; docs/benchmarks-recipe.md)."""
+    if method != "auto":
+        return method
+    return "standard" if native_bf16(device) else "gram"
 
 
 def choose_backend(cfg: TrainConfig, device: str) -> str:

@@ -652,7 +652,10 @@ def target_deepspeed(cfg: Config, plan: RunPlan, options: DryRunOptions, report:
 
 
 def resolve_target_precision(cfg: Config, options: DryRunOptions) -> Config:
-    """train.precision=auto as a GPU of the table would resolve it (bf16: all of them compute it natively)."""
+    """train.precision=auto and optim.muon_ns_method=auto as a GPU of the table would resolve them (bf16 and the
+    standard Newton-Schulz: all of them compute bf16 natively)."""
+    if cfg.optim.muon_ns_method == "auto":
+        cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, muon_ns_method="standard"))
     if cfg.train.precision != "auto":
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16"))

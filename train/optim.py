@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from train.distributed import newton_schulz_method
 from train.errors import TrainError
 from train.optim_config import OptimConfig
 
@@ -66,8 +67,9 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> Optional[torc
     )
 
 
-def deepspeed_optimizer_block(optim: OptimConfig) -> Optional[Dict[str, Any]]:
-    """The `optimizer` entry of the generated DeepSpeed config: only for Muon (AdamW is passed as an object)."""
+def deepspeed_optimizer_block(optim: OptimConfig, device_type: str) -> Optional[Dict[str, Any]]:
+    """The `optimizer` entry of the generated DeepSpeed config: only for Muon (AdamW is passed as an object); a
+    muon_ns_method still auto is resolved for `device_type`."""
     if optim.name != "muon":
         return None
     return {
@@ -81,7 +83,7 @@ def deepspeed_optimizer_block(optim: OptimConfig) -> Optional[Dict[str, Any]]:
             "eps": optim.eps,
             "weight_decay": optim.weight_decay,
             "torch_adam": True,
-            "ns_method": optim.muon_ns_method,
+            "ns_method": newton_schulz_method(optim.muon_ns_method, device_type),
         },
     }
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from common.checks import check_at_least, check_choice, check_finite_fields, check_range
 
 OPTIMIZERS = ("adamw", "muon")
-MUON_NS_METHODS = ("standard", "gram")
+MUON_NS_METHODS = ("auto", "standard", "gram")
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class OptimConfig:
     """optim.name=muon: peak learning rate of the Muon matrices (the schedule scales it like optim.lr)."""
     muon_momentum: float = 0.95
     """optim.name=muon: Muon's Nesterov momentum."""
-    muon_ns_method: str = "standard"
-    """optim.name=muon: Newton-Schulz iteration: standard (bf16 quintic, Keller Jordan's) or gram (DeepSpeed's
-    fp16 Gram form)."""
+    muon_ns_method: str = "auto"
+    """optim.name=muon: Newton-Schulz iteration: standard (bf16 quintic, Keller Jordan's), gram (DeepSpeed's Gram
+    form), or auto: standard where bf16 matmuls are native (GPUs, CPUs with AVX512-BF16/AMX), else gram."""
 
     def validate(self) -> None:
         """Raise ValueError naming the key (Muon's refusals that depend on train.* are Config.validate's)."""

@@ -19,7 +19,7 @@ from train.distributed import (
     on_main_then_share,
     setup_distributed,
     teardown_distributed,
-    with_precision_resolved,
+    with_auto_resolved,
 )
 from train.errors import TrainError
 from train.loop import TrainingLoop
@@ -36,7 +36,7 @@ def run_training(cfg: Config, extra_components: Sequence[Component] = ()) -> int
     """
     tokenizers_single_threaded()
     dist_info = setup_distributed(cfg.train)
-    cfg = with_precision_resolved(cfg, dist_info.device.type, dist_info.is_main)
+    cfg = with_auto_resolved(cfg, dist_info.device.type, dist_info.is_main)
     lock = None
     try:
         lock = on_main_then_share(dist_info, lambda: acquire_run_lock(Path(cfg.run.dir)), "Locking run.dir")

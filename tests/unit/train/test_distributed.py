@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from train.config import Config, TrainConfig
-from train.distributed import choose_precision, ensure_launcher_env, native_bf16, with_precision_resolved
+from train.distributed import (
+    choose_precision,
+    ensure_launcher_env,
+    native_bf16,
+    newton_schulz_method,
+    with_auto_resolved,
+)
 from train.errors import TrainError
+from train.optim import deepspeed_optimizer_block
 from train.optim_config import OptimConfig
 
 PLACE = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -131,13 +138,30 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, nati
         assert choose_precision(TrainConfig(precision=explicit), "cpu") == explicit
 
 
+@pytest.mark.parametrize("native, expected", [(True, "standard"), (False, "gram")])
+def test_auto_newton_schulz_is_the_standard_one_only_where_bf16_is_native(
+    monkeypatch, capsys, native, expected
+):
+    _cpu_bf16(monkeypatch, native)
+    assert newton_schulz_method("auto", "cpu") == expected
+    for explicit in ("standard", "gram"):
+        assert newton_schulz_method(explicit, "cpu") == explicit
+    muon = Config(train=TrainConfig(zero_stage=0), optim=OptimConfig(name="muon"))
+    resolved = with_auto_resolved(muon, "cpu", is_main=True)
+    assert resolved.optim.muon_ns_method == expected  # recorded as trained
+    assert f"optim.muon_ns_method=auto -> {expected} on this cpu" in capsys.readouterr().err
+    assert deepspeed_optimizer_block(OptimConfig(name="muon"), "cpu")["params"]["ns_method"] == expected
+    with_auto_resolved(Config(), "cpu", is_main=True)  # AdamW: nothing to say about Newton-Schulz
+    assert "muon_ns_method" not in capsys.readouterr().err
+
+
 def test_resolved_config_records_the_concrete_precision(monkeypatch, capsys):
     _cpu_bf16(monkeypatch, False)
-    resolved = with_precision_resolved(Config(), "cpu", is_main=True)
+    resolved = with_auto_resolved(Config(), "cpu", is_main=True)
     assert Config().train.precision == "auto" and resolved.train.precision == "fp32"
     assert "auto -> fp32" in capsys.readouterr().err
-    explicit = Config(train=TrainConfig(precision="bf16"))
-    assert with_precision_resolved(explicit, "cpu", is_main=True) is explicit
+    explicit = Config(train=TrainConfig(precision="bf16"), optim=OptimConfig(muon_ns_method="gram"))
+    assert with_auto_resolved(explicit, "cpu", is_main=True) is explicit
     assert "emulated" in capsys.readouterr().err
 
 
@@ -148,4 +172,4 @@ def test_auto_precision_that_meets_a_refused_combination_says_so(monkeypatch):
         optim=OptimConfig(name="muon"),
     )
     with pytest.raises(TrainError, match=r"train.precision=auto means fp32 on this cpu.*on_nonfinite=skip"):
-        with_precision_resolved(muon_skip, "cpu", is_main=False)
+        with_auto_resolved(muon_skip, "cpu", is_main=False)
