@@ -30,13 +30,18 @@ STARTUP_S = 6.0
 PROBE_STEPS = 20
 VARIANTS = [
     ("recipe", []),
+    ("vocabulary 384", ["tokenizer.vocab_size=384", "model.vocab_size=384"]),
+    ("vocabulary 1024", ["tokenizer.vocab_size=1024", "model.vocab_size=1024"]),
+    ("vocabulary 4096", ["tokenizer.vocab_size=4096", "model.vocab_size=4096"]),
     ("dropout 0.1", ["model.dropout=0.1"]),
-    ("dropout 0.2", ["model.dropout=0.2"]),
-    ("2 layers", ["model.n_layers=2"]),
-    ("4 layers", ["model.n_layers=4"]),
-    ("width 384", ["model.d_model=384", "model.n_heads=6", "model.n_kv_heads=6", "model.ffn_hidden=1152"]),
+    ("3 layers", ["model.n_layers=3"]),
+    ("width 320", ["model.d_model=320", "model.n_heads=5", "model.n_kv_heads=5", "model.ffn_hidden=960"]),
+    ("MLP 1024", ["model.ffn_hidden=1024"]),
+    ("batch 24", ["train.micro_batch_size=24"]),
+    ("sequence 512, batch 8", ["model.max_seq_len=512", "train.micro_batch_size=8"]),
+    ("muon_lr 0.02", ["optim.muon_lr=0.02"]),
+    ("decay over 40%", ["schedule.decay_fraction=0.4"]),
     ("AdamW instead of Muon", ["optim.name=adamw"]),
-    ("standard Newton-Schulz", ["optim.muon_ns_method=standard"]),
 ]
 """Variants of the recipe, one change each (a variant that repeats the recipe's own value is the recipe again)."""
 
