@@ -651,7 +651,7 @@ def target_deepspeed(cfg: Config, plan: RunPlan, options: DryRunOptions, report:
     return lines
 
 
-def resolve_target_precision(cfg: Config, options: DryRunOptions) -> Config:
+def resolve_target_auto(cfg: Config, options: DryRunOptions) -> Config:
     """train.precision=auto and optim.muon_ns_method=auto as a GPU of the table would resolve them (bf16 and the
     standard Newton-Schulz: all of them compute bf16 natively)."""
     if cfg.optim.muon_ns_method == "auto":
@@ -670,7 +670,7 @@ def dry_run(cfg: Config, options: DryRunOptions) -> DryRunReport:
         if cfg.train.precision == "auto"
         else ""
     )
-    cfg = resolve_target_precision(cfg, options)
+    cfg = resolve_target_auto(cfg, options)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False, device="cpu"))
     shape_error = check_slurm_shape(options)
     if shape_error:
